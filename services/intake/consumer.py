@@ -1,0 +1,150 @@
+"""Intake's RabbitMQ side: consume `aftersales.events` in batches, ack after commit.
+
+Upstream systems publish plain JSON, not Dramatiq messages, so intake reads the queue with
+pika directly. Bad messages are copied unchanged to `aftersales.events.rejected` (with the
+reason in headers, confirmed by the broker) before they are acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from sqlalchemy.exc import DBAPIError
+
+from services.intake.processor import BatchResult, IntakeProcessor
+from shared.amqp import INTAKE_QUEUE, REJECTED_QUEUE, connection_parameters, declare_topology
+from shared.schemas.events import Rejection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    tag: int
+    exchange: str
+    routing_key: str
+    properties: pika.BasicProperties
+    body: bytes
+
+
+BatchObserver = Callable[[BatchResult, float], None]
+
+
+class IntakeConsumer:
+    def __init__(
+        self,
+        amqp_url: str,
+        processor: IntakeProcessor,
+        *,
+        prefetch: int,
+        batch_size: int,
+        queue_type: str = "classic",
+        observe: BatchObserver | None = None,
+        idle_seconds: float = 0.02,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.processor = processor
+        self.prefetch = prefetch
+        self.batch_size = batch_size
+        self.queue_type = queue_type
+        self.observe = observe
+        self.idle_seconds = idle_seconds
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run_forever(self) -> None:
+        """Consume until stopped; reconnect after broker outages."""
+        backoff = 0.5
+        while not self._stopping:
+            try:
+                self._run_connection()
+                backoff = 0.5
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _run_connection(self) -> None:
+        connection = pika.BlockingConnection(connection_parameters(self.amqp_url))
+        try:
+            channel = connection.channel()
+            declare_topology(channel, self.queue_type)
+            channel.confirm_delivery()
+            channel.basic_qos(prefetch_count=self.prefetch)
+            batch: list[Delivery] = []
+            for method, properties, body in channel.consume(
+                INTAKE_QUEUE, inactivity_timeout=self.idle_seconds
+            ):
+                if method is not None:
+                    batch.append(
+                        Delivery(method.delivery_tag, method.exchange, method.routing_key,
+                                 properties, body)
+                    )
+                if batch and (method is None or len(batch) >= self.batch_size):
+                    self._process(connection, channel, batch)
+                    batch = []
+                if self._stopping:
+                    break
+            channel.cancel()
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    def _process(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, batch: list[Delivery]
+    ) -> None:
+        started = time.perf_counter()
+        backoff = 0.2
+        while True:
+            try:
+                result = self.processor.process([d.body for d in batch])
+                break
+            except DBAPIError as exc:
+                # PostgreSQL is down or restarting: nothing was committed; keep the
+                # messages (unacked) and try again. connection.sleep keeps heartbeats going.
+                log.warning("database unavailable (%s); retrying batch in %.1fs",
+                            type(exc.orig).__name__, backoff)
+                connection.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        for index, rejection in result.rejected:
+            self._reject(channel, batch[index], rejection)
+        channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
+        if self.observe:
+            self.observe(result, time.perf_counter() - started)
+
+    def _reject(self, channel: BlockingChannel, delivery: Delivery, rejection: Rejection) -> None:
+        props = delivery.properties
+        headers: dict[str, Any] = dict(props.headers or {})
+        headers.update(
+            {
+                "x-reject-reason": rejection.reason.value,
+                "x-reject-detail": rejection.detail,
+                "x-original-exchange": delivery.exchange,
+                "x-original-routing-key": delivery.routing_key,
+                "x-rejected-at": int(time.time()),
+            }
+        )
+        channel.basic_publish(
+            exchange="",
+            routing_key=REJECTED_QUEUE,
+            body=delivery.body,
+            properties=pika.BasicProperties(
+                content_type=props.content_type,
+                content_encoding=props.content_encoding,
+                message_id=props.message_id,
+                timestamp=props.timestamp,
+                delivery_mode=2,
+                headers=headers,
+            ),
+            mandatory=True,
+        )
+        log.info("rejected message (%s): %s", rejection.reason.value, rejection.detail[:200])

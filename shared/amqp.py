@@ -1,0 +1,62 @@
+"""RabbitMQ topology and the Dramatiq broker, built by each service's composition root."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pika
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from pika.adapters.blocking_connection import BlockingChannel
+
+EVENTS_EXCHANGE = "aftersales.events"
+DECISIONS_EXCHANGE = "aftersales.decisions"
+INTAKE_QUEUE = "aftersales.events.intake"
+REJECTED_QUEUE = "aftersales.events.rejected"
+
+# Dramatiq queues between the services.
+RESOLVER_QUEUE = "aftersales.resolver"
+NOTIFIER_QUEUE = "aftersales.notifier"
+FIRE_DEADLINE_ACTOR = "fire_deadline"
+SEND_NOTIFICATION_ACTOR = "send_notification"
+
+
+def queue_arguments(queue_type: str) -> dict[str, Any]:
+    return {"x-queue-type": queue_type} if queue_type == "quorum" else {}
+
+
+def declare_topology(channel: BlockingChannel, queue_type: str = "classic") -> None:
+    """Declare the public exchanges and intake's queues (idempotent)."""
+    args = queue_arguments(queue_type)
+    channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
+    channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
+    channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=args)
+    channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
+    channel.queue_declare(REJECTED_QUEUE, durable=True, arguments=args)
+
+
+class AftersalesBroker(RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker, with quorum queues when the deployment asks for them."""
+
+    def __init__(self, *, queue_type: str = "classic", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.queue_type = queue_type
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)
+        arguments.update(queue_arguments(self.queue_type))
+        return arguments
+
+
+def make_broker(amqp_url: str, queue_type: str = "classic", middleware: list | None = None
+                ) -> AftersalesBroker:
+    broker = AftersalesBroker(
+        url=amqp_url, confirm_delivery=True, queue_type=queue_type, middleware=middleware
+    )
+    return broker
+
+
+def connection_parameters(amqp_url: str) -> pika.URLParameters:
+    params = pika.URLParameters(amqp_url)
+    params.heartbeat = 30
+    params.blocked_connection_timeout = 60
+    return params

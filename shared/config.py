@@ -1,0 +1,127 @@
+"""Settings, read once per process from the environment (12-factor).
+
+Every service builds one `Settings` in its composition root; nothing reads the environment
+anywhere else. A bad or missing value stops the process at start with one line naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+SERVICES = ("intake", "timer", "resolver", "notifier")
+DEFAULT_METRICS_PORTS = {"intake": 9101, "timer": 9102, "resolver": 9103, "notifier": 9104}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AFTERSALES_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    database_url: str = "postgresql+psycopg://127.0.0.1/aftersales"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key this deployment writes, so tests and tenants never collide.
+    redis_prefix: str = "aftersales:"
+
+    rules: Path | None = None
+    holidays: Path | None = None
+    notifications: Path | None = None
+
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where prometheus_client keeps per-process files in multiprocess mode.
+    metrics_dir: Path | None = None
+
+    # RabbitMQ queue type for the queues the services declare ("quorum" in clusters).
+    queue_type: Literal["classic", "quorum"] = "classic"
+    # Largest accepted inbound event body; larger ones are rejected, not parsed.
+    max_event_bytes: int = Field(default=64 * 1024, ge=1024)
+    intake_prefetch: int = Field(default=200, ge=1, le=10_000)
+    intake_batch: int = Field(default=100, ge=1, le=5_000)
+
+    timer_batch: int = Field(default=500, ge=1, le=50_000)
+    timer_poll_seconds: float = Field(default=0.2, gt=0, le=60)
+    # A dispatched deadline that the resolver has not finished after this long is sent again.
+    timer_redispatch_seconds: float = Field(default=120, gt=0)
+    # Deadlines fired per second at most during catch-up, so a backlog does not flood the rest.
+    timer_max_rate: float = Field(default=2000, gt=0)
+
+    outbox_batch: int = Field(default=200, ge=1, le=10_000)
+    outbox_poll_seconds: float = Field(default=0.2, gt=0, le=60)
+
+    worker_processes: int = Field(default=1, ge=1, le=64)
+    worker_threads: int = Field(default=4, ge=1, le=256)
+
+    # Notifier
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_from: str = "aftersales@localhost"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout: float = 10.0
+    sms_provider: Literal["log", "aliyun", "tencent"] = "log"
+    sms_endpoint: str | None = None
+    sms_sign_name: str = "售后服务"
+    sms_region: str = "cn-hangzhou"
+    aliyun_access_key_id: str | None = None
+    aliyun_access_key_secret: SecretStr | None = None
+    tencent_secret_id: str | None = None
+    tencent_secret_key: SecretStr | None = None
+    tencent_sdk_app_id: str | None = None
+    ops_emails: str = ""
+    ops_phones: str = ""
+    quiet_hours: str = "22:00-08:00"
+    quiet_hours_tz: str = "Asia/Shanghai"
+    sms_per_phone_per_hour: int = Field(default=5, ge=1)
+    email_per_address_per_hour: int = Field(default=30, ge=1)
+    notify_max_attempts: int = Field(default=6, ge=1, le=50)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, v: str) -> str:
+        if not v.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_scheme(cls, v: str) -> str:
+        if not v.startswith("postgresql"):
+            raise ValueError("must be a postgresql:// URL (e.g. postgresql+psycopg://host/db)")
+        if v.startswith("postgresql://"):
+            # psycopg 3 is the driver this project ships; accept the plain URL form too.
+            v = "postgresql+psycopg://" + v.removeprefix("postgresql://")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("rules", "holidays", "notifications")
+    @classmethod
+    def _path_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.exists():
+            raise ValueError(f"{v} does not exist")
+        return v
+
+    def metrics_port_for(self, service: str) -> int:
+        return self.metrics_port or DEFAULT_METRICS_PORTS[service]
+
+
+def load_settings() -> Settings:
+    """Read the environment once; turn any validation failure into one clear line."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(f"AFTERSALES_{field.upper()}: {err['msg']}") from None

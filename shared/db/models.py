@@ -1,0 +1,207 @@
+"""The tables. Alembic migrations in `shared/db/migrations` must agree with these
+(`tests/integration/test_migrations.py` compares them).
+
+Deadline, decision, notification and outbox rows are written in the same transaction as
+the case change that causes them: that is what makes a crash anywhere safe.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+class CaseRow(Base):
+    """One after-sales case. `snapshot` is the domain's `Case.to_dict()`; the other
+    columns repeat what queries and dashboards filter on."""
+
+    __tablename__ = "cases"
+
+    case_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    shop_id: Mapped[str] = mapped_column(String(128))
+    order_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    rule_set: Mapped[str] = mapped_column(String(64))
+    rule_version: Mapped[str] = mapped_column(String(32))
+    step_due_at: Mapped[datetime | None]
+    opened_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    snapshot: Mapped[dict[str, Any]]
+
+    __table_args__ = (
+        Index("ix_cases_order_id", "order_id"),
+        Index("ix_cases_open_kind_step", "kind", "step", postgresql_where=text("status = 'open'")),
+        Index("ix_cases_open_opened_at", "opened_at", postgresql_where=text("status = 'open'")),
+    )
+
+
+class CaseEventRow(Base):
+    """Every accepted inbound event: the case's event log. `event_id` as the key is
+    the dedup: a second insert of the same id conflicts and changes nothing."""
+
+    __tablename__ = "case_events"
+
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(64))
+    occurred_at: Mapped[datetime]
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # applied | out_of_state | parked (waiting for its case.opened)
+    outcome: Mapped[str] = mapped_column(String(16))
+    problem: Mapped[str | None] = mapped_column(Text)
+    case_version: Mapped[int | None] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]]
+
+    __table_args__ = (
+        Index("ix_case_events_case_id", "case_id", "occurred_at"),
+        Index(
+            "ix_case_events_parked", "case_id", postgresql_where=text("outcome = 'parked'")
+        ),
+    )
+
+
+class DeadlineRow(Base):
+    """A deadline or a reminder. Status: pending -> dispatched -> fired | stale;
+    pending -> cancelled when the case moves on. `fence` is the case version it was
+    computed for, checked again when it fires."""
+
+    __tablename__ = "deadlines"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    step: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))
+    party: Mapped[str] = mapped_column(String(16))
+    due_at: Mapped[datetime]
+    deadline_at: Mapped[datetime]
+    fence: Mapped[int] = mapped_column(Integer)
+    rule_set: Mapped[str] = mapped_column(String(64))
+    rule_version: Mapped[str] = mapped_column(String(32))
+    rule_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    dispatched_at: Mapped[datetime | None]
+    dispatch_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    fired_at: Mapped[datetime | None]
+    result: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        # The timer's hot query: pending rows by due time. Partial, so it stays small.
+        Index("ix_deadlines_pending_due", "due_at", postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_deadlines_dispatched",
+            "dispatched_at",
+            postgresql_where=text("status = 'dispatched'"),
+        ),
+        Index(
+            "ix_deadlines_open_case",
+            "case_id",
+            postgresql_where=text("status IN ('pending', 'dispatched')"),
+        ),
+    )
+
+
+class DecisionRow(Base):
+    """An automatic decision (or reminder) taken for a case: exactly one per missed
+    deadline, because `decision_id` is derived from the deadline's stable key."""
+
+    __tablename__ = "decisions"
+
+    decision_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(64))
+    step: Mapped[str] = mapped_column(String(64))
+    decided_at: Mapped[datetime]
+    body: Mapped[dict[str, Any]]
+
+    __table_args__ = (Index("ix_decisions_case_id", "case_id", "decided_at"),)
+
+
+class NotificationRow(Base):
+    """One message to one recipient over one channel. `dedup_key` is recorded before
+    sending and passed to the provider, so nothing is sent twice for the same reason.
+    Status: pending -> sent | failed; deferred (quiet hours, rate limit, retry) -> pending."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    dedup_key: Mapped[str] = mapped_column(String(128), unique=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(64))
+    party: Mapped[str] = mapped_column(String(16))
+    channel: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(String(256))
+    template: Mapped[str] = mapped_column(String(128))
+    params: Mapped[dict[str, Any]]
+    urgent: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    send_after: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    provider_id: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_notifications_case_id", "case_id"),
+        Index(
+            "ix_notifications_deferred",
+            "send_after",
+            postgresql_where=text("status = 'deferred'"),
+        ),
+    )
+
+
+class OutboxRow(Base):
+    """A message to publish to RabbitMQ, written in the transaction that decided it and
+    published afterwards with publisher confirms (transactional outbox)."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    exchange: Mapped[str] = mapped_column(String(128))
+    routing_key: Mapped[str] = mapped_column(String(128))
+    message_id: Mapped[str] = mapped_column(String(128))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    published_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+    )

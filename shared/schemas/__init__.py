@@ -1,0 +1,1 @@
+"""Versioned message schemas (inbound events, outbound decisions)."""
