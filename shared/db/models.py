@@ -189,7 +189,9 @@ class NotificationRow(Base):
 
 class OutboxRow(Base):
     """A message to publish to RabbitMQ, written in the transaction that decided it and
-    published afterwards with publisher confirms (transactional outbox)."""
+    published afterwards with publisher confirms (transactional outbox). A row is deleted
+    in the transaction that saw it confirmed, so the table holds only what is unpublished
+    (the decisions themselves are kept in `decisions`)."""
 
     __tablename__ = "outbox"
 
@@ -200,8 +202,3 @@ class OutboxRow(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary)
     headers: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
-    published_at: Mapped[datetime | None]
-
-    __table_args__ = (
-        Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
-    )

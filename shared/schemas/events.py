@@ -126,7 +126,8 @@ EVENT_TYPES = tuple(DATA_MODELS)
 class EventV1(BaseModel):
     """The envelope every upstream event carries (contract v1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Unknown envelope fields are kept, not refused: upstreams add fields before we do.
+    model_config = ConfigDict(extra="allow")
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
@@ -229,8 +230,14 @@ def parse_event(raw: bytes, max_bytes: int) -> Accepted | Rejection:
 
 
 def event_json_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of the envelope and of each type's data, for `schemas/v1/`."""
-    out: dict[str, dict[str, Any]] = {"envelope": EventV1.model_json_schema()}
+    """JSON Schema of the envelope, of each type's data and of the outbound decision,
+    for `schemas/v1/`."""
+    from shared.schemas.decisions import DecisionV1
+
+    out: dict[str, dict[str, Any]] = {
+        "envelope": EventV1.model_json_schema(),
+        "decision": DecisionV1.model_json_schema(),
+    }
     for name, model in DATA_MODELS.items():
         out[name] = model.model_json_schema()
     return out

@@ -1,0 +1,154 @@
+"""`aftersales case show`: a case, its timeline and its pending deadlines."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+
+from shared.config import Settings
+from shared.db.models import CaseEventRow, CaseRow, DeadlineRow, DecisionRow, NotificationRow
+from shared.db.session import Database, make_engine
+from shared.logs import mask_pii
+
+LOCAL = ZoneInfo("Asia/Shanghai")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _local(value: datetime | None) -> str:
+    return value.astimezone(LOCAL).strftime("%Y-%m-%d %H:%M:%S %z") if value else "-"
+
+
+def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
+    """Everything `case show` prints, as JSON-safe data (times in RFC 3339, UTC)."""
+    with db.transaction() as s:
+        case = s.get(CaseRow, case_id)
+        events = s.execute(
+            select(CaseEventRow)
+            .where(CaseEventRow.case_id == case_id)
+            .order_by(CaseEventRow.received_at, CaseEventRow.occurred_at)
+        ).scalars().all()
+        if case is None and not events:
+            return None
+        decisions = s.execute(
+            select(DecisionRow).where(DecisionRow.case_id == case_id).order_by(DecisionRow.decided_at)
+        ).scalars().all()
+        notifications = s.execute(
+            select(NotificationRow)
+            .where(NotificationRow.case_id == case_id)
+            .order_by(NotificationRow.created_at, NotificationRow.id)
+        ).scalars().all()
+        deadlines = s.execute(
+            select(DeadlineRow)
+            .where(DeadlineRow.case_id == case_id)
+            .where(DeadlineRow.status.in_(("pending", "dispatched")))
+            .order_by(DeadlineRow.due_at)
+        ).scalars().all()
+    timeline: list[dict[str, Any]] = []
+    for e in events:
+        timeline.append({
+            "at": _iso(e.received_at), "what": "event", "type": e.type, "event_id": e.event_id,
+            "occurred_at": _iso(e.occurred_at), "outcome": e.outcome, "problem": e.problem,
+        })
+    for d in decisions:
+        timeline.append({
+            "at": _iso(d.decided_at), "what": "decision", "type": d.type,
+            "decision_id": d.decision_id, "step": d.step, "rule": d.body.get("rule"),
+            "data": d.body.get("data"),
+        })
+    for n in notifications:
+        timeline.append({
+            "at": _iso(n.sent_at or n.created_at), "what": "notification", "type": n.reason,
+            "party": n.party, "channel": n.channel, "recipient": mask_pii(n.recipient),
+            "status": n.status, "attempts": n.attempts, "error": n.last_error,
+        })
+    timeline.sort(key=lambda item: item["at"] or "")
+    return {
+        "case": None if case is None else {
+            "case_id": case.case_id, "platform": case.platform, "shop_id": case.shop_id,
+            "order_id": case.order_id, "kind": case.kind, "status": case.status,
+            "step": case.step, "version": case.version,
+            "rule": {"set": case.rule_set, "version": case.rule_version},
+            "step_due_at": _iso(case.step_due_at), "opened_at": _iso(case.opened_at),
+            "closed_at": _iso(case.closed_at),
+            "resolution": case.snapshot.get("resolution"),
+            "amount_fen": case.snapshot.get("amount_fen"),
+            "refund_fen": case.snapshot.get("refund_fen"),
+        },
+        "timeline": timeline,
+        "pending_deadlines": [
+            {"step": d.step, "purpose": d.purpose, "due_at": _iso(d.due_at),
+             "deadline_at": _iso(d.deadline_at), "action": d.action, "party": d.party,
+             "rule": {"set": d.rule_set, "version": d.rule_version, "id": d.rule_id}}
+            for d in deadlines
+        ],
+    }
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    lines = []
+    case = doc["case"]
+    if case is None:
+        lines.append("case: not opened yet (events are parked until case.opened arrives)")
+    else:
+        lines += [
+            f"case {case['case_id']}  [{case['status']}]  {case['platform']} / {case['kind']}",
+            f"  shop {case['shop_id']}  order {case['order_id']}",
+            f"  step {case['step']}  (version {case['version']}, rules "
+            f"{case['rule']['set']} {case['rule']['version']})",
+            f"  step due {_local(_dt(case['step_due_at']))}",
+            f"  opened {_local(_dt(case['opened_at']))}   closed {_local(_dt(case['closed_at']))}"
+            + (f"   resolution {case['resolution']}" if case["resolution"] else ""),
+        ]
+    lines.append("")
+    lines.append("timeline (Asia/Shanghai):")
+    for item in doc["timeline"]:
+        when = _local(_dt(item["at"]))
+        if item["what"] == "event":
+            extra = f"  [{item['outcome']}]" + (f" {item['problem']}" if item["problem"] else "")
+            lines.append(f"  {when}  event        {item['type']}{extra}")
+        elif item["what"] == "decision":
+            rule = item["rule"] or {}
+            lines.append(
+                f"  {when}  decision     {item['type']}  step {item['step']}  rule "
+                f"{rule.get('set')}/{rule.get('version')}/{rule.get('id')}"
+            )
+        else:
+            lines.append(
+                f"  {when}  notification {item['type']} -> {item['party']} by {item['channel']}"
+                f" {item['recipient']}  [{item['status']}]"
+                + (f" {item['error']}" if item["error"] else "")
+            )
+    lines.append("")
+    lines.append("pending deadlines:")
+    if not doc["pending_deadlines"]:
+        lines.append("  (none)")
+    for d in doc["pending_deadlines"]:
+        lines.append(
+            f"  {d['due_at']}  ({_local(_dt(d['due_at']))})  {d['purpose']:<8} step {d['step']}"
+            f"  -> {d['action']}  ({d['party']})"
+        )
+    return "\n".join(lines)
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def show_case(settings: Settings, case_id: str, as_json: bool) -> int:
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        doc = case_document(Database(engine), case_id)
+    finally:
+        engine.dispose()
+    if doc is None:
+        print(f"no case {case_id}")
+        return 1
+    print(json.dumps(doc, ensure_ascii=False, indent=2) if as_json else render_text(doc))
+    return 0

@@ -1,0 +1,79 @@
+"""Composition root of the resolver service: `aftersales run resolver`.
+
+Its process tree: Dramatiq worker processes running `fire_deadline`, and the outbox relay
+that publishes decisions and notifier messages."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+from services.resolver.actors import register
+from services.resolver.outbox import OutboxRelay
+from services.resolver.resolve import Resolver
+from shared import metrics
+from shared.amqp import make_broker
+from shared.bootstrap import build_database, build_domain, build_policy, ops_contacts
+from shared.config import Settings
+from shared.logs import setup_logging
+from shared.publisher import ConfirmedPublisher
+from shared.runtime import WorkerSpec, supervise
+from shared.worker import build_worker_broker, run_worker
+
+log = logging.getLogger(__name__)
+
+
+def worker(settings: Settings) -> None:
+    setup_logging("resolver", settings.log_level)
+    broker = build_worker_broker(settings, "resolver")
+    resolver = Resolver(
+        build_database(settings, pool_size=settings.worker_threads),
+        build_domain(settings),
+        build_policy(settings),
+        ops_contacts(settings),
+    )
+    register(broker, resolver)
+    run_worker(broker, settings.worker_threads)
+
+
+def relay(settings: Settings) -> None:
+    setup_logging("outbox", settings.log_level)
+    relay = OutboxRelay(
+        build_database(settings, pool_size=1),
+        ConfirmedPublisher(make_broker(settings.amqp_url, settings.queue_type),
+                           settings.queue_type),
+        batch=settings.outbox_batch,
+    )
+    backoff = settings.outbox_poll_seconds
+    while True:
+        try:
+            started = time.perf_counter()
+            published = relay.relay_once()
+        except Exception as exc:  # broker or database away: rows stay in the outbox
+            log.warning("outbox relay failed (%s: %s); retrying in %.1fs",
+                        type(exc).__name__, exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
+        backoff = settings.outbox_poll_seconds
+        if published:
+            metrics.DECISIONS_PUBLISHED.inc(len(published))
+            metrics.OUTBOX_PUBLISH_SECONDS.observe((time.perf_counter() - started) / len(published))
+        if len(published) < settings.outbox_batch:
+            time.sleep(settings.outbox_poll_seconds)
+
+
+def run(settings: Settings) -> int:
+    setup_logging("resolver", settings.log_level)
+    build_domain(settings)
+    build_policy(settings)
+    server = metrics.start_metrics_server(settings.metrics_port_for("resolver"), "resolver")
+    log.info("resolver: metrics on :%s", server.port)
+    return supervise(
+        [
+            WorkerSpec("resolver", partial(worker, settings), settings.worker_processes),
+            WorkerSpec("outbox", partial(relay, settings), 1),
+        ],
+        on_child_exit=metrics.mark_process_dead,
+    )

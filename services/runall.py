@@ -1,0 +1,17 @@
+"""`aftersales run all`: the four services for local use, Procfile-style (honcho)."""
+
+from __future__ import annotations
+
+import sys
+
+from honcho.manager import Manager
+
+from shared.config import SERVICES
+
+
+def run_all() -> int:
+    manager = Manager()
+    for service in SERVICES:
+        manager.add_process(service, f"{sys.executable} -m services.cli run {service}")
+    manager.loop()
+    return int(manager.returncode or 0)

@@ -1,0 +1,61 @@
+"""Composition root of the timer service: `aftersales run timer`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+from services.timer.loop import Timer
+from shared import metrics
+from shared.amqp import make_broker
+from shared.bootstrap import build_database
+from shared.config import Settings
+from shared.db.backlog import read_backlog
+from shared.logs import setup_logging
+from shared.publisher import ConfirmedPublisher
+from shared.runtime import WorkerSpec, supervise
+
+log = logging.getLogger(__name__)
+
+
+def worker(settings: Settings) -> None:
+    setup_logging("timer", settings.log_level)
+    timer = Timer(
+        build_database(settings, pool_size=2),
+        ConfirmedPublisher(make_broker(settings.amqp_url, settings.queue_type),
+                           settings.queue_type),
+        batch=settings.timer_batch,
+        redispatch_after=settings.timer_redispatch_seconds,
+        max_rate=settings.timer_max_rate,
+    )
+    backoff = settings.timer_poll_seconds
+    while True:
+        try:
+            result = timer.tick()
+        except Exception as exc:  # broker or database away: keep trying, nothing is lost
+            log.warning("timer tick failed (%s: %s); retrying in %.1fs",
+                        type(exc).__name__, exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
+        backoff = settings.timer_poll_seconds
+        for purpose, lateness in result.latenesses:
+            metrics.TIMER_LATENESS.observe(max(lateness, 0.0))
+            metrics.TIMER_FIRED.labels(purpose=purpose).inc()
+        if result.fired + result.redispatched < settings.timer_batch:
+            time.sleep(settings.timer_poll_seconds)
+
+
+def run(settings: Settings) -> int:
+    setup_logging("timer", settings.log_level)
+    db = build_database(settings, pool_size=1)
+    server = metrics.start_metrics_server(
+        settings.metrics_port_for("timer"), "timer",
+        collectors=[metrics.BacklogCollector(partial(read_backlog, db))],
+    )
+    log.info("timer: metrics on :%s, %d copy(ies)", server.port, settings.worker_processes)
+    return supervise(
+        [WorkerSpec("timer", partial(worker, settings), settings.worker_processes)],
+        on_child_exit=metrics.mark_process_dead,
+    )

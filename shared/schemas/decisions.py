@@ -1,0 +1,42 @@
+"""Outbound decision schema, version 1 (what `aftersales.decisions` carries).
+
+The resolver builds the message in `shared.db.persist.decision_message`; this model is
+its documented, published shape (and a test checks the two agree)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+DECISION_TYPES = (
+    "decision.auto_approved",
+    "decision.auto_closed",
+    "decision.auto_refunded",
+    "decision.auto_confirmed",
+    "decision.escalated",
+    "reminder.due_soon",
+)
+
+
+class RuleRefV1(BaseModel):
+    set: str
+    version: str
+    id: str
+
+
+class DecisionV1(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decision_id: str
+    type: Literal[DECISION_TYPES]  # type: ignore[valid-type]
+    case_id: str
+    order_id: str
+    shop_id: str
+    platform: str
+    kind: str
+    step: str
+    rule: RuleRefV1
+    due_at: AwareDatetime
+    decided_at: AwareDatetime
+    data: dict[str, Any]

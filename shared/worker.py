@@ -1,0 +1,36 @@
+"""Running Dramatiq workers inside our own process tree (no import-time broker)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import dramatiq
+from dramatiq.middleware import default_middleware
+
+from shared.amqp import AftersalesBroker, make_broker
+from shared.config import Settings
+from shared.metrics_dramatiq import ActorMetrics
+
+log = logging.getLogger(__name__)
+
+
+def build_worker_broker(settings: Settings, service: str) -> AftersalesBroker:
+    middleware = [m() for m in default_middleware] + [ActorMetrics(service)]
+    broker = make_broker(settings.amqp_url, settings.queue_type, middleware=middleware)
+    dramatiq.set_broker(broker)
+    return broker
+
+
+def run_worker(broker: AftersalesBroker, threads: int, stop: threading.Event | None = None) -> None:
+    """Consume until SIGTERM (KeyboardInterrupt in a child of `shared.runtime`) or `stop`."""
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=1000)
+    worker.start()
+    try:
+        (stop or threading.Event()).wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("stopping worker")
+        worker.stop()
+        broker.close()
