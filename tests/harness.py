@@ -1,0 +1,179 @@
+"""Running the services as real processes in tests, and watching what they publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from shared.amqp import DECISIONS_EXCHANGE, EVENTS_EXCHANGE, REJECTED_QUEUE, declare_topology
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class System:
+    """The four services, each its own process group, on the test's database and vhost."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.ports = {name: free_port() for name in ("intake", "timer", "resolver", "notifier")}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts: dict[str, int] = {}
+
+    def start(self, *services: str) -> None:
+        for service in services:
+            if service in self.procs and self.procs[service].poll() is None:
+                continue
+            self.starts[service] = self.starts.get(service, 0) + 1
+            log = open(self.log_dir / f"{service}.{self.starts[service]}.log", "wb")  # noqa: SIM115
+            env = {**os.environ, **self.env,
+                   "AFTERSALES_METRICS_PORT": str(self.ports[service]),
+                   "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics")}
+            self.procs[service] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "run", service],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: kill the whole tree at once
+            )
+
+    def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(service)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        if sig != signal.SIGKILL:
+            return
+        # SIGKILL to the group reaches every child; wait until none is left.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for service in list(self.procs):
+            self.kill(service, signal.SIGTERM)
+
+    def log(self, service: str) -> str:
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.log_dir.glob(f"{service}.*.log")))
+
+    def metrics(self, service: str) -> str:
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.ports[service]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - local test URL
+            return resp.read().decode()
+
+    def metrics_ready(self, service: str) -> bool:
+        try:
+            self.metrics(service)
+            return True
+        except OSError:
+            return False
+
+
+def publish_events(amqp_url: str, events: Iterable[dict[str, Any] | bytes],
+                   routing_key: str | None = None) -> int:
+    """Publish as an upstream would: persistent, confirmed, routing key = type."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        # As `aftersales publish` does: the queue exists before the first event, so nothing
+        # published before intake first starts is lost.
+        declare_topology(channel)
+        channel.confirm_delivery()
+        count = 0
+        for event in events:
+            body = event if isinstance(event, bytes) else json.dumps(event).encode()
+            key = routing_key or (event.get("type", "x") if isinstance(event, dict) else "x")
+            channel.basic_publish(EVENTS_EXCHANGE, key, body,
+                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
+            count += 1
+        return count
+    finally:
+        connection.close()
+
+
+class DecisionTap:
+    """Binds its own queue to `aftersales.decisions` and collects everything published."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
+        self.messages: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DecisionTap:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("decision tap did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+                channel = connection.channel()
+                channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
+                # A durable named queue survives a RabbitMQ restart in the fault tests.
+                queue = "test.decision-tap"
+                channel.queue_declare(queue, durable=True)
+                channel.queue_bind(queue, DECISIONS_EXCHANGE, "#")
+                self._ready.set()
+                for method, _props, body in channel.consume(queue, inactivity_timeout=0.1):
+                    if self._stop.is_set():
+                        break
+                    if method is None:
+                        continue
+                    with self._lock:
+                        self.messages.append(json.loads(body))
+                    channel.basic_ack(method.delivery_tag)
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                time.sleep(0.5)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.messages)
+
+
+def rejected_messages(amqp_url: str) -> list[tuple[bytes, dict[str, Any]]]:
+    """Drain `aftersales.events.rejected` (body, headers)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    out = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, props, body = channel.basic_get(REJECTED_QUEUE, auto_ack=True)
+            if method is None:
+                return out
+            out.append((body, dict(props.headers or {})))
+    finally:
+        connection.close()
