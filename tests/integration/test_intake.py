@@ -103,6 +103,7 @@ def test_a_duplicate_changes_nothing(db: Database, amqp_url: str,
             case = s.get(CaseRow, "AS1")
             assert case is not None
             rows = s.execute(select(DeadlineRow.id, DeadlineRow.status)
+                             .where(DeadlineRow.case_id == "AS1")
                              .order_by(DeadlineRow.id)).all()
             return case.version, case.step, case.snapshot, tuple(rows)
 
