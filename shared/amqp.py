@@ -10,6 +10,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 EVENTS_EXCHANGE = "aftersales.events"
 DECISIONS_EXCHANGE = "aftersales.decisions"
+# Decisions published while no upstream queue is bound land here instead of being lost
+# (RabbitMQ alternate exchange); ops can inspect and shovel them.
+UNROUTED_EXCHANGE = "aftersales.decisions.unrouted"
+UNROUTED_QUEUE = "aftersales.decisions.unrouted"
 INTAKE_QUEUE = "aftersales.events.intake"
 REJECTED_QUEUE = "aftersales.events.rejected"
 
@@ -28,7 +32,13 @@ def declare_topology(channel: BlockingChannel, queue_type: str = "classic") -> N
     """Declare the public exchanges and intake's queues (idempotent)."""
     args = queue_arguments(queue_type)
     channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
-    channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
+    channel.exchange_declare(UNROUTED_EXCHANGE, exchange_type="fanout", durable=True)
+    channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=args)
+    channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE)
+    channel.exchange_declare(
+        DECISIONS_EXCHANGE, exchange_type="topic", durable=True,
+        arguments={"alternate-exchange": UNROUTED_EXCHANGE},
+    )
     channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=args)
     channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
     channel.queue_declare(REJECTED_QUEUE, durable=True, arguments=args)

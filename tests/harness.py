@@ -141,7 +141,7 @@ class DecisionTap:
             try:
                 connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
                 channel = connection.channel()
-                channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
+                declare_topology(channel)
                 # A durable named queue survives a RabbitMQ restart in the fault tests.
                 queue = "test.decision-tap"
                 channel.queue_declare(queue, durable=True)
