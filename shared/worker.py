@@ -6,18 +6,17 @@ import logging
 import threading
 
 import dramatiq
-from dramatiq.middleware import default_middleware
 
 from shared.amqp import AftersalesBroker, make_broker
 from shared.config import Settings
-from shared.metrics_dramatiq import ActorMetrics
+from shared.metrics_dramatiq import install_actor_metrics
 
 log = logging.getLogger(__name__)
 
 
 def build_worker_broker(settings: Settings, service: str) -> AftersalesBroker:
-    middleware = [m() for m in default_middleware] + [ActorMetrics(service)]
-    broker = make_broker(settings.amqp_url, settings.queue_type, middleware=middleware)
+    broker = make_broker(settings.amqp_url, settings.queue_type)
+    install_actor_metrics(broker, service)
     dramatiq.set_broker(broker)
     return broker
 
