@@ -1,0 +1,577 @@
+"""The engine: for a case and an event (or a deadline that came due) it computes the new
+state, the full set of deadlines the state requires, and the decisions and notices.
+
+Pure: no I/O, no clock of its own (`now` is passed in), deterministic.
+
+Times used:
+- an event takes effect at its `occurred_at`, but never before the current step began
+  (a skewed clock cannot make a step end before it started);
+- a deadline takes effect at its `deadline_at` (the platform acts at its deadline, however
+  late the timer fired), so the next step's clock starts there;
+- `now` only decides which reminders are still in the future and stamps `decided_at`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from shared.domain.calendar import WorkCalendar
+from shared.domain.flows import (
+    AFTER_REJECTION,
+    CLOSED_STEP,
+    DECISION_OF_ACTION,
+    ESCALATE,
+    FLOWS,
+    INTERVENTION,
+    INTERVENTION_OUTCOMES,
+    NOT_CANCELLABLE,
+    OPENING_EVENTS,
+    REFUND_PENDING,
+    REMIND,
+    Close,
+    Go,
+    Stay,
+    step_def,
+)
+from shared.domain.model import (
+    CLOSED,
+    OPEN,
+    Case,
+    DeadlineSpec,
+    Decision,
+    Event,
+    Kind,
+    Notice,
+    Outcome,
+    Party,
+    RuleRef,
+    StepResult,
+)
+from shared.domain.money import voucher_refund_fen
+from shared.domain.rules import STEP_START, Rule, RuleBook
+from shared.domain.timeutil import as_utc, local_text, parse_moment
+
+# A reminder with less lead time than this cannot wait out a night of quiet hours.
+URGENT_REMINDER_LEAD = timedelta(hours=12)
+MAX_IMMEDIATE_CHAIN = 8  # immediate ("0h") steps entering immediate steps: a rule-file loop guard
+
+# Who hears of an applied event (decisions and reminders have their own notices).
+EVENT_AUDIENCE: Mapping[str, tuple[Party, ...]] = {
+    "case.opened": (Party.merchant,),
+    "voucher.expired": (Party.buyer,),
+    "merchant.approved": (Party.buyer,),
+    "merchant.rejected": (Party.buyer,),
+    "merchant.received": (Party.buyer,),
+    "merchant.inspected": (Party.buyer,),
+    "merchant.reshipped": (Party.buyer,),
+    "merchant.refused_repair": (Party.buyer,),
+    "buyer.shipped": (Party.merchant,),
+    "buyer.confirmed": (Party.merchant,),
+    "buyer.cancelled": (Party.merchant,),
+    "buyer.modified": (Party.merchant,),
+    "repair.scheduled": (Party.buyer, Party.merchant),
+    "repair.completed": (Party.buyer,),
+    "intervention.requested": (Party.buyer, Party.merchant),
+    "intervention.resolved": (Party.buyer, Party.merchant),
+    "refund.completed": (Party.buyer,),
+}
+
+# Facts an event leaves in case.data: event data key -> case.data key.
+EVENT_FACTS: Mapping[str, Mapping[str, str]] = {
+    "merchant.rejected": {"reason": "rejection_reason", "evidence": "rejection_evidence"},
+    "merchant.inspected": {"passed": "inspection_passed", "reason": "inspection_reason",
+                           "evidence": "inspection_evidence"},
+    "merchant.reshipped": {"carrier": "reship_carrier", "tracking_no": "reship_tracking_no"},
+    "merchant.refused_repair": {"reason": "refusal_reason"},
+    "buyer.shipped": {"carrier": "return_carrier", "tracking_no": "return_tracking_no"},
+    "buyer.modified": {"reason": "reason", "evidence": "evidence"},
+    "buyer.cancelled": {"reason": "cancel_reason"},
+    "intervention.requested": {"requested_by": "intervention_requested_by",
+                               "reason": "intervention_reason"},
+    "intervention.resolved": {"outcome": "intervention_outcome"},
+}
+OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_count", "used_fen")
+
+
+def decision_key(case_id: str, step: str, fence: int, purpose: str, deadline_at: datetime,
+                 remind_at: datetime | None = None) -> str:
+    """Stable id of a decision: the same missed deadline (or reminder) gives the same key."""
+    key = f"{case_id}:{step}:{fence}:{purpose}:{deadline_at.isoformat()}"
+    return key if remind_at is None else f"{key}:{remind_at.isoformat()}"
+
+
+def _whole_fen(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _not_applied(case: Case | None, problem: str) -> Outcome:
+    return Outcome(case=case, applied=False, problem=problem, deadlines=None)
+
+
+class _Work:
+    """The change being built for one outcome (the case advances one version per outcome)."""
+
+    def __init__(self, case: Case, now: datetime) -> None:
+        self.case = replace(case, version=case.version + 1)
+        self.now = now
+        self.decisions: list[Decision] = []
+        self.notices: list[Notice] = []
+        self.steps: list[StepResult] = []
+
+    def set_data(self, **changes: Any) -> None:
+        self.case = replace(self.case, data={**self.case.data, **changes})
+
+    def end_step(self, met: bool, at: datetime) -> None:
+        step = step_def(self.case.kind, self.case.step)
+        if step is not None:
+            seconds = (at - self.case.step_started_at).total_seconds()
+            self.steps.append(StepResult(self.case.step, step.party.value, met, seconds))
+
+    def close(self, resolution: str, at: datetime) -> None:
+        self.case = replace(
+            self.case, status=CLOSED, step=CLOSED_STEP, resolution=resolution, closed_at=at,
+            step_started_at=at, step_due_at=None, paused_remaining_s=None,
+            rule_set="", rule_version="", rule_id=None,
+            data={**self.case.data, "closed_at_step": self.case.step},
+        )
+
+    def notify(self, reason: str, party: Party, urgent: bool = False,
+               due_at: datetime | None = None, **params: Any) -> None:
+        case = self.case
+        due = due_at if due_at is not None else case.step_due_at
+        self.notices.append(Notice(
+            reason=reason, case_id=case.case_id, step=case.step, party=party.value, due_at=due,
+            urgent=urgent, params={
+                "kind": case.kind.value, "step": case.step, "order_id": case.order_id,
+                "shop_id": case.shop_id, "amount_fen": case.amount_fen,
+                "refund_fen": case.refund_fen,
+                "due_at_local": local_text(due) if due is not None else None, **params,
+            },
+        ))
+
+
+class Engine:
+    def __init__(self, rules: RuleBook, calendar: WorkCalendar) -> None:
+        self.rules = rules
+        self.calendar = calendar
+
+    # ---- the API ------------------------------------------------------------------------
+
+    def apply(self, case: Case | None, event: Event, now: datetime) -> Outcome:
+        now = as_utc(now)
+        if case is None:
+            return self._open(event, now)
+        if event.case_id != case.case_id:
+            raise ValueError(f"event {event.event_id} is for case {event.case_id}, "
+                             f"not {case.case_id}")
+        if not case.is_open:
+            return _not_applied(case, f"out_of_state: the case is closed ({case.resolution}); "
+                                      f"{event.type} does not apply")
+        at = max(as_utc(event.occurred_at), case.step_started_at)
+        handlers = {
+            "buyer.cancelled": self._cancel,
+            "intervention.requested": self._request_intervention,
+            "intervention.resolved": self._resolve_intervention,
+            "deadline.changed": self._change_deadline,
+        }
+        result = handlers.get(event.type, self._flow_event)(case, event, at, now)
+        if isinstance(result, str):
+            return _not_applied(case, result)
+        return self._finish(result)
+
+    def fire(self, case: Case, deadline: DeadlineSpec, now: datetime) -> Outcome:
+        now = as_utc(now)
+        if deadline.case_id != case.case_id:
+            raise ValueError(f"deadline of case {deadline.case_id} fired on {case.case_id}")
+        if not case.is_open:
+            return _not_applied(case, f"stale: the case is closed ({case.resolution})")
+        if deadline.fence != case.version or deadline.step != case.step:
+            return _not_applied(case, f"stale: deadline for {deadline.step} at version "
+                                      f"{deadline.fence}, case is in {case.step} at version "
+                                      f"{case.version}")
+        if now < deadline.due_at:
+            return _not_applied(case, f"early: due at {deadline.due_at.isoformat()}")
+        if deadline.purpose == "reminder":
+            return self._remind(case, deadline, now)
+        if deadline.purpose != "deadline":
+            raise ValueError(f"unknown deadline purpose {deadline.purpose!r}")
+        work = _Work(case, now)
+        self._time_out(work, deadline.action, Party(deadline.party), deadline.rule,
+                       deadline.deadline_at, deadline.fence, immediate=False)
+        return self._finish(work)
+
+    def deadlines_for(self, case: Case, now: datetime) -> tuple[DeadlineSpec, ...]:
+        """Exactly the pending deadlines the case's state requires."""
+        if not case.is_open or case.step_due_at is None:
+            return ()
+        rule = self._rule_of(case)
+        if rule is None:
+            return ()
+        due = case.step_due_at
+        now = as_utc(now)
+
+        def spec(purpose: str, at: datetime, action: str) -> DeadlineSpec:
+            return DeadlineSpec(case_id=case.case_id, step=case.step, purpose=purpose, due_at=at,
+                                action=action, party=rule.party.value, fence=case.version,
+                                rule=rule.ref, deadline_at=due)
+
+        reminder_times = sorted({due - offset.as_timedelta() for offset in rule.reminders})
+        return (spec("deadline", due, rule.on_timeout),
+                *(spec("reminder", at, REMIND) for at in reminder_times if at > now))
+
+    # ---- opening a case ---------------------------------------------------------------------
+
+    def _open(self, event: Event, now: datetime) -> Outcome:
+        if event.type not in OPENING_EVENTS:
+            return _not_applied(None, f"out_of_state: {event.type} for case {event.case_id}, "
+                                      "which was never opened (case.opened comes first)")
+        data = event.data
+        default_kind = Kind.voucher_refund.value if event.type == "voucher.expired" else None
+        kind_value = data.get("kind", default_kind)
+        if kind_value not in {k.value for k in Kind}:
+            return _not_applied(None, f"invalid: unknown kind {kind_value!r}")
+        kind = Kind(kind_value)
+        first_step = FLOWS[kind].opened_by.get(event.type)
+        if first_step is None:
+            return _not_applied(None, f"invalid: {event.type} cannot open a {kind} case")
+        amount = data.get("amount_fen")
+        if not _whole_fen(amount):
+            return _not_applied(None, f"invalid: amount_fen must be a whole number of fen "
+                                      f">= 0, got {amount!r}")
+        assert isinstance(amount, int)
+        refund_fen = None
+        if kind == Kind.voucher_refund:
+            refund = self._voucher_refund(amount, data)
+            if isinstance(refund, str):
+                return _not_applied(None, refund)
+            refund_fen = refund
+        at = as_utc(event.occurred_at)
+        skeleton = Case(
+            case_id=event.case_id, platform=event.platform, shop_id=event.shop_id,
+            order_id=event.order_id, kind=kind, status=OPEN, step=first_step, resolution=None,
+            version=0, step_started_at=at, step_due_at=None, paused_remaining_s=None,
+            rule_set="", rule_version="", amount_fen=amount, refund_fen=refund_fen,
+            contacts={p: {str(k): str(v) for k, v in data[p].items()}
+                      for p in ("buyer", "merchant") if isinstance(data.get(p), Mapping)},
+            opened_at=at, closed_at=None,
+            data={k: data[k] for k in OPENING_FACTS if k in data},
+        )
+        work = _Work(skeleton, now)
+        if refund_fen == 0:  # a fully used voucher: nothing can be refunded
+            work.close("nothing_to_refund", at)
+        else:
+            self._enter(work, first_step, at, due_override=event.due_at)
+        self._notify_event(work, event)
+        return self._finish(work)
+
+    @staticmethod
+    def _voucher_refund(amount: int, data: Mapping[str, Any]) -> int | str:
+        counts = {k: data.get(k) for k in ("voucher_total_count", "voucher_used_count",
+                                           "used_fen")}
+        bad = [k for k, v in counts.items() if v is not None and not _whole_fen(v)]
+        if bad:
+            return f"invalid: {bad[0]} must be a whole number >= 0"
+        try:
+            return voucher_refund_fen(amount, total_count=counts["voucher_total_count"],
+                                      used_count=counts["voucher_used_count"],
+                                      used_fen=counts["used_fen"])
+        except ValueError as exc:
+            return f"invalid: {exc}"
+
+    # ---- events of the flow tables --------------------------------------------------------
+
+    def _flow_event(self, case: Case, event: Event, at: datetime, now: datetime) -> _Work | str:
+        if event.type in OPENING_EVENTS:
+            return f"out_of_state: {event.type}: case {case.case_id} is already open"
+        key = event.type
+        if event.type == "merchant.inspected":
+            passed = event.data.get("passed")
+            if not isinstance(passed, bool):
+                return "invalid: merchant.inspected needs data.passed true or false"
+            key = f"merchant.inspected.{'passed' if passed else 'failed'}"
+        step = step_def(case.kind, case.step)
+        target = step.on.get(key) if step is not None else None
+        if target is None:
+            return (f"out_of_state: {event.type} does not fit a {case.kind} case in step "
+                    f"{case.step}")
+        problem = self._check_data(event)
+        if problem:
+            return problem
+        work = _Work(case, now)
+        self._record_facts(work, event, at)
+        met = case.step_due_at is None or at <= case.step_due_at
+        if isinstance(target, Go):
+            if target.step != case.step:  # re-entering a step restarts it, it did not end
+                work.end_step(met, at)
+            self._enter(work, target.step, at, due_override=event.due_at)
+        elif isinstance(target, Close):
+            work.end_step(met, at)
+            work.close(target.resolution, at)
+        else:
+            assert isinstance(target, Stay)
+        self._notify_event(work, event)
+        return work
+
+    @staticmethod
+    def _check_data(event: Event) -> str | None:
+        if event.type == "repair.scheduled" and parse_moment(event.data.get("visit_at")) is None:
+            return "invalid: repair.scheduled needs data.visit_at (RFC 3339)"
+        amount = event.data.get("amount_fen")
+        if event.type in ("refund.completed", "buyer.modified") and amount is not None \
+                and not _whole_fen(amount):
+            return f"invalid: amount_fen must be a whole number of fen >= 0, got {amount!r}"
+        return None
+
+    @staticmethod
+    def _record_facts(work: _Work, event: Event, at: datetime) -> None:
+        data = event.data
+        facts = {dst: data[src] for src, dst in EVENT_FACTS.get(event.type, {}).items()
+                 if src in data}
+        if event.type == "repair.scheduled":
+            visit_at = parse_moment(data["visit_at"])
+            assert visit_at is not None  # checked by _check_data
+            facts["visit_at"] = visit_at.isoformat()
+        elif event.type == "repair.visited":
+            facts["visits"] = int(work.case.data.get("visits", 0)) + 1
+            facts.setdefault("first_visit_at", work.case.data.get("first_visit_at",
+                                                                  at.isoformat()))
+        work.set_data(**facts)
+        if event.type == "buyer.modified" and "amount_fen" in data:
+            work.case = replace(work.case, amount_fen=data["amount_fen"])
+        if event.type == "refund.completed":
+            paid = data.get("amount_fen", work.case.refund_fen)
+            work.case = replace(work.case, refund_fen=paid if paid is not None
+                                else work.case.amount_fen)
+
+    # ---- events every flow shares -----------------------------------------------------------
+
+    def _cancel(self, case: Case, event: Event, at: datetime, now: datetime) -> _Work | str:
+        if case.step in NOT_CANCELLABLE:
+            return f"out_of_state: buyer.cancelled in step {case.step}: the refund is under way"
+        work = _Work(case, now)
+        self._record_facts(work, event, at)
+        # no StepResult: the step was neither met nor missed by the party who had to act
+        work.close("cancelled", at)
+        self._notify_event(work, event)
+        return work
+
+    def _request_intervention(self, case: Case, event: Event, at: datetime,
+                              now: datetime) -> _Work | str:
+        if case.step == INTERVENTION:
+            return "out_of_state: intervention.requested: the platform is already intervening"
+        work = _Work(case, now)
+        self._record_facts(work, event, at)
+        self._pause(work, at, restart_clock=False)
+        self._notify_event(work, event)
+        return work
+
+    def _resolve_intervention(self, case: Case, event: Event, at: datetime,
+                              now: datetime) -> _Work | str:
+        if case.step != INTERVENTION:
+            return f"out_of_state: intervention.resolved but no intervention (step {case.step})"
+        outcome = event.data.get("outcome")
+        if outcome not in INTERVENTION_OUTCOMES:
+            return (f"invalid: intervention.resolved outcome {outcome!r} is not one of "
+                    f"{sorted(INTERVENTION_OUTCOMES)}")
+        work = _Work(case, now)
+        self._record_facts(work, event, at)
+        work.end_step(True, at)
+        interrupted = dict(case.data.get("interrupted") or {})
+        work.case = replace(work.case, data={k: v for k, v in work.case.data.items()
+                                             if k != "interrupted"})
+        paused_step = interrupted.get("step", REFUND_PENDING)
+        if outcome == "resume":
+            self._resume(work, interrupted, at, event.due_at)
+        elif outcome == "merchant":
+            work.close("merchant_upheld", at)
+        elif outcome == "refund":
+            self._enter(work, REFUND_PENDING, at, due_override=event.due_at)
+        else:  # "buyer": go where the step's approval leads (for a rejection: the rejected step)
+            base = case.data.get("rejected_at_step", paused_step) \
+                if paused_step == AFTER_REJECTION else paused_step
+            base_def = step_def(case.kind, base)
+            upheld = base_def.upheld_to if base_def is not None else REFUND_PENDING
+            self._enter(work, upheld, at, due_override=event.due_at)
+        self._notify_event(work, event, outcome=outcome)
+        return work
+
+    def _change_deadline(self, case: Case, event: Event, at: datetime,
+                         now: datetime) -> _Work | str:
+        if event.due_at is None:
+            return "invalid: deadline.changed needs due_at"
+        if case.step == INTERVENTION:
+            return "out_of_state: deadline.changed while the clock is paused (intervention)"
+        if self._rule_of(case) is None:
+            return f"out_of_state: deadline.changed: step {case.step} has no deadline"
+        work = _Work(case, now)
+        work.case = replace(work.case, step_due_at=as_utc(event.due_at),
+                            data={**work.case.data, "deadline_source": "platform"})
+        self._notify_event(work, event)
+        return work
+
+    # ---- steps, clocks and timeouts -------------------------------------------------------
+
+    def _enter(self, work: _Work, step: str, at: datetime,
+               due_override: datetime | None = None, depth: int = 0) -> None:
+        """Start `step` at `at`: pick the rule in force, set the deadline (the platform's
+        own `due_override` wins over the rule's), resolve immediate ("0h") rules at once."""
+        case = work.case
+        rule = self.rules.rule_for(case.platform, case.kind, step, at)
+        data = dict(case.data)
+        data.pop("deadline_source", None)
+        if step == AFTER_REJECTION and case.step not in (AFTER_REJECTION, INTERVENTION):
+            data["rejected_at_step"] = case.step  # where an upheld buyer goes back to
+        refund_fen = case.refund_fen
+        if step == REFUND_PENDING and refund_fen is None:
+            refund_fen = case.amount_fen
+        due = None
+        if rule is not None:
+            if due_override is not None:
+                due = as_utc(due_override)
+                data["deadline_source"] = "platform"
+            else:
+                due = self._rule_due(rule, at, data)
+        work.case = replace(
+            case, step=step, step_started_at=at, step_due_at=due, paused_remaining_s=None,
+            rule_set=rule.set_name if rule else "", rule_version=rule.version if rule else "",
+            rule_id=rule.id if rule else None, refund_fen=refund_fen, data=data,
+        )
+        if rule is not None and rule.is_immediate and due_override is None:
+            if depth >= MAX_IMMEDIATE_CHAIN:
+                raise RuntimeError(f"immediate rules loop at step {step} (check the rule files)")
+            self._time_out(work, rule.on_timeout, rule.party, rule.ref, at, work.case.version,
+                           immediate=True, depth=depth + 1)
+
+    def _rule_due(self, rule: Rule, at: datetime, data: Mapping[str, Any]) -> datetime:
+        anchor = at if rule.anchor == STEP_START else (parse_moment(data.get(rule.anchor)) or at)
+        return rule.duration.add_to(anchor, self.calendar)
+
+    def _time_out(self, work: _Work, action: str, party: Party, rule: RuleRef,
+                  deadline_at: datetime, fence: int, *, immediate: bool, depth: int = 0) -> None:
+        """The deadline of the current step passed: take the rule's automatic action."""
+        case = work.case
+        step = step_def(case.kind, case.step)
+        target = None if step is None else step.timeout.get(action)
+        if action != ESCALATE and target is None:
+            raise ValueError(f"action {action!r} is not defined for step {case.step} of "
+                             f"{case.kind}")
+        position = len(work.decisions)  # this decision precedes any it triggers
+        if not immediate:  # an immediate step is a rule, not a party missing a deadline
+            work.end_step(False, deadline_at)
+        data: dict[str, Any] = {"action": action, "missed_step": case.step}
+        if action == ESCALATE:
+            self._pause(work, deadline_at, restart_clock=True)
+        elif isinstance(target, Go):
+            self._enter(work, target.step, deadline_at, depth=depth)
+        elif isinstance(target, Close):
+            work.close(target.resolution, deadline_at)
+            data["resolution"] = target.resolution
+        data["next_step"] = work.case.step
+        if work.case.step == REFUND_PENDING or action == "auto_refund":
+            data["refund_fen"] = work.case.refund_fen if work.case.refund_fen is not None \
+                else work.case.amount_fen
+        decision_type = DECISION_OF_ACTION[action]
+        work.decisions.insert(position, Decision(
+            type=decision_type, case_id=case.case_id, step=case.step, rule=rule,
+            due_at=deadline_at, decided_at=work.now, data=data,
+            key=decision_key(case.case_id, case.step, fence, "deadline", deadline_at),
+        ))
+        # the party who missed the deadline hears of it; a decision of the platform's own
+        # (immediate rules, voucher refunds) answers the buyer; escalations page ops
+        if action == ESCALATE:
+            audience, urgent = Party.ops, True
+        elif party in (Party.buyer, Party.merchant):
+            audience, urgent = party, False
+        else:
+            audience, urgent = Party.buyer, False
+        work.notify(decision_type, audience, urgent=urgent, due_at=deadline_at,
+                    missed_step=case.step, action=action)
+
+    def _pause(self, work: _Work, at: datetime, *, restart_clock: bool) -> None:
+        """Hand the case to the platform; keep what is left of the step's clock.
+
+        After an escalation (`restart_clock`) the step's deadline has already passed, so a
+        "resume" restarts the step with a fresh clock instead of firing again at once."""
+        case = work.case
+        remaining = None
+        if not restart_clock and case.step_due_at is not None:
+            remaining = max(0, int((case.step_due_at - at).total_seconds()))
+        interrupted = {"step": case.step, "started_at": case.step_started_at.isoformat(),
+                       "restart_clock": restart_clock}
+        work.case = replace(
+            case, step=INTERVENTION, step_started_at=at, step_due_at=None,
+            paused_remaining_s=remaining, rule_set="", rule_version="", rule_id=None,
+            data={**case.data, "interrupted": interrupted},
+        )
+
+    def _resume(self, work: _Work, interrupted: Mapping[str, Any], at: datetime,
+                due_override: datetime | None) -> None:
+        step = interrupted.get("step", REFUND_PENDING)
+        started = parse_moment(interrupted.get("started_at")) or at
+        if interrupted.get("restart_clock"):
+            self._enter(work, step, at, due_override=due_override)
+            return
+        case = work.case
+        remaining = case.paused_remaining_s
+        rule = self.rules.rule_for(case.platform, case.kind, step, started)
+        due = None
+        if rule is not None and due_override is not None:
+            due = as_utc(due_override)
+        elif rule is not None and remaining is not None:
+            due = at + timedelta(seconds=remaining)
+        work.case = replace(
+            case, step=step, step_started_at=started, step_due_at=due, paused_remaining_s=None,
+            rule_set=rule.set_name if rule else "", rule_version=rule.version if rule else "",
+            rule_id=rule.id if rule else None,
+        )
+
+    def _rule_of(self, case: Case) -> Rule | None:
+        ref = case.rule
+        found = self.rules.get(ref) if ref is not None else None
+        return found or self.rules.rule_for(case.platform, case.kind, case.step,
+                                            case.step_started_at)
+
+    # ---- reminders and notices -------------------------------------------------------------
+
+    def _remind(self, case: Case, reminder: DeadlineSpec, now: datetime) -> Outcome:
+        """A reminder changes nothing: one reminder.due_soon decision and a notice."""
+        rule = self.rules.get(reminder.rule)
+        lead = reminder.deadline_at - reminder.due_at
+        decision = Decision(
+            type="reminder.due_soon", case_id=case.case_id, step=case.step, rule=reminder.rule,
+            due_at=reminder.deadline_at, decided_at=now,
+            data={"remind_at": reminder.due_at.isoformat(),
+                  "lead_s": int(lead.total_seconds()),
+                  "action_on_timeout": rule.on_timeout if rule else None},
+            key=decision_key(case.case_id, case.step, reminder.fence, "reminder",
+                             reminder.deadline_at, reminder.due_at),
+        )
+        party = Party(reminder.party)
+        work = _Work(case, now)
+        work.case = case  # nothing changes, not even the version
+        work.notify("reminder.due_soon", Party.ops if party == Party.platform else party,
+                    urgent=lead <= URGENT_REMINDER_LEAD, due_at=reminder.deadline_at,
+                    action_on_timeout=decision.data["action_on_timeout"])
+        return Outcome(case=case, applied=True, problem=None, deadlines=None,
+                       decisions=(decision,), notices=tuple(work.notices))
+
+    @staticmethod
+    def _notify_event(work: _Work, event: Event, **params: Any) -> None:
+        audience = EVENT_AUDIENCE.get(event.type)
+        if event.type == "deadline.changed":
+            current = step_def(work.case.kind, work.case.step)
+            audience = (current.party,) if current is not None else ()
+        for party in audience or ():
+            if party != Party.platform:  # the platform is upstream: it already knows
+                work.notify(event.type, party, event_id=event.event_id, **params)
+
+    def _finish(self, work: _Work) -> Outcome:
+        return Outcome(
+            case=work.case, applied=True, problem=None,
+            deadlines=self.deadlines_for(work.case, work.now),
+            decisions=tuple(work.decisions), notices=tuple(work.notices),
+            steps=tuple(work.steps),
+        )

@@ -1,0 +1,191 @@
+"""The value objects of the domain core (see docs/design.md, "The domain core API").
+
+All frozen dataclasses; datetimes are timezone-aware and in UTC; money is integer fen.
+Mappings inside them are plain dicts that the engine never mutates (copy on write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+OPEN = "open"
+CLOSED = "closed"
+
+
+class Kind(StrEnum):
+    refund_only = "refund_only"
+    return_refund = "return_refund"
+    exchange = "exchange"
+    repair = "repair"
+    onsite_repair = "onsite_repair"
+    voucher_refund = "voucher_refund"
+
+
+class Party(StrEnum):
+    merchant = "merchant"
+    buyer = "buyer"
+    platform = "platform"
+    ops = "ops"
+
+
+@dataclass(frozen=True)
+class Event:
+    """An inbound event after schema validation."""
+
+    event_id: str
+    type: str
+    occurred_at: datetime
+    platform: str
+    shop_id: str
+    order_id: str
+    case_id: str
+    due_at: datetime | None
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    set: str
+    version: str
+    id: str
+
+
+_CASE_TIMES = ("step_started_at", "step_due_at", "opened_at", "closed_at")
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    platform: str
+    shop_id: str
+    order_id: str
+    kind: Kind
+    status: str  # "open" | "closed"
+    step: str  # current step; "closed" once the case is closed (see data["closed_at_step"])
+    resolution: str | None  # how a closed case ended
+    version: int  # +1 on every applied change: the fence of the deadlines
+    step_started_at: datetime
+    step_due_at: datetime | None  # effective deadline of the current step
+    paused_remaining_s: int | None  # clock paused: seconds that were left on the step
+    rule_set: str  # "" when the step has no rule
+    rule_version: str
+    amount_fen: int
+    refund_fen: int | None
+    contacts: Mapping[str, Mapping[str, str]]
+    opened_at: datetime
+    closed_at: datetime | None
+    data: Mapping[str, Any]
+    # additions to the design: the id of the rule in force for the step (with set, version)
+    rule_id: str | None = None
+
+    @property
+    def rule(self) -> RuleRef | None:
+        if self.rule_id is None:
+            return None
+        return RuleRef(self.rule_set, self.rule_version, self.rule_id)
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == OPEN
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: datetimes as RFC 3339 strings."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, Kind):
+                value = value.value
+            elif f.name in ("contacts", "data"):
+                value = _plain(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Case:
+        values = dict(d)
+        for name in _CASE_TIMES:
+            if values.get(name) is not None:
+                values[name] = datetime.fromisoformat(values[name])
+        values["kind"] = Kind(values["kind"])
+        values["contacts"] = _plain(values.get("contacts", {}))
+        values["data"] = _plain(values.get("data", {}))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy made of dicts and lists only."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class DeadlineSpec:
+    case_id: str
+    step: str
+    purpose: str  # "deadline" | "reminder"
+    due_at: datetime  # when it fires (UTC)
+    action: str  # timeout action of a deadline; "remind" for a reminder
+    party: str  # who must act
+    fence: int  # the case.version this deadline belongs to
+    rule: RuleRef
+    deadline_at: datetime  # for a reminder, the deadline it warns about; else = due_at
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An automatic decision or a reminder, published to upstream."""
+
+    type: str
+    case_id: str
+    step: str
+    rule: RuleRef
+    due_at: datetime
+    decided_at: datetime
+    data: Mapping[str, Any]
+    key: str  # stable: the same missed deadline gives the same key
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something a person should hear about; the notification policy expands it."""
+
+    reason: str
+    case_id: str
+    step: str
+    party: str | None
+    due_at: datetime | None
+    urgent: bool
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step that ended, for SLA metrics: met = its party acted before the deadline."""
+
+    step: str
+    party: str
+    met: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    # None only when apply() got no case and the event could not open one
+    case: Case | None
+    applied: bool
+    problem: str | None
+    # the FULL set of pending deadlines the case must have now; None = leave them as they are
+    deadlines: tuple[DeadlineSpec, ...] | None
+    decisions: tuple[Decision, ...] = ()
+    notices: tuple[Notice, ...] = ()
+    steps: tuple[StepResult, ...] = ()

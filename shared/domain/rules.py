@@ -1,0 +1,301 @@
+"""Rule sets: versioned data files that say, per (kind, step), who must act, by when, what
+happens on timeout and when to remind.
+
+A rule-set file (TOML) holds one version of one set:
+
+    [ruleset]
+    name = "kuaishou"            # matched against Event.platform; "default" is the fallback
+    version = "2022-09-30"
+    effective = 2022-09-30       # 00:00 China time; a step that began earlier uses older rules
+    source = "seed 004"          # optional
+    description = "..."          # optional
+
+    [[rule]]
+    id = "exchange.merchant_response"
+    kind = "exchange"            # a Kind, or "any" for every kind that has the step
+    step = "merchant_response"
+    party = "merchant"           # who must act
+    duration = "48h"             # m / h / d (calendar days) / wd (working days); "0h" = immediate
+    on_timeout = "auto_approve"  # see flows.DECISION_OF_ACTION and the step's allowed actions
+    reminders = ["24h", "2h"]    # optional: before the deadline (m / h / d)
+    anchor = "step_start"        # optional: or "visit_at" (the agreed visit time)
+    note = "..."                 # optional
+
+Versions of a set accumulate: for a step that began at time t, the rule is the one from
+the newest version of the set effective at t that has a rule for (kind, step) (a rule for
+the exact kind wins over an "any" rule of the same version). So a later file may add or
+replace rules without repeating the others. If the platform's set has no rule for the
+step, the `default` set's applies.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+from shared.domain.durations import Duration
+from shared.domain.errors import RuleFileError
+from shared.domain.flows import DECISION_OF_ACTION, FLOWS, timed_steps
+from shared.domain.model import Kind, Party, RuleRef
+from shared.domain.timeutil import SHANGHAI, as_utc
+from shared.domain.tomlfiles import header_lines, key_line, toml_error_line
+
+DEFAULT_SET = "default"
+ANY_KIND = "any"
+STEP_START = "step_start"
+# anchors other than the step start: the case.data key holding the moment, and where it exists
+ANCHOR_STEPS: Mapping[str, frozenset[str]] = {"visit_at": frozenset({"visit_scheduled"})}
+
+_RULESET_KEYS = {"name", "version", "effective", "source", "description"}
+_RULE_REQUIRED = {"id", "kind", "step", "party", "duration", "on_timeout"}
+_RULE_OPTIONAL = {"reminders", "anchor", "note"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    set_name: str
+    version: str
+    id: str
+    kind: str  # a Kind value or "any"
+    step: str
+    party: Party
+    duration: Duration
+    on_timeout: str
+    reminders: tuple[Duration, ...] = ()
+    anchor: str = STEP_START
+    note: str = ""
+
+    @property
+    def ref(self) -> RuleRef:
+        return RuleRef(self.set_name, self.version, self.id)
+
+    @property
+    def decision_type(self) -> str:
+        return DECISION_OF_ACTION[self.on_timeout]
+
+    @property
+    def is_immediate(self) -> bool:
+        return self.duration.is_zero and self.anchor == STEP_START
+
+
+@dataclass(frozen=True)
+class RuleSetVersion:
+    name: str
+    version: str
+    effective: date
+    source_file: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+    source: str = ""
+
+    @property
+    def effective_at(self) -> datetime:
+        return as_utc(datetime(self.effective.year, self.effective.month, self.effective.day,
+                               tzinfo=SHANGHAI))
+
+    def find(self, kind: Kind, step: str) -> Rule | None:
+        exact = [r for r in self.rules if r.kind == kind.value and r.step == step]
+        if exact:
+            return exact[0]
+        general = [r for r in self.rules if r.kind == ANY_KIND and r.step == step]
+        return general[0] if general else None
+
+
+class RuleBook:
+    def __init__(self, versions: Iterable[RuleSetVersion]) -> None:
+        self._sets: dict[str, list[RuleSetVersion]] = {}
+        for version in versions:
+            self._sets.setdefault(version.name, []).append(version)
+        for history in self._sets.values():
+            history.sort(key=lambda v: v.effective)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> RuleBook:
+        """The sets in a file or folder (all *.toml below it); None = the shipped sets."""
+        if path is None:
+            folder = resources.files("shared.rules")
+            files = sorted(
+                (Path(str(f)) for f in folder.iterdir() if f.name.endswith(".toml")),
+                key=lambda p: p.name,
+            )
+        else:
+            path = Path(path)
+            files = sorted(path.rglob("*.toml")) if path.is_dir() else [path]
+        if not files:
+            raise RuleFileError(path or "shared/rules", None, "no rule files (*.toml) found")
+        versions = [parse_rule_file(f) for f in files]
+        _check_unique_versions(versions)
+        book = cls(versions)
+        book._check_default_covers_every_step(files)
+        return book
+
+    @property
+    def set_names(self) -> list[str]:
+        return sorted(self._sets, key=lambda n: (n != DEFAULT_SET, n))
+
+    def versions(self, name: str) -> list[RuleSetVersion]:
+        return list(self._sets.get(name, []))
+
+    def rule_for(self, platform: str, kind: Kind, step: str, at: datetime) -> Rule | None:
+        """The rule in force at `at` (when the step began) for this platform's case."""
+        for name in (platform, DEFAULT_SET):
+            for version in reversed(self._sets.get(name, [])):
+                if version.effective_at > at:
+                    continue
+                rule = version.find(kind, step)
+                if rule is not None:
+                    return rule
+        return None
+
+    def get(self, ref: RuleRef) -> Rule | None:
+        for version in self._sets.get(ref.set, []):
+            if version.version == ref.version:
+                return next((r for r in version.rules if r.id == ref.id), None)
+        return None
+
+    def _check_default_covers_every_step(self, files: list[Path]) -> None:
+        defaults = self._sets.get(DEFAULT_SET)
+        if not defaults:
+            raise RuleFileError(
+                files[0].parent, None, f'no rule set named "{DEFAULT_SET}": it is the fallback '
+                "for every step the platform sets leave open"
+            )
+        for kind in Kind:
+            for step in timed_steps(kind):
+                if not any(v.find(kind, step) for v in defaults):
+                    raise RuleFileError(
+                        defaults[0].source_file, None,
+                        f'the "{DEFAULT_SET}" set has no rule for kind {kind.value}, step {step}',
+                    )
+
+
+def parse_rule_file(path: Path) -> RuleSetVersion:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RuleFileError(path, None, f"cannot read: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line, reason = toml_error_line(exc, text)
+        raise RuleFileError(path, line, f"not valid TOML: {reason}") from exc
+    return _RuleFileParser(path, text).parse(doc)
+
+
+class _RuleFileParser:
+    """Checks a parsed rule file; every complaint names the file and the offending line."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        self.rule_lines = header_lines(text, "[[rule]]")
+
+    def fail(self, reason: str, key: str | None = None, rule_index: int | None = None) -> NoReturn:
+        start, end = 1, None
+        if rule_index is not None and rule_index < len(self.rule_lines):
+            start = self.rule_lines[rule_index]
+            if rule_index + 1 < len(self.rule_lines):
+                end = self.rule_lines[rule_index + 1]
+        line = key_line(self.text, key, start, end) if key else None
+        raise RuleFileError(self.path, line or (start if rule_index is not None else None), reason)
+
+    def parse(self, doc: Mapping[str, Any]) -> RuleSetVersion:
+        unknown = set(doc) - {"ruleset", "rule"}
+        if unknown:
+            self.fail(f"unknown top-level keys {sorted(unknown)}", key=sorted(unknown)[0])
+        header = doc.get("ruleset")
+        if not isinstance(header, Mapping):
+            self.fail("missing the [ruleset] table (name, version, effective)")
+        for key in sorted(set(header) - _RULESET_KEYS):
+            self.fail(f"unknown key {key!r} in [ruleset]", key=key)
+        for key in ("name", "version"):
+            if not isinstance(header.get(key), str) or not header[key]:
+                self.fail(f"[ruleset] {key} must be a non-empty string", key=key)
+        effective = header.get("effective")
+        if type(effective) is not date:
+            self.fail("[ruleset] effective must be a date like 2022-09-30", key="effective")
+        raw_rules = doc.get("rule", [])
+        if not isinstance(raw_rules, list) or not raw_rules:
+            self.fail("no [[rule]] tables")
+        rules = [self._rule(header["name"], header["version"], i, raw)
+                 for i, raw in enumerate(raw_rules)]
+        self._check_duplicates(rules)
+        return RuleSetVersion(
+            name=header["name"], version=header["version"], effective=effective,
+            source_file=str(self.path), rules=tuple(rules),
+            description=str(header.get("description", "")), source=str(header.get("source", "")),
+        )
+
+    def _rule(self, set_name: str, version: str, i: int, raw: Mapping[str, Any]) -> Rule:
+        missing = _RULE_REQUIRED - set(raw)
+        if missing:
+            self.fail(f"rule is missing {sorted(missing)}", rule_index=i)
+        for key in sorted(set(raw) - _RULE_REQUIRED - _RULE_OPTIONAL):
+            self.fail(f"unknown key {key!r} in rule {raw.get('id')!r}", key=key, rule_index=i)
+        rule_id = raw["id"]
+        kind, step = raw["kind"], raw["step"]
+        kinds = [k for k in Kind if k.value == kind] if kind != ANY_KIND else list(Kind)
+        if not kinds:
+            self.fail(f"rule {rule_id!r}: unknown kind {kind!r} (one of "
+                      f"{[k.value for k in Kind] + [ANY_KIND]})", key="kind", rule_index=i)
+        having_step = [k for k in kinds if step in FLOWS[k].steps]
+        if not having_step:
+            self.fail(f"rule {rule_id!r}: kind {kind} has no step {step!r}", key="step",
+                      rule_index=i)
+        if raw["party"] not in {p.value for p in Party}:
+            self.fail(f"rule {rule_id!r}: unknown party {raw['party']!r}", key="party",
+                      rule_index=i)
+        duration = self._duration(raw["duration"], "duration", i)
+        action = raw["on_timeout"]
+        for k in having_step:
+            allowed = FLOWS[k].steps[step].allowed_actions
+            if action not in allowed:
+                self.fail(f"rule {rule_id!r}: unknown action {action!r} for step {step} of "
+                          f"{k.value} (allowed: {sorted(allowed)})", key="on_timeout",
+                          rule_index=i)
+        reminders = raw.get("reminders", [])
+        if not isinstance(reminders, list):
+            self.fail(f"rule {rule_id!r}: reminders must be a list", key="reminders",
+                      rule_index=i)
+        offsets = tuple(self._duration(r, "reminders", i) for r in reminders)
+        if any(not o.is_fixed or o.is_zero for o in offsets):
+            self.fail(f"rule {rule_id!r}: reminder offsets must be positive m/h/d durations",
+                      key="reminders", rule_index=i)
+        anchor = raw.get("anchor", STEP_START)
+        if anchor != STEP_START and step not in ANCHOR_STEPS.get(anchor, frozenset()):
+            self.fail(f"rule {rule_id!r}: anchor {anchor!r} is not available for step {step}",
+                      key="anchor", rule_index=i)
+        return Rule(set_name, version, str(rule_id), kind, step, Party(raw["party"]), duration,
+                    action, offsets, anchor, str(raw.get("note", "")))
+
+    def _duration(self, value: object, key: str, i: int) -> Duration:
+        try:
+            return Duration.parse(value)  # type: ignore[arg-type]
+        except ValueError as exc:
+            self.fail(str(exc), key=key, rule_index=i)
+
+    def _check_duplicates(self, rules: list[Rule]) -> None:
+        seen_ids: set[str] = set()
+        seen_steps: set[tuple[str, str]] = set()
+        for i, rule in enumerate(rules):
+            if rule.id in seen_ids:
+                self.fail(f"duplicate rule id {rule.id!r}", key="id", rule_index=i)
+            if (rule.kind, rule.step) in seen_steps:
+                self.fail(f"a second rule for kind {rule.kind}, step {rule.step}", key="step",
+                          rule_index=i)
+            seen_ids.add(rule.id)
+            seen_steps.add((rule.kind, rule.step))
+
+
+def _check_unique_versions(versions: list[RuleSetVersion]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for v in versions:
+        other = seen.setdefault((v.name, v.version), v.source_file)
+        if other != v.source_file:
+            raise RuleFileError(v.source_file, None,
+                                f"set {v.name} version {v.version} is also defined in {other}")
