@@ -37,7 +37,9 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
         if case is None and not events:
             return None
         decisions = s.execute(
-            select(DecisionRow).where(DecisionRow.case_id == case_id).order_by(DecisionRow.decided_at)
+            select(DecisionRow)
+            .where(DecisionRow.case_id == case_id)
+            .order_by(DecisionRow.decided_at)
         ).scalars().all()
         notifications = s.execute(
             select(NotificationRow)

@@ -63,7 +63,7 @@ class ConfirmedPublisher:
             raise
 
     def send_actor(self, queue_name: str, actor_name: str, *args: Any) -> None:
-        message = dramatiq.Message(
+        message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options={}
         )
         self.publish("", queue_name, message.encode(), message.message_id)

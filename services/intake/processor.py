@@ -134,14 +134,14 @@ class IntakeProcessor:
         ev = accepted.event
         now = self.clock()
         case = load_case(session, ev.case_id)
-        if case is None and ev.type != "case.opened":
+        outcome = self.engine.apply(case, to_domain_event(accepted), now)
+        if case is None and outcome.case is None:
             # Out of order: the case is not opened yet. Keep the event and apply it
-            # when its case.opened arrives.
-            problem = "parked: case not opened yet"
+            # when the event that opens the case arrives.
+            problem = f"parked: case not opened yet ({outcome.problem})"
             _set_event_outcome(session, ev.event_id, "parked", problem, None)
             return Handled(ev.type, ev.platform, "parked", problem)
-        outcome = self.engine.apply(case, to_domain_event(accepted), now)
-        if not outcome.applied:
+        if not outcome.applied or outcome.case is None:
             version = case.version if case else None
             _set_event_outcome(session, ev.event_id, "out_of_state", outcome.problem, version)
             return Handled(ev.type, ev.platform, "out_of_state", outcome.problem)
@@ -164,7 +164,7 @@ class IntakeProcessor:
             assert isinstance(accepted, Accepted), "a stored event always re-validates"
             case = load_case(session, case_id)
             outcome = self.engine.apply(case, to_domain_event(accepted), now)
-            if outcome.applied:
+            if outcome.applied and outcome.case is not None:
                 store_outcome(
                     session, outcome, now=now, policy=self.policy, ops_contacts=self.ops_contacts
                 )

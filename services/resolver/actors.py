@@ -27,7 +27,7 @@ def record(resolution: Resolution) -> None:
                                 resolution.platform or "", resolution.kind or "")
 
 
-def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor:
+def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor[[int], None]:
     def fire_deadline(deadline_id: int) -> None:
         resolution = resolver.fire(int(deadline_id))
         if resolution.outcome in ("stale", "missing"):
@@ -36,7 +36,6 @@ def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor:
         record(resolution)
 
     return dramatiq.actor(
-        fire_deadline,
         broker=broker,
         actor_name=FIRE_DEADLINE_ACTOR,
         queue_name=RESOLVER_QUEUE,
@@ -45,4 +44,4 @@ def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor:
         max_retries=10,
         min_backoff=500,
         max_backoff=30_000,
-    )
+    )(fire_deadline)

@@ -25,7 +25,7 @@ from shared.amqp import (
     NOTIFIER_QUEUE,
     SEND_NOTIFICATION_ACTOR,
 )
-from shared.db.models import CaseRow, DecisionRow, DeadlineRow, NotificationRow, OutboxRow
+from shared.db.models import CaseRow, DeadlineRow, DecisionRow, NotificationRow, OutboxRow
 from shared.domain import Case, Decision, Notice, Outcome
 
 # decision_id = uuid5(namespace, decision.key): the same missed deadline always gives the
@@ -62,7 +62,11 @@ def decision_message(decision: Decision, case: Case) -> dict[str, Any]:
         "platform": case.platform,
         "kind": str(case.kind),
         "step": decision.step,
-        "rule": {"set": decision.rule.set, "version": decision.rule.version, "id": decision.rule.id},
+        "rule": {
+            "set": decision.rule.set,
+            "version": decision.rule.version,
+            "id": decision.rule.id,
+        },
         "due_at": decision.due_at.isoformat(),
         "decided_at": decision.decided_at.isoformat(),
         "data": dict(decision.data),
@@ -139,7 +143,7 @@ def replace_deadlines(session: Session, case: Case, deadlines: Sequence[Any]) ->
 
 def notifier_message(notification_id: int) -> bytes:
     """A Dramatiq message for the notifier's actor, published later from the outbox."""
-    message = dramatiq.Message(
+    message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name=NOTIFIER_QUEUE,
         actor_name=SEND_NOTIFICATION_ACTOR,
         args=(notification_id,),
@@ -235,12 +239,13 @@ def store_outcome(
     ops_contacts: Any,
 ) -> Stored:
     """Write everything an applied outcome changes. The caller holds the case lock."""
+    case = outcome.case
+    if case is None or not outcome.applied:
+        raise ValueError("only an applied outcome with a case can be stored")
     stored = Stored()
-    save_case(session, outcome.case, now)
+    save_case(session, case, now)
     if outcome.deadlines is not None:
-        stored.deadlines_set = replace_deadlines(session, outcome.case, outcome.deadlines)
-    stored.decision_types = store_decisions(session, outcome.case, outcome.decisions)
-    stored.notification_ids = store_notices(
-        session, outcome.case, outcome.notices, policy, ops_contacts
-    )
+        stored.deadlines_set = replace_deadlines(session, case, outcome.deadlines)
+    stored.decision_types = store_decisions(session, case, outcome.decisions)
+    stored.notification_ids = store_notices(session, case, outcome.notices, policy, ops_contacts)
     return stored

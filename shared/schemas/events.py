@@ -211,7 +211,8 @@ def parse_event(raw: bytes, max_bytes: int) -> Accepted | Rejection:
         # PostgreSQL cannot store U+0000 in text or JSONB; say so instead of failing later.
         return Rejection(RejectReason.schema, "strings must not contain U+0000")
     if not isinstance(doc, dict):
-        return Rejection(RejectReason.schema, f"body must be a JSON object, got {type(doc).__name__}")
+        got = type(doc).__name__
+        return Rejection(RejectReason.schema, f"body must be a JSON object, got {got}")
     event_type = doc.get("type")
     if isinstance(event_type, str) and event_type not in DATA_MODELS:
         return Rejection(RejectReason.unknown_type, f"unknown event type {event_type[:64]!r}")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared.schemas.events import Accepted, RejectReason, Rejection, parse_event
+from shared.schemas.events import Accepted, Rejection, RejectReason, parse_event
 
 LIMIT = 64 * 1024
 

@@ -13,6 +13,8 @@ target_metadata = Base.metadata
 
 def run_migrations() -> None:
     url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("sqlalchemy.url is not set: run through `aftersales db upgrade`")
     if context.is_offline_mode():
         context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
         with context.begin_transaction():

@@ -1,0 +1,20 @@
+"""Channel port and adapters. Import the adapters from here."""
+
+from services.notifier.channels.aliyun import AliyunSmsChannel
+from services.notifier.channels.base import Channel, SendResult
+from services.notifier.channels.fake import FakeChannel, SentRecord
+from services.notifier.channels.log import LogChannel, LogSmsChannel
+from services.notifier.channels.smtp import SmtpEmailChannel
+from services.notifier.channels.tencent import TencentSmsChannel
+
+__all__ = [
+    "AliyunSmsChannel",
+    "Channel",
+    "FakeChannel",
+    "LogChannel",
+    "LogSmsChannel",
+    "SendResult",
+    "SentRecord",
+    "SmtpEmailChannel",
+    "TencentSmsChannel",
+]

@@ -1,0 +1,254 @@
+"""Delivery policy: whether to send a notification now, and what to do when sending fails.
+
+`decide_and_send` is everything the notifier's actor needs between "claimed the row" and
+"record the result", so the actor stays thin:
+
+1. quiet hours: a non-urgent message in the recipient's quiet hours (default 22:00-08:00
+   Asia/Shanghai) is deferred to the end of them - deferred, never dropped;
+2. render the message (a template/parameter problem fails it for good);
+3. per-recipient rate limits: over the limit -> deferred until a slot frees;
+4. send through the channel; classify a failure:
+   throttled -> retry after the provider's hint (or a default),
+   transient -> exponential backoff with jitter, at most `max_attempts` attempts
+   (except a request that left us unanswered: it may have been delivered -> failed,
+   "ambiguous", unless RetryPolicy.retry_ambiguous),
+   permanent -> failed now, with the error recorded.
+
+Exactly once: the caller records the dedup key (the notifications row) before calling and
+records the result after. If the process dies during `channel.send`, the outcome is
+unknown; the actor must then NOT send again blindly (the row's status says "sending"): it
+marks it failed/unknown, so a person never gets the same message twice. The dedup key sent
+as Message-ID / OutId / SessionContext lets ops check the provider's records.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from services.notifier.channels.base import Channel
+from services.notifier.errors import (
+    NotifierError,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit, RateLimiter, subject_for
+from shared.notifications.masking import mask_address, mask_text
+from shared.notifications.policy import NotificationRequest, PolicyError, RenderedMessage
+
+log = logging.getLogger("aftersales.notifier.delivery")
+
+Status = Literal["sent", "deferred", "retry", "failed"]
+
+__all__ = [
+    "DEFAULT_RATE_LIMITS",
+    "DeliveryResult",
+    "InMemoryRateLimiter",
+    "QuietHours",
+    "RateLimit",
+    "RateLimiter",
+    "RetryPolicy",
+    "decide_and_send",
+]
+
+# Defaults in the spirit of the providers' own per-number controls (Aliyun: 5 per hour,
+# 10 per day for one number); each is a setting.
+DEFAULT_RATE_LIMITS: tuple[RateLimit, ...] = (
+    RateLimit("sms", 5, 3600),
+    RateLimit("sms", 10, 86400),
+    RateLimit("email", 30, 3600),
+)
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    """Local hours in which non-urgent messages wait. start == end disables them."""
+
+    start: time = time(22, 0)
+    end: time = time(8, 0)
+    tz: str = "Asia/Shanghai"  # used when the recipient's zone is unknown
+
+    @classmethod
+    def parse(cls, spec: str, tz: str = "Asia/Shanghai") -> QuietHours:
+        """"22:00-08:00" (the AFTERSALES_QUIET_HOURS form); "" or "off" disables."""
+        s = spec.strip().lower()
+        if s in ("", "off", "none"):
+            return cls(time(0, 0), time(0, 0), tz)
+        try:
+            a, b = s.split("-")
+            start, end = time.fromisoformat(a.strip()), time.fromisoformat(b.strip())
+        except ValueError:
+            raise ValueError(f"quiet hours must look like 22:00-08:00, not {spec!r}") from None
+        ZoneInfo(tz)  # fail at start on an unknown zone, not at 22:00
+        return cls(start, end, tz)
+
+    @property
+    def enabled(self) -> bool:
+        return self.start != self.end
+
+    def defer_until(self, now: datetime, tz: str | None = None) -> datetime | None:
+        """None if `now` is outside quiet hours, else the instant they end (in now's zone)."""
+        if not self.enabled:
+            return None
+        zone = ZoneInfo(tz or self.tz)
+        local = now.astimezone(zone)
+        t = local.time().replace(tzinfo=None)
+        if self.start < self.end:  # e.g. 12:00-14:00, within one day
+            quiet = self.start <= t < self.end
+            end_day = local.date()
+        else:  # across midnight, e.g. 22:00-08:00
+            quiet = t >= self.start or t < self.end
+            end_day = local.date() + timedelta(days=1) if t >= self.start else local.date()
+        if not quiet:
+            return None
+        end = datetime.combine(end_day, self.end, tzinfo=zone)
+        return end.astimezone(now.tzinfo)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6  # transient failures: attempts in all, then failed
+    base_delay_s: float = 30.0
+    max_delay_s: float = 3600.0
+    throttle_default_s: float = 60.0  # when the provider throttles without a hint
+    # Throttling is the provider saying "later", not a fault; allow many more attempts,
+    # but not forever (a number on a permanent blacklist-like limit must end somewhere).
+    max_throttled_attempts: int = 30
+    # A request that left us without an answer may have been delivered. "Never twice to the
+    # same person" wins by default: such a message is failed (error_kind "ambiguous") and
+    # recorded for ops, not retried. True = retry it (at-least-once) instead.
+    retry_ambiguous: bool = False
+
+    def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Exponential (base * 2^(attempt-1)), capped, with "equal jitter": half fixed, half
+        random, so retries of many messages spread out but never come back immediately."""
+        r = rng or random
+        d = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1)))
+        return d / 2 + r.uniform(0, d / 2)
+
+    def throttle_wait_s(self, hint: float | None, rng: random.Random | None = None) -> float:
+        r = rng or random
+        wait = hint if hint is not None and hint > 0 else self.throttle_default_s
+        # Up to 10% (max 60 s) extra so messages throttled together do not return together.
+        return wait + r.uniform(0, min(wait * 0.1, 60.0))
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    status: Status
+    retry_at: datetime | None = None  # deferred / retry: when to try again (send_after)
+    error: str | None = None
+    # quiet_hours | rate_limited | throttled | transient | permanent | render | limiter
+    error_kind: str | None = None
+    provider_id: str | None = None
+    # True when this counts as an attempt (the caller increments the row's attempts):
+    # the provider was called, or the limiter was down. Deferrals are not attempts.
+    attempted: bool = False
+
+
+def decide_and_send(
+    request: NotificationRequest,
+    channel: Channel,
+    *,
+    now: datetime,
+    attempt: int,
+    limiter: RateLimiter,
+    quiet_hours: QuietHours,
+    render: Callable[[NotificationRequest], RenderedMessage],
+    limits: Sequence[RateLimit] = DEFAULT_RATE_LIMITS,
+    retry: RetryPolicy = RetryPolicy(),
+    rng: random.Random | None = None,
+) -> DeliveryResult:
+    """Send one notification now, or say when to try again.
+
+    `attempt`: 1 for the first call that may reach the provider, +1 after each call that
+    did (DeliveryResult.attempted). `now`: timezone-aware.
+    """
+    who = mask_address(request.recipient, request.channel)
+    ctx = f"key={request.dedup_key} case={request.case_id} reason={request.reason} " \
+          f"channel={request.channel} to={who}"
+
+    if not request.urgent:
+        until = quiet_hours.defer_until(now, request.tz)
+        if until is not None:
+            log.info("deferred (quiet hours) until %s %s", until.isoformat(), ctx)
+            return DeliveryResult("deferred", retry_at=until, error_kind="quiet_hours")
+
+    try:
+        message = render(request)
+    except (PolicyError, KeyError, ValueError) as exc:
+        error = mask_text(f"render: {exc}")
+        log.error("failed (render) %s: %s", ctx, error)
+        return DeliveryResult("failed", error=error, error_kind="render")
+
+    mine = [lim for lim in limits if lim.channel == request.channel]
+    if mine:
+        try:
+            wait = limiter.acquire(
+                subject_for(request.channel, request.recipient), request.dedup_key, mine, now
+            )
+        except Exception as exc:  # Redis down: retry later rather than send unlimited
+            log.warning("limiter unavailable %s: %s", ctx, mask_text(str(exc)))
+            return _retry_or_fail(
+                TransientError(f"rate limiter: {exc}", code="limiter"), attempt, now, retry, rng,
+                ctx, kind="limiter",
+            )
+        if wait is not None:
+            until = now + timedelta(seconds=wait)
+            log.info("deferred (rate limit) until %s %s", until.isoformat(), ctx)
+            return DeliveryResult("deferred", retry_at=until, error_kind="rate_limited")
+
+    try:
+        result = channel.send(message, request.dedup_key)
+    except NotifierError as exc:
+        return _retry_or_fail(exc, attempt, now, retry, rng, ctx)
+    except Exception as exc:
+        # An adapter bug or an unexpected library error: treat as transient (capped), so
+        # it shows up as retries and then a recorded failure instead of a stuck message.
+        log.exception("unexpected error from %s channel %s", channel.name, ctx)
+        return _retry_or_fail(
+            TransientError(f"{type(exc).__name__}: {exc}"), attempt, now, retry, rng, ctx
+        )
+    log.info("sent via %s id=%s %s", result.provider, result.provider_id, ctx)
+    return DeliveryResult("sent", provider_id=result.provider_id, attempted=True)
+
+
+def _retry_or_fail(
+    exc: NotifierError,
+    attempt: int,
+    now: datetime,
+    retry: RetryPolicy,
+    rng: random.Random | None,
+    ctx: str,
+    kind: str | None = None,
+) -> DeliveryResult:
+    kind = kind or exc.kind
+    # Servers quote the address back ("550 <a@b.c>: unknown user"): mask before it is
+    # logged or stored.
+    error = mask_text(str(exc))
+    if isinstance(exc, PermanentError):
+        log.error("failed (permanent) %s: %s", ctx, error)
+        return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
+    if isinstance(exc, ThrottledError):
+        if attempt >= retry.max_throttled_attempts:
+            log.error("failed (throttled %d times) %s: %s", attempt, ctx, error)
+            return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
+        at = now + timedelta(seconds=retry.throttle_wait_s(exc.retry_after, rng))
+        log.warning("throttled, retry at %s %s: %s", at.isoformat(), ctx, error)
+        return DeliveryResult("retry", retry_at=at, error=error, error_kind=kind, attempted=True)
+    if isinstance(exc, TransientError) and exc.maybe_sent and not retry.retry_ambiguous:
+        log.error("failed (may have been delivered; not retried) %s: %s", ctx, error)
+        return DeliveryResult("failed", error=error, error_kind="ambiguous", attempted=True)
+    if attempt >= retry.max_attempts:
+        log.error("failed after %d attempts %s: %s", attempt, ctx, error)
+        return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
+    at = now + timedelta(seconds=retry.backoff_s(attempt, rng))
+    log.warning("transient failure, retry at %s (attempt %d) %s: %s", at.isoformat(), attempt,
+                ctx, error)
+    return DeliveryResult("retry", retry_at=at, error=error, error_kind=kind, attempted=True)
