@@ -21,7 +21,7 @@ def build_domain(settings: Settings) -> Engine:
 
 def build_policy(settings: Settings) -> NotificationPolicy:
     try:
-        return NotificationPolicy.load(settings.notifications)
+        return NotificationPolicy.load(settings.notifications, sms_codes=settings.sms_templates)
     except Exception as exc:
         raise ConfigError(f"AFTERSALES_NOTIFICATIONS: {exc}") from None
 

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=4, ge=1, le=256)
 
     # Notifier
+    email_transport: Literal["smtp", "log"] = "smtp"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_from: str = "aftersales@localhost"
@@ -63,10 +64,14 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_tls: Literal["none", "starttls", "tls"] = "none"
     smtp_timeout: float = 10.0
+    smtp_ca_file: Path | None = None
     sms_provider: Literal["log", "aliyun", "tencent"] = "log"
     sms_endpoint: str | None = None
     sms_sign_name: str = "售后服务"
     sms_region: str = "cn-hangzhou"
+    # Provider template codes per SMS template (they belong to the provider account).
+    sms_templates: Path | None = None
+    sms_timeout: float = 10.0
     aliyun_access_key_id: str | None = None
     aliyun_access_key_secret: SecretStr | None = None
     tencent_secret_id: str | None = None
@@ -77,8 +82,11 @@ class Settings(BaseSettings):
     quiet_hours: str = "22:00-08:00"
     quiet_hours_tz: str = "Asia/Shanghai"
     sms_per_phone_per_hour: int = Field(default=5, ge=1)
+    sms_per_phone_per_day: int = Field(default=10, ge=1)
     email_per_address_per_hour: int = Field(default=30, ge=1)
     notify_max_attempts: int = Field(default=6, ge=1, le=50)
+    notify_retry_base_seconds: float = Field(default=30.0, gt=0)
+    notify_retry_max_seconds: float = Field(default=3600.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -106,7 +114,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
 
-    @field_validator("rules", "holidays", "notifications")
+    @field_validator("rules", "holidays", "notifications", "sms_templates", "smtp_ca_file")
     @classmethod
     def _path_exists(cls, v: Path | None) -> Path | None:
         if v is not None and not v.exists():

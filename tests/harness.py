@@ -42,7 +42,7 @@ class System:
             if service in self.procs and self.procs[service].poll() is None:
                 continue
             self.starts[service] = self.starts.get(service, 0) + 1
-            log = open(self.log_dir / f"{service}.{self.starts[service]}.log", "wb")  # noqa: SIM115
+            log = open(self.log_dir / f"{service}.{self.starts[service]}.log", "wb")
             env = {**os.environ, **self.env,
                    "AFTERSALES_METRICS_PORT": str(self.ports[service]),
                    "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics")}
@@ -82,7 +82,7 @@ class System:
         import urllib.request
 
         url = f"http://127.0.0.1:{self.ports[service]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - local test URL
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
     def metrics_ready(self, service: str) -> bool:

@@ -1,0 +1,31 @@
+"""The notifier's Dramatiq actor: thin, it decodes the id and calls the sender."""
+
+from __future__ import annotations
+
+import dramatiq
+
+from services.notifier.sender import NotificationSender
+from shared import metrics
+from shared.amqp import NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR
+
+# The metric counts what happened to a notification, not the bookkeeping of a message.
+_COUNTED = {"sent", "deferred", "retried", "failed", "duplicate"}
+
+
+def register(broker: dramatiq.Broker, sender: NotificationSender
+             ) -> dramatiq.Actor[[int], None]:
+    def send_notification(notification_id: int) -> None:
+        outcome = sender.send(int(notification_id))
+        if outcome.outcome in _COUNTED and outcome.channel:
+            metrics.record_notification(outcome.channel, outcome.outcome)
+
+    return dramatiq.actor(
+        broker=broker,
+        actor_name=SEND_NOTIFICATION_ACTOR,
+        queue_name=NOTIFIER_QUEUE,
+        # Provider failures are handled inside (deferral with send_after); Dramatiq's
+        # retries only cover the database being briefly away.
+        max_retries=10,
+        min_backoff=500,
+        max_backoff=30_000,
+    )(send_notification)
