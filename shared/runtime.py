@@ -39,7 +39,8 @@ def supervise(specs: list[WorkerSpec], on_child_exit: Callable[[int], None] | No
     signal.signal(signal.SIGINT, _stop)
 
     def start(spec: WorkerSpec, index: int) -> BaseProcess:
-        proc = ctx.Process(target=_child_main, args=(spec.target,), name=f"{spec.name}-{index}")
+        proc = ctx.Process(target=_child_main, args=(spec.target, spec.name),
+                           name=f"{spec.name}-{index}")
         proc.start()
         log.info("started %s (pid %s)", proc.name, proc.pid)
         return proc
@@ -73,7 +74,19 @@ def supervise(specs: list[WorkerSpec], on_child_exit: Callable[[int], None] | No
     return 0
 
 
-def _child_main(target: Callable[[], None]) -> None:
+def set_process_name(name: str) -> None:
+    """Show the worker's role in `ps`/`top` (Linux comm, 15 bytes), e.g. `as-outbox`."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, f"as-{name}".encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
+    except (OSError, AttributeError):
+        pass  # not Linux: names are cosmetic
+
+
+def _child_main(target: Callable[[], None], name: str) -> None:
+    set_process_name(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -70,6 +70,16 @@ class System:
                 return
             time.sleep(0.05)
 
+    def kill_worker(self, service: str, name: str) -> int:
+        """SIGKILL one worker child (by its process name, e.g. "as-outbox"); the
+        service's supervisor starts a new one. Returns the killed pid."""
+        pgid = self.procs[service].pid
+        for pid, comm in process_group_members(pgid):
+            if comm == name:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        raise AssertionError(f"no {name} process in {service}'s group")
+
     def stop(self) -> None:
         for service in list(self.procs):
             self.kill(service, signal.SIGTERM)
@@ -144,6 +154,8 @@ class DecisionTap:
                 declare_topology(channel)
                 # A durable named queue survives a RabbitMQ restart in the fault tests.
                 queue = "test.decision-tap"
+                if not self._ready.is_set():
+                    channel.queue_delete(queue)  # a fresh tap sees only what comes next
                 channel.queue_declare(queue, durable=True)
                 channel.queue_bind(queue, DECISIONS_EXCHANGE, "#")
                 self._ready.set()
@@ -177,3 +189,18 @@ def rejected_messages(amqp_url: str) -> list[tuple[bytes, dict[str, Any]]]:
             out.append((body, dict(props.headers or {})))
     finally:
         connection.close()
+
+
+def process_group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, comm) of every process in a process group."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                out.append((int(entry.name), (entry / "comm").read_text().strip()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
