@@ -74,10 +74,13 @@ class System:
         """SIGKILL one worker child (by its process name, e.g. "as-outbox"); the
         service's supervisor starts a new one. Returns the killed pid."""
         pgid = self.procs[service].pid
-        for pid, comm in process_group_members(pgid):
-            if comm == name:
-                os.kill(pid, signal.SIGKILL)
-                return pid
+        deadline = time.monotonic() + 30  # a just-restarted service may not have forked yet
+        while time.monotonic() < deadline:
+            for pid, comm in process_group_members(pgid):
+                if comm == name:
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+            time.sleep(0.05)
         raise AssertionError(f"no {name} process in {service}'s group")
 
     def stop(self) -> None:
