@@ -60,7 +60,8 @@ def plausible_events(draw: st.DrawFn) -> dict[str, Any]:
         "type": event_type,
         "occurred_at": draw(st.sampled_from([
             (T0 + timedelta(minutes=draw(st.integers(-10**6, 10**6)))).isoformat(),
-            "2026-13-45T99:00:00+08:00", "2026-11-22T10:00:00", "yesterday", "9999-12-31T23:59:59+14:00",
+            "2026-13-45T99:00:00+08:00", "2026-11-22T10:00:00", "yesterday",
+            "9999-12-31T23:59:59+14:00",
         ])),
         "platform": draw(st.sampled_from(["kuaishou", "douyin", "taobao", "Kuai Shou", ""])),
         "shop_id": draw(weird_text | st.just("S1")),
