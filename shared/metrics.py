@@ -274,6 +274,9 @@ BACKLOG_SPECS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("", "gauge", "aftersales_notifications_pending",
                "Notifications not yet sent (queued or deferred), by channel.",
                ("channel",), ("timer",)),
+    MetricSpec("", "gauge", "aftersales_calendar_covered_until_timestamp_seconds",
+               "End of the last day with holiday data (chinese_calendar or the user file): "
+               "working-day deadlines past it cannot be computed.", (), ("timer",)),
     MetricSpec("", "gauge", "aftersales_backlog_query_ok",
                "1 if the last backlog query succeeded, 0 if it failed (then the other "
                "backlog gauges are absent).", (), ("timer",)),
@@ -484,6 +487,7 @@ class BacklogSnapshot:
     outbox_unpublished: int = 0
     oldest_unpublished_outbox_at: Timestamp = None
     notifications_pending: Mapping[str, int] = field(default_factory=dict)
+    calendar_covered_until: Timestamp = None
 
     @classmethod
     def from_rows(
@@ -569,6 +573,8 @@ class BacklogCollector(Collector):
              snap.oldest_overdue_deadline_at),
             ("aftersales_oldest_unpublished_outbox_timestamp_seconds",
              snap.oldest_unpublished_outbox_at),
+            ("aftersales_calendar_covered_until_timestamp_seconds",
+             snap.calendar_covered_until),
         ):  # fmt: skip
             fam = family(name)
             epoch = _epoch(ts)

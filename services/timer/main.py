@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from functools import partial
+from zoneinfo import ZoneInfo
 
 from services.timer.loop import Timer
 from shared import metrics
@@ -12,11 +15,13 @@ from shared.amqp import make_broker
 from shared.bootstrap import build_database
 from shared.config import Settings
 from shared.db.backlog import read_backlog
+from shared.domain import WorkCalendar
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
 from shared.runtime import WorkerSpec, supervise
 
 log = logging.getLogger(__name__)
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 def worker(settings: Settings) -> None:
@@ -47,12 +52,24 @@ def worker(settings: Settings) -> None:
             time.sleep(settings.timer_poll_seconds)
 
 
+def calendar_coverage(settings: Settings) -> datetime:
+    """End of the last day with holiday data; warns when next year's schedule is due."""
+    last_day = WorkCalendar(settings.holidays).covered_until()
+    end = datetime.combine(last_day + timedelta(days=1), dt_time(), tzinfo=SHANGHAI)
+    left = (end - datetime.now(UTC)).days
+    if left < 60:
+        log.warning("holiday data ends %s (%d days left): add next year's schedule to the "
+                    "file named by AFTERSALES_HOLIDAYS", last_day, left)
+    return end
+
+
 def run(settings: Settings) -> int:
     setup_logging("timer", settings.log_level)
     db = build_database(settings, pool_size=1)
+    covered_until = calendar_coverage(settings)
     server = metrics.start_metrics_server(
         settings.metrics_port_for("timer"), "timer",
-        collectors=[metrics.BacklogCollector(partial(read_backlog, db))],
+        collectors=[metrics.BacklogCollector(partial(read_backlog, db, covered_until))],
     )
     log.info("timer: metrics on :%s, %d copy(ies)", server.port, settings.worker_processes)
     return supervise(

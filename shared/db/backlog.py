@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import text
 
 from shared.db.session import Database
@@ -25,7 +27,7 @@ NOTIFICATIONS_PENDING = text(
 )
 
 
-def read_backlog(db: Database) -> BacklogSnapshot:
+def read_backlog(db: Database, calendar_covered_until: datetime | None = None) -> BacklogSnapshot:
     with db.transaction() as s:
         s.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
         overdue_count, oldest_overdue = s.execute(OVERDUE).one()
@@ -39,4 +41,5 @@ def read_backlog(db: Database) -> BacklogSnapshot:
             overdue_deadlines=int(overdue_count),
             outbox_unpublished=int(outbox_count),
             oldest_unpublished_outbox_at=oldest_outbox,
+            calendar_covered_until=calendar_covered_until,
         )

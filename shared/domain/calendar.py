@@ -55,6 +55,26 @@ class WorkCalendar:
                 return day.weekday() < 5
             raise CalendarDataMissing(day.year) from None
 
+    def covered_until(self) -> date:
+        """The last day whose working-day status is known (library or user file): past
+        it, working-day deadlines cannot be computed. Ops watch this (a metric and an
+        alert) so next year's schedule is added before it is needed."""
+        year = max(self._user_years, default=date.today().year)
+        while True:
+            try:
+                chinese_calendar.is_workday(date(year + 1, 1, 1))
+            except NotImplementedError:
+                break
+            year += 1
+        known_by_library = True
+        try:
+            chinese_calendar.is_workday(date(year, 1, 1))
+        except NotImplementedError:
+            known_by_library = False
+        if not known_by_library and year not in self._user_years:
+            year -= 1
+        return date(year, 12, 31)
+
     def add_workdays(self, moment: datetime, days: int) -> datetime:
         if days < 0:
             raise ValueError("only forward working-day arithmetic is defined")
