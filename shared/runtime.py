@@ -74,6 +74,25 @@ def supervise(specs: list[WorkerSpec], on_child_exit: Callable[[int], None] | No
     return 0
 
 
+def poll_loop(what: str, step: Callable[[], int], *, idle_seconds: float, full: int) -> None:
+    """Call `step` forever. It returns how much work it did: less than `full` means
+    caught up, so wait `idle_seconds`; an exception (database or broker away) is logged
+    and retried with a capped backoff: whatever the step claimed stays in PostgreSQL."""
+    backoff = idle_seconds
+    while True:
+        try:
+            done = step()
+        except Exception as exc:
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__,
+                        exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
+        backoff = idle_seconds
+        if done < full:
+            time.sleep(idle_seconds)
+
+
 def set_process_name(name: str) -> None:
     """Show the worker's role in `ps`/`top` (Linux comm, 15 bytes), e.g. `as-outbox`."""
     try:

@@ -18,7 +18,7 @@ from shared.bootstrap import build_database, build_domain, build_policy, ops_con
 from shared.config import Settings
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
-from shared.runtime import WorkerSpec, supervise
+from shared.runtime import WorkerSpec, poll_loop, supervise
 from shared.worker import build_worker_broker, run_worker
 
 log = logging.getLogger(__name__)
@@ -45,23 +45,18 @@ def relay(settings: Settings) -> None:
                            settings.queue_type),
         batch=settings.outbox_batch,
     )
-    backoff = settings.outbox_poll_seconds
-    while True:
-        try:
-            started = time.perf_counter()
-            published = relay.relay_once()
-        except Exception as exc:  # broker or database away: rows stay in the outbox
-            log.warning("outbox relay failed (%s: %s); retrying in %.1fs",
-                        type(exc).__name__, exc, backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-            continue
-        backoff = settings.outbox_poll_seconds
+
+    def step() -> int:
+        started = time.perf_counter()
+        published = relay.relay_once()
         if published:
             metrics.DECISIONS_PUBLISHED.inc(len(published))
-            metrics.OUTBOX_PUBLISH_SECONDS.observe((time.perf_counter() - started) / len(published))
-        if len(published) < settings.outbox_batch:
-            time.sleep(settings.outbox_poll_seconds)
+            metrics.OUTBOX_PUBLISH_SECONDS.observe(
+                (time.perf_counter() - started) / len(published))
+        return len(published)
+
+    poll_loop("outbox relay", step, idle_seconds=settings.outbox_poll_seconds,
+              full=settings.outbox_batch)
 
 
 def run(settings: Settings) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 from functools import partial
@@ -18,7 +17,7 @@ from shared.db.backlog import read_backlog
 from shared.domain import WorkCalendar
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
-from shared.runtime import WorkerSpec, supervise
+from shared.runtime import WorkerSpec, poll_loop, supervise
 
 log = logging.getLogger(__name__)
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -34,22 +33,16 @@ def worker(settings: Settings) -> None:
         redispatch_after=settings.timer_redispatch_seconds,
         max_rate=settings.timer_max_rate,
     )
-    backoff = settings.timer_poll_seconds
-    while True:
-        try:
-            result = timer.tick()
-        except Exception as exc:  # broker or database away: keep trying, nothing is lost
-            log.warning("timer tick failed (%s: %s); retrying in %.1fs",
-                        type(exc).__name__, exc, backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-            continue
-        backoff = settings.timer_poll_seconds
+
+    def step() -> int:
+        result = timer.tick()
         for purpose, lateness in result.latenesses:
             metrics.TIMER_LATENESS.observe(max(lateness, 0.0))
             metrics.TIMER_FIRED.labels(purpose=purpose).inc()
-        if result.fired + result.redispatched < settings.timer_batch:
-            time.sleep(settings.timer_poll_seconds)
+        return result.fired + result.redispatched
+
+    poll_loop("timer tick", step, idle_seconds=settings.timer_poll_seconds,
+              full=settings.timer_batch)
 
 
 def calendar_coverage(settings: Settings) -> datetime:

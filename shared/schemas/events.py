@@ -22,20 +22,13 @@ from pydantic import (
     model_validator,
 )
 
+from shared.domain.model import Kind  # the one list of kinds; the schema shows its values
+
 SCHEMA_VERSION = 1
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
 Text = Annotated[str, StringConstraints(max_length=2000)]
 Url = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
-
-
-class Kind(StrEnum):
-    refund_only = "refund_only"
-    return_refund = "return_refund"
-    exchange = "exchange"
-    repair = "repair"
-    onsite_repair = "onsite_repair"
-    voucher_refund = "voucher_refund"
 
 
 class _Data(BaseModel):
