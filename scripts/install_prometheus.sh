@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Install promtool (and the prometheus binary) from Debian's `prometheus` package when
-# promtool is missing. Idempotent: does nothing if promtool is already on PATH.
-# Used by the setup script and CI (tests/deploy/test_prometheus_rules.py needs promtool).
+# Install promtool and the prometheus binary from Debian's `prometheus` package (it ships
+# both) when either is missing. Idempotent: does nothing if both are already on PATH.
+# Used by the setup script and CI: tests/deploy/test_prometheus_rules.py needs promtool,
+# tests/e2e/test_observability.py runs /usr/bin/prometheus against the services.
 #
 # The package's postinst enables a prometheus system service on :9090; this script stops
 # and disables it if it got started: the project runs Prometheus itself when it wants one
 # (deploy/prometheus/prometheus.yml, deploy/docker-compose.yml).
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1; then
-    echo "promtool already installed: $(promtool --version 2>&1 | head -n1)"
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+    echo "prometheus and promtool already installed: $(prometheus --version 2>&1 | head -n1)"
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "promtool is missing and apt-get is not available: install Prometheus (promtool) by hand" >&2
+    echo "prometheus/promtool missing and apt-get is not available: install Prometheus (both binaries) by hand" >&2
     exit 1
 fi
 
@@ -50,5 +51,7 @@ elif command -v service >/dev/null 2>&1; then
     $SUDO service prometheus stop >/dev/null 2>&1 || true
 fi
 
-command -v promtool >/dev/null 2>&1 || { echo "promtool still missing after install" >&2; exit 1; }
-echo "installed: $(promtool --version 2>&1 | head -n1)"
+for bin in promtool prometheus; do
+    command -v "$bin" >/dev/null 2>&1 || { echo "$bin still missing after install" >&2; exit 1; }
+done
+echo "installed: $(prometheus --version 2>&1 | head -n1)"
