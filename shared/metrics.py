@@ -30,6 +30,7 @@ No case, order, shop or person ids ever go into labels: label values are bounded
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -720,6 +721,35 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
+class _TolerantMultiProcessCollector(_mp.MultiProcessCollector):
+    """A worker that is just creating its metrics file leaves it empty for an instant; a
+    scrape at that moment must skip the file, not fail with HTTP 500."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) >= 8:
+                    files.append(path)
+            except OSError:  # removed between glob and stat (a dead process's gauge)
+                continue
+        return self.merge(files, accumulate=True)
+
+
+def record_case_progress(platform: str, kind: str, steps: Iterable[Any],
+                         resolved_after_seconds: float | None = None) -> None:
+    """SLA metrics for what one change of a case ended: each step met or missed, the
+    merchant's first response time, and the time to resolution when the case closed."""
+    for step in steps:
+        record_sla_step(step.step, step.party, step.met, platform, kind)
+        if step.step == "merchant_response":
+            __getattr__("TIME_TO_FIRST_RESPONSE").labels(
+                kind=_ident(kind), platform=_ident(platform)).observe(step.seconds)
+    if resolved_after_seconds is not None:
+        __getattr__("TIME_TO_RESOLUTION").labels(
+            kind=_ident(kind), platform=_ident(platform)).observe(resolved_after_seconds)
+
+
 def build_registry(service: str, collectors: Iterable[Collector] = ()) -> CollectorRegistry:
     """The registry ``/metrics`` serves: the merged multi-process files plus the process
     tree when ``PROMETHEUS_MULTIPROC_DIR`` is set, else the default registry; plus
@@ -729,7 +759,7 @@ def build_registry(service: str, collectors: Iterable[Collector] = ()) -> Collec
     if d is not None:
         if not d.is_dir():
             raise RuntimeError(f"{MULTIPROC_ENV}={d} is not a directory")
-        _mp.MultiProcessCollector(registry, path=str(d))
+        _TolerantMultiProcessCollector(registry, path=str(d))
         registry.register(ProcessTreeCollector(service))
     else:
         registry.register(_Delegate(REGISTRY))

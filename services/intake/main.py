@@ -31,6 +31,9 @@ def observe_batch(result: BatchResult, seconds: float) -> None:
         metrics.record_event_received(
             handled.event_type, _METRIC_OUTCOME[handled.outcome], handled.platform
         )
+        if handled.outcome == "accepted" and handled.kind:
+            metrics.record_case_progress(handled.platform, handled.kind, handled.steps,
+                                         handled.resolved_after_seconds)
 
 
 def worker(settings: Settings) -> None:

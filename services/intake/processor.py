@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import CaseEventRow
 from shared.db.persist import NotificationExpander, Stored, load_case, store_outcome
 from shared.db.session import Database, lock_case
-from shared.domain import Engine, Event
+from shared.domain import Engine, Event, StepResult, seconds_to_resolution
 from shared.schemas.events import Accepted, Rejection, parse_event
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class Handled:
     problem: str | None = None
     stored: Stored | None = None
     kind: str | None = None
+    steps: tuple[StepResult, ...] = ()
+    resolved_after_seconds: float | None = None  # set when this event closed the case
 
 
 @dataclass
@@ -151,7 +153,8 @@ class IntakeProcessor:
         _set_event_outcome(session, ev.event_id, "applied", None, outcome.case.version)
         if case is None:
             self._apply_parked(session, ev.case_id, now)
-        return Handled(ev.type, ev.platform, "accepted", None, stored, str(outcome.case.kind))
+        return Handled(ev.type, ev.platform, "accepted", None, stored, str(outcome.case.kind),
+                       outcome.steps, seconds_to_resolution(case, outcome.case))
 
     def _apply_parked(self, session: Session, case_id: str, now: datetime) -> None:
         parked = session.execute(

@@ -22,9 +22,8 @@ def record(resolution: Resolution) -> None:
         metrics.DECISIONS.labels(
             type=decision_type, platform=resolution.platform, kind=resolution.kind
         ).inc()
-    for step in resolution.steps:
-        metrics.record_sla_step(step.step, step.party, step.met,
-                                resolution.platform or "", resolution.kind or "")
+    metrics.record_case_progress(resolution.platform or "", resolution.kind or "",
+                                 resolution.steps, resolution.resolved_after_seconds)
 
 
 def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor[[int], None]:

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from shared.db.models import DeadlineRow
 from shared.db.persist import NotificationExpander, Stored, load_case, store_outcome
 from shared.db.session import Database, lock_case
-from shared.domain import DeadlineSpec, Engine, RuleRef, StepResult
+from shared.domain import DeadlineSpec, Engine, RuleRef, StepResult, seconds_to_resolution
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Resolution:
     platform: str | None = None
     kind: str | None = None
     late_seconds: float | None = None  # decided_at - due_at
+    resolved_after_seconds: float | None = None  # set when this decision closed the case
     decision_types: list[str] = field(default_factory=list)
 
 
@@ -101,6 +102,8 @@ class Resolver:
                 kind=str(case.kind),
                 late_seconds=(now - row.due_at).total_seconds(),
                 decision_types=stored.decision_types,
+                resolved_after_seconds=(seconds_to_resolution(case, outcome.case)
+                                        if outcome.case else None),
             )
 
     @staticmethod

@@ -26,6 +26,7 @@ from shared.domain.model import (
     Party,
     RuleRef,
     StepResult,
+    seconds_to_resolution,
 )
 from shared.domain.rules import Rule, RuleBook, RuleSetVersion
 
@@ -53,4 +54,5 @@ __all__ = [
     "StepResult",
     "WorkCalendar",
     "decision_key",
+    "seconds_to_resolution",
 ]

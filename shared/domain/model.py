@@ -189,3 +189,11 @@ class Outcome:
     decisions: tuple[Decision, ...] = ()
     notices: tuple[Notice, ...] = ()
     steps: tuple[StepResult, ...] = ()
+
+
+def seconds_to_resolution(before: Case | None, after: Case) -> float | None:
+    """Seconds from opening to closing, if the change from `before` to `after` is what
+    closed the case (for the time-to-resolution metric); else None."""
+    if after.status != CLOSED or (before is not None and before.status == CLOSED):
+        return None
+    return ((after.closed_at or after.opened_at) - after.opened_at).total_seconds()
