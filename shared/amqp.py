@@ -20,7 +20,7 @@ REJECTED_QUEUE = "aftersales.events.rejected"
 # Dramatiq queues between the services.
 RESOLVER_QUEUE = "aftersales.resolver"
 NOTIFIER_QUEUE = "aftersales.notifier"
-FIRE_DEADLINE_ACTOR = "fire_deadline"
+FIRE_DEADLINE_ACTOR = "fire_deadlines"  # args: a list of deadline ids
 SEND_NOTIFICATION_ACTOR = "send_notification"
 
 

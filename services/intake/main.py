@@ -24,6 +24,10 @@ _METRIC_OUTCOME = {
 
 def observe_batch(result: BatchResult, seconds: float) -> None:
     metrics.INTAKE_BATCH_SECONDS.observe(seconds)
+    for decision in result.stored.decisions:  # immediate ones (e.g. unused vouchers)
+        metrics.DECISIONS.labels(
+            type=decision.type, platform=decision.platform, kind=decision.kind
+        ).inc()
     for _index, rejection in result.rejected:
         metrics.record_event_rejected(rejection.reason.value)
         metrics.record_event_received(None, "rejected", None)

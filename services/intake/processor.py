@@ -1,33 +1,59 @@
 """Intake's work on a batch of inbound messages, independent of how they were received.
 
-One transaction per batch: every accepted event is recorded in the case log and applied
-to its case, and only after the commit are the messages acknowledged. Events are handled
-in case-id order (stable, so one case's events keep their arrival order): every
-transaction takes case locks in the same order, so concurrent intake workers cannot
-deadlock each other.
+One transaction per batch, with a fixed number of statements whatever its size: lock the
+batch's cases (in case-id order, so concurrent intake workers cannot deadlock), find the
+event ids already seen, load the cases, apply every event in memory in arrival order
+(stable per case), then write the case log, the cases and everything their changes
+caused in bulk. Only after the commit are the messages acknowledged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db.models import CaseEventRow
-from shared.db.persist import NotificationExpander, Stored, load_case, store_outcome
-from shared.db.session import Database, lock_case
-from shared.domain import Engine, Event, StepResult, seconds_to_resolution
+from shared.db.persist import (
+    NotificationExpander,
+    OutcomeWriter,
+    Stored,
+    load_cases,
+    lock_cases,
+)
+from shared.db.session import Database, is_infrastructure
+from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
 from shared.schemas.events import Accepted, Rejection, parse_event
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+_EVENTS = CaseEventRow.__table__
+assert isinstance(_EVENTS, Table)
+SEEN_EVENTS = select(_EVENTS.c.event_id).where(
+    _EVENTS.c.event_id.in_(bindparam("ids", expanding=True)))
+PARKED_EVENTS = (
+    select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
+    .where(_EVENTS.c.case_id.in_(bindparam("ids", expanding=True)))
+    .where(_EVENTS.c.outcome == "parked")
+    .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
+)
+INSERT_EVENTS = pg_insert(_EVENTS).on_conflict_do_nothing(index_elements=[_EVENTS.c.event_id])
+UPDATE_EVENT = (
+    update(_EVENTS)
+    .where(_EVENTS.c.event_id == bindparam("b_event_id"))
+    .values(outcome=bindparam("b_outcome"), problem=bindparam("b_problem"),
+            case_version=bindparam("b_version"))
+)
 
 
 def utcnow() -> datetime:
@@ -42,7 +68,6 @@ class Handled:
     platform: str
     outcome: str  # accepted | duplicate | out_of_state | parked | error
     problem: str | None = None
-    stored: Stored | None = None
     kind: str | None = None
     steps: tuple[StepResult, ...] = ()
     resolved_after_seconds: float | None = None  # set when this event closed the case
@@ -52,6 +77,7 @@ class Handled:
 class BatchResult:
     rejected: list[tuple[int, Rejection]] = field(default_factory=list)  # (index in batch, why)
     handled: list[Handled] = field(default_factory=list)
+    stored: Stored = field(default_factory=Stored)
 
 
 def to_domain_event(accepted: Accepted) -> Event:
@@ -67,6 +93,14 @@ def to_domain_event(accepted: Accepted) -> Event:
         due_at=ev.due_at.astimezone(UTC) if ev.due_at else None,
         data=accepted.data,
     )
+
+
+class _EventBug(Exception):
+    """Applying one event raised something that is not an infrastructure failure."""
+
+    def __init__(self, accepted: Accepted) -> None:
+        super().__init__(accepted.event.event_id)
+        self.accepted = accepted
 
 
 class IntakeProcessor:
@@ -99,137 +133,138 @@ class IntakeProcessor:
                 accepted.append(parsed)
         if not accepted:
             return result
-        ordered = sorted(accepted, key=lambda a: a.event.case_id)
+        ordered = sorted(accepted, key=lambda a: a.event.case_id)  # stable: keeps arrival order
         try:
-            with self.db.transaction() as session:
-                result.handled = [self._handle(session, a) for a in ordered]
-        except _EventBug:
-            # One event hit a bug in the code. Redo the batch one event per transaction so
-            # the good ones go through and the bad one is recorded, not retried forever.
-            result.handled = [self._handle_alone(a) for a in ordered]
+            result.handled, result.stored = self._apply_batch(ordered)
+        except (_EventBug, DBAPIError) as exc:
+            if isinstance(exc, DBAPIError) and is_infrastructure(exc):
+                raise
+            # One event hit a bug in the code, or a value the database refuses. Redo the
+            # batch one event per transaction so the good ones go through and the bad one
+            # is recorded, not retried forever.
+            result.handled = [self._apply_alone(a) for a in ordered]
         return result
 
-    def _handle_alone(self, accepted: Accepted) -> Handled:
+    def _apply_alone(self, accepted: Accepted) -> Handled:
         try:
+            return self._apply_batch([accepted])[0][0]
+        except (_EventBug, DBAPIError) as exc:
+            if isinstance(exc, DBAPIError) and is_infrastructure(exc):
+                raise
+            cause = exc.__cause__ if isinstance(exc, _EventBug) else exc.orig
+            problem = f"error: {cause!r}"[:1000]
+            log.error("event %s could not be applied: %s", accepted.event.event_id, problem)
             with self.db.transaction() as session:
-                return self._handle(session, accepted)
-        except _EventBug as bug:
-            problem = f"error: {bug.__cause__!r}"[:1000]
-            log.exception("event %s could not be applied", accepted.event.event_id)
-            with self.db.transaction() as session:
-                _record_event(session, accepted, "error", problem, None)
+                session.execute(INSERT_EVENTS, [_event_row(accepted, "error", problem, None)])
             return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
-    def _handle(self, session: Session, accepted: Accepted) -> Handled:
-        ev = accepted.event
-        lock_case(session, ev.case_id)
-        if not _record_event(session, accepted, "applied", None, None):
-            return Handled(ev.type, ev.platform, "duplicate")
-        try:
-            return self._apply(session, accepted)
-        except Exception as exc:
-            if _is_infrastructure(exc):
-                raise
-            raise _EventBug() from exc
-
-    def _apply(self, session: Session, accepted: Accepted) -> Handled:
-        ev = accepted.event
+    def _apply_batch(self, ordered: list[Accepted]) -> tuple[list[Handled], Stored]:
         now = self.clock()
-        case = load_case(session, ev.case_id)
-        outcome = self.engine.apply(case, to_domain_event(accepted), now)
-        if case is None and outcome.case is None:
-            # Out of order: the case is not opened yet. Keep the event and apply it
-            # when the event that opens the case arrives.
+        with self.db.transaction() as session:
+            batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
+            case_ids = {a.event.case_id for a in ordered}
+            lock_cases(session, case_ids)
+            batch.seen = set(session.execute(
+                SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).scalars())
+            batch.cases = load_cases(session, case_ids)
+            missing = sorted(case_ids - batch.cases.keys())
+            if missing:
+                for event_id, case_id, body in session.execute(PARKED_EVENTS, {"ids": missing}):
+                    batch.parked.setdefault(case_id, []).append((event_id, body))
+            handled = [batch.apply(a) for a in ordered]
+            _write_events(session, batch)
+            stored = batch.writer.flush(session)
+        return handled, stored
+
+
+@dataclass
+class _Batch:
+    """The in-memory state of one batch while its events are applied."""
+
+    engine: Engine
+    writer: OutcomeWriter
+    now: datetime
+    cases: dict[str, Case] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    # Parked events per case not opened yet: (event_id, stored body).
+    parked: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    new_rows: list[dict[str, Any]] = field(default_factory=list)
+    updated_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def apply(self, accepted: Accepted) -> Handled:
+        ev = accepted.event
+        if ev.event_id in self.seen:
+            return Handled(ev.type, ev.platform, "duplicate")
+        self.seen.add(ev.event_id)
+        before = self.cases.get(ev.case_id)
+        outcome = self._engine_apply(accepted, before)
+        if before is None and outcome.case is None:
+            # Out of order: the case is not opened yet. Keep the event; it is applied when
+            # the event that opens the case arrives.
             problem = f"parked: case not opened yet ({outcome.problem})"
-            _set_event_outcome(session, ev.event_id, "parked", problem, None)
+            self.new_rows.append(_event_row(accepted, "parked", problem, None))
+            self.parked.setdefault(ev.case_id, []).append((ev.event_id, accepted.body))
             return Handled(ev.type, ev.platform, "parked", problem)
         if not outcome.applied or outcome.case is None:
-            version = case.version if case else None
-            _set_event_outcome(session, ev.event_id, "out_of_state", outcome.problem, version)
+            version = before.version if before else None
+            self.new_rows.append(_event_row(accepted, "out_of_state", outcome.problem, version))
             return Handled(ev.type, ev.platform, "out_of_state", outcome.problem)
-        stored = store_outcome(
-            session, outcome, now=now, policy=self.policy, ops_contacts=self.ops_contacts
-        )
-        _set_event_outcome(session, ev.event_id, "applied", None, outcome.case.version)
-        if case is None:
-            self._apply_parked(session, ev.case_id, now)
-        return Handled(ev.type, ev.platform, "accepted", None, stored, str(outcome.case.kind),
-                       outcome.steps, seconds_to_resolution(case, outcome.case))
+        self._keep(outcome)
+        self.new_rows.append(_event_row(accepted, "applied", None, outcome.case.version))
+        if before is None:
+            self._apply_parked(ev.case_id)
+        after = self.cases[ev.case_id]
+        return Handled(ev.type, ev.platform, "accepted", None, str(after.kind), outcome.steps,
+                       seconds_to_resolution(before, outcome.case))
 
-    def _apply_parked(self, session: Session, case_id: str, now: datetime) -> None:
-        parked = session.execute(
-            select(CaseEventRow.event_id, CaseEventRow.body)
-            .where(CaseEventRow.case_id == case_id, CaseEventRow.outcome == "parked")
-            .order_by(CaseEventRow.occurred_at, CaseEventRow.received_at)
-        ).all()
-        for event_id, body in parked:
-            accepted = parse_event(_json_bytes(body), 10**9)
-            assert isinstance(accepted, Accepted), "a stored event always re-validates"
-            case = load_case(session, case_id)
-            outcome = self.engine.apply(case, to_domain_event(accepted), now)
+    def _engine_apply(self, accepted: Accepted, case: Case | None) -> Outcome:
+        try:
+            return self.engine.apply(case, to_domain_event(accepted), self.now)
+        except Exception as exc:  # a bug for this event; infrastructure is not touched here
+            raise _EventBug(accepted) from exc
+
+    def _keep(self, outcome: Outcome) -> None:
+        assert outcome.case is not None
+        self.cases[outcome.case.case_id] = outcome.case
+        self.writer.add(outcome)
+
+    def _apply_parked(self, case_id: str) -> None:
+        """The case was just opened: apply the events that waited for it, oldest first."""
+        waiting = sorted(self.parked.pop(case_id, []),
+                         key=lambda item: str(item[1].get("occurred_at", "")))
+        for event_id, body in waiting:
+            parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
+            assert isinstance(parsed, Accepted), "a stored event always validates again"
+            case = self.cases.get(case_id)
+            outcome = self._engine_apply(parsed, case)
+            row: tuple[str, str | None, int | None]
             if outcome.applied and outcome.case is not None:
-                store_outcome(
-                    session, outcome, now=now, policy=self.policy, ops_contacts=self.ops_contacts
-                )
-                _set_event_outcome(session, event_id, "applied", None, outcome.case.version)
+                self._keep(outcome)
+                row = ("applied", None, outcome.case.version)
             else:
-                version = case.version if case else None
-                _set_event_outcome(session, event_id, "out_of_state", outcome.problem, version)
+                row = ("out_of_state", outcome.problem, case.version if case else None)
+            self._set_outcome(event_id, *row)
+
+    def _set_outcome(self, event_id: str, outcome: str, problem: str | None,
+                     version: int | None) -> None:
+        for row in self.new_rows:  # parked earlier in this same batch: not written yet
+            if row["event_id"] == event_id:
+                row.update(outcome=outcome, problem=problem, case_version=version)
+                return
+        self.updated_rows.append({"b_event_id": event_id, "b_outcome": outcome,
+                                  "b_problem": problem, "b_version": version})
 
 
-class _EventBug(Exception):
-    """An exception from applying one event that is not an infrastructure failure."""
-
-
-def _is_infrastructure(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DBAPIError
-
-    if isinstance(exc, DBAPIError):
-        # Lost connections and deadlocks are worth a retry of the whole batch; data errors
-        # (a value PostgreSQL refuses) are about this event only.
-        return bool(exc.connection_invalidated) or exc.orig.__class__.__name__ in {
-            "OperationalError",
-            "DeadlockDetected",
-            "SerializationFailure",
-            "AdminShutdown",
-        }
-    return isinstance(exc, (ConnectionError, TimeoutError))
-
-
-def _json_bytes(body: dict[str, Any]) -> bytes:
-    import json
-
-    return json.dumps(body, ensure_ascii=False).encode()
-
-
-def _record_event(
-    session: Session, accepted: Accepted, outcome: str, problem: str | None, version: int | None
-) -> bool:
-    """Insert into the case log; False if this event_id was seen before (a duplicate)."""
+def _event_row(accepted: Accepted, outcome: str, problem: str | None,
+               version: int | None) -> dict[str, Any]:
     ev = accepted.event
-    inserted = session.execute(
-        pg_insert(CaseEventRow)
-        .values(
-            event_id=ev.event_id,
-            case_id=ev.case_id,
-            type=ev.type,
-            occurred_at=ev.occurred_at,
-            outcome=outcome,
-            problem=problem,
-            case_version=version,
-            body=accepted.body,
-        )
-        .on_conflict_do_nothing(index_elements=[CaseEventRow.event_id])
-        .returning(CaseEventRow.event_id)
-    ).scalar_one_or_none()
-    return inserted is not None
+    return {"event_id": ev.event_id, "case_id": ev.case_id, "type": ev.type,
+            "occurred_at": ev.occurred_at, "outcome": outcome, "problem": problem,
+            "case_version": version, "body": accepted.body}
 
 
-def _set_event_outcome(
-    session: Session, event_id: str, outcome: str, problem: str | None, version: int | None
-) -> None:
-    session.execute(
-        update(CaseEventRow)
-        .where(CaseEventRow.event_id == event_id)
-        .values(outcome=outcome, problem=problem, case_version=version)
-    )
+def _write_events(session: Session, batch: _Batch) -> None:
+    if batch.new_rows:
+        session.execute(INSERT_EVENTS, batch.new_rows)
+    if batch.updated_rows:
+        session.connection().execute(UPDATE_EVENT, batch.updated_rows)

@@ -1,4 +1,4 @@
-"""The resolver's Dramatiq actor: thin, it decodes the id and calls `Resolver.fire`."""
+"""The resolver's Dramatiq actor: thin, it decodes the ids and calls the resolver."""
 
 from __future__ import annotations
 
@@ -6,33 +6,33 @@ import logging
 
 import dramatiq
 
-from services.resolver.resolve import Resolution, Resolver
+from services.resolver.resolve import BatchResolution, Resolver
 from shared import metrics
 from shared.amqp import FIRE_DEADLINE_ACTOR, RESOLVER_QUEUE
 
 log = logging.getLogger(__name__)
 
 
-def record(resolution: Resolution) -> None:
-    if resolution.outcome == "stale":
-        metrics.TIMER_STALE.inc()
-    if resolution.outcome != "fired":
-        return
-    for decision_type in resolution.decision_types:
+def record(batch: BatchResolution) -> None:
+    for decision in batch.stored.decisions:
         metrics.DECISIONS.labels(
-            type=decision_type, platform=resolution.platform, kind=resolution.kind
+            type=decision.type, platform=decision.platform, kind=decision.kind
         ).inc()
-    metrics.record_case_progress(resolution.platform or "", resolution.kind or "",
-                                 resolution.steps, resolution.resolved_after_seconds)
-
-
-def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor[[int], None]:
-    def fire_deadline(deadline_id: int) -> None:
-        resolution = resolver.fire(int(deadline_id))
-        if resolution.outcome in ("stale", "missing"):
-            log.info("deadline %s: %s %s", deadline_id, resolution.outcome,
+    for resolution in batch.resolutions:
+        if resolution.outcome == "stale":
+            metrics.TIMER_STALE.inc()
+        elif resolution.outcome == "fired":
+            metrics.record_case_progress(resolution.platform or "", resolution.kind or "",
+                                         resolution.steps, resolution.resolved_after_seconds)
+        if resolution.outcome in ("stale", "missing", "error"):
+            log.info("deadline %s: %s %s", resolution.deadline_id, resolution.outcome,
                      resolution.problem or "")
-        record(resolution)
+
+
+def register(broker: dramatiq.Broker, resolver: Resolver
+             ) -> dramatiq.Actor[[list[int]], None]:
+    def fire_deadlines(deadline_ids: list[int]) -> None:
+        record(resolver.fire_many([int(i) for i in deadline_ids]))
 
     return dramatiq.actor(
         broker=broker,
@@ -43,4 +43,4 @@ def register(broker: dramatiq.Broker, resolver: Resolver) -> dramatiq.Actor[[int
         max_retries=10,
         min_backoff=500,
         max_backoff=30_000,
-    )(fire_deadline)
+    )(fire_deadlines)

@@ -1,43 +1,76 @@
-"""The resolver's work: turn a fired deadline into the platform's automatic decision.
+"""The resolver's work: turn fired deadlines into the platform's automatic decisions.
 
-Idempotent by construction: the deadline row is re-read under the case lock, and only a
-row still `pending`/`dispatched` whose fence equals the case version is acted on. Any
-redelivery, a second timer dispatch or a deadline whose step moved on does nothing.
+The timer hands over deadline ids in batches; one transaction handles a batch with a
+fixed number of statements. Idempotent by construction: each deadline row is re-read
+under its case's lock, and only a row still `pending`/`dispatched` whose fence equals the
+case version is acted on. A redelivery, a second dispatch or a deadline whose step moved
+on does nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.exc import DBAPIError
 
 from shared.db.models import DeadlineRow
-from shared.db.persist import NotificationExpander, Stored, load_case, store_outcome
-from shared.db.session import Database, lock_case
+from shared.db.persist import (
+    NotificationExpander,
+    OutcomeWriter,
+    Stored,
+    load_cases,
+    lock_cases,
+)
+from shared.db.session import Database, is_infrastructure
 from shared.domain import DeadlineSpec, Engine, RuleRef, StepResult, seconds_to_resolution
 
 log = logging.getLogger(__name__)
 
+_DEADLINES = DeadlineRow.__table__
+assert isinstance(_DEADLINES, Table)
+CASES_OF = select(_DEADLINES.c.case_id).where(
+    _DEADLINES.c.id.in_(bindparam("ids", expanding=True)))
+CLAIM = (
+    select(_DEADLINES)
+    .where(_DEADLINES.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_DEADLINES.c.case_id, _DEADLINES.c.due_at, _DEADLINES.c.id)
+    .with_for_update()
+)
+FINISH = (
+    update(_DEADLINES)
+    .where(_DEADLINES.c.id == bindparam("b_id"))
+    .values(status=bindparam("b_status"), fired_at=bindparam("b_at"),
+            result=bindparam("b_result"))
+)
+
 
 @dataclass(frozen=True)
 class Resolution:
-    outcome: str  # fired | stale | duplicate | missing
+    """What became of one deadline id."""
+
+    deadline_id: int
+    outcome: str  # fired | stale | duplicate | missing | error
     purpose: str | None = None
     problem: str | None = None
-    stored: Stored | None = None
     steps: tuple[StepResult, ...] = ()
     platform: str | None = None
     kind: str | None = None
     late_seconds: float | None = None  # decided_at - due_at
     resolved_after_seconds: float | None = None  # set when this decision closed the case
-    decision_types: list[str] = field(default_factory=list)
 
 
-def spec_from_row(row: DeadlineRow) -> DeadlineSpec:
+@dataclass
+class BatchResolution:
+    resolutions: list[Resolution] = field(default_factory=list)
+    stored: Stored = field(default_factory=Stored)
+
+
+def spec_from_row(row: Any) -> DeadlineSpec:
     return DeadlineSpec(
         case_id=row.case_id,
         step=row.step,
@@ -49,6 +82,10 @@ def spec_from_row(row: DeadlineRow) -> DeadlineSpec:
         rule=RuleRef(set=row.rule_set, version=row.rule_version, id=row.rule_id),
         deadline_at=row.deadline_at,
     )
+
+
+class _FireBug(Exception):
+    pass
 
 
 class Resolver:
@@ -67,49 +104,76 @@ class Resolver:
         self.clock = clock
 
     def fire(self, deadline_id: int) -> Resolution:
-        with self.db.transaction() as s:
-            case_id = s.execute(
-                select(DeadlineRow.case_id).where(DeadlineRow.id == deadline_id)
-            ).scalar_one_or_none()
-            if case_id is None:
-                return Resolution("missing")
-            lock_case(s, case_id)
-            row = s.execute(
-                select(DeadlineRow).where(DeadlineRow.id == deadline_id).with_for_update()
-            ).scalar_one()
-            if row.status not in ("pending", "dispatched"):
-                return Resolution("duplicate", row.purpose)
-            now = self.clock()
-            case = load_case(s, case_id)
-            if case is None:
-                self._finish(s, row, "stale", "stale: case not found", now)
-                return Resolution("stale", row.purpose, "stale: case not found")
-            outcome = self.engine.fire(case, spec_from_row(row), now)
-            if not outcome.applied:
-                self._finish(s, row, "stale", outcome.problem, now)
-                return Resolution("stale", row.purpose, outcome.problem)
-            # Mark this row first: store_outcome cancels the case's other open deadlines.
-            self._finish(s, row, "fired", None, now)
-            stored = store_outcome(
-                s, outcome, now=now, policy=self.policy, ops_contacts=self.ops_contacts
-            )
-            return Resolution(
-                "fired",
-                row.purpose,
-                stored=stored,
-                steps=outcome.steps,
-                platform=case.platform,
-                kind=str(case.kind),
-                late_seconds=(now - row.due_at).total_seconds(),
-                decision_types=stored.decision_types,
-                resolved_after_seconds=(seconds_to_resolution(case, outcome.case)
-                                        if outcome.case else None),
-            )
+        return self.fire_many([deadline_id]).resolutions[0]
 
-    @staticmethod
-    def _finish(s: Any, row: DeadlineRow, status: str, problem: str | None, now: datetime) -> None:
-        s.execute(
-            update(DeadlineRow)
-            .where(DeadlineRow.id == row.id)
-            .values(status=status, fired_at=now, result=problem)
+    def fire_many(self, deadline_ids: Sequence[int]) -> BatchResolution:
+        ids = sorted(set(deadline_ids))
+        try:
+            return self._fire_batch(ids)
+        except (_FireBug, DBAPIError) as exc:
+            if isinstance(exc, DBAPIError) and is_infrastructure(exc):
+                raise
+            if len(ids) == 1:
+                return self._record_error(ids[0], exc)
+            # One deadline hit a bug: the others must still fire. One at a time.
+            out = BatchResolution()
+            for deadline_id in ids:
+                one = self.fire_many([deadline_id])
+                out.resolutions += one.resolutions
+                out.stored.decisions += one.stored.decisions
+            return out
+
+    def _record_error(self, deadline_id: int, exc: Exception) -> BatchResolution:
+        cause = exc.__cause__ if isinstance(exc, _FireBug) else getattr(exc, "orig", exc)
+        problem = f"error: {cause!r}"[:1000]
+        log.error("deadline %s could not be resolved: %s", deadline_id, problem)
+        with self.db.transaction() as s:
+            s.connection().execute(FINISH, [{"b_id": deadline_id, "b_status": "error",
+                                             "b_at": self.clock(), "b_result": problem}])
+        return BatchResolution([Resolution(deadline_id, "error", problem=problem)])
+
+    def _fire_batch(self, ids: list[int]) -> BatchResolution:
+        now = self.clock()
+        writer = OutcomeWriter(self.policy, self.ops_contacts, now)
+        resolutions: dict[int, Resolution] = {}
+        with self.db.transaction() as s:
+            lock_cases(s, s.execute(CASES_OF, {"ids": ids}).scalars())
+            rows = s.execute(CLAIM, {"ids": ids}).all()
+            cases = load_cases(s, {r.case_id for r in rows})
+            finished = []
+            for row in rows:
+                resolution = self._fire_one(row, cases, writer, now)
+                resolutions[row.id] = resolution
+                if resolution.outcome in ("fired", "stale"):
+                    finished.append({"b_id": row.id, "b_status": resolution.outcome,
+                                     "b_at": now, "b_result": resolution.problem})
+            # Mark these rows first: the flush cancels the cases' other open deadlines.
+            if finished:
+                s.connection().execute(FINISH, finished)
+            stored = writer.flush(s)
+        return BatchResolution(
+            [resolutions.get(i) or Resolution(i, "missing") for i in ids], stored)
+
+    def _fire_one(self, row: Any, cases: dict[str, Any], writer: OutcomeWriter,
+                  now: datetime) -> Resolution:
+        if row.status not in ("pending", "dispatched"):
+            return Resolution(row.id, "duplicate", row.purpose)
+        case = cases.get(row.case_id)
+        if case is None:
+            return Resolution(row.id, "stale", row.purpose, "stale: case not found")
+        try:
+            outcome = self.engine.fire(case, spec_from_row(row), now)
+        except Exception as exc:
+            raise _FireBug(row.id) from exc
+        if not outcome.applied or outcome.case is None:
+            return Resolution(row.id, "stale", row.purpose, outcome.problem)
+        cases[row.case_id] = outcome.case
+        writer.add(outcome)
+        return Resolution(
+            row.id, "fired", row.purpose,
+            steps=outcome.steps,
+            platform=case.platform,
+            kind=str(case.kind),
+            late_seconds=(now - row.due_at).total_seconds(),
+            resolved_after_seconds=seconds_to_resolution(case, outcome.case),
         )

@@ -102,10 +102,12 @@ class Timer:
         batch: int,
         redispatch_after: float,
         max_rate: float,
+        message_size: int = 50,
     ) -> None:
         self.db = db
         self.publisher = publisher
         self.batch = batch
+        self.message_size = message_size
         self.redispatch_after = redispatch_after
         self.limiter = RateLimiter(max_rate)
 
@@ -119,8 +121,11 @@ class Timer:
                 CLAIM_STUCK, {"after": self.redispatch_after, "limit": max(1, limit - len(due))}
             ).all()
             ids = [row.id for row in due] + [row.id for row in stuck]
-            for deadline_id in ids:
-                self.publisher.send_actor(RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, deadline_id)
+            # Oldest first, several per message: the resolver handles a message's deadlines
+            # in one transaction, and one publisher confirm covers them all.
+            for start in range(0, len(ids), self.message_size):
+                chunk = ids[start:start + self.message_size]
+                self.publisher.send_actor(RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, chunk)
             if ids:
                 s.execute(MARK_DISPATCHED, {"ids": ids})
         self.limiter.take(len(ids))

@@ -32,6 +32,7 @@ def worker(settings: Settings) -> None:
         batch=settings.timer_batch,
         redispatch_after=settings.timer_redispatch_seconds,
         max_rate=settings.timer_max_rate,
+        message_size=settings.resolver_batch,
     )
 
     def step() -> int:

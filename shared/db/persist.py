@@ -1,9 +1,18 @@
-"""Reading and writing cases, and storing a domain `Outcome` in one transaction.
+"""Reading cases, and writing what applied domain outcomes change, in bulk.
 
-`store_outcome` is the single place where a case change turns into rows: the case, its
-new deadlines (the old ones cancelled), its decisions with their outbox rows, and its
-notifications with the outbox rows that hand them to the notifier. Intake and resolver
-both call it inside the transaction that holds the case lock.
+`OutcomeWriter` is the single place where case changes turn into rows. A service applies
+a batch of events (intake) or fired deadlines (resolver) to the cases in memory, adds each
+applied `Outcome` to the writer, and `flush` writes them all with a handful of statements
+inside the transaction that holds the case locks:
+- the cases' final states (one upsert),
+- for every case whose deadlines changed: its open deadlines cancelled and the new set
+  inserted (the domain always gives the full set),
+- the decisions, each with an outbox row for `aftersales.decisions` (a decision already
+  stored, e.g. decided again after a crash, gets no second row),
+- the notifications, each with an outbox row that hands it to the notifier (a dedup key
+  already stored gets no second message).
+Statements are built once, with bound parameters: building them per call was most of the
+resolver's CPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,38 +22,62 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import dramatiq
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from shared.amqp import (
-    DECISIONS_EXCHANGE,
-    NOTIFIER_QUEUE,
-    SEND_NOTIFICATION_ACTOR,
-)
+from shared.amqp import DECISIONS_EXCHANGE, NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR
 from shared.db.models import CaseRow, DeadlineRow, DecisionRow, NotificationRow, OutboxRow
-from shared.domain import Case, Decision, Notice, Outcome
+from shared.domain import Case, DeadlineSpec, Decision, Notice, Outcome
 
 # decision_id = uuid5(namespace, decision.key): the same missed deadline always gives the
 # same id, however often it is decided again after a crash.
 DECISION_NAMESPACE = uuid.UUID("6f0c7a52-3c2e-4b8e-9a51-5f1b0d3c9e21")
 
+_CASES = cast(Table, CaseRow.__table__)
+_DEADLINES = cast(Table, DeadlineRow.__table__)
+_DECISIONS = cast(Table, DecisionRow.__table__)
+_NOTIFICATIONS = cast(Table, NotificationRow.__table__)
+_OUTBOX = cast(Table, OutboxRow.__table__)
+
+_case_insert = pg_insert(_CASES)
+UPSERT_CASES = _case_insert.on_conflict_do_update(
+    index_elements=[_CASES.c.case_id],
+    set_={c.name: _case_insert.excluded[c.name] for c in _CASES.c if c.name != "case_id"},
+)
+LOAD_CASES = select(_CASES.c.snapshot).where(_CASES.c.case_id.in_(bindparam("ids", expanding=True)))
+CANCEL_OPEN_DEADLINES = (
+    update(_DEADLINES)
+    .where(_DEADLINES.c.case_id.in_(bindparam("ids", expanding=True)))
+    .where(_DEADLINES.c.status.in_(("pending", "dispatched")))
+    .values(status="cancelled")
+)
+INSERT_DEADLINES = insert(_DEADLINES)
+INSERT_DECISIONS = (
+    pg_insert(_DECISIONS)
+    .on_conflict_do_nothing(index_elements=[_DECISIONS.c.decision_id])
+    .returning(_DECISIONS.c.decision_id)
+)
+INSERT_NOTIFICATIONS = (
+    pg_insert(_NOTIFICATIONS)
+    .on_conflict_do_nothing(index_elements=[_NOTIFICATIONS.c.dedup_key])
+    .returning(_NOTIFICATIONS.c.id, _NOTIFICATIONS.c.dedup_key)
+)
+INSERT_OUTBOX = insert(_OUTBOX)
+# Advisory locks in case-id order: every transaction takes them in the same order, so two
+# workers can never wait on each other in a cycle. The subquery fixes the order.
+LOCK_CASES = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(c, 0)) "
+    "FROM (SELECT DISTINCT unnest(CAST(:ids AS text[])) AS c ORDER BY c) AS ordered"
+)
+
 
 class NotificationExpander(Protocol):
     def expand(self, notice: Notice, contacts: Mapping[str, Any], ops_contacts: Any) -> list[Any]:
         ...
-
-
-@dataclass
-class Stored:
-    """What a stored outcome produced, for metrics after the commit."""
-
-    decision_types: list[str] = field(default_factory=list)
-    notification_ids: list[int] = field(default_factory=list)
-    deadlines_set: int = 0
 
 
 def decision_id_for(decision: Decision) -> str:
@@ -73,14 +106,40 @@ def decision_message(decision: Decision, case: Case) -> dict[str, Any]:
     }
 
 
+def notifier_message(notification_id: int) -> bytes:
+    """A Dramatiq message for the notifier's actor, published later from the outbox."""
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=NOTIFIER_QUEUE,
+        actor_name=SEND_NOTIFICATION_ACTOR,
+        args=(notification_id,),
+        kwargs={},
+        options={},
+    )
+    return message.encode()
+
+
+def lock_cases(session: Session, case_ids: Iterable[str]) -> None:
+    """Serialise every change of these cases across all workers and services, including
+    their creation (a row lock cannot lock a row that does not exist yet). Held until
+    the transaction ends."""
+    ids = sorted(set(case_ids))
+    if ids:
+        session.execute(LOCK_CASES, {"ids": ids})
+
+
+def load_cases(session: Session, case_ids: Iterable[str]) -> dict[str, Case]:
+    ids = sorted(set(case_ids))
+    if not ids:
+        return {}
+    rows = session.execute(LOAD_CASES, {"ids": ids}).scalars()
+    return {snapshot["case_id"]: Case.from_dict(snapshot) for snapshot in rows}
+
+
 def load_case(session: Session, case_id: str) -> Case | None:
-    snapshot = session.execute(
-        select(CaseRow.snapshot).where(CaseRow.case_id == case_id)
-    ).scalar_one_or_none()
-    return None if snapshot is None else Case.from_dict(snapshot)
+    return load_cases(session, [case_id]).get(case_id)
 
 
-def _case_values(case: Case) -> dict[str, Any]:
+def _case_row(case: Case, now: datetime) -> dict[str, Any]:
     return {
         "case_id": case.case_id,
         "platform": case.platform,
@@ -95,157 +154,135 @@ def _case_values(case: Case) -> dict[str, Any]:
         "step_due_at": case.step_due_at,
         "opened_at": case.opened_at,
         "closed_at": case.closed_at,
+        "updated_at": now,
         "snapshot": case.to_dict(),
     }
 
 
-def save_case(session: Session, case: Case, now: datetime) -> None:
-    values = _case_values(case)
-    stmt = pg_insert(CaseRow).values(**values, updated_at=now)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[CaseRow.case_id],
-        set_={k: stmt.excluded[k] for k in [*values, "updated_at"] if k != "case_id"},
-    )
-    session.execute(stmt)
+def _deadline_row(d: DeadlineSpec) -> dict[str, Any]:
+    return {
+        "case_id": d.case_id,
+        "step": d.step,
+        "purpose": d.purpose,
+        "action": d.action,
+        "party": d.party,
+        "due_at": d.due_at,
+        "deadline_at": d.deadline_at,
+        "fence": d.fence,
+        "rule_set": d.rule.set,
+        "rule_version": d.rule.version,
+        "rule_id": d.rule.id,
+        "status": "pending",
+    }
 
 
-def replace_deadlines(session: Session, case: Case, deadlines: Sequence[Any]) -> int:
-    session.execute(
-        update(DeadlineRow)
-        .where(DeadlineRow.case_id == case.case_id)
-        .where(DeadlineRow.status.in_(("pending", "dispatched")))
-        .values(status="cancelled")
-    )
-    if not deadlines:
-        return 0
-    session.execute(
-        insert(DeadlineRow),
-        [
-            {
-                "case_id": d.case_id,
-                "step": d.step,
-                "purpose": d.purpose,
-                "action": d.action,
-                "party": d.party,
-                "due_at": d.due_at,
-                "deadline_at": d.deadline_at,
-                "fence": d.fence,
-                "rule_set": d.rule.set,
-                "rule_version": d.rule.version,
-                "rule_id": d.rule.id,
-                "status": "pending",
-            }
-            for d in deadlines
-        ],
-    )
-    return len(deadlines)
+@dataclass(frozen=True)
+class StoredDecision:
+    type: str
+    case_id: str
+    platform: str
+    kind: str
 
 
-def notifier_message(notification_id: int) -> bytes:
-    """A Dramatiq message for the notifier's actor, published later from the outbox."""
-    message: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name=NOTIFIER_QUEUE,
-        actor_name=SEND_NOTIFICATION_ACTOR,
-        args=(notification_id,),
-        kwargs={},
-        options={},
-    )
-    return message.encode()
+@dataclass
+class Stored:
+    """What a flush wrote, for metrics after the commit."""
+
+    decisions: list[StoredDecision] = field(default_factory=list)
+    notification_ids: list[int] = field(default_factory=list)
+    deadlines_set: int = 0
 
 
-def enqueue_notification(session: Session, notification_id: int) -> None:
-    session.execute(
-        insert(OutboxRow).values(
-            exchange="",
-            routing_key=NOTIFIER_QUEUE,
-            message_id=f"notification-{notification_id}",
-            body=notifier_message(notification_id),
-            headers={},
-        )
-    )
+@dataclass
+class OutcomeWriter:
+    """Collects applied outcomes (in the order they were applied) and writes them in bulk."""
+
+    policy: NotificationExpander
+    ops_contacts: Any
+    now: datetime
+    _cases: dict[str, Case] = field(default_factory=dict)
+    _deadlines: dict[str, Sequence[DeadlineSpec]] = field(default_factory=dict)
+    _decisions: list[tuple[Decision, Case]] = field(default_factory=list)
+    _notifications: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        case = outcome.case
+        if case is None or not outcome.applied:
+            raise ValueError("only an applied outcome with a case can be stored")
+        self._cases[case.case_id] = case
+        if outcome.deadlines is not None:
+            self._deadlines[case.case_id] = outcome.deadlines  # the latest full set wins
+        self._decisions.extend((d, case) for d in outcome.decisions)
+        for notice in outcome.notices:
+            for request in self.policy.expand(notice, case.contacts, self.ops_contacts):
+                self._notifications.setdefault(request.dedup_key, request)
+
+    def __bool__(self) -> bool:
+        return bool(self._cases)
+
+    def flush(self, session: Session) -> Stored:
+        stored = Stored()
+        if not self._cases:
+            return stored
+        conn = session.connection()
+        conn.execute(UPSERT_CASES, [_case_row(c, self.now) for c in self._cases.values()])
+        if self._deadlines:
+            conn.execute(CANCEL_OPEN_DEADLINES, {"ids": sorted(self._deadlines)})
+            rows = [_deadline_row(d) for ds in self._deadlines.values() for d in ds]
+            if rows:
+                conn.execute(INSERT_DEADLINES, rows)
+            stored.deadlines_set = len(rows)
+        stored.decisions = self._flush_decisions(conn)
+        stored.notification_ids = self._flush_notifications(conn)
+        return stored
+
+    def _flush_decisions(self, conn: Any) -> list[StoredDecision]:
+        if not self._decisions:
+            return []
+        messages = {}
+        for decision, case in self._decisions:
+            message = decision_message(decision, case)
+            messages[message["decision_id"]] = (decision, case, message)
+        inserted = set(conn.execute(INSERT_DECISIONS, [
+            {"decision_id": did, "case_id": case.case_id, "type": decision.type,
+             "step": decision.step, "decided_at": decision.decided_at, "body": message}
+            for did, (decision, case, message) in messages.items()
+        ]).scalars())
+        # Already decided (a redelivery): no second decision row, no second publish.
+        fresh = [(did, *messages[did]) for did in messages if did in inserted]
+        if fresh:
+            conn.execute(INSERT_OUTBOX, [
+                {"exchange": DECISIONS_EXCHANGE, "routing_key": decision.type,
+                 "message_id": did, "headers": {},
+                 "body": json.dumps(message, ensure_ascii=False).encode()}
+                for did, decision, _case, message in fresh
+            ])
+        return [StoredDecision(d.type, c.case_id, c.platform, str(c.kind))
+                for _did, d, c, _m in fresh]
+
+    def _flush_notifications(self, conn: Any) -> list[int]:
+        if not self._notifications:
+            return []
+        created = conn.execute(INSERT_NOTIFICATIONS, [
+            {"dedup_key": r.dedup_key, "case_id": r.case_id, "reason": r.reason,
+             "party": r.party, "channel": r.channel, "recipient": r.recipient,
+             "template": r.template, "params": dict(r.params), "urgent": r.urgent,
+             "status": "pending"}
+            for r in self._notifications.values()
+        ]).all()
+        ids = sorted(row.id for row in created)
+        if ids:
+            conn.execute(INSERT_OUTBOX, [
+                {"exchange": "", "routing_key": NOTIFIER_QUEUE,
+                 "message_id": f"notification-{i}", "body": notifier_message(i), "headers": {}}
+                for i in ids
+            ])
+        return ids
 
 
-def store_decisions(session: Session, case: Case, decisions: Iterable[Decision]) -> list[str]:
-    stored = []
-    for decision in decisions:
-        message = decision_message(decision, case)
-        inserted = session.execute(
-            pg_insert(DecisionRow)
-            .values(
-                decision_id=message["decision_id"],
-                case_id=case.case_id,
-                type=decision.type,
-                step=decision.step,
-                decided_at=decision.decided_at,
-                body=message,
-            )
-            .on_conflict_do_nothing(index_elements=[DecisionRow.decision_id])
-            .returning(DecisionRow.decision_id)
-        ).scalar_one_or_none()
-        if inserted is None:
-            continue  # already decided (a redelivery): no second decision, no second publish
-        session.execute(
-            insert(OutboxRow).values(
-                exchange=DECISIONS_EXCHANGE,
-                routing_key=decision.type,
-                message_id=message["decision_id"],
-                body=json.dumps(message, ensure_ascii=False).encode(),
-                headers={},
-            )
-        )
-        stored.append(decision.type)
-    return stored
-
-
-def store_notices(
-    session: Session,
-    case: Case,
-    notices: Iterable[Notice],
-    policy: NotificationExpander,
-    ops_contacts: Any,
-) -> list[int]:
-    ids = []
-    for notice in notices:
-        for req in policy.expand(notice, case.contacts, ops_contacts):
-            new_id = session.execute(
-                pg_insert(NotificationRow)
-                .values(
-                    dedup_key=req.dedup_key,
-                    case_id=req.case_id,
-                    reason=req.reason,
-                    party=req.party,
-                    channel=req.channel,
-                    recipient=req.recipient,
-                    template=req.template,
-                    params=dict(req.params),
-                    urgent=req.urgent,
-                    status="pending",
-                )
-                .on_conflict_do_nothing(index_elements=[NotificationRow.dedup_key])
-                .returning(NotificationRow.id)
-            ).scalar_one_or_none()
-            if new_id is not None:
-                enqueue_notification(session, new_id)
-                ids.append(new_id)
-    return ids
-
-
-def store_outcome(
-    session: Session,
-    outcome: Outcome,
-    *,
-    now: datetime,
-    policy: NotificationExpander,
-    ops_contacts: Any,
-) -> Stored:
-    """Write everything an applied outcome changes. The caller holds the case lock."""
-    case = outcome.case
-    if case is None or not outcome.applied:
-        raise ValueError("only an applied outcome with a case can be stored")
-    stored = Stored()
-    save_case(session, case, now)
-    if outcome.deadlines is not None:
-        stored.deadlines_set = replace_deadlines(session, case, outcome.deadlines)
-    stored.decision_types = store_decisions(session, case, outcome.decisions)
-    stored.notification_ids = store_notices(session, case, outcome.notices, policy, ops_contacts)
-    return stored
+def store_outcome(session: Session, outcome: Outcome, *, now: datetime,
+                  policy: NotificationExpander, ops_contacts: Any) -> Stored:
+    """Write one applied outcome (a batch of one)."""
+    writer = OutcomeWriter(policy, ops_contacts, now)
+    writer.add(outcome)
+    return writer.flush(session)

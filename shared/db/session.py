@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -36,10 +37,10 @@ class Database:
             conn.execute(text("SELECT 1"))
 
 
-def lock_case(session: Session, case_id: str) -> None:
-    """Serialise every change of one case across all workers and services, including its
-    creation (a row lock cannot lock a row that does not exist yet). Held until commit."""
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:case_id, 0))"),
-        {"case_id": case_id},
-    )
+def is_infrastructure(exc: DBAPIError) -> bool:
+    """Lost connections, restarts and deadlocks are worth retrying the whole batch; data
+    errors (a value PostgreSQL refuses) are about one item only."""
+    return bool(exc.connection_invalidated) or isinstance(
+        exc, (OperationalError, InterfaceError)
+    ) or type(exc.orig).__name__ in {"DeadlockDetected", "SerializationFailure",
+                                     "AdminShutdown", "CannotConnectNow"}

@@ -39,7 +39,8 @@ class _Data(BaseModel):
 class Contact(BaseModel):
     model_config = ConfigDict(extra="allow")
     phone: Annotated[str, StringConstraints(pattern=r"^\+?[0-9]{5,20}$")] | None = None
-    email: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    email: Annotated[
+        str, StringConstraints(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
 
 
 class CaseOpened(_Data):

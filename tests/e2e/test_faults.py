@@ -90,7 +90,8 @@ def test_intake_killed_mid_burst_loses_and_duplicates_nothing(
             .where(DeadlineRow.status == "pending", DeadlineRow.purpose == "deadline")
             .group_by(DeadlineRow.case_id)).all()
     report("intake SIGKILL", events=N, kills=1, at_kill=at_kill,
-           lost=N - sum(outcomes.values()), duplicated=sum(versions) - len(cases))
+           lost=N - sum(outcomes.values()),
+           duplicated=sum(v * n for v, n in versions.items()) - 2 * len(cases))
     assert outcomes == {"applied": N}
     assert versions == {2: len(cases)}  # opened + approved, each applied exactly once
     assert steps == {"buyer_return_shipping": len(cases)}

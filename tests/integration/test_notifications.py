@@ -101,9 +101,9 @@ def decided_case(db: Database, policy: NotificationPolicy) -> str:
     with db.transaction() as s:
         deadline_id = s.execute(select(DeadlineRow.id).where(
             DeadlineRow.purpose == "deadline", DeadlineRow.status == "pending")).scalar_one()
-    resolution = Resolver(db, engine, policy, ops).fire(deadline_id)
-    assert resolution.outcome == "fired"
-    assert resolution.decision_types == ["decision.auto_approved"]
+    batch = Resolver(db, engine, policy, ops).fire_many([deadline_id])
+    assert [r.outcome for r in batch.resolutions] == ["fired"]
+    assert [d.type for d in batch.stored.decisions] == ["decision.auto_approved"]
     return "AS-N1"
 
 
