@@ -358,8 +358,10 @@ class QueueTap:
                     now = time.time()
                     self.total += 1
                     k = key(body)
-                    if k not in self.arrived:
-                        self.arrived[k] = now
+                    # A fire message carries a batch of deadline ids: each arrives now.
+                    for one in k if isinstance(k, list) else [k]:
+                        if one not in self.arrived:
+                            self.arrived[one] = now
 
                 self._channel.basic_consume(queue, on_message, auto_ack=True)
                 self._ready.set()
@@ -384,6 +386,7 @@ class QueueTap:
 
 
 def dramatiq_first_arg(body: bytes) -> Any:
+    """The deadline ids of a `fire_deadlines` message (a list), or a peer's single arg."""
     return json.loads(body)["args"][0]
 
 

@@ -79,11 +79,8 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    try:
-        from services.simulate import run_simulation
-    except ImportError:
-        print("aftersales simulate: not built yet (issue 7)", file=sys.stderr)
-        return 3
+    from services.simulate import run_simulation
+
     return int(run_simulation(_settings(), args))
 
 
@@ -123,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate", type=float, default=50.0, help="events per second")
     sim.add_argument("--duration", type=float, default=60.0, help="seconds")
     sim.add_argument("--seed", type=int, default=None)
+    from services.simulate import add_arguments
+
+    add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
     return parser
 

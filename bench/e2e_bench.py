@@ -1,0 +1,653 @@
+# ruff: noqa: S603 - the benchmark starts its own helper processes with fixed arguments
+"""End-to-end benchmark: the four services on this machine's RabbitMQ, PostgreSQL, Redis.
+
+    .venv/bin/python bench/e2e_bench.py [--quick] [--intake-processes N] [--intake-batch N]
+                                        [--profile]
+
+Uses its own database (aftersales_bench_e2e_<pid>) and RabbitMQ vhost, dropped at the end,
+and its own Redis key prefix. Phases, each bounded in time:
+
+  baseline    a no-op Dramatiq actor on the same broker: N messages published with
+              windowed confirms while a worker consumes them -> messages/s
+  throughput  N simulator events (no malformed, no duplicates) published as fast as the
+              broker confirms them; rate at which they become committed case_events rows
+  latency     simulator traffic at a fixed 500 events/s; publish -> committed latency
+              (commit times from polling count(*) every 10 ms, matched by rank: intake
+              consumes one FIFO queue) and publish -> received_at (the inserting
+              transaction's start, a lower bound)
+  decisions   M cases opened with a deadline a few seconds ahead, all due at once:
+              decisions/s (resolver), notifications sent/s (notifier)
+RSS per service = the sum of VmRSS over the service's process group, peak over the run.
+Writes bench-results/e2e.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from services.simulate import (  # noqa: E402
+    ConfirmedStreamPublisher,
+    Message,
+    SimConfig,
+    TrafficGenerator,
+    generate,
+)
+from shared.db.migrate import upgrade  # noqa: E402
+
+PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
+                          "postgresql+psycopg://postgres@127.0.0.1/postgres")
+AMQP_HOST = "127.0.0.1:5672"
+SERVICES = ("intake", "timer", "resolver", "notifier")
+PID = os.getpid()
+NAME = f"aftersales_bench_e2e_{PID}"
+OUT_DIR = ROOT / "bench-results"
+LOG_DIR = OUT_DIR / f"e2e-logs-{PID}"
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        raise SystemExit("rabbitmqctl not found: the benchmark creates its own vhost with it")
+    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+# ---- resources ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def own_database() -> Iterator[str]:
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{NAME}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{NAME}"'))
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{NAME}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def own_vhost() -> Iterator[str]:
+    rabbitmqctl("add_vhost", NAME)
+    try:
+        rabbitmqctl("set_permissions", "-p", NAME, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{AMQP_HOST}/{NAME}"
+    finally:
+        rabbitmqctl("delete_vhost", NAME)
+
+
+@contextlib.contextmanager
+def smtp_sink() -> Iterator[int]:
+    """A local SMTP server that accepts and drops mail, so email notifications succeed."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}", "-c",
+         "aiosmtpd.handlers.Sink"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Services:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports = {s: free_port() for s in SERVICES}
+        self.failed: dict[str, str] = {}
+        self.rss_peak: dict[str, int] = dict.fromkeys(SERVICES, 0)
+
+    def start(self, service: str, extra: dict[str, str] | None = None) -> bool:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        logf = open(LOG_DIR / f"{service}.log", "ab")
+        env = {**os.environ, **self.env, **(extra or {}),
+               "AFTERSALES_METRICS_PORT": str(self.ports[service])}
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", service],
+                                cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[service] = proc
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (LOG_DIR / f"{service}.log").read_text(errors="replace")[-600:]
+                self.failed[service] = f"exited with {proc.returncode}: {tail.strip()[-300:]}"
+                del self.procs[service]
+                return False
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.ports[service]), 0.5):
+                time.sleep(1.0)  # workers connect after the supervisor serves metrics
+                return True
+            time.sleep(0.2)
+        self.failed[service] = "metrics port never answered"
+        return True
+
+    def stop(self, service: str) -> None:
+        proc = self.procs.pop(service, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def stop_all(self) -> None:
+        for service in list(self.procs):
+            self.stop(service)
+
+    def group_pids(self, service: str) -> list[int]:
+        proc = self.procs.get(service)
+        if proc is None:
+            return []
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
+                if int(fields[2]) == proc.pid:  # pgrp
+                    pids.append(int(entry))
+        return pids
+
+    def rss(self, service: str) -> int:
+        total = 0
+        for pid in self.group_pids(service):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
+    def sample_rss(self) -> None:
+        for service in self.procs:
+            self.rss_peak[service] = max(self.rss_peak[service], self.rss(service))
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, services: Services) -> None:
+        super().__init__(daemon=True)
+        self.services = services
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(1.0):
+            self.services.sample_rss()
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+class Db:
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url, pool_size=2)
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql), params).scalar()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(text(sql), params).all())
+
+
+def publish(amqp_url: str, msgs: list[Message] | TrafficGenerator, *, rate: float = 0.0,
+            duration: float | None = None, on_sent: Any = None, window: int = 2000,
+            exchange: str = "aftersales.events", declare: bool = True) -> dict[str, Any]:
+    """Publish a list (as fast as confirms allow) or a generator (paced) with confirms."""
+    started = time.monotonic()
+    state = {"i": 0}
+
+    def feed(n: int) -> list[Message] | None:
+        t = time.monotonic() - started
+        if isinstance(msgs, list):
+            if state["i"] >= len(msgs):
+                return None
+            batch = msgs[state["i"]:state["i"] + n]
+        else:
+            if duration is not None and t >= duration:
+                return None
+            allowed = min(n, int(t * rate) + 1 - state["i"]) if rate else n
+            wall = datetime.now(UTC)
+            batch = [msgs.next(t, wall) for _ in range(max(0, allowed))]
+        state["i"] += len(batch)
+        if on_sent and batch:
+            on_sent(batch, time.monotonic())
+        return batch
+
+    pub = ConfirmedStreamPublisher(amqp_url, window=window, exchange=exchange, declare=declare)
+    pub.run(feed)
+    elapsed = time.monotonic() - started
+    return {"published": pub.published, "confirmed": pub.confirmed, "nacked": pub.nacked,
+            "seconds": elapsed, "rate": pub.published / elapsed if elapsed else 0.0}
+
+
+def wait_count(db: Db, sql: str, target: int, timeout: float, interval: float = 0.25
+               ) -> list[tuple[float, int]]:
+    """Poll a count until it reaches target or timeout; returns (monotonic, count) samples."""
+    samples = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = int(db.scalar(sql) or 0)
+        samples.append((time.monotonic(), n))
+        if n >= target:
+            break
+        time.sleep(interval)
+    return samples
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+def sustained(samples: list[tuple[float, int]], target: int) -> float | None:
+    """Rate between 10% and 90% of the target (skips start-up and the tail)."""
+    lo = next((s for s in samples if s[1] >= 0.1 * target), None)
+    hi = next((s for s in samples if s[1] >= 0.9 * target), None)
+    if lo is None:
+        return None
+    if hi is None:  # never got to 90% in time: the rate from 10% to the last sample
+        hi = samples[-1]
+    if hi[0] <= lo[0]:
+        return None
+    return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+
+def purge_intake_queue(amqp_url: str) -> int:
+    """Drop what intake did not get to, so the next phase starts with an empty queue."""
+    import pika
+
+    from shared.amqp import INTAKE_QUEUE
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        frame = conn.channel().queue_purge(INTAKE_QUEUE)
+        return int(frame.method.message_count)
+    finally:
+        conn.close()
+
+
+# ---- phases ------------------------------------------------------------------------------------
+
+
+def phase_baseline(amqp_url: str, n: int, threads: int) -> dict[str, Any]:
+    import dramatiq
+
+    log(f"baseline: no-op Dramatiq actor, {n} messages, {threads} worker threads")
+    worker = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "e2e_baseline_worker.py"), amqp_url, str(n),
+         str(threads)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert worker.stdout is not None
+    ready = worker.stdout.readline()
+    if not ready:
+        return {"error": "baseline worker did not start"}
+    time.sleep(0.5)
+    body = [Message(dramatiq.Message(queue_name="bench.noop", actor_name="noop", args=(i,),
+                                     kwargs={}, options={}).encode(), "bench.noop", "event")
+            for i in range(n)]
+    t0 = time.time()
+    pub = publish(amqp_url, body, exchange="", declare=False)
+    try:
+        out, _ = worker.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        out, _ = worker.communicate()
+    state = json.loads(out.strip().splitlines()[-1])
+    seconds = state["last"] - t0
+    rate = state["processed"] / seconds if seconds > 0 else None
+    # Dramatiq's own enqueue (a confirm per message, as the services' publishers do)
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=amqp_url, confirm_delivery=True)
+    sent, t1 = 0, time.monotonic()
+    while time.monotonic() - t1 < 3.0:
+        broker.enqueue(dramatiq.Message(queue_name="bench.noop2", actor_name="noop2",
+                                        args=(sent,), kwargs={}, options={}))
+        sent += 1
+    enqueue_rate = sent / (time.monotonic() - t1)
+    broker.close()
+    return {"messages": n, "processed": state["processed"], "seconds": seconds,
+            "rate": rate, "publish_rate": pub["rate"], "enqueue_one_by_one_rate": enqueue_rate}
+
+
+def phase_throughput(db: Db, amqp_url: str, n: int, timeout: float) -> dict[str, Any]:
+    base = int(db.scalar("SELECT count(*) FROM case_events"))
+    cfg = SimConfig(rate=1000.0, duplicate_share=0.0, malformed_share=0.0, run_id=f"tp{PID}")
+    msgs = list(generate(cfg, n, seed=1, rate=1000.0))
+    log(f"throughput: {n} events published as fast as confirmed")
+    sampler: dict[str, Any] = {}
+
+    def poll() -> None:
+        sampler["samples"] = [(t, c - base) for t, c in wait_count(
+            db, "SELECT count(*) FROM case_events", base + n, timeout, interval=0.2)]
+
+    th = threading.Thread(target=poll)
+    t0 = time.monotonic()
+    th.start()
+    pub = publish(amqp_url, msgs)
+    th.join()
+    samples = sampler["samples"]
+    purged = purge_intake_queue(amqp_url)
+    done, last_t = samples[-1][1], samples[-1][0]
+    first = next((s for s in samples if s[1] > 0), samples[-1])
+    return {
+        "events": n, "committed": done, "publish_rate": pub["rate"],
+        "seconds_to_commit_all": last_t - t0 if done >= n else None,
+        "rate_overall": done / (last_t - t0),
+        "rate_sustained": sustained(samples, n),
+        "first_commit_after": first[0] - t0,
+        "outcomes": dict(db.rows("SELECT outcome, count(*) FROM case_events GROUP BY 1")),
+        "purged_unprocessed": purged, "load_during": os.getloadavg(),
+    }
+
+
+def phase_latency(db: Db, amqp_url: str, rate: float, duration: float) -> dict[str, Any]:
+    base = int(db.scalar("SELECT count(*) FROM case_events"))
+    cfg = SimConfig(rate=rate, duplicate_share=0.0, malformed_share=0.0, run_id=f"lt{PID}")
+    gen = TrafficGenerator(cfg, __import__("random").Random(2))
+    published: list[float] = []
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def on_sent(batch: list[Message], t: float) -> None:
+        published.extend([t] * len(batch))
+
+    def poll() -> None:
+        with db.engine.connect() as conn:
+            while not stop.is_set():
+                n = conn.execute(text("SELECT count(*) FROM case_events")).scalar() or 0
+                samples.append((time.monotonic(), int(n) - base))
+                conn.commit()
+                time.sleep(0.01)
+
+    log(f"latency: {rate:.0f} events/s for {duration:.0f}s")
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    pub = publish(amqp_url, gen, rate=rate, duration=duration, on_sent=on_sent)
+    total = len(published)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not samples or samples[-1][1] < total):
+        time.sleep(0.05)
+    stop.set()
+    th.join(5)
+    purged = purge_intake_queue(amqp_url)
+    # rank matching: the k-th committed event is the k-th published one (one FIFO queue)
+    latencies = []
+    j = 0
+    for k, t_pub in enumerate(published):
+        while j < len(samples) and samples[j][1] < k + 1:
+            j += 1
+        if j == len(samples):
+            break
+        latencies.append(samples[j][0] - t_pub)
+    warm = latencies[int(rate * 2):] or latencies  # skip the first 2 s
+    rx = db.rows("SELECT extract(epoch FROM received_at - occurred_at) FROM case_events "
+                 "WHERE event_id LIKE :p", p=f"sim-lt{PID}-%")
+    rx_lat = [float(r[0]) for r in rx]
+    return {
+        "offered_rate": rate, "seconds": duration, "published": total,
+        "publish_rate": pub["rate"], "committed": samples[-1][1] if samples else 0,
+        "p50_ms": _ms(pct(warm, 0.5)), "p99_ms": _ms(pct(warm, 0.99)),
+        "max_ms": _ms(max(warm) if warm else None),
+        "mean_ms": _ms(statistics.fmean(warm) if warm else None),
+        "to_tx_start_p50_ms": _ms(pct(rx_lat, 0.5)), "to_tx_start_p99_ms": _ms(pct(rx_lat, 0.99)),
+        "poll_interval_ms": 10, "load_during": os.getloadavg(),
+        "purged_unprocessed": purged,
+        "note": "latencies only of events committed within 30 s after the last publish",
+    }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 1)
+
+
+def phase_decisions(db: Db, amqp_url: str, m: int, intake_rate: float,
+                    notifier: bool, timeout: float) -> dict[str, Any]:
+    base_events = int(db.scalar("SELECT count(*) FROM case_events"))
+    base_dec = int(db.scalar("SELECT count(*) FROM decisions"))
+    like = f"AS-dec{PID}-%"
+    lead = max(5.0, m / max(intake_rate, 100.0) * 1.5 + 3.0)
+    due = datetime.now(UTC) + timedelta(seconds=lead)
+    events = []
+    for i in range(m):
+        case = f"AS-dec{PID}-{i:07d}"
+        doc = {"event_id": f"dec{PID}-{i}", "type": "case.opened",
+               "occurred_at": datetime.now(UTC).isoformat(), "platform": "kuaishou",
+               "shop_id": f"S{i % 500}", "order_id": f"O-{case}", "case_id": case,
+               "due_at": due.isoformat(),
+               "data": {"kind": "refund_only", "amount_fen": 1990, "reason": "不想要了",
+                        "buyer": {"phone": f"137{i:08d}"},
+                        "merchant": {"phone": f"136{i:08d}", "email": f"m{i}@example.com"}}}
+        events.append(Message(json.dumps(doc, ensure_ascii=False).encode(), "case.opened",
+                              "event", doc))
+    log(f"decisions: {m} cases, all due in {lead:.0f}s")
+    publish(amqp_url, events)
+    committed = wait_count(db, "SELECT count(*) FROM case_events", base_events + m,
+                           lead + 30)[-1][1] - base_events
+    decisions = wait_count(db, "SELECT count(*) FROM decisions", base_dec + m,
+                           timeout)[-1][1] - base_dec
+    span = db.rows("SELECT min(decided_at), max(decided_at) FROM decisions "
+                   "WHERE case_id LIKE :p", p=like)[0]
+    dec_rate = None
+    if decisions > 1 and span[0] and span[1] > span[0]:
+        dec_rate = (decisions - 1) / (span[1] - span[0]).total_seconds()
+    result: dict[str, Any] = {
+        "cases": m, "committed": committed, "decisions": decisions,
+        "decisions_per_s": dec_rate,
+        "decisions_per_s_from_due": decisions / max(1e-9, (span[1] - due).total_seconds())
+        if span[1] else None,
+        "timer_lateness_first_s": (span[0] - due).total_seconds() if span[0] else None,
+    }
+    result["outbox_left"] = db.scalar("SELECT count(*) FROM outbox")
+    total_notes = int(db.scalar("SELECT count(*) FROM notifications WHERE case_id LIKE :p",
+                                p=like) or 0)
+    result["notifications"] = total_notes
+    if notifier:
+        wait_count(db, f"SELECT count(*) FROM notifications WHERE case_id LIKE '{like}' "
+                   "AND status <> 'pending'", total_notes, timeout)
+        span = db.rows("SELECT min(sent_at), max(sent_at), count(*) FROM notifications "
+                       "WHERE status = 'sent' AND case_id LIKE :p", p=like)[0]
+        result["notifications_sent"] = span[2]
+        result["notification_status"] = dict(
+            db.rows("SELECT status, count(*) FROM notifications WHERE case_id LIKE :p "
+                    "GROUP BY 1", p=like))
+        if span[2] > 1 and span[1] > span[0]:
+            result["notifications_per_s"] = (span[2] - 1) / (span[1] - span[0]).total_seconds()
+    return result
+
+
+def profile_intake(services: Services, seconds: float, out: Path) -> dict[str, Any]:
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
+    pids = [p for p in services.group_pids("intake") if p != services.procs["intake"].pid]
+    if not pids:
+        return {"error": "no intake worker process"}
+    raw = out.with_suffix(".txt")
+    cmd = [spy, "record", "--pid", str(pids[0]), "--duration", str(int(seconds)), "--rate",
+           "200", "--format", "raw", "--output", str(raw), "--nonblocking"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"proc": proc, "raw": str(raw), "pid": pids[0]}
+
+
+def summarise_profile(raw: str, top: int = 15) -> list[tuple[str, float]]:
+    """Inclusive share of samples per function from py-spy's collapsed stacks."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in Path(raw).read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        seen = set()
+        for frame in stack.split(";"):
+            name = re.sub(r":\d+\)$", ")", frame)
+            if name not in seen:
+                seen.add(name)
+                counts[name] = counts.get(name, 0) + int(n)
+    return [(k, round(100 * v / total, 1)) for k, v in
+            sorted(counts.items(), key=lambda kv: -kv[1])[:top]] if total else []
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes)")
+    ap.add_argument("--intake-processes", type=int, default=2,
+                    help="AFTERSALES_WORKER_PROCESSES for intake (default 2)")
+    ap.add_argument("--intake-batch", type=int, default=200,
+                    help="AFTERSALES_INTAKE_BATCH (default 200)")
+    ap.add_argument("--latency-rate", type=float, default=500.0)
+    ap.add_argument("--profile", action="store_true", help="py-spy the intake worker")
+    ap.add_argument("--out", default=str(OUT_DIR / "e2e.json"))
+    args = ap.parse_args()
+    quick = args.quick
+    sizes = {"baseline": 5000 if quick else 30000, "throughput": 5000 if quick else 30000,
+             "latency_s": 10.0 if quick else 30.0, "decisions": 1000 if quick else 5000}
+    OUT_DIR.mkdir(exist_ok=True)
+    result: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(), "quick": quick, "sizes": sizes,
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
+    }
+    with own_database() as db_url, own_vhost() as amqp_url, smtp_sink() as smtp_port:
+        settings = {
+            "AFTERSALES_DATABASE_URL": db_url, "AFTERSALES_AMQP_URL": amqp_url,
+            "AFTERSALES_REDIS_PREFIX": f"aftersales:bench-e2e-{PID}:",
+            "AFTERSALES_METRICS_DIR": str(LOG_DIR / "metrics"),
+            "AFTERSALES_SMTP_PORT": str(smtp_port), "AFTERSALES_QUIET_HOURS": "off",
+            "AFTERSALES_SMS_PER_PHONE_PER_HOUR": "1000000",
+            "AFTERSALES_EMAIL_PER_ADDRESS_PER_HOUR": "1000000",
+            "AFTERSALES_LOG_LEVEL": "WARNING",
+        }
+        intake_env = {"AFTERSALES_WORKER_PROCESSES": str(args.intake_processes),
+                      "AFTERSALES_INTAKE_BATCH": str(args.intake_batch),
+                      "AFTERSALES_INTAKE_PREFETCH": str(max(200, 2 * args.intake_batch))}
+        result["settings"] = {**intake_env, "other services": "defaults (1 process, 4 threads)"}
+        db = Db(db_url)
+        result["baseline"] = phase_baseline(amqp_url, sizes["baseline"], threads=8)
+        services = Services(settings)
+        sampler = RssSampler(services)
+        try:
+            for service in SERVICES:
+                ok = services.start(service, intake_env if service == "intake" else None)
+                log(f"{service}: {'running' if ok else 'FAILED ' + services.failed[service]}")
+            result["services_failed"] = services.failed
+            sampler.start()
+            spy = profile_intake(services, 12 if quick else 25, OUT_DIR / "e2e-intake-profile") \
+                if args.profile else None
+            result["throughput"] = phase_throughput(db, amqp_url, sizes["throughput"],
+                                                    timeout=60 if quick else 150)
+            if spy and "proc" in spy:
+                spy["proc"].wait(60)
+                result["profile"] = {"pid": spy["pid"], "raw": spy["raw"],
+                                     "top_inclusive_pct": summarise_profile(spy["raw"])}
+            elif spy:
+                result["profile"] = spy
+            result["latency"] = phase_latency(db, amqp_url, args.latency_rate,
+                                              sizes["latency_s"])
+            intake_rate = result["throughput"].get("rate_sustained") or 100.0
+            sizes["decisions_used"] = min(sizes["decisions"], max(200, int(intake_rate * 20)))
+            result["decisions"] = phase_decisions(
+                db, amqp_url, sizes["decisions_used"],
+                intake_rate,
+                notifier="notifier" in services.procs, timeout=90 if quick else 180)
+            services.sample_rss()
+        finally:
+            sampler.stop_event.set()
+            services.stop_all()
+            db.engine.dispose()
+        result["rss_peak_mib"] = {s: round(v / 2**20, 1) for s, v in services.rss_peak.items()}
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    report(result)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+    log(f"wrote {args.out}")
+    return 0
+
+
+def report(r: dict[str, Any]) -> None:
+    tp, lt, dec, base = r.get("throughput", {}), r.get("latency", {}), r.get("decisions", {}), \
+        r.get("baseline", {})
+    ours = tp.get("rate_sustained") or tp.get("rate_overall")
+    ratio = ours / base["rate"] if ours and base.get("rate") else None
+    rows = [
+        ("events/s end to end (sustained)", ours, ">= 1000", ours is not None and ours >= 1000),
+        ("events/s end to end (overall)", tp.get("rate_overall"), "", None),
+        ("publish rate, events/s (confirmed)", tp.get("publish_rate"), "", None),
+        (f"intake p50 ms @ {lt.get('offered_rate', 500):.0f}/s", lt.get("p50_ms"), "", None),
+        (f"intake p99 ms @ {lt.get('offered_rate', 500):.0f}/s", lt.get("p99_ms"), "< 200",
+         lt.get("p99_ms") is not None and lt["p99_ms"] < 200),
+        ("  publish -> tx start p99 ms", lt.get("to_tx_start_p99_ms"), "", None),
+        ("decisions/s", dec.get("decisions_per_s"), "", None),
+        ("notifications sent/s", dec.get("notifications_per_s"), "", None),
+        ("baseline no-op Dramatiq msgs/s", base.get("rate"), "", None),
+        ("  Dramatiq enqueue, confirm per msg, /s", base.get("enqueue_one_by_one_rate"), "",
+         None),
+        ("ours / baseline", ratio, "", None),
+    ]
+    rows += [(f"RSS {s} MiB", v, "", None) for s, v in r.get("rss_peak_mib", {}).items()]
+    print(f"\n{'metric':<42} | {'value':>10} | {'target':>8} | met?")
+    print("-" * 74)
+    for name, value, target, met in rows:
+        shown = "n/a" if value is None else (f"{value:,.2f}" if isinstance(value, float)
+                                             and value < 10 else f"{value:,.0f}")
+        print(f"{name:<42} | {shown:>10} | {target:>8} | "
+              f"{'' if met is None else ('yes' if met else 'NO')}")
+    if r.get("services_failed"):
+        print(f"\nservices that did not start: {r['services_failed']}")
+    if r.get("profile", {}).get("top_inclusive_pct"):
+        print("\nintake worker profile (inclusive % of samples):")
+        for name, share in r["profile"]["top_inclusive_pct"]:
+            print(f"  {share:5.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
