@@ -21,7 +21,7 @@ REJECTED_QUEUE = "aftersales.events.rejected"
 RESOLVER_QUEUE = "aftersales.resolver"
 NOTIFIER_QUEUE = "aftersales.notifier"
 FIRE_DEADLINE_ACTOR = "fire_deadlines"  # args: a list of deadline ids
-SEND_NOTIFICATION_ACTOR = "send_notification"
+SEND_NOTIFICATION_ACTOR = "send_notifications"  # args: a list of notification ids
 
 
 def queue_arguments(queue_type: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The notifier's Dramatiq actor: thin, it decodes the id and calls the sender."""
+"""The notifier's Dramatiq actor: thin, it decodes the ids and calls the sender for each
+(each notification is claimed, sent and recorded on its own)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ _COUNTED = {"sent", "deferred", "retried", "failed", "duplicate"}
 
 
 def register(broker: dramatiq.Broker, sender: NotificationSender
-             ) -> dramatiq.Actor[[int], None]:
-    def send_notification(notification_id: int) -> None:
-        outcome = sender.send(int(notification_id))
-        if outcome.outcome in _COUNTED and outcome.channel:
-            metrics.record_notification(outcome.channel, outcome.outcome)
+             ) -> dramatiq.Actor[[list[int]], None]:
+    def send_notifications(notification_ids: list[int]) -> None:
+        for notification_id in [int(i) for i in notification_ids]:
+            outcome = sender.send(notification_id)
+            if outcome.outcome in _COUNTED and outcome.channel:
+                metrics.record_notification(outcome.channel, outcome.outcome)
 
     return dramatiq.actor(
         broker=broker,
@@ -28,4 +30,4 @@ def register(broker: dramatiq.Broker, sender: NotificationSender
         max_retries=10,
         min_backoff=500,
         max_backoff=30_000,
-    )(send_notification)
+    )(send_notifications)

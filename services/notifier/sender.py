@@ -1,7 +1,8 @@
 """The notifier's work on one notification row: claim it, send it (or defer it), record
 what happened. Exactly once per dedup key:
 
-1. Claim in its own transaction: a row already `sent` or `failed` is a redelivery and
+1. Claim in its own transaction (rows `new`, `queued` or, from before 0002, `pending`):
+   a row already `sent` or `failed` is a redelivery and
    does nothing; a row found `sending` means an earlier attempt died after the claim and
    may or may not have reached the provider. It is recorded as failed ("unknown"), not
    sent again: the issue's promise is never twice to the same person for the same

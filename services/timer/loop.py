@@ -6,7 +6,8 @@ never take the same row), hands each to the resolver as a Dramatiq message (publ
 confirms), marks them dispatched and commits. The database clock decides what is due.
 A crash between publish and commit leaves the rows pending: they are sent again, and the
 resolver's fence makes the second one a no-op. Memory stays flat: nothing about pending
-deadlines is held between ticks.
+deadlines is held between ticks. The same loop hands notifications to the notifier (new,
+deferred until now, or queued long ago and never finished), in batches.
 """
 
 from __future__ import annotations
@@ -51,17 +52,19 @@ MARK_DISPATCHED = text(
     WHERE id = ANY(:ids)
     """
 )
-CLAIM_DEFERRED_NOTIFICATIONS = text(
-    """
-    SELECT id FROM notifications
-    WHERE status = 'deferred' AND send_after <= now()
-    ORDER BY send_after
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-    """
+# Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
+# queued ones whose message was lost (the notifier gave up on it or died): oldest first.
+CLAIM_NOTIFICATIONS = (
+    text("""SELECT id FROM notifications WHERE status = 'new'
+            ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"""),
+    text("""SELECT id FROM notifications WHERE status = 'deferred' AND send_after <= now()
+            ORDER BY send_after LIMIT :limit FOR UPDATE SKIP LOCKED"""),
+    text("""SELECT id FROM notifications
+            WHERE status = 'queued' AND queued_at < now() - make_interval(secs => :after)
+            ORDER BY queued_at LIMIT :limit FOR UPDATE SKIP LOCKED"""),
 )
-MARK_NOTIFICATIONS_PENDING = text(
-    "UPDATE notifications SET status = 'pending' WHERE id = ANY(:ids)"
+MARK_NOTIFICATIONS_QUEUED = text(
+    "UPDATE notifications SET status = 'queued', queued_at = now() WHERE id = ANY(:ids)"
 )
 
 
@@ -129,7 +132,7 @@ class Timer:
             if ids:
                 s.execute(MARK_DISPATCHED, {"ids": ids})
         self.limiter.take(len(ids))
-        notifications = self._release_deferred_notifications(limit)
+        notifications = self._hand_over_notifications(limit)
         return TickResult(
             fired=len(due),
             redispatched=len(stuck),
@@ -137,11 +140,13 @@ class Timer:
             latenesses=[(row.purpose, float(row.lateness)) for row in due],
         )
 
-    def _release_deferred_notifications(self, limit: int) -> int:
+    def _hand_over_notifications(self, limit: int) -> int:
         with self.db.transaction() as s:
-            ids = [r.id for r in s.execute(CLAIM_DEFERRED_NOTIFICATIONS, {"limit": limit}).all()]
-            for notification_id in ids:
-                self.publisher.send_actor(NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, notification_id)
+            params = {"limit": limit, "after": self.redispatch_after}
+            ids = [r.id for claim in CLAIM_NOTIFICATIONS for r in s.execute(claim, params)]
+            for start in range(0, len(ids), self.message_size):
+                chunk = ids[start:start + self.message_size]
+                self.publisher.send_actor(NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, chunk)
             if ids:
-                s.execute(MARK_NOTIFICATIONS_PENDING, {"ids": ids})
+                s.execute(MARK_NOTIFICATIONS_QUEUED, {"ids": ids})
         return len(ids)

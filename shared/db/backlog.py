@@ -23,7 +23,7 @@ OLDEST_OPEN = text("SELECT min(opened_at) FROM cases WHERE status = 'open'")
 OUTBOX = text("SELECT count(*), min(created_at) FROM outbox")
 NOTIFICATIONS_PENDING = text(
     """SELECT channel, count(*) FROM notifications
-       WHERE status IN ('pending', 'deferred') GROUP BY 1"""
+       WHERE status IN ('new', 'queued', 'pending', 'deferred') GROUP BY 1"""
 )
 
 

@@ -158,7 +158,10 @@ class DecisionRow(Base):
 class NotificationRow(Base):
     """One message to one recipient over one channel. `dedup_key` is recorded before
     sending and passed to the provider, so nothing is sent twice for the same reason.
-    Status: pending -> sent | failed; deferred (quiet hours, rate limit, retry) -> pending."""
+    The table is also the notifier's outbox: rows are written `new` with the case change
+    that caused them; the timer hands them to the notifier (`queued`, `queued_at`).
+    Status: new -> queued -> sending -> sent | failed; deferred (quiet hours, rate limit,
+    retry later) -> queued again at `send_after`."""
 
     __tablename__ = "notifications"
 
@@ -172,9 +175,10 @@ class NotificationRow(Base):
     template: Mapped[str] = mapped_column(String(128))
     params: Mapped[dict[str, Any]]
     urgent: Mapped[bool] = mapped_column(Boolean, server_default="false")
-    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    status: Mapped[str] = mapped_column(String(16), server_default="new")
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     send_after: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_id: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -187,6 +191,8 @@ class NotificationRow(Base):
             "send_after",
             postgresql_where=text("status = 'deferred'"),
         ),
+        Index("ix_notifications_new", "id", postgresql_where=text("status = 'new'")),
+        Index("ix_notifications_queued", "queued_at", postgresql_where=text("status = 'queued'")),
     )
 
 

@@ -9,8 +9,8 @@ inside the transaction that holds the case locks:
   inserted (the domain always gives the full set),
 - the decisions, each with an outbox row for `aftersales.decisions` (a decision already
   stored, e.g. decided again after a crash, gets no second row),
-- the notifications, each with an outbox row that hands it to the notifier (a dedup key
-  already stored gets no second message).
+- the notifications, written `new` (a dedup key already stored is not written again);
+  the notifications table is the notifier's own outbox: the timer hands new rows over.
 Statements are built once, with bound parameters: building them per call was most of the
 resolver's CPU (docs/benchmarks.md).
 """
@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, cast
 
-import dramatiq
 from sqlalchemy import Table, bindparam, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from shared.amqp import DECISIONS_EXCHANGE, NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR
+from shared.amqp import DECISIONS_EXCHANGE
 from shared.db.models import CaseRow, DeadlineRow, DecisionRow, NotificationRow, OutboxRow
 from shared.domain import Case, DeadlineSpec, Decision, Notice, Outcome
 
@@ -104,18 +103,6 @@ def decision_message(decision: Decision, case: Case) -> dict[str, Any]:
         "decided_at": decision.decided_at.isoformat(),
         "data": dict(decision.data),
     }
-
-
-def notifier_message(notification_id: int) -> bytes:
-    """A Dramatiq message for the notifier's actor, published later from the outbox."""
-    message: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name=NOTIFIER_QUEUE,
-        actor_name=SEND_NOTIFICATION_ACTOR,
-        args=(notification_id,),
-        kwargs={},
-        options={},
-    )
-    return message.encode()
 
 
 def lock_cases(session: Session, case_ids: Iterable[str]) -> None:
@@ -267,17 +254,10 @@ class OutcomeWriter:
             {"dedup_key": r.dedup_key, "case_id": r.case_id, "reason": r.reason,
              "party": r.party, "channel": r.channel, "recipient": r.recipient,
              "template": r.template, "params": dict(r.params), "urgent": r.urgent,
-             "status": "pending"}
+             "status": "new"}
             for r in self._notifications.values()
         ]).all()
-        ids = sorted(row.id for row in created)
-        if ids:
-            conn.execute(INSERT_OUTBOX, [
-                {"exchange": "", "routing_key": NOTIFIER_QUEUE,
-                 "message_id": f"notification-{i}", "body": notifier_message(i), "headers": {}}
-                for i in ids
-            ])
-        return ids
+        return sorted(row.id for row in created)
 
 
 def store_outcome(session: Session, outcome: Outcome, *, now: datetime,

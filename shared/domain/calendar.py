@@ -40,10 +40,19 @@ class WorkCalendar:
         self._user_holidays: set[date] = set()
         self._user_workdays: set[date] = set()
         self._user_years: set[int] = set()
+        # Day -> working day or not. The answer never changes for a loaded calendar, and
+        # asking the library costs far more than the dict (docs/benchmarks.md).
+        self._known: dict[date, bool] = {}
         if holiday_file is not None:
             self._load_user_file(Path(holiday_file))
 
     def is_workday(self, day: date) -> bool:
+        known = self._known.get(day)
+        if known is None:
+            known = self._known[day] = self._lookup(day)
+        return known
+
+    def _lookup(self, day: date) -> bool:
         if day in self._user_holidays:
             return False
         if day in self._user_workdays:
