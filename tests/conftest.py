@@ -53,7 +53,8 @@ def _rabbitmqctl(*args: str) -> None:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     name = f"aftersales_test_{RUN_ID}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: the fault tests restart PostgreSQL; the drop at the end needs a live link.
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -125,7 +125,8 @@ def publish_events(amqp_url: str, events: Iterable[dict[str, Any] | bytes],
             count += 1
         return count
     finally:
-        connection.close()
+        if connection.is_open:
+            connection.close()
 
 
 class DecisionTap:

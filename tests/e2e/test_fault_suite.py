@@ -23,6 +23,7 @@ from typing import Any
 
 import dramatiq
 import pika
+import pika.exceptions
 import pytest
 from sqlalchemy import select, text
 
@@ -81,14 +82,25 @@ def _poison(amqp_url: str) -> int:
 
 
 def _paced_publish(amqp_url: str, bodies: list[bytes], rate: float) -> None:
+    """As an upstream system publishes: paced, and a chunk the broker did not confirm
+    (RabbitMQ restarting) is published again; intake dedups events by event_id."""
     chunk = max(1, int(rate / 10))
     started = time.monotonic()
     for i in range(0, len(bodies), chunk):
         # Pacing the offered load (a rate, not a condition to wait for).
         time.sleep(max(0.0, started + i / rate - time.monotonic()))
-        publish_events(amqp_url, bodies[i:i + chunk], routing_key="sim")
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                publish_events(amqp_url, bodies[i:i + chunk], routing_key="sim")
+                break
+            except (pika.exceptions.AMQPError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # broker restarting: try again, as upstreams do
 
 
+@pytest.mark.timeout(900)
 def test_simulated_traffic_survives_kills_restarts_and_poison(
     system: System, db: Database, amqp_url: str
 ) -> None:
@@ -185,7 +197,8 @@ def test_simulated_traffic_survives_kills_restarts_and_poison(
     assert missing_decisions == set()
     assert different == []
     assert twice == {}
-    assert sorted(rejected) == sorted(malformed)
+    # A chunk re-published after the RabbitMQ restart may reject a message twice.
+    assert set(rejected) == set(malformed) and len(rejected) >= len(malformed)
     assert sends, "the notifier sent nothing: the suite did not exercise it"
     assert fired, "no deadline fired: the suite did not exercise the timer"
     assert json.dumps(dict(kills))  # the report above is the record of what was done

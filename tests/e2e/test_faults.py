@@ -180,6 +180,7 @@ def _restart_postgresql() -> None:
                    check=True, timeout=120, capture_output=True)
 
 
+@pytest.mark.timeout(900)
 def test_rabbitmq_and_postgresql_restarts_lose_no_decision(
     system: System, db: Database, amqp_url: str
 ) -> None:
