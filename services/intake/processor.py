@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -40,10 +40,10 @@ Clock = Callable[[], datetime]
 _EVENTS = CaseEventRow.__table__
 assert isinstance(_EVENTS, Table)
 SEEN_EVENTS = select(_EVENTS.c.event_id).where(
-    _EVENTS.c.event_id.in_(bindparam("ids", expanding=True)))
+    _EVENTS.c.event_id == any_(bindparam("ids")))
 PARKED_EVENTS = (
     select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
-    .where(_EVENTS.c.case_id.in_(bindparam("ids", expanding=True)))
+    .where(_EVENTS.c.case_id == any_(bindparam("ids")))
     .where(_EVENTS.c.outcome == "parked")
     .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, any_, bindparam, select, update
 from sqlalchemy.exc import DBAPIError
 
 from shared.db.models import DeadlineRow
@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 _DEADLINES = DeadlineRow.__table__
 assert isinstance(_DEADLINES, Table)
 CASES_OF = select(_DEADLINES.c.case_id).where(
-    _DEADLINES.c.id.in_(bindparam("ids", expanding=True)))
+    _DEADLINES.c.id == any_(bindparam("ids")))
 CLAIM = (
     select(_DEADLINES)
-    .where(_DEADLINES.c.id.in_(bindparam("ids", expanding=True)))
+    .where(_DEADLINES.c.id == any_(bindparam("ids")))
     .order_by(_DEADLINES.c.case_id, _DEADLINES.c.due_at, _DEADLINES.c.id)
     .with_for_update()
 )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy import Table, any_, bindparam, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -47,10 +47,12 @@ UPSERT_CASES = _case_insert.on_conflict_do_update(
     index_elements=[_CASES.c.case_id],
     set_={c.name: _case_insert.excluded[c.name] for c in _CASES.c if c.name != "case_id"},
 )
-LOAD_CASES = select(_CASES.c.snapshot).where(_CASES.c.case_id.in_(bindparam("ids", expanding=True)))
+# `= ANY(:ids)` with one array parameter, not `IN (...)`: the SQL text is the same for
+# every batch size, so psycopg parses it once (a new text per size was 16 % of intake's CPU).
+LOAD_CASES = select(_CASES.c.snapshot).where(_CASES.c.case_id == any_(bindparam("ids")))
 CANCEL_OPEN_DEADLINES = (
     update(_DEADLINES)
-    .where(_DEADLINES.c.case_id.in_(bindparam("ids", expanding=True)))
+    .where(_DEADLINES.c.case_id == any_(bindparam("ids")))
     .where(_DEADLINES.c.status.in_(("pending", "dispatched")))
     .values(status="cancelled")
 )
@@ -60,11 +62,10 @@ INSERT_DECISIONS = (
     .on_conflict_do_nothing(index_elements=[_DECISIONS.c.decision_id])
     .returning(_DECISIONS.c.decision_id)
 )
-INSERT_NOTIFICATIONS = (
-    pg_insert(_NOTIFICATIONS)
-    .on_conflict_do_nothing(index_elements=[_NOTIFICATIONS.c.dedup_key])
-    .returning(_NOTIFICATIONS.c.id, _NOTIFICATIONS.c.dedup_key)
-)
+# No RETURNING: the timer finds new notifications by status, so psycopg can pipeline the
+# rows with one prepared text instead of a multi-row VALUES statement per batch.
+INSERT_NOTIFICATIONS = pg_insert(_NOTIFICATIONS).on_conflict_do_nothing(
+    index_elements=[_NOTIFICATIONS.c.dedup_key])
 INSERT_OUTBOX = insert(_OUTBOX)
 # Advisory locks in case-id order: every transaction takes them in the same order, so two
 # workers can never wait on each other in a cycle. The subquery fixes the order.
@@ -176,7 +177,7 @@ class Stored:
     """What a flush wrote, for metrics after the commit."""
 
     decisions: list[StoredDecision] = field(default_factory=list)
-    notification_ids: list[int] = field(default_factory=list)
+    notifications: int = 0  # notification rows offered (a dedup key already stored is skipped)
     deadlines_set: int = 0
 
 
@@ -220,7 +221,7 @@ class OutcomeWriter:
                 conn.execute(INSERT_DEADLINES, rows)
             stored.deadlines_set = len(rows)
         stored.decisions = self._flush_decisions(conn)
-        stored.notification_ids = self._flush_notifications(conn)
+        stored.notifications = self._flush_notifications(conn)
         return stored
 
     def _flush_decisions(self, conn: Any) -> list[StoredDecision]:
@@ -247,17 +248,17 @@ class OutcomeWriter:
         return [StoredDecision(d.type, c.case_id, c.platform, str(c.kind))
                 for _did, d, c, _m in fresh]
 
-    def _flush_notifications(self, conn: Any) -> list[int]:
+    def _flush_notifications(self, conn: Any) -> int:
         if not self._notifications:
-            return []
-        created = conn.execute(INSERT_NOTIFICATIONS, [
+            return 0
+        conn.execute(INSERT_NOTIFICATIONS, [
             {"dedup_key": r.dedup_key, "case_id": r.case_id, "reason": r.reason,
              "party": r.party, "channel": r.channel, "recipient": r.recipient,
              "template": r.template, "params": dict(r.params), "urgent": r.urgent,
              "status": "new"}
             for r in self._notifications.values()
-        ]).all()
-        return sorted(row.id for row in created)
+        ])
+        return len(self._notifications)
 
 
 def store_outcome(session: Session, outcome: Outcome, *, now: datetime,
