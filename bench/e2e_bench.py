@@ -203,7 +203,7 @@ class Services:
         return total
 
     def sample_rss(self) -> None:
-        for service in self.procs:
+        for service in list(self.procs):  # a service may be started meanwhile
             self.rss_peak[service] = max(self.rss_peak[service], self.rss(service))
 
 
