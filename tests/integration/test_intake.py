@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,17 +52,6 @@ def processor(db: Database) -> IntakeProcessor:
         ops_contacts={"emails": ["ops@example.com"], "phones": []},
         max_event_bytes=64 * 1024,
     )
-
-
-@pytest.fixture
-def running_intake(amqp: Any, amqp_url: str, processor: IntakeProcessor
-                   ) -> Iterator[IntakeConsumer]:
-    consumer = IntakeConsumer(amqp_url, processor, prefetch=200, batch_size=50)
-    thread = threading.Thread(target=consumer.run_forever, daemon=True)
-    thread.start()
-    yield consumer
-    consumer.stop()
-    thread.join(10)
 
 
 def count(db: Database, stmt: Any) -> int:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -149,18 +147,6 @@ def generated_stream(count: int, seed: int) -> list[bytes]:
             body = json.dumps(base, ensure_ascii=False).encode()
         out.append(body)
     return out
-
-
-@pytest.fixture
-def running_intake(amqp: Any, amqp_url: str, processor: IntakeProcessor
-                   ) -> Iterator[IntakeConsumer]:
-    consumer = IntakeConsumer(amqp_url, processor, prefetch=200, batch_size=100)
-    thread = threading.Thread(target=consumer.run_forever, daemon=True)
-    thread.start()
-    yield consumer
-    consumer.stop()
-    thread.join(10)
-    assert not thread.is_alive()
 
 
 def test_thousands_of_adversarial_messages_through_the_broker_none_lost(
