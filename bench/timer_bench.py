@@ -542,7 +542,7 @@ def template_case() -> tuple[dict[str, Any], Any]:
 
 def load_overdue_cases(conn: psycopg.Connection[Any], count: int) -> float:
     """`count` open cases (copies of one domain-opened case, each with its own ids) and
-    their overdue deadline, as `store_outcome` would have written them."""
+    their overdue deadline, as `OutcomeWriter` would have written them."""
     t = time.perf_counter()
     conn.execute("TRUNCATE outbox, notifications, decisions, deadlines, case_events, cases "
                  "RESTART IDENTITY")

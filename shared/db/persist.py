@@ -123,10 +123,6 @@ def load_cases(session: Session, case_ids: Iterable[str]) -> dict[str, Case]:
     return {snapshot["case_id"]: Case.from_dict(snapshot) for snapshot in rows}
 
 
-def load_case(session: Session, case_id: str) -> Case | None:
-    return load_cases(session, [case_id]).get(case_id)
-
-
 def _case_row(case: Case, now: datetime) -> dict[str, Any]:
     return {
         "case_id": case.case_id,
@@ -259,11 +255,3 @@ class OutcomeWriter:
             for r in self._notifications.values()
         ])
         return len(self._notifications)
-
-
-def store_outcome(session: Session, outcome: Outcome, *, now: datetime,
-                  policy: NotificationExpander, ops_contacts: Any) -> Stored:
-    """Write one applied outcome (a batch of one)."""
-    writer = OutcomeWriter(policy, ops_contacts, now)
-    writer.add(outcome)
-    return writer.flush(session)
