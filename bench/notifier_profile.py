@@ -75,8 +75,9 @@ try:
         started = time.perf_counter()
         outcomes = [sender.send(i).outcome for i in ids]
         wall = time.perf_counter() - started
-        results[label] = {"per_s": round(len(ids) / wall, 1),
-                          "sent": outcomes.count("sent"), "other": len(ids) - outcomes.count("sent")}
+        sent = outcomes.count("sent")
+        results[label] = {"per_s": round(len(ids) / wall, 1), "sent": sent,
+                          "other": len(ids) - sent}
     print(json.dumps(results))
 finally:
     controller.stop()
