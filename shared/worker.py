@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import dramatiq
 
@@ -19,6 +20,17 @@ def build_worker_broker(settings: Settings, service: str) -> AftersalesBroker:
     install_actor_metrics(broker, service)
     dramatiq.set_broker(broker)
     return broker
+
+
+def batch_actor(broker: dramatiq.Broker, queue_name: str, actor_name: str,
+                fn: Callable[[list[int]], None]) -> dramatiq.Actor[[list[int]], None]:
+    """Register a service's actor (it takes a list of row ids). Dramatiq's own retries
+    only cover the database being briefly away; after the last one the timer hands the
+    rows over again (stuck dispatches, queued notifications), so nothing is lost."""
+    return dramatiq.actor(
+        broker=broker, actor_name=actor_name, queue_name=queue_name,
+        max_retries=10, min_backoff=500, max_backoff=30_000,
+    )(fn)
 
 
 def run_worker(broker: AftersalesBroker, threads: int, stop: threading.Event | None = None) -> None:

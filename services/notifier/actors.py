@@ -8,6 +8,7 @@ import dramatiq
 from services.notifier.sender import NotificationSender
 from shared import metrics
 from shared.amqp import NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR
+from shared.worker import batch_actor
 
 # The metric counts what happened to a notification, not the bookkeeping of a message.
 _COUNTED = {"sent", "deferred", "retried", "failed", "duplicate"}
@@ -21,13 +22,5 @@ def register(broker: dramatiq.Broker, sender: NotificationSender
             if outcome.outcome in _COUNTED and outcome.channel:
                 metrics.record_notification(outcome.channel, outcome.outcome)
 
-    return dramatiq.actor(
-        broker=broker,
-        actor_name=SEND_NOTIFICATION_ACTOR,
-        queue_name=NOTIFIER_QUEUE,
-        # Provider failures are handled inside (deferral with send_after); Dramatiq's
-        # retries only cover the database being briefly away.
-        max_retries=10,
-        min_backoff=500,
-        max_backoff=30_000,
-    )(send_notifications)
+    # Provider failures are handled inside (deferral with send_after).
+    return batch_actor(broker, NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, send_notifications)

@@ -9,6 +9,7 @@ import dramatiq
 from services.resolver.resolve import BatchResolution, Resolver
 from shared import metrics
 from shared.amqp import FIRE_DEADLINE_ACTOR, RESOLVER_QUEUE
+from shared.worker import batch_actor
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,4 @@ def register(broker: dramatiq.Broker, resolver: Resolver
     def fire_deadlines(deadline_ids: list[int]) -> None:
         record(resolver.fire_many([int(i) for i in deadline_ids]))
 
-    return dramatiq.actor(
-        broker=broker,
-        actor_name=FIRE_DEADLINE_ACTOR,
-        queue_name=RESOLVER_QUEUE,
-        # Database hiccups are retried quickly; after the last retry the timer's
-        # re-dispatch of stuck deadlines still gets it done.
-        max_retries=10,
-        min_backoff=500,
-        max_backoff=30_000,
-    )(fire_deadlines)
+    return batch_actor(broker, RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, fire_deadlines)
