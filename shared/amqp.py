@@ -16,6 +16,10 @@ UNROUTED_EXCHANGE = "aftersales.decisions.unrouted"
 UNROUTED_QUEUE = "aftersales.decisions.unrouted"
 INTAKE_QUEUE = "aftersales.events.intake"
 REJECTED_QUEUE = "aftersales.events.rejected"
+# The outbox relay's receipts: one message per published batch, in the same AMQP
+# transaction as the batch, so a relay restarting after a crash can tell which outbox rows
+# RabbitMQ already has (services/resolver/outbox.py). Nobody else reads it.
+OUTBOX_LEDGER_QUEUE = "aftersales.outbox.ledger"
 
 # Dramatiq queues between the services.
 RESOLVER_QUEUE = "aftersales.resolver"
@@ -42,6 +46,7 @@ def declare_topology(channel: BlockingChannel, queue_type: str = "classic") -> N
     channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=args)
     channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
     channel.queue_declare(REJECTED_QUEUE, durable=True, arguments=args)
+    channel.queue_declare(OUTBOX_LEDGER_QUEUE, durable=True, arguments=args)
 
 
 class AftersalesBroker(RabbitmqBroker):

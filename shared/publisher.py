@@ -7,6 +7,7 @@ turns "no queue was bound" into an error instead of a silent drop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import dramatiq
@@ -126,9 +127,12 @@ class BatchPublisher:
             self._channel = channel
         return self._channel
 
-    def publish_batch(self, messages: list[tuple[str, str, bytes, str, dict[str, Any] | None]]
-                      ) -> None:
-        """(exchange, routing_key, body, message_id, headers) each; all or an exception."""
+    def publish_batch(self, messages: list[tuple[str, str, bytes, str, dict[str, Any] | None]],
+                      receipt: tuple[str, bytes] | None = None) -> None:
+        """(exchange, routing_key, body, message_id, headers) each; all or an exception.
+
+        `receipt` (queue, body) is published to that queue in the same transaction: once
+        the commit returns, the receipt is there if and only if the batch is."""
         try:
             for exchange, routing_key, _b, _m, _h in messages:
                 if exchange == "" and routing_key not in self._declared:
@@ -144,6 +148,13 @@ class BatchPublisher:
                         message_id=message_id, headers=headers or None),
                     mandatory=True,
                 )
+            if receipt is not None:
+                channel.basic_publish(
+                    exchange="", routing_key=receipt[0], body=receipt[1],
+                    properties=pika.BasicProperties(delivery_mode=2,
+                                                    content_type="application/json"),
+                    mandatory=True,
+                )
             channel.tx_commit()
             if self._connection is not None:
                 self._connection.process_data_events(0)  # deliver any basic.return
@@ -152,6 +163,36 @@ class BatchPublisher:
             raise
         if self._returned:
             raise pika.exceptions.UnroutableError(list(self._returned))
+
+    def take(self, queue: str, handle: Callable[[list[bytes]], None], limit: int = 1000
+             ) -> int:
+        """Take up to `limit` messages from `queue`: `handle` their bodies, then ack them
+        (one ack and commit). If `handle` raises, nothing is acked and the messages stay.
+        Returns how many were taken."""
+        try:
+            channel = self._open()
+            bodies: list[bytes] = []
+            last_tag = None
+            while len(bodies) < limit:
+                method, _props, body = channel.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                bodies.append(body)
+                last_tag = method.delivery_tag
+            if last_tag is None:
+                return 0
+            try:
+                handle(bodies)
+            except Exception:
+                channel.basic_nack(last_tag, multiple=True, requeue=True)
+                channel.tx_commit()
+                raise
+            channel.basic_ack(last_tag, multiple=True)
+            channel.tx_commit()
+            return len(bodies)
+        except (pika.exceptions.AMQPError, OSError):
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:

@@ -88,13 +88,20 @@ def amqp_url() -> Iterator[str]:
 @pytest.fixture
 def amqp(amqp_url: str) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
     """A channel on the test vhost, with the project's queues of the previous test gone."""
-    from shared.amqp import INTAKE_QUEUE, NOTIFIER_QUEUE, REJECTED_QUEUE, RESOLVER_QUEUE
+    from shared.amqp import (
+        INTAKE_QUEUE,
+        NOTIFIER_QUEUE,
+        OUTBOX_LEDGER_QUEUE,
+        REJECTED_QUEUE,
+        RESOLVER_QUEUE,
+    )
 
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
     for base in (INTAKE_QUEUE, REJECTED_QUEUE, RESOLVER_QUEUE, NOTIFIER_QUEUE):
         for queue in (base, f"{base}.DQ", f"{base}.XQ"):
             channel.queue_delete(queue)  # deleting a queue that does not exist is fine
+    channel.queue_delete(OUTBOX_LEDGER_QUEUE)
     yield channel
     if connection.is_open:
         connection.close()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pika
 
 from shared.amqp import DECISIONS_EXCHANGE, EVENTS_EXCHANGE, REJECTED_QUEUE, declare_topology
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +131,9 @@ def publish_events(amqp_url: str, events: Iterable[dict[str, Any] | bytes],
             connection.close()
 
 
+MARKER_PREFIX = "test-marker-"
+
+
 class DecisionTap:
     """Binds its own queue to `aftersales.decisions` and collects everything published."""
 
@@ -177,7 +182,24 @@ class DecisionTap:
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self.messages)
+            return [m for m in self.messages if not str(m.get("decision_id")).startswith(
+                MARKER_PREFIX)]
+
+    def catch_up(self, timeout: float = 60) -> list[dict[str, Any]]:
+        """Everything published to the exchange so far. A marker published now arrives
+        after all of it (one FIFO queue), so a late repeat cannot be missed."""
+        marker = f"{MARKER_PREFIX}{uuid.uuid4()}"
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        connection.channel().basic_publish(DECISIONS_EXCHANGE, "test.marker",
+                                           json.dumps({"decision_id": marker}).encode())
+        connection.close()
+
+        def seen() -> bool:
+            with self._lock:
+                return any(m.get("decision_id") == marker for m in self.messages)
+
+        wait_for(seen, timeout=timeout, what="the tap to catch up with the exchange")
+        return self.snapshot()
 
 
 def rejected_messages(amqp_url: str) -> list[tuple[bytes, dict[str, Any]]]:
