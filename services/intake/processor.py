@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, any_, bindparam, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from shared.db.bulk import bulk_insert
 from shared.db.models import CaseEventRow
 from shared.db.persist import (
     NotificationExpander,
@@ -47,7 +47,9 @@ PARKED_EVENTS = (
     .where(_EVENTS.c.outcome == "parked")
     .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
 )
-INSERT_EVENTS = pg_insert(_EVENTS).on_conflict_do_nothing(index_elements=[_EVENTS.c.event_id])
+INSERT_EVENTS = bulk_insert(_EVENTS, [
+    "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body"],
+    "ON CONFLICT (event_id) DO NOTHING")
 UPDATE_EVENT = (
     update(_EVENTS)
     .where(_EVENTS.c.event_id == bindparam("b_event_id"))
@@ -155,7 +157,7 @@ class IntakeProcessor:
             problem = f"error: {cause!r}"[:1000]
             log.error("event %s could not be applied: %s", accepted.event.event_id, problem)
             with self.db.transaction() as session:
-                session.execute(INSERT_EVENTS, [_event_row(accepted, "error", problem, None)])
+                INSERT_EVENTS.execute(session, [_event_row(accepted, "error", problem, None)])
             return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
     def _apply_batch(self, ordered: list[Accepted]) -> tuple[list[Handled], Stored]:
@@ -265,6 +267,6 @@ def _event_row(accepted: Accepted, outcome: str, problem: str | None,
 
 def _write_events(session: Session, batch: _Batch) -> None:
     if batch.new_rows:
-        session.execute(INSERT_EVENTS, batch.new_rows)
+        INSERT_EVENTS.execute(session, batch.new_rows)
     if batch.updated_rows:
         session.connection().execute(UPDATE_EVENT, batch.updated_rows)

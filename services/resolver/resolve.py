@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, any_, bindparam, select, update
+from sqlalchemy import Table, any_, bindparam, select
 from sqlalchemy.exc import DBAPIError
 
+from shared.db.bulk import BulkStatement
 from shared.db.models import DeadlineRow
 from shared.db.persist import (
     NotificationExpander,
@@ -41,12 +42,10 @@ CLAIM = (
     .order_by(_DEADLINES.c.case_id, _DEADLINES.c.due_at, _DEADLINES.c.id)
     .with_for_update()
 )
-FINISH = (
-    update(_DEADLINES)
-    .where(_DEADLINES.c.id == bindparam("b_id"))
-    .values(status=bindparam("b_status"), fired_at=bindparam("b_at"),
-            result=bindparam("b_result"))
-)
+FINISH = BulkStatement(
+    _DEADLINES, ["id", "status", "fired_at", "result"],
+    "UPDATE deadlines d SET status = rows.status, fired_at = rows.fired_at, "
+    "result = rows.result FROM rows WHERE d.id = rows.id")
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,8 @@ class Resolver:
         problem = f"error: {cause!r}"[:1000]
         log.error("deadline %s could not be resolved: %s", deadline_id, problem)
         with self.db.transaction() as s:
-            s.connection().execute(FINISH, [{"b_id": deadline_id, "b_status": "error",
-                                             "b_at": self.clock(), "b_result": problem}])
+            FINISH.execute(s, [{"id": deadline_id, "status": "error",
+                                "fired_at": self.clock(), "result": problem}])
         return BatchResolution([Resolution(deadline_id, "error", problem=problem)])
 
     def _fire_batch(self, ids: list[int]) -> BatchResolution:
@@ -145,11 +144,11 @@ class Resolver:
                 resolution = self._fire_one(row, cases, writer, now)
                 resolutions[row.id] = resolution
                 if resolution.outcome in ("fired", "stale"):
-                    finished.append({"b_id": row.id, "b_status": resolution.outcome,
-                                     "b_at": now, "b_result": resolution.problem})
+                    finished.append({"id": row.id, "status": resolution.outcome,
+                                     "fired_at": now, "result": resolution.problem})
             # Mark these rows first: the flush cancels the cases' other open deadlines.
             if finished:
-                s.connection().execute(FINISH, finished)
+                FINISH.execute(s, finished)
             stored = writer.flush(s)
         return BatchResolution(
             [resolutions.get(i) or Resolution(i, "missing") for i in ids], stored)

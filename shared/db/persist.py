@@ -11,8 +11,9 @@ inside the transaction that holds the case locks:
   stored, e.g. decided again after a crash, gets no second row),
 - the notifications, written `new` (a dedup key already stored is not written again);
   the notifications table is the notifier's own outbox: the timer hands new rows over.
-Statements are built once, with bound parameters: building them per call was most of the
-resolver's CPU (docs/benchmarks.md).
+Statements are built once, with bound parameters (building them per call was most of the
+resolver's CPU), and rows go as one array per column (`shared/db/bulk.py`), so a batch is
+one execution per table (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, any_, bindparam, insert, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Table, any_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.amqp import DECISIONS_EXCHANGE
+from shared.db.bulk import bulk_insert
 from shared.db.models import CaseRow, DeadlineRow, DecisionRow, NotificationRow, OutboxRow
 from shared.domain import Case, DeadlineSpec, Decision, Notice, Outcome
 
@@ -42,10 +43,11 @@ _DECISIONS = cast(Table, DecisionRow.__table__)
 _NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 _OUTBOX = cast(Table, OutboxRow.__table__)
 
-_case_insert = pg_insert(_CASES)
-UPSERT_CASES = _case_insert.on_conflict_do_update(
-    index_elements=[_CASES.c.case_id],
-    set_={c.name: _case_insert.excluded[c.name] for c in _CASES.c if c.name != "case_id"},
+_CASE_COLUMNS = [c.name for c in _CASES.c]
+UPSERT_CASES = bulk_insert(
+    _CASES, _CASE_COLUMNS,
+    "ON CONFLICT (case_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _CASE_COLUMNS if c != "case_id"),
 )
 # `= ANY(:ids)` with one array parameter, not `IN (...)`: the SQL text is the same for
 # every batch size, so psycopg parses it once (a new text per size was 16 % of intake's CPU).
@@ -56,17 +58,18 @@ CANCEL_OPEN_DEADLINES = (
     .where(_DEADLINES.c.status.in_(("pending", "dispatched")))
     .values(status="cancelled")
 )
-INSERT_DEADLINES = insert(_DEADLINES)
-INSERT_DECISIONS = (
-    pg_insert(_DECISIONS)
-    .on_conflict_do_nothing(index_elements=[_DECISIONS.c.decision_id])
-    .returning(_DECISIONS.c.decision_id)
-)
-# No RETURNING: the timer finds new notifications by status, so psycopg can pipeline the
-# rows with one prepared text instead of a multi-row VALUES statement per batch.
-INSERT_NOTIFICATIONS = pg_insert(_NOTIFICATIONS).on_conflict_do_nothing(
-    index_elements=[_NOTIFICATIONS.c.dedup_key])
-INSERT_OUTBOX = insert(_OUTBOX)
+INSERT_DEADLINES = bulk_insert(_DEADLINES, [
+    "case_id", "step", "purpose", "action", "party", "due_at", "deadline_at", "fence",
+    "rule_set", "rule_version", "rule_id", "status"])
+INSERT_DECISIONS = bulk_insert(
+    _DECISIONS, ["decision_id", "case_id", "type", "step", "decided_at", "body"],
+    "ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id")
+# No RETURNING: the timer finds new notifications by status.
+INSERT_NOTIFICATIONS = bulk_insert(_NOTIFICATIONS, [
+    "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
+    "urgent", "status"], "ON CONFLICT (dedup_key) DO NOTHING")
+INSERT_OUTBOX = bulk_insert(
+    _OUTBOX, ["exchange", "routing_key", "message_id", "headers", "body"])
 # Advisory locks in case-id order: every transaction takes them in the same order, so two
 # workers can never wait on each other in a cycle. The subquery fixes the order.
 LOCK_CASES = text(
@@ -209,12 +212,12 @@ class OutcomeWriter:
         if not self._cases:
             return stored
         conn = session.connection()
-        conn.execute(UPSERT_CASES, [_case_row(c, self.now) for c in self._cases.values()])
+        UPSERT_CASES.execute(conn, [_case_row(c, self.now) for c in self._cases.values()])
         if self._deadlines:
             conn.execute(CANCEL_OPEN_DEADLINES, {"ids": sorted(self._deadlines)})
             rows = [_deadline_row(d) for ds in self._deadlines.values() for d in ds]
             if rows:
-                conn.execute(INSERT_DEADLINES, rows)
+                INSERT_DEADLINES.execute(conn, rows)
             stored.deadlines_set = len(rows)
         stored.decisions = self._flush_decisions(conn)
         stored.notifications = self._flush_notifications(conn)
@@ -227,7 +230,7 @@ class OutcomeWriter:
         for decision, case in self._decisions:
             message = decision_message(decision, case)
             messages[message["decision_id"]] = (decision, case, message)
-        inserted = set(conn.execute(INSERT_DECISIONS, [
+        inserted = set(INSERT_DECISIONS.execute(conn, [
             {"decision_id": did, "case_id": case.case_id, "type": decision.type,
              "step": decision.step, "decided_at": decision.decided_at, "body": message}
             for did, (decision, case, message) in messages.items()
@@ -235,7 +238,7 @@ class OutcomeWriter:
         # Already decided (a redelivery): no second decision row, no second publish.
         fresh = [(did, *messages[did]) for did in messages if did in inserted]
         if fresh:
-            conn.execute(INSERT_OUTBOX, [
+            INSERT_OUTBOX.execute(conn, [
                 {"exchange": DECISIONS_EXCHANGE, "routing_key": decision.type,
                  "message_id": did, "headers": {},
                  "body": json.dumps(message, ensure_ascii=False).encode()}
@@ -247,7 +250,7 @@ class OutcomeWriter:
     def _flush_notifications(self, conn: Any) -> int:
         if not self._notifications:
             return 0
-        conn.execute(INSERT_NOTIFICATIONS, [
+        INSERT_NOTIFICATIONS.execute(conn, [
             {"dedup_key": r.dedup_key, "case_id": r.case_id, "reason": r.reason,
              "party": r.party, "channel": r.channel, "recipient": r.recipient,
              "template": r.template, "params": dict(r.params), "urgent": r.urgent,

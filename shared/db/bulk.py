@@ -1,0 +1,60 @@
+"""Many rows in one statement with one parameter: a JSON array, expanded by PostgreSQL's
+`json_to_recordset`.
+
+psycopg's `executemany` sends one execution per row (pipelined) and adapts every value of
+every row on its own; that per-row cost was about a third of the resolver's and intake's
+CPU. Array parameters per column (`unnest`) were no better: psycopg quotes each element of
+a text array with a regular expression. `json.dumps` of the whole batch runs in C, and
+PostgreSQL parses it in C; the SQL text is the same for every batch size, so it is parsed
+and planned once (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Table, TextClause, text
+from sqlalchemy.dialects import postgresql
+
+_DIALECT = postgresql.dialect()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()  # with its UTC offset: PostgreSQL reads it as timestamptz
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()  # bytea's hex input format
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class BulkStatement:
+    """A statement over rows given as dicts, run as one execution with one parameter.
+
+    `sql` is written against `rows`, a relation with the given columns (typed as in
+    `table`), e.g. "INSERT INTO t (a, b) SELECT a, b FROM rows" or
+    "UPDATE t SET ... FROM rows WHERE ...". Keys of a row dict that are not columns are
+    ignored."""
+
+    def __init__(self, table: Table, columns: Sequence[str], sql: str) -> None:
+        self.columns = tuple(columns)
+        types = ", ".join(f"{c} {table.c[c].type.compile(dialect=_DIALECT)}" for c in columns)
+        self.statement: TextClause = text(
+            f"WITH rows AS (SELECT * FROM json_to_recordset(CAST(:rows AS json)) "
+            f"AS r({types})) {sql}")
+
+    def params(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        return {"rows": json.dumps(rows, default=_json_default, ensure_ascii=False)}
+
+    def execute(self, conn: Any, rows: Sequence[Mapping[str, Any]]) -> Any:
+        return conn.execute(self.statement, self.params(rows))
+
+
+def bulk_insert(table: Table, columns: Sequence[str], tail: str = "") -> BulkStatement:
+    """INSERT of the given columns (others take their defaults); `tail` is e.g. an
+    ON CONFLICT or RETURNING clause."""
+    names = ", ".join(columns)
+    return BulkStatement(
+        table, columns, f"INSERT INTO {table.name} ({names}) SELECT {names} FROM rows {tail}")
