@@ -48,6 +48,7 @@ class IntakeConsumer:
         queue_type: str = "classic",
         observe: BatchObserver | None = None,
         idle_seconds: float = 0.02,
+        batch_wait_seconds: float = 0.05,
     ) -> None:
         self.amqp_url = amqp_url
         self.processor = processor
@@ -56,6 +57,7 @@ class IntakeConsumer:
         self.queue_type = queue_type
         self.observe = observe
         self.idle_seconds = idle_seconds
+        self.batch_wait_seconds = batch_wait_seconds
         self._stopping = False
 
     def stop(self) -> None:
@@ -81,15 +83,21 @@ class IntakeConsumer:
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.prefetch)
             batch: list[Delivery] = []
+            started = 0.0
             for method, properties, body in channel.consume(
                 INTAKE_QUEUE, inactivity_timeout=self.idle_seconds
             ):
                 if method is not None:
+                    if not batch:
+                        started = time.monotonic()
                     batch.append(
                         Delivery(method.delivery_tag, method.exchange, method.routing_key,
                                  properties, body)
                     )
-                if batch and (method is None or len(batch) >= self.batch_size):
+                # Commit when the queue goes quiet, the batch is full, or its first event
+                # has waited long enough.
+                if batch and (method is None or len(batch) >= self.batch_size
+                              or time.monotonic() - started >= self.batch_wait_seconds):
                     self._process(connection, channel, batch)
                     batch = []
                 if self._stopping:

@@ -54,6 +54,7 @@ def worker(settings: Settings) -> None:
         processor,
         prefetch=settings.intake_prefetch,
         batch_size=settings.intake_batch,
+        batch_wait_seconds=settings.intake_batch_wait_seconds,
         queue_type=settings.queue_type,
         observe=observe_batch,
     )
