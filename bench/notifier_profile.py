@@ -1,10 +1,17 @@
 #!/usr/bin/env python
 """Notifications per second through `NotificationSender` on one thread: the email channel
-as the log transport and as SMTP to a local aiosmtpd server (a new connection per message).
+as the log transport and as SMTP to a local aiosmtpd server (the channel keeps one
+connection per thread).
 
-    .venv/bin/python bench/notifier_profile.py [--count N]
+Two ways of calling the sender, each on fresh rows:
+- `send_many`: what the actor does, one call per message of --batch ids (the timer's
+  message size, 50 by default);
+- `send`: one id per call (claim and record each on its own: two commits per row).
 
-Uses its own database (dropped at the end).
+    .venv/bin/python bench/notifier_profile.py [--count N] [--batch N]
+
+Uses its own database (dropped at the end). Prints JSON: per mode and channel, rows/s,
+outcomes, commits per notification and, for SMTP, the connections the server saw.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import os
 import socket
 import time
 import uuid
+from typing import Any
 
 from aiosmtpd.controller import Controller
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import create_engine, event, insert, select, text
 
 from services.notifier.channels.log import LogChannel
 from services.notifier.channels.smtp import SmtpEmailChannel
@@ -31,11 +39,16 @@ from shared.notifications.policy import NotificationPolicy
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--count", type=int, default=1000)
+ap.add_argument("--batch", type=int, default=50)
 args = ap.parse_args()
 
 
 class Sink:
-    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+    def __init__(self) -> None:
+        self.peers: set[object] = set()
+
+    async def handle_DATA(self, server: object, session: Any, envelope: object) -> str:
+        self.peers.add(session.peer)
         return "250 OK"
 
 
@@ -51,34 +64,56 @@ admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
 with admin.connect() as conn:
     conn.execute(text(f'CREATE DATABASE "{name}"'))
 port = free_port()
-controller = Controller(Sink(), hostname="127.0.0.1", port=port)
+sink = Sink()
+controller = Controller(sink, hostname="127.0.0.1", port=port)
 controller.start()
 try:
     url = admin_url.rsplit("/", 1)[0] + f"/{name}"
     upgrade(url)
     db = Database(make_engine(url))
+    commits = 0
+
+    def count_commit(conn: object) -> None:
+        global commits
+        commits += 1
+
+    event.listen(db.engine, "commit", count_commit)
     policy = NotificationPolicy.load(None)
-    results = {}
-    for label, channel in (("log", LogChannel("email")),
-                           ("smtp", SmtpEmailChannel("127.0.0.1", port, "bench@example.com",
-                                                     timeout=5))):
-        with db.transaction() as s:
-            s.execute(insert(NotificationRow), [{
-                "dedup_key": uuid.uuid4().hex, "case_id": f"NP-{i}", "reason": "case.opened",
-                "party": "merchant", "channel": "email", "recipient": "shop@example.com",
-                "template": "case_opened.merchant", "params": {"case_id": f"NP-{i}"},
-                "urgent": True, "status": "queued"} for i in range(args.count)])
-            ids = list(s.execute(select(NotificationRow.id)
-                                 .where(NotificationRow.status == "queued")).scalars())
-        sender = NotificationSender(db, policy, {"email": channel}, InMemoryRateLimiter(),
-                                    QuietHours.parse("off"), (), RetryPolicy())
-        started = time.perf_counter()
-        outcomes = [sender.send(i).outcome for i in ids]
-        wall = time.perf_counter() - started
-        sent = outcomes.count("sent")
-        results[label] = {"per_s": round(len(ids) / wall, 1), "sent": sent,
-                          "other": len(ids) - sent}
-    print(json.dumps(results))
+    results: dict[str, dict[str, object]] = {}
+    for mode in ("send_many", "send"):
+        for label in ("log", "smtp"):
+            channel: Any = LogChannel("email") if label == "log" else SmtpEmailChannel(
+                "127.0.0.1", port, "bench@example.com", timeout=5)
+            with db.transaction() as s:
+                s.execute(insert(NotificationRow), [{
+                    "dedup_key": uuid.uuid4().hex, "case_id": f"NP-{i}",
+                    "reason": "case.opened", "party": "merchant", "channel": "email",
+                    "recipient": "shop@example.com", "template": "case_opened.merchant",
+                    "params": {"case_id": f"NP-{i}"}, "urgent": True, "status": "queued"}
+                    for i in range(args.count)])
+                ids = list(s.execute(select(NotificationRow.id)
+                                     .where(NotificationRow.status == "queued")).scalars())
+            sender = NotificationSender(db, policy, {"email": channel}, InMemoryRateLimiter(),
+                                        QuietHours.parse("off"), (), RetryPolicy())
+            sink.peers.clear()
+            commits = 0
+            started = time.perf_counter()
+            if mode == "send_many":
+                outcomes = [o.outcome for start in range(0, len(ids), args.batch)
+                            for o in sender.send_many(ids[start:start + args.batch])]
+            else:
+                outcomes = [sender.send(i).outcome for i in ids]
+            wall = time.perf_counter() - started
+            sent = outcomes.count("sent")
+            result: dict[str, object] = {
+                "per_s": round(len(ids) / wall, 1), "sent": sent, "other": len(ids) - sent,
+                "commits_per_row": round(commits / len(ids), 3)}
+            if label == "smtp":
+                result["connections"] = len(sink.peers)
+                channel.close()
+            results[f"{mode}/{label}"] = result
+    print(json.dumps({"count": args.count, "batch": args.batch, "load": os.getloadavg(),
+                      **results}))
 finally:
     controller.stop()
     with admin.connect() as conn:

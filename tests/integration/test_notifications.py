@@ -267,3 +267,23 @@ def test_a_worker_dying_mid_send_never_sends_twice(
     after: Any = notification(db, "decision.auto_approved", "email")
     assert after.status == "failed" and "unknown" in after.last_error
     assert handler.received == []
+
+
+def test_a_message_of_notifications_goes_out_in_one_batch_over_one_connection(
+    db: Database, decided_case: str, policy: NotificationPolicy,
+    smtp: tuple[RecordingHandler, int], aliyun: FakeAliyun,
+) -> None:
+    handler, port = smtp
+    sender = make_sender(db, policy, port, aliyun, Clock(DAYTIME))
+    with db.transaction() as s:
+        rows = list(s.execute(select(NotificationRow).order_by(NotificationRow.id)).scalars())
+    emails = [r for r in rows if r.channel == "email"]
+    assert len(emails) == 2  # case opened, case decided: two mails to the shop (+ an SMS)
+    ids = [r.id for r in rows]
+    assert {o.outcome for o in sender.send_many(ids)} == {"sent"}
+    got = [email.message_from_bytes(m.content)["X-Aftersales-Key"] for m in handler.received]
+    assert sorted(got) == sorted(r.dedup_key for r in emails)
+    assert handler.connections() == 1
+    # The same message again (a redelivery): nothing more goes out.
+    assert {o.outcome for o in sender.send_many(ids)} == {"duplicate"}
+    assert len(handler.received) == len(emails)

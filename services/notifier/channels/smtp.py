@@ -9,6 +9,13 @@ SMTP reply codes are classified (RFC 5321 / RFC 3463):
   insufficient storage) and any 4.7.x mentioning rate or limits -> ThrottledError;
 - other 4xx and connection / timeout errors -> TransientError;
 - 5xx (unknown user, auth failed, policy rejection) -> PermanentError.
+
+Each thread keeps its connection open and reuses it for the next message: connect,
+greeting, EHLO, STARTTLS, AUTH and QUIT took more round trips than the message itself. A
+kept connection may have been closed by the server meanwhile; that shows on MAIL FROM,
+before anything of the message left us, and only then is the message tried once more,
+on a new connection. A connection that broke later, or failed in any other way, is
+dropped and the failure classified as above (lost during DATA: maybe sent, not retried).
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import logging
 import re
 import smtplib
 import ssl
+import threading
+import time
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
@@ -39,6 +49,27 @@ TlsMode = Literal["none", "starttls", "tls"]
 # Default wait when a server throttles without saying how long (most relays use minutes).
 DEFAULT_THROTTLE_RETRY_S = 300.0
 _RATE_WORDS = re.compile(r"rate|too many|limit|throttl|try again later|频率|过多", re.I)
+# Reuse limits. Relays drop idle sessions (Postfix after 300 s, some after 60 s or less)
+# and NAT gateways forget them silently, which costs a full timeout to find out: an idle
+# connection is replaced rather than tried. Many relays cap messages per session.
+DEFAULT_MAX_IDLE_S = 30.0
+DEFAULT_MAX_MESSAGES = 100
+
+
+class _Stale(Exception):
+    """A reused connection turned out closed before the message was handed over."""
+
+
+@dataclass
+class _Session:
+    smtp: smtplib.SMTP
+    last_used: float  # time.monotonic()
+    messages: int = 0
+
+
+@dataclass
+class _Progress:
+    in_data: bool = False  # DATA was started: the message may have reached the server
 
 
 class SmtpEmailChannel:
@@ -57,6 +88,8 @@ class SmtpEmailChannel:
         ssl_context: ssl.SSLContext | None = None,
         message_id_domain: str | None = None,
         local_hostname: str | None = None,
+        max_idle_s: float = DEFAULT_MAX_IDLE_S,
+        max_messages_per_connection: int = DEFAULT_MAX_MESSAGES,
     ) -> None:
         if tls not in ("none", "starttls", "tls"):
             raise ValueError(f"tls must be none, starttls or tls, not {tls!r}")
@@ -72,6 +105,10 @@ class SmtpEmailChannel:
         self.ssl_context = ssl_context or ssl.create_default_context()
         self.message_id_domain = message_id_domain or self._from_addr.rpartition("@")[2]
         self.local_hostname = local_hostname
+        self.max_idle_s = max_idle_s
+        self.max_messages_per_connection = max_messages_per_connection
+        # smtplib.SMTP is not thread-safe: one session per worker thread.
+        self._local = threading.local()
 
     # ---- message ----------------------------------------------------------------------
 
@@ -101,23 +138,17 @@ class SmtpEmailChannel:
         if message.channel != "email":
             raise PermanentError(f"smtp channel cannot send a {message.channel} message")
         msg = self.build(message, dedup_key)
+        data = msg.as_bytes()
         to = mask_email(message.recipient)
-        # MAIL / RCPT / DATA by hand (what sendmail does) to know when the message left us:
-        # a connection lost during DATA may have delivered it, earlier it cannot have.
-        in_data = False
+        progress = _Progress()
         try:
-            with self._connect() as smtp:
-                if self.user:
-                    smtp.login(self.user, self.password or "")
-                smtp.ehlo_or_helo_if_needed()
-                code, text = smtp.mail(self._from_addr)
-                if code != 250:
-                    raise _classify(code, text, what="MAIL FROM")
-                code, text = smtp.rcpt(message.recipient)
-                if code not in (250, 251):
-                    raise _classify(code, text, what="RCPT")
-                in_data = True
-                smtp.data(msg.as_bytes())
+            try:
+                self._transaction(data, message.recipient, progress, reuse=True)
+            except _Stale as exc:
+                # Nothing of this message left us (MAIL FROM is the first command of its
+                # transaction): sending it on a new connection cannot make it twice.
+                log.info("smtp: kept connection was closed (%s); using a new one", exc)
+                self._transaction(data, message.recipient, progress, reuse=False)
         except NotifierError:
             raise
         except smtplib.SMTPResponseException as exc:
@@ -130,14 +161,93 @@ class SmtpEmailChannel:
             raise PermanentError(f"TLS certificate rejected: {exc}", code="tls") from exc
         except (TimeoutError, smtplib.SMTPServerDisconnected, ssl.SSLError, OSError) as exc:
             raise TransientError(
-                f"{type(exc).__name__}: {exc}", code="connection", maybe_sent=in_data
+                f"{type(exc).__name__}: {exc}", code="connection", maybe_sent=progress.in_data
             ) from exc
         except smtplib.SMTPException as exc:
             raise TransientError(
-                f"{type(exc).__name__}: {exc}", code="smtp", maybe_sent=in_data
+                f"{type(exc).__name__}: {exc}", code="smtp", maybe_sent=progress.in_data
             ) from exc
         log.info("email sent to=%s key=%s", to, dedup_key)
         return SendResult(provider="smtp", provider_id=msg["Message-ID"])
+
+    def _transaction(self, data: bytes, recipient: str, progress: _Progress, *,
+                     reuse: bool) -> None:
+        """MAIL / RCPT / DATA by hand (what sendmail does) to know when the message left
+        us: a connection lost during DATA may have delivered it, earlier it cannot have."""
+        session, reused = self._checkout(reuse)
+        smtp = session.smtp
+        keep = False  # the session is in a clean state and may carry the next message
+        try:
+            try:
+                code, text = smtp.mail(self._from_addr)
+            except smtplib.SMTPServerDisconnected as exc:
+                if reused:
+                    raise _Stale(str(exc)) from exc
+                raise
+            if code != 250:
+                if reused and code == 421:  # the server's goodbye, waiting in the socket
+                    raise _Stale(f"{code} {_text(text)}")
+                keep = self._reset(smtp, code)
+                raise _classify(code, text, what="MAIL FROM")
+            code, text = smtp.rcpt(recipient)
+            if code not in (250, 251):
+                keep = self._reset(smtp, code)
+                raise _classify(code, text, what="RCPT")
+            progress.in_data = True
+            code, text = smtp.data(data)
+            if code != 250:
+                # An answer to the end of DATA: the server refused the message. (Was
+                # taken as sent before: smtplib.data returns that reply, it does not raise.)
+                keep = self._reset(smtp, code)
+                raise _classify(code, text, what="DATA")
+            session.messages += 1
+            keep = True
+        finally:
+            if keep:
+                session.last_used = time.monotonic()
+                self._local.session = session
+            else:
+                smtp.close()  # state unknown: no QUIT, which could wait a whole timeout
+
+    def _reset(self, smtp: smtplib.SMTP, code: int) -> bool:
+        """After a refused MAIL / RCPT / DATA: RSET, so the session can carry on (a bad
+        recipient must not cost a reconnect). False if it cannot."""
+        if code == 421:  # "closing the channel"
+            return False
+        try:
+            return smtp.rset()[0] == 250
+        except (smtplib.SMTPException, OSError):
+            return False
+
+    def _checkout(self, reuse: bool) -> tuple[_Session, bool]:
+        """This thread's open session (taken out until the transaction ends well), or a
+        new one. Returns (session, reused)."""
+        session: _Session | None = getattr(self._local, "session", None)
+        self._local.session = None
+        if session is not None:
+            if (reuse and time.monotonic() - session.last_used < self.max_idle_s
+                    and session.messages < self.max_messages_per_connection):
+                return session, True
+            _quit(session.smtp)
+        return _Session(self._open(), time.monotonic()), False
+
+    def close(self) -> None:
+        """Close this thread's kept connection (others close with their threads)."""
+        session: _Session | None = getattr(self._local, "session", None)
+        self._local.session = None
+        if session is not None:
+            _quit(session.smtp)
+
+    def _open(self) -> smtplib.SMTP:
+        smtp = self._connect()
+        try:
+            if self.user:
+                smtp.login(self.user, self.password or "")
+            smtp.ehlo_or_helo_if_needed()
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
 
     def _connect(self) -> smtplib.SMTP:
         if self.tls == "tls":
@@ -163,6 +273,18 @@ class SmtpEmailChannel:
             smtp.close()
             raise
         return smtp
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    """Polite close of a session in a clean state; never waits long, never raises."""
+    try:
+        if smtp.sock is not None:
+            smtp.sock.settimeout(1.0)
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        pass
+    finally:
+        smtp.close()
 
 
 def _text(v: bytes | str) -> str:

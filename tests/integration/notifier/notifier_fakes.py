@@ -87,6 +87,7 @@ class ReceivedMail:
     rcpt_tos: list[str]
     content: bytes
     login: str | None
+    peer: Any = None  # the client's (host, port): one per connection
 
 
 @dataclass
@@ -98,6 +99,14 @@ class RecordingHandler:
     # Accept the mail, then drop the connection before answering DATA (a crash or a
     # network cut at the worst moment: the client cannot know the mail was taken).
     drop_after_data: bool = False
+    # Answer the end of DATA with this instead of accepting the mail (e.g. "554 ...").
+    data_reply: str | None = None
+    # The server side of each connection that carried a mail (see hang_up).
+    servers: list[Any] = field(default_factory=list)
+
+    def connections(self) -> int:
+        """How many connections delivered the mail received."""
+        return len({m.peer for m in self.received})
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -111,9 +120,14 @@ class RecordingHandler:
     async def handle_DATA(
         self, server: Any, session: Any, envelope: Any
     ) -> str:
+        if server not in self.servers:
+            self.servers.append(server)
+        if self.data_reply:
+            return self.data_reply
         login = session.auth_data.login.decode() if session.authenticated else None
         self.received.append(
-            ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content, login)
+            ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content, login,
+                         session.peer)
         )
         if self.drop_after_data:
             server.transport.close()
@@ -369,6 +383,22 @@ class FakeTencent(FakeProvider):
             else:
                 self.rejections.extend(s["Code"] for s in statuses if s["Code"] != "Ok")
         return 200, {"Response": {"SendStatusSet": statuses, "RequestId": str(uuid.uuid4())}}
+
+
+def hang_up(controller: Controller, server: Any, goodbye: bytes | None = None) -> None:
+    """Close one server-side connection, as a relay does to an idle client (Postfix first
+    says "421 4.4.2 ... timeout exceeded"; others just close); returns once it is closed."""
+    def close() -> None:
+        if server.transport is not None:
+            if goodbye:
+                server.transport.write(goodbye)
+            server.transport.close()
+
+    controller.loop.call_soon_threadsafe(close)
+    deadline = time.monotonic() + 5
+    while server.transport is not None:  # aiosmtpd clears it in connection_lost
+        assert time.monotonic() < deadline, "server connection did not close"
+        time.sleep(0.01)
 
 
 def start_smtp(handler: RecordingHandler, port: int, **kwargs: Any) -> Controller:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -12,8 +14,10 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
 from notifier_fakes import (
     RecordingHandler,
+    hang_up,
     make_self_signed_cert,
     password_authenticator,
     server_tls_context,
@@ -71,11 +75,15 @@ def handler() -> RecordingHandler:
 
 
 @pytest.fixture
-def plain_server(handler: RecordingHandler) -> Iterator[int]:
-    port = free_port()
-    controller = start_smtp(handler, port)
-    yield port
+def plain_controller(handler: RecordingHandler) -> Iterator[Controller]:
+    controller = start_smtp(handler, free_port())
+    yield controller
     controller.stop()
+
+
+@pytest.fixture
+def plain_server(plain_controller: Controller) -> int:
+    return int(plain_controller.port)
 
 
 @pytest.fixture
@@ -254,3 +262,160 @@ def test_policy_to_mailbox_end_to_end(plain_server: int, handler: RecordingHandl
     body = payload_text(msg)
     assert "已由平台支持退款 ¥99.90，款项将原路退回" in body
     assert msg["Message-ID"] == f"<{req.dedup_key}@shop.example>"
+
+
+# ---- connection reuse ------------------------------------------------------------------
+
+
+def keys_received(handler: RecordingHandler) -> list[str]:
+    return [str(message_from_bytes(m.content)["X-Aftersales-Key"]) for m in handler.received]
+
+
+def test_messages_share_one_connection(plain_server: int, handler: RecordingHandler) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
+    for i in range(5):
+        ch.send(MAIL, f"key-{i}")
+    assert keys_received(handler) == [f"key-{i}" for i in range(5)]
+    assert handler.connections() == 1
+
+
+def test_auth_and_tls_once_per_connection(starttls_server: int, handler: RecordingHandler,
+                                          certs: tuple[Path, Path]) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", starttls_server, "noreply@shop.example",
+                          user=USER, password=PASSWORD, tls="starttls",
+                          ssl_context=client_ctx(certs), timeout=5)
+    for i in range(3):
+        ch.send(MAIL, f"key-{i}")
+    assert [m.login for m in handler.received] == [USER] * 3
+    assert handler.connections() == 1
+
+
+@pytest.mark.parametrize("goodbye", [None, b"421 4.4.2 mx.example Error: timeout exceeded\r\n"],
+                         ids=["silent", "421"])
+def test_connection_closed_by_the_server_between_sends_gets_the_next_mail_once(
+    plain_controller: Controller, handler: RecordingHandler, goodbye: bytes | None
+) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", plain_controller.port, "noreply@shop.example",
+                          timeout=5)
+    ch.send(MAIL, "key-1")
+    hang_up(plain_controller, handler.servers[0], goodbye)
+    ch.send(MAIL, "key-2")  # the kept connection is dead: sent on a new one, no error
+    ch.send(MAIL, "key-3")  # and that one is kept
+    assert keys_received(handler) == ["key-1", "key-2", "key-3"]
+    assert handler.connections() == 2
+
+
+def test_server_idle_timeout_between_sends(handler: RecordingHandler) -> None:
+    controller = start_smtp(handler, free_port(), timeout=0.5)  # aiosmtpd's idle timeout
+    try:
+        ch = SmtpEmailChannel("127.0.0.1", controller.port, "noreply@shop.example",
+                              timeout=5)
+        ch.send(MAIL, "key-1")
+        time.sleep(1.2)  # the server hangs up on the idle connection
+        ch.send(MAIL, "key-2")
+    finally:
+        controller.stop()
+    assert keys_received(handler) == ["key-1", "key-2"]
+    assert handler.connections() == 2
+
+
+def test_idle_or_busy_connections_are_replaced(plain_server: int,
+                                               handler: RecordingHandler) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5,
+                          max_messages_per_connection=2)
+    for i in range(5):
+        ch.send(MAIL, f"key-{i}")
+    assert handler.connections() == 3  # 2 + 2 + 1
+    handler.received.clear()
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5,
+                          max_idle_s=0)
+    ch.send(MAIL, "a")
+    ch.send(MAIL, "b")
+    assert handler.connections() == 2
+
+
+def test_kept_connection_lost_during_data_is_not_retried(
+    plain_server: int, handler: RecordingHandler
+) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
+    ch.send(MAIL, "key-1")
+    handler.drop_after_data = True
+    with pytest.raises(TransientError) as err:
+        ch.send(MAIL, "key-2")
+    assert err.value.maybe_sent  # it may have been delivered: not sent again
+    assert keys_received(handler) == ["key-1", "key-2"]
+    handler.drop_after_data = False
+    ch.send(MAIL, "key-3")  # a new connection for the next one
+    assert keys_received(handler) == ["key-1", "key-2", "key-3"]
+    assert handler.connections() == 2
+
+
+def test_rejected_recipient_keeps_the_connection(plain_server: int,
+                                                 handler: RecordingHandler) -> None:
+    handler.rcpt_replies["nobody@example.com"] = "550 5.1.1 <nobody@example.com>: unknown"
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
+    ch.send(MAIL, "key-1")
+    bad = RenderedMessage(channel="email", recipient="nobody@example.com",
+                          template=MAIL.template, subject=MAIL.subject, body=MAIL.body)
+    with pytest.raises(PermanentError):
+        ch.send(bad, "key-2")
+    ch.send(MAIL, "key-3")
+    assert keys_received(handler) == ["key-1", "key-3"]
+    assert handler.connections() == 1
+
+
+@pytest.mark.parametrize(
+    "reply,kind",
+    [("554 5.7.1 Message rejected as spam", PermanentError),
+     ("451 4.3.0 Queue full, try later", TransientError)],
+)
+def test_refused_at_end_of_data_is_not_sent(plain_server: int, handler: RecordingHandler,
+                                            reply: str, kind: ErrType) -> None:
+    handler.data_reply = reply
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
+    with pytest.raises(kind) as err:
+        ch.send(MAIL, KEY)
+    assert err.value.code == reply[:3]
+    assert not getattr(err.value, "maybe_sent", False)  # refused: safe to retry
+    handler.data_reply = None
+    ch.send(MAIL, KEY)
+    assert keys_received(handler) == [KEY]
+    assert handler.connections() == 1
+
+
+def test_each_thread_has_its_own_connection(plain_server: int,
+                                            handler: RecordingHandler) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(4):
+                ch.send(MAIL, f"t{n}-{i}")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sorted(keys_received(handler)) == sorted(f"t{n}-{i}" for n in range(3)
+                                                   for i in range(4))
+    assert handler.connections() == 3
+
+
+def test_close_ends_the_kept_connection(plain_controller: Controller,
+                                        handler: RecordingHandler) -> None:
+    ch = SmtpEmailChannel("127.0.0.1", plain_controller.port, "noreply@shop.example",
+                          timeout=5)
+    ch.send(MAIL, "key-1")
+    server = handler.servers[0]
+    ch.close()
+    deadline = time.monotonic() + 5
+    while server.transport is not None:  # QUIT: the server closes its side
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ch.send(MAIL, "key-2")
+    assert handler.connections() == 2
