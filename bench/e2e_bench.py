@@ -2,19 +2,21 @@
 """End-to-end benchmark: the four services on this machine's RabbitMQ, PostgreSQL, Redis.
 
     .venv/bin/python bench/e2e_bench.py [--quick] [--intake-processes N] [--intake-batch N]
-                                        [--profile]
+                                        [--notifier-processes N] [--profile]
 
 Uses its own database (aftersales_bench_e2e_<pid>) and RabbitMQ vhost, dropped at the end,
 and its own Redis key prefix. Phases, each bounded in time:
 
   baseline    a no-op Dramatiq actor on the same broker: N messages published with
               windowed confirms while a worker consumes them -> messages/s
+  latency     simulator traffic at a fixed 500 events/s from an idle system;
+              publish -> committed latency (commit times from polling count(*) every
+              10 ms, matched by rank: intake consumes one FIFO queue) and publish ->
+              received_at (the inserting transaction's start, a lower bound)
+  drain       wait until the notifier has sent what the phase caused: notifications/s
   throughput  N simulator events (no malformed, no duplicates) published as fast as the
               broker confirms them; rate at which they become committed case_events rows
-  latency     simulator traffic at a fixed 500 events/s; publish -> committed latency
-              (commit times from polling count(*) every 10 ms, matched by rank: intake
-              consumes one FIFO queue) and publish -> received_at (the inserting
-              transaction's start, a lower bound)
+  drain       as above, after the throughput phase's backlog (the figure reported)
   decisions   M cases opened with a deadline a few seconds ahead, all due at once:
               decisions/s (resolver), notifications sent/s (notifier)
 RSS per service = the sum of VmRSS over the service's process group, peak over the run.
@@ -444,6 +446,26 @@ def phase_latency(db: Db, amqp_url: str, rate: float, duration: float) -> dict[s
     }
 
 
+def phase_drain(db: Db, timeout: float) -> dict[str, Any]:
+    """Wait until the notifier has handled every notification written so far; the send
+    rate while it drains is the notifier's throughput under a backlog. Phases start from
+    a drained system, so one phase's backlog does not weigh on the next one's figures."""
+    pending = ("SELECT count(*) FROM notifications "
+               "WHERE status IN ('new', 'queued', 'sending')")
+    sent = "SELECT count(*) FROM notifications WHERE status = 'sent'"
+    t0, sent0, backlog = time.monotonic(), int(db.scalar(sent)), int(db.scalar(pending))
+    log(f"drain: {backlog} notifications to send")
+    left = backlog
+    while left and time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        left = int(db.scalar(pending))
+    elapsed = time.monotonic() - t0
+    sent_n = int(db.scalar(sent)) - sent0
+    return {"backlog": backlog, "left": left, "sent": sent_n, "seconds": round(elapsed, 1),
+            "notifications_per_s": sent_n / elapsed if sent_n and elapsed > 0 else None,
+            "status": dict(db.rows("SELECT status, count(*) FROM notifications GROUP BY 1"))}
+
+
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 1)
 
@@ -491,7 +513,7 @@ def phase_decisions(db: Db, amqp_url: str, m: int, intake_rate: float,
     result["notifications"] = total_notes
     if notifier:
         wait_count(db, f"SELECT count(*) FROM notifications WHERE case_id LIKE '{like}' "
-                   "AND status <> 'pending'", total_notes, timeout)
+                   "AND status IN ('sent', 'failed', 'deferred')", total_notes, timeout)
         span = db.rows("SELECT min(sent_at), max(sent_at), count(*) FROM notifications "
                        "WHERE status = 'sent' AND case_id LIKE :p", p=like)[0]
         result["notifications_sent"] = span[2]
@@ -546,6 +568,8 @@ def main() -> int:
                     help="AFTERSALES_WORKER_PROCESSES for intake (default 2)")
     ap.add_argument("--intake-batch", type=int, default=200,
                     help="AFTERSALES_INTAKE_BATCH (default 200)")
+    ap.add_argument("--notifier-processes", type=int, default=2,
+                    help="AFTERSALES_WORKER_PROCESSES for the notifier (default 2)")
     ap.add_argument("--latency-rate", type=float, default=500.0)
     ap.add_argument("--profile", action="store_true", help="py-spy the intake worker")
     ap.add_argument("--out", default=str(OUT_DIR / "e2e.json"))
@@ -571,17 +595,25 @@ def main() -> int:
         intake_env = {"AFTERSALES_WORKER_PROCESSES": str(args.intake_processes),
                       "AFTERSALES_INTAKE_BATCH": str(args.intake_batch),
                       "AFTERSALES_INTAKE_PREFETCH": str(max(200, 2 * args.intake_batch))}
-        result["settings"] = {**intake_env, "other services": "defaults (1 process, 4 threads)"}
+        notifier_env = {"AFTERSALES_WORKER_PROCESSES": str(args.notifier_processes)}
+        result["settings"] = {"intake": intake_env, "notifier": notifier_env,
+                              "other services": "defaults (1 process, 4 threads)"}
+        per_service = {"intake": intake_env, "notifier": notifier_env}
         db = Db(db_url)
         result["baseline"] = phase_baseline(amqp_url, sizes["baseline"], threads=8)
         services = Services(settings)
         sampler = RssSampler(services)
         try:
             for service in SERVICES:
-                ok = services.start(service, intake_env if service == "intake" else None)
+                ok = services.start(service, per_service.get(service))
                 log(f"{service}: {'running' if ok else 'FAILED ' + services.failed[service]}")
             result["services_failed"] = services.failed
             sampler.start()
+            # Latency first, from an idle system at the offered rate (with the notifications
+            # that rate causes); each later phase starts once the notifier has drained.
+            result["latency"] = phase_latency(db, amqp_url, args.latency_rate,
+                                              sizes["latency_s"])
+            result["drain_after_latency"] = phase_drain(db, 120 if quick else 300)
             spy = profile_intake(services, 12 if quick else 25, OUT_DIR / "e2e-intake-profile") \
                 if args.profile else None
             result["throughput"] = phase_throughput(db, amqp_url, sizes["throughput"],
@@ -592,8 +624,7 @@ def main() -> int:
                                      "top_inclusive_pct": summarise_profile(spy["raw"])}
             elif spy:
                 result["profile"] = spy
-            result["latency"] = phase_latency(db, amqp_url, args.latency_rate,
-                                              sizes["latency_s"])
+            result["drain_after_throughput"] = phase_drain(db, 180 if quick else 400)
             intake_rate = result["throughput"].get("rate_sustained") or 100.0
             sizes["decisions_used"] = min(sizes["decisions"], max(200, int(intake_rate * 20)))
             result["decisions"] = phase_decisions(
@@ -627,7 +658,9 @@ def report(r: dict[str, Any]) -> None:
          lt.get("p99_ms") is not None and lt["p99_ms"] < 200),
         ("  publish -> tx start p99 ms", lt.get("to_tx_start_p99_ms"), "", None),
         ("decisions/s", dec.get("decisions_per_s"), "", None),
-        ("notifications sent/s", dec.get("notifications_per_s"), "", None),
+        ("notifications sent/s (decisions phase)", dec.get("notifications_per_s"), "", None),
+        ("notifications sent/s (backlog drain)",
+         r.get("drain_after_throughput", {}).get("notifications_per_s"), "", None),
         ("baseline no-op Dramatiq msgs/s", base.get("rate"), "", None),
         ("  Dramatiq enqueue, confirm per msg, /s", base.get("enqueue_one_by_one_rate"), "",
          None),

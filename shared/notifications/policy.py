@@ -199,8 +199,13 @@ def dedup_key(
     32 hex chars (128 bits of SHA-256): fits Aliyun's OutId, Tencent's SessionContext and a
     Message-ID local part, and does not reveal the address it was made from.
     """
+    return _dedup_key(case_id, reason, _deadline_text(due_at), recipient, channel)
+
+
+def _dedup_key(case_id: str, reason: str, deadline_text: str, recipient: str, channel: str
+               ) -> str:
     address = normalize_address(recipient, channel)
-    parts = [case_id, reason, _deadline_text(due_at), address, channel]
+    parts = [case_id, reason, deadline_text, address, channel]
     # \x1f (unit separator) cannot occur in any part, so distinct tuples never collide.
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:32]
 
@@ -274,6 +279,7 @@ class NotificationPolicy:
         self._labels = labels
         self._sms = dict(sms_templates)
         self._env = env
+        self._sms_params: dict[str, jinja2.Template] = {}
         self.default_tz = default_tz
         env.filters.update(
             yuan=yuan,
@@ -353,6 +359,8 @@ class NotificationPolicy:
             keep_trailing_newline=True,
             trim_blocks=True,
             lstrip_blocks=True,
+            # Templates ship with the code: no stat() of the file on every render.
+            auto_reload=False,
         )
         return cls(
             rules=rules,
@@ -424,6 +432,8 @@ class NotificationPolicy:
         ops = _ops(ops_contacts)
         contacts = contacts or {}
         due_text = None if n.due_at in (None, "") else _as_datetime(n.due_at).isoformat()
+        deadline_text = _deadline_text(n.due_at)  # once per notice, not per recipient
+        notice_params = _json_safe(n.params)
         out: list[NotificationRequest] = []
         seen: set[str] = set()
         for rule in self._rules.get(n.reason, ()):
@@ -438,13 +448,13 @@ class NotificationPolicy:
             urgent = n.urgent if rule.urgent is None else bool(rule.urgent)
             for channel in rule.channels:
                 for address, tz in self._addresses(party, channel, contacts, ops):
-                    key = dedup_key(n.case_id, n.reason, n.due_at, address, channel)
+                    key = _dedup_key(n.case_id, n.reason, deadline_text, address, channel)
                     if key in seen:  # two rules reaching one person: one message
                         continue
                     seen.add(key)
                     # step / due_at / tz ride in params too: the notifications row keeps
                     # only params, and render() needs them after the row is read back.
-                    params = _json_safe(n.params)
+                    params = dict(notice_params)
                     params.update(step=n.step, due_at=due_text, tz=tz or self.default_tz)
                     out.append(
                         NotificationRequest(
@@ -540,7 +550,7 @@ class NotificationPolicy:
             raise PolicyError(f"no SMS template {request.template!r}")
         values: dict[str, str] = {}
         for name, expr in st.params.items():
-            values[name] = self._env.from_string(expr).render(ctx).strip()
+            values[name] = self._compiled(expr).render(ctx).strip()
         text = string.Template(st.text).safe_substitute(values)
         return RenderedMessage(
             channel="sms",
@@ -550,6 +560,15 @@ class NotificationPolicy:
             template_codes=MappingProxyType(dict(st.codes)),
             template_param=MappingProxyType(values),
         )
+
+    def _compiled(self, expr: str) -> jinja2.Template:
+        # Compiling a parameter expression was a tenth of the notifier's time; there are a
+        # few dozen of them, so keep each once compiled (a dict is thread-safe enough:
+        # two threads compiling the same one at once both get a correct template).
+        template = self._sms_params.get(expr)
+        if template is None:
+            template = self._sms_params[expr] = self._env.from_string(expr)
+        return template
 
     # ---- filters ------------------------------------------------------------------------
 
