@@ -20,6 +20,7 @@ dropped and the failure classified as above (lost during DATA: maybe sent, not r
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import smtplib
@@ -28,7 +29,6 @@ import threading
 import time
 from dataclasses import dataclass
 from email.header import Header
-from email.mime.text import MIMEText
 from email.utils import formataddr, formatdate, parseaddr
 from typing import Literal
 
@@ -115,28 +115,35 @@ class SmtpEmailChannel:
     def message_id(self, dedup_key: str) -> str:
         return f"<{dedup_key}@{self.message_id_domain}>"
 
-    def build(self, message: RenderedMessage, dedup_key: str) -> MIMEText:
-        # The compat32 API (MIMEText, Header): the same RFC 2047 headers and base64 body
-        # as EmailMessage's default policy, at a sixth of the CPU (3.9 -> 0.6 ms a mail),
-        # which was the notifier's largest cost per email.
-        # utf-8 body -> base64: 7-bit clean, no reliance on the relay's 8BITMIME support.
-        msg = MIMEText(message.body, "plain", "utf-8")
-        msg["From"] = formataddr((self._from_name, self._from_addr), charset="utf-8")
-        msg["To"] = _header(message.recipient)
-        msg["Subject"] = _header(message.subject)
-        msg["Date"] = formatdate(usegmt=True)
-        msg["Message-ID"] = self.message_id(dedup_key)
-        # Kept separately so bounce processing can find the notification without parsing ids.
-        msg["X-Aftersales-Key"] = dedup_key
-        return msg
+    def build(self, message: RenderedMessage, dedup_key: str) -> bytes:
+        """The RFC 5322 message: non-ASCII headers as RFC 2047 encoded words (the email
+        library's `Header` does that part), the utf-8 body in base64 (7-bit clean, no
+        reliance on the relay's 8BITMIME support). Assembled here rather than through a
+        `Message` object: serialising one re-folds every header and was the notifier's
+        largest CPU cost per email (EmailMessage 3.9 ms, MIMEText 0.6 ms, this ~0.1 ms)."""
+        headers = (
+            ("From", formataddr((self._from_name, self._from_addr), charset="utf-8")),
+            ("To", _header("To", message.recipient)),
+            ("Subject", _header("Subject", message.subject)),
+            ("Date", formatdate(usegmt=True)),
+            ("Message-ID", self.message_id(dedup_key)),
+            # Kept separately so bounce processing can find the notification without
+            # parsing ids.
+            ("X-Aftersales-Key", dedup_key),
+            ("MIME-Version", "1.0"),
+            ("Content-Type", 'text/plain; charset="utf-8"'),
+            ("Content-Transfer-Encoding", "base64"),
+        )
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        body = base64.encodebytes(message.body.encode("utf-8")).replace(b"\n", b"\r\n")
+        return head.encode("ascii") + b"\r\n" + body
 
     # ---- send ---------------------------------------------------------------------------
 
     def send(self, message: RenderedMessage, dedup_key: str) -> SendResult:
         if message.channel != "email":
             raise PermanentError(f"smtp channel cannot send a {message.channel} message")
-        msg = self.build(message, dedup_key)
-        data = msg.as_bytes()
+        data = self.build(message, dedup_key)
         to = mask_email(message.recipient)
         progress = _Progress()
         try:
@@ -166,7 +173,7 @@ class SmtpEmailChannel:
                 f"{type(exc).__name__}: {exc}", code="smtp", maybe_sent=progress.in_data
             ) from exc
         log.info("email sent to=%s key=%s", to, dedup_key)
-        return SendResult(provider="smtp", provider_id=msg["Message-ID"])
+        return SendResult(provider="smtp", provider_id=self.message_id(dedup_key))
 
     def _transaction(self, data: bytes, recipient: str, progress: _Progress, *,
                      reuse: bool) -> None:
@@ -285,9 +292,14 @@ def _quit(smtp: smtplib.SMTP) -> None:
         smtp.close()
 
 
-def _header(value: str) -> str:
-    """RFC 2047-encode a header value unless it is plain ASCII."""
-    return value if value.isascii() else Header(value, "utf-8").encode()
+def _header(name: str, value: str) -> str:
+    """RFC 2047-encode a header value unless it is plain ASCII; refuse line breaks (a
+    value must not be able to add headers of its own)."""
+    if "\r" in value or "\n" in value:
+        raise PermanentError("a header value contains a line break", code="header")
+    if value.isascii():
+        return value
+    return Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
 
 
 def _text(v: bytes | str) -> str:

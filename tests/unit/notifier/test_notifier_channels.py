@@ -254,12 +254,28 @@ def test_smtp_message_has_encoded_subject_and_key_derived_message_id() -> None:
     ch = SmtpEmailChannel("127.0.0.1", 25, "售后服务 <noreply@shop.example>")
     msg = RenderedMessage(channel="email", recipient="buyer@example.com", template="t",
                           subject="您的售后申请 AS1 已自动同意", body="退款 ¥12.34\n")
-    raw = ch.build(msg, "k" * 32).as_bytes()
+    raw = ch.build(msg, "k" * 32)
     assert b"=?utf-8?" in raw  # RFC 2047, not raw UTF-8 in a header
     parsed = message_from_bytes(raw)
     assert str(make_header(decode_header(parsed["Subject"]))) == "您的售后申请 AS1 已自动同意"
     assert parsed["Message-ID"] == f"<{'k' * 32}@shop.example>"
     assert payload_text(parsed) == "退款 ¥12.34\n"
+
+
+def test_smtp_message_folds_a_long_subject_and_refuses_a_header_injection() -> None:
+    ch = SmtpEmailChannel("127.0.0.1", 25, "售后服务 <noreply@shop.example>")
+    long_subject = "您的售后申请已自动同意，退款将原路退回，请留意账户变动。" * 4
+    msg = RenderedMessage(channel="email", recipient="buyer@example.com", template="t",
+                          subject=long_subject, body="x\n")
+    raw = ch.build(msg, "k" * 32)
+    assert all(len(line) <= 78 for line in raw.split(b"\r\n"))  # RFC 5322 line length
+    parsed = message_from_bytes(raw)
+    assert str(make_header(decode_header(parsed["Subject"]))) == long_subject
+    assert str(make_header(decode_header(parsed["From"]))) == "售后服务 <noreply@shop.example>"
+    injected = RenderedMessage(channel="email", recipient="a@example.com\r\nBcc: x@evil.example",
+                               template="t", subject="s", body="x\n")
+    with pytest.raises(PermanentError):
+        ch.build(injected, "k" * 32)
 
 
 def test_channels_satisfy_the_port() -> None:
