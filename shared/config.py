@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     tencent_sdk_app_id: str | None = None
     ops_emails: str = ""
     ops_phones: str = ""
+    # CPU niceness of the notifier's processes (0 = same as the others). Where services
+    # share CPUs, intake, timer and resolver come first: a late intake commit can let a
+    # deadline fire on a case that was answered in time, while a notification tolerates
+    # seconds of delay. Its backlog is watched (aftersales_notifications_pending).
+    notifier_nice: int = Field(default=10, ge=0, le=19)
     quiet_hours: str = "22:00-08:00"
     quiet_hours_tz: str = "Asia/Shanghai"
     sms_per_phone_per_hour: int = Field(default=5, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 
 import redis
@@ -49,6 +50,8 @@ def worker(settings: Settings) -> None:
 
 def run(settings: Settings) -> int:
     setup_logging("notifier", settings.log_level)
+    if settings.notifier_nice:
+        os.nice(settings.notifier_nice)  # the worker processes inherit it
     build_sender(settings)  # fail fast on bad channel settings, before workers start
     server = metrics.start_metrics_server(settings.metrics_port_for("notifier"), "notifier")
     log.info("notifier: metrics on :%s", server.port)

@@ -4,13 +4,14 @@ their step is still open."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared.db.session import Database
 from tests.conftest import wait_for
-from tests.harness import DecisionTap, System, publish_events
+from tests.harness import DecisionTap, System, process_group_members, publish_events
 
 pytestmark = pytest.mark.e2e
 
@@ -105,3 +106,20 @@ def test_an_exchange_approved_but_never_shipped_is_auto_closed(
                        what="the auto-close")
     assert [d["type"] for d in got] == ["decision.auto_closed"]
     assert got[0]["step"] == "buyer_return_shipping"
+
+
+def test_the_notifier_runs_at_a_lower_cpu_priority_than_the_rest(system: System) -> None:
+    """Where the services share CPUs, a notification waits before an intake commit does
+    (AFTERSALES_NOTIFIER_NICE, 10 by default)."""
+
+    def niceness(service: str, worker: str) -> set[int]:
+        pgid = system.procs[service].pid
+        wait_for(lambda: any(comm == worker for _pid, comm in process_group_members(pgid)),
+                 timeout=30, what=f"{service}'s worker process")
+        # field 19 of proc(5) is the nice value
+        return {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+                for pid, _comm in process_group_members(pgid)}
+
+    assert niceness("notifier", "as-notifier") == {10}  # supervisor and workers
+    assert niceness("intake", "as-intake") == {0}
+    assert niceness("resolver", "as-resolver") == {0}
