@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # Deadlines fired per second at most during catch-up, so a backlog does not flood the rest.
     timer_max_rate: float = Field(default=2000, gt=0)
     # Deadlines per message from the timer to the resolver (one resolver transaction each).
-    resolver_batch: int = Field(default=50, ge=1, le=1000)
+    resolver_batch: int = Field(default=200, ge=1, le=1000)
 
     outbox_batch: int = Field(default=200, ge=1, le=10_000)
     outbox_poll_seconds: float = Field(default=0.2, gt=0, le=60)

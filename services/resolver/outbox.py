@@ -34,10 +34,16 @@ log = logging.getLogger(__name__)
 
 # Two-int form: its own key space, apart from the per-case locks (one bigint).
 TAKE_LEADERSHIP = text("SELECT pg_try_advisory_lock(1936, 1)")
+# `id > :after`: during a backlog each claim starts where the last one ended, instead of
+# walking the primary key from its start over the entries of rows already deleted (they
+# stay in the index until vacuum, and a backlog deletes them faster than it runs). A row
+# committed late with a lower id is found when `after` goes back to 0: whenever a claim
+# comes back short (caught up) and at every reconcile.
 CLAIM = text(
     """
     SELECT id, exchange, routing_key, message_id, body, headers
     FROM outbox
+    WHERE id > :after
     ORDER BY id
     LIMIT :limit
     FOR UPDATE
@@ -64,6 +70,7 @@ class OutboxRelay:
         self._conn: Connection | None = None  # holds the leadership lock while open
         self._reconciled = False
         self._batches_since_reconcile = 0
+        self._after = 0  # highest id claimed in the current run of full batches
 
     def relay_once(self) -> list[str]:
         """Publish one batch if this relay leads; returns the routing keys published (for
@@ -131,11 +138,12 @@ class OutboxRelay:
                         "not published again", found)
         self._reconciled = True
         self._batches_since_reconcile = 0
+        self._after = 0
         return found
 
     def _publish_batch(self, conn: Connection) -> list[str]:
         with conn.begin():
-            rows = conn.execute(CLAIM, {"limit": self.batch}).all()
+            rows = conn.execute(CLAIM, {"after": self._after, "limit": self.batch}).all()
             if rows:
                 receipt = {"rows": [[row.id, row.message_id] for row in rows]}
                 self.publisher.publish_batch(
@@ -146,4 +154,5 @@ class OutboxRelay:
                 conn.execute(DELETE, {"ids": [row.id for row in rows]})
         if rows:
             self._batches_since_reconcile += 1
+        self._after = rows[-1].id if len(rows) == self.batch else 0
         return [row.routing_key for row in rows]
