@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # Deadlines per message from the timer to the resolver (one resolver transaction each).
     resolver_batch: int = Field(default=200, ge=1, le=1000)
 
-    outbox_batch: int = Field(default=200, ge=1, le=10_000)
+    outbox_batch: int = Field(default=1000, ge=1, le=10_000)
     outbox_poll_seconds: float = Field(default=0.2, gt=0, le=60)
 
     worker_processes: int = Field(default=1, ge=1, le=64)

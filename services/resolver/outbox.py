@@ -50,6 +50,14 @@ CLAIM = text(
     """
 )
 DELETE = text("DELETE FROM outbox WHERE id = ANY(:ids)")
+# The batch's deletion need not wait for its WAL flush: if PostgreSQL loses it in a crash,
+# the rows come back, the relay's connection fails, and it reconciles with the ledger
+# before publishing again; and receipts leave the ledger only in a synchronous commit,
+# which flushes every earlier deletion with it.
+ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
+# A transaction that writes nothing commits without flushing the WAL; taking a
+# transaction id makes the reconcile's commit a real, synchronous one.
+FLUSHING_COMMIT = text("SELECT pg_current_xact_id()")
 # A receipt names rows by id *and* message id: a receipt left over from another database
 # (restored, or recreated with ids starting again) can never delete the wrong row.
 FORGET = text(
@@ -128,6 +136,7 @@ class OutboxRelay:
             nonlocal found
             rows = [row for body in bodies for row in json.loads(body)["rows"]]
             with conn.begin():
+                conn.execute(FLUSHING_COMMIT)
                 found += conn.execute(FORGET, {"ids": [r[0] for r in rows],
                                                "mids": [r[1] for r in rows]}).rowcount
 
@@ -143,6 +152,7 @@ class OutboxRelay:
 
     def _publish_batch(self, conn: Connection) -> list[str]:
         with conn.begin():
+            conn.execute(ASYNC_COMMIT)
             rows = conn.execute(CLAIM, {"after": self._after, "limit": self.batch}).all()
             if rows:
                 receipt = {"rows": [[row.id, row.message_id] for row in rows]}
