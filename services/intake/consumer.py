@@ -98,8 +98,10 @@ class IntakeConsumer:
                 # has waited long enough.
                 if batch and (method is None or len(batch) >= self.batch_size
                               or time.monotonic() - started >= self.batch_wait_seconds):
-                    self._process(connection, channel, batch)
-                    batch = []
+                    # What comes back was deferred (its case was busy): it leads the next
+                    # batch, still unacked, in its order.
+                    batch = self._process(connection, channel, batch)
+                    started = time.monotonic()
                 if self._stopping:
                     break
             channel.cancel()
@@ -109,7 +111,8 @@ class IntakeConsumer:
 
     def _process(
         self, connection: pika.BlockingConnection, channel: BlockingChannel, batch: list[Delivery]
-    ) -> None:
+    ) -> list[Delivery]:
+        """Process a batch; ack what was handled and return what was deferred."""
         started = time.perf_counter()
         backoff = 0.2
         while True:
@@ -125,9 +128,21 @@ class IntakeConsumer:
                 backoff = min(backoff * 2, 5.0)
         for index, rejection in result.rejected:
             self._reject(channel, batch[index], rejection)
-        channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
+        deferred = set(result.deferred)
+        if not deferred:
+            channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
+        else:
+            # One ack for everything before the first deferred message, then one each
+            # (an ack with `multiple` would take the deferred ones too).
+            first = min(deferred)
+            if first > 0:
+                channel.basic_ack(delivery_tag=batch[first - 1].tag, multiple=True)
+            for index in range(first + 1, len(batch)):
+                if index not in deferred:
+                    channel.basic_ack(delivery_tag=batch[index].tag)
         if self.observe:
             self.observe(result, time.perf_counter() - started)
+        return [batch[i] for i in sorted(deferred)]
 
     def _reject(self, channel: BlockingChannel, delivery: Delivery, rejection: Rejection) -> None:
         props = delivery.properties

@@ -28,6 +28,7 @@ from shared.db.persist import (
     Stored,
     load_cases,
     lock_cases,
+    try_lock_cases,
 )
 from shared.db.session import Database, is_infrastructure
 from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
@@ -78,6 +79,8 @@ class Handled:
 @dataclass
 class BatchResult:
     rejected: list[tuple[int, Rejection]] = field(default_factory=list)  # (index in batch, why)
+    # Indices of events left for the next batch: another worker held their case's lock.
+    deferred: list[int] = field(default_factory=list)
     handled: list[Handled] = field(default_factory=list)
     stored: Stored = field(default_factory=Stored)
 
@@ -126,18 +129,21 @@ class IntakeProcessor:
         """Validate and apply a batch. Raises only for infrastructure failures (the
         caller retries the whole batch: nothing of it was committed)."""
         result = BatchResult()
-        accepted: list[Accepted] = []
+        accepted: list[tuple[int, Accepted]] = []
         for index, body in enumerate(bodies):
             parsed = parse_event(body, self.max_event_bytes)
             if isinstance(parsed, Rejection):
                 result.rejected.append((index, parsed))
             else:
-                accepted.append(parsed)
+                accepted.append((index, parsed))
         if not accepted:
             return result
-        ordered = sorted(accepted, key=lambda a: a.event.case_id)  # stable: keeps arrival order
+        # stable: keeps arrival order within a case
+        indexed = sorted(accepted, key=lambda ia: ia[1].event.case_id)
+        ordered = [a for _i, a in indexed]
         try:
-            result.handled, result.stored = self._apply_batch(ordered)
+            result.handled, result.stored, busy = self._apply_batch(ordered, wait=False)
+            result.deferred = sorted(i for i, a in indexed if a.event.case_id in busy)
         except (_EventBug, DBAPIError) as exc:
             if isinstance(exc, DBAPIError) and is_infrastructure(exc):
                 raise
@@ -149,7 +155,7 @@ class IntakeProcessor:
 
     def _apply_alone(self, accepted: Accepted) -> Handled:
         try:
-            return self._apply_batch([accepted])[0][0]
+            return self._apply_batch([accepted], wait=True)[0][0]
         except (_EventBug, DBAPIError) as exc:
             if isinstance(exc, DBAPIError) and is_infrastructure(exc):
                 raise
@@ -160,12 +166,24 @@ class IntakeProcessor:
                 INSERT_EVENTS.execute(session, [_event_row(accepted, "error", problem, None)])
             return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
-    def _apply_batch(self, ordered: list[Accepted]) -> tuple[list[Handled], Stored]:
+    def _apply_batch(self, ordered: list[Accepted], *, wait: bool
+                     ) -> tuple[list[Handled], Stored, set[str]]:
+        """Apply the events whose cases this transaction can lock; returns what became of
+        them and the cases left alone. Without `wait`, a case another worker holds is left
+        for the next batch instead of stalling the whole batch behind that worker's
+        transaction (with two intake workers that wait was 41 % of intake's time). If
+        every case is held, it waits: a batch always makes progress."""
         now = self.clock()
         with self.db.transaction() as session:
             batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
-            case_ids = {a.event.case_id for a in ordered}
-            lock_cases(session, case_ids)
+            wanted = {a.event.case_id for a in ordered}
+            case_ids = try_lock_cases(session, wanted) if not wait else set()
+            if not case_ids:
+                lock_cases(session, wanted)
+                case_ids = wanted
+            busy = wanted - case_ids
+            if busy:
+                ordered = [a for a in ordered if a.event.case_id in case_ids]
             batch.seen = set(session.execute(
                 SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).scalars())
             batch.cases = load_cases(session, case_ids)
@@ -176,7 +194,7 @@ class IntakeProcessor:
             handled = [batch.apply(a) for a in ordered]
             _write_events(session, batch)
             stored = batch.writer.flush(session)
-        return handled, stored
+        return handled, stored, busy
 
 
 @dataclass

@@ -77,6 +77,13 @@ LOCK_CASES = text(
     "FROM (SELECT DISTINCT unnest(CAST(:ids AS text[])) AS c ORDER BY c) AS ordered"
 )
 
+# Non-blocking: the cases whose lock this transaction got now (never waits, so the order
+# does not matter). Intake uses it to leave a case another worker holds for its next batch.
+TRY_LOCK_CASES = text(
+    "SELECT c FROM unnest(CAST(:ids AS text[])) AS c "
+    "WHERE pg_try_advisory_xact_lock(hashtextextended(c, 0))"
+)
+
 
 class NotificationExpander(Protocol):
     def expand(self, notice: Notice, contacts: Mapping[str, Any], ops_contacts: Any) -> list[Any]:
@@ -116,6 +123,12 @@ def lock_cases(session: Session, case_ids: Iterable[str]) -> None:
     ids = sorted(set(case_ids))
     if ids:
         session.execute(LOCK_CASES, {"ids": ids})
+
+
+def try_lock_cases(session: Session, case_ids: Iterable[str]) -> set[str]:
+    """Take the locks of these cases that are free now; returns the cases locked."""
+    ids = sorted(set(case_ids))
+    return set(session.execute(TRY_LOCK_CASES, {"ids": ids}).scalars()) if ids else set()
 
 
 def load_cases(session: Session, case_ids: Iterable[str]) -> dict[str, Case]:

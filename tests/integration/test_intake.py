@@ -239,3 +239,62 @@ def test_a_trickle_is_committed_without_waiting_for_a_full_batch(
     finally:
         consumer.stop()
         thread.join(10)
+
+
+def test_an_event_whose_case_another_worker_holds_waits_for_the_next_batch(
+    db: Database, processor: IntakeProcessor
+) -> None:
+    from sqlalchemy import text
+
+    busy, free = opened("b1", "AS-BUSY"), opened("f1", "AS-FREE")
+    with db.transaction() as other_worker:  # holds AS-BUSY's lock until it commits
+        other_worker.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:c, 0))"),
+                             {"c": "AS-BUSY"})
+        result = processor.process([json.dumps(busy).encode(), json.dumps(free).encode()])
+        assert result.deferred == [0]  # left, unacked, for the next batch
+        assert [h.outcome for h in result.handled] == ["accepted"]  # the free case went on
+        with db.transaction() as s:
+            assert s.get(CaseRow, "AS-FREE") is not None
+            assert s.get(CaseRow, "AS-BUSY") is None and s.get(CaseEventRow, "b1") is None
+    # The lock is free again: the next batch applies it.
+    again = processor.process([json.dumps(busy).encode()])
+    assert again.deferred == [] and [h.outcome for h in again.handled] == ["accepted"]
+
+
+def test_a_batch_whose_cases_are_all_held_waits_rather_than_spins(
+    db: Database, processor: IntakeProcessor
+) -> None:
+    from sqlalchemy import text
+
+    busy = opened("b2", "AS-HELD")
+    release = threading.Event()
+    locked = threading.Event()
+
+    def other_worker() -> None:
+        with db.transaction() as s:
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:c, 0))"),
+                      {"c": "AS-HELD"})
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_worker)
+    holder.start()
+    assert locked.wait(10)
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(
+        processor.process([json.dumps(busy).encode()])))
+    worker.start()
+
+    def waiting_for_an_advisory_lock() -> bool:
+        with db.transaction() as s:
+            return bool(s.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )).scalar_one())
+
+    # It waits for the lock (PostgreSQL shows the wait), it does not return "deferred".
+    wait_for(waiting_for_an_advisory_lock, timeout=10, what="the batch to wait for the lock")
+    assert worker.is_alive() and results == []
+    release.set()
+    worker.join(30)
+    holder.join(30)
+    assert results[0].deferred == [] and [h.outcome for h in results[0].handled] == ["accepted"]
