@@ -288,7 +288,9 @@ def test_a_batch_whose_cases_are_all_held_waits_rather_than_spins(
     def waiting_for_an_advisory_lock() -> bool:
         with db.transaction() as s:
             return bool(s.execute(text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())"
             )).scalar_one())
 
     # It waits for the lock (PostgreSQL shows the wait), it does not return "deferred".
