@@ -177,13 +177,12 @@ class IntakeProcessor:
         with self.db.transaction() as session:
             batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
             wanted = {a.event.case_id for a in ordered}
-            case_ids = try_lock_cases(session, wanted) if not wait else set()
-            if not case_ids:
+            case_ids = set() if wait else try_lock_cases(session, wanted)
+            if not case_ids:  # asked to wait, or every case is held: wait for all
                 lock_cases(session, wanted)
                 case_ids = wanted
             busy = wanted - case_ids
-            if busy:
-                ordered = [a for a in ordered if a.event.case_id in case_ids]
+            ordered = [a for a in ordered if a.event.case_id in case_ids]
             batch.seen = set(session.execute(
                 SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).scalars())
             batch.cases = load_cases(session, case_ids)

@@ -91,8 +91,8 @@ class OutboxRelay:
             if not self._reconciled or self._batches_since_reconcile >= RECEIPTS_KEPT:
                 self.reconcile(conn)
             published = self._publish_batch(conn)
-            if not published:
-                self.reconcile(conn)  # idle: keep the ledger short
+            if not published and self._batches_since_reconcile:
+                self.reconcile(conn)  # idle with receipts out: keep the ledger short
             return published
         except Exception:
             self._step_down()

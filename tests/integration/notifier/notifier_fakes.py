@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.conftest import wait_for
+
 # ---- TLS -------------------------------------------------------------------------------
 
 
@@ -395,10 +397,9 @@ def hang_up(controller: Controller, server: Any, goodbye: bytes | None = None) -
             server.transport.close()
 
     controller.loop.call_soon_threadsafe(close)
-    deadline = time.monotonic() + 5
-    while server.transport is not None:  # aiosmtpd clears it in connection_lost
-        assert time.monotonic() < deadline, "server connection did not close"
-        time.sleep(0.01)
+    # aiosmtpd clears the transport in connection_lost
+    wait_for(lambda: server.transport is None, timeout=5, interval=0.01,
+             what="the server's side of the connection to close")
 
 
 def start_smtp(handler: RecordingHandler, port: int, **kwargs: Any) -> Controller:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -38,6 +37,7 @@ from shared.notifications.policy import (
     OpsContacts,
     RenderedMessage,
 )
+from tests.conftest import wait_for
 
 # Generated per run: not a real credential.
 USER, PASSWORD = "notifier", "pw-" + socket.gethostname()
@@ -311,7 +311,9 @@ def test_server_idle_timeout_between_sends(handler: RecordingHandler) -> None:
         ch = SmtpEmailChannel("127.0.0.1", controller.port, "noreply@shop.example",
                               timeout=5)
         ch.send(MAIL, "key-1")
-        time.sleep(1.2)  # the server hangs up on the idle connection
+        server = handler.servers[0]
+        wait_for(lambda: server.transport is None, timeout=5, interval=0.01,
+                 what="the server to hang up on the idle connection")
         ch.send(MAIL, "key-2")
     finally:
         controller.stop()
@@ -413,9 +415,8 @@ def test_close_ends_the_kept_connection(plain_controller: Controller,
     ch.send(MAIL, "key-1")
     server = handler.servers[0]
     ch.close()
-    deadline = time.monotonic() + 5
-    while server.transport is not None:  # QUIT: the server closes its side
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # QUIT: the server closes its side
+    wait_for(lambda: server.transport is None, timeout=5, interval=0.01,
+             what="the server's side of the connection to close")
     ch.send(MAIL, "key-2")
     assert handler.connections() == 2
