@@ -10,9 +10,9 @@ and its own Redis key prefix. Phases, each bounded in time:
   baseline    a no-op Dramatiq actor on the same broker: N messages published with
               windowed confirms while a worker consumes them -> messages/s
   latency     simulator traffic at a fixed 500 events/s from an idle system;
-              publish -> committed latency (commit times from polling count(*) every
-              10 ms, matched by rank: intake consumes one FIFO queue) and publish ->
-              received_at (the inserting transaction's start, a lower bound)
+              publish -> committed latency per event (its transaction's commit seen in
+              pg_current_snapshot() polled every 10 ms) and publish -> received_at
+              (the inserting transaction's start, a lower bound)
   drain       wait until the notifier has sent what the phase caused: notifications/s
   throughput  N simulator events (no malformed, no duplicates) published as fast as the
               broker confirms them; rate at which they become committed case_events rows
@@ -390,57 +390,108 @@ def phase_throughput(db: Db, amqp_url: str, n: int, timeout: float) -> dict[str,
     }
 
 
+def _visible(xid: int, snapshot: tuple[int, int, frozenset[int]]) -> bool:
+    """Whether transaction `xid` had ended when `snapshot` (xmin, xmax, in progress) was
+    taken. Intake's transactions do not abort in this phase, so ended means committed."""
+    xmin, xmax, running = snapshot
+    return xid < xmin or (xid < xmax and xid not in running)
+
+
+def _parse_snapshot(text_: str) -> tuple[int, int, frozenset[int]]:
+    xmin, xmax, running = text_.split(":")
+    return int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x)
+
+
+def commit_times(samples: list[tuple[float, str]], xids: dict[str, int]
+                 ) -> dict[str, float]:
+    """event_id -> the first poll at which its inserting transaction had committed. A
+    transaction, once ended, stays ended in every later snapshot: binary search."""
+    parsed = [(t, _parse_snapshot(snap)) for t, snap in samples]
+    out: dict[str, float] = {}
+    for event_id, xid in xids.items():
+        lo, hi = 0, len(parsed)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _visible(xid, parsed[mid][1]):
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < len(parsed):
+            out[event_id] = parsed[lo][0]
+    return out
+
+
 def phase_latency(db: Db, amqp_url: str, rate: float, duration: float) -> dict[str, Any]:
-    base = int(db.scalar("SELECT count(*) FROM case_events"))
+    """Publish -> commit latency of every event, matched by event id.
+
+    When did an event's transaction commit? Polling `count(*)` every 10 ms cost PostgreSQL
+    a table scan per poll (about 0.2 core by the end of the phase) and only matched events
+    by rank. Instead, `pg_current_snapshot()` is polled every 10 ms (no table is read), and
+    afterwards each event's `xmin` (its inserting transaction) is looked up in those
+    snapshots: the first snapshot in which that transaction had ended is its commit time,
+    within the poll interval."""
     cfg = SimConfig(rate=rate, duplicate_share=0.0, malformed_share=0.0, run_id=f"lt{PID}")
     gen = TrafficGenerator(cfg, __import__("random").Random(2))
-    published: list[float] = []
-    samples: list[tuple[float, int]] = []
+    published: dict[str, float] = {}
+    samples: list[tuple[float, str]] = []
     stop = threading.Event()
 
     def on_sent(batch: list[Message], t: float) -> None:
-        published.extend([t] * len(batch))
+        for message in batch:
+            assert message.event is not None
+            published[message.event["event_id"]] = t
 
     def poll() -> None:
         with db.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             while not stop.is_set():
-                n = conn.execute(text("SELECT count(*) FROM case_events")).scalar() or 0
-                samples.append((time.monotonic(), int(n) - base))
-                conn.commit()
+                snap = conn.execute(text("SELECT pg_current_snapshot()::text")).scalar()
+                samples.append((time.monotonic(), str(snap)))
                 time.sleep(0.01)
 
+    like = f"sim-lt{PID}-%"
+    count_sql = "SELECT count(*) FROM case_events WHERE event_id LIKE :p"
     log(f"latency: {rate:.0f} events/s for {duration:.0f}s")
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     pub = publish(amqp_url, gen, rate=rate, duration=duration, on_sent=on_sent)
     total = len(published)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (not samples or samples[-1][1] < total):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and int(db.scalar(count_sql, p=like)) < total:
+        time.sleep(0.25)
+    time.sleep(0.05)  # one more snapshot after the last commit was seen
     stop.set()
     th.join(5)
     purged = purge_intake_queue(amqp_url)
-    # rank matching: the k-th committed event is the k-th published one (one FIFO queue)
-    latencies = []
-    j = 0
-    for k, t_pub in enumerate(published):
-        while j < len(samples) and samples[j][1] < k + 1:
-            j += 1
-        if j == len(samples):
-            break
-        latencies.append(samples[j][0] - t_pub)
-    warm = latencies[int(rate * 2):] or latencies  # skip the first 2 s
+    # The 32-bit xmin of the row against the snapshots' 64-bit ids: add the epoch.
+    epoch = int(db.scalar("SELECT pg_current_xact_id()::text::bigint >> 32")) << 32
+    xids = {r[0]: epoch + int(r[1]) for r in db.rows(
+        "SELECT event_id, xmin::text FROM case_events WHERE event_id LIKE :p", p=like)}
+    committed_at = commit_times(samples, xids)
+    warm_after = min(published.values(), default=0.0) + 2.0  # skip the first 2 s
+    latencies = [committed_at[e] - t for e, t in published.items()
+                 if e in committed_at and t >= warm_after]
+    # Per second of publishing: how many events and the worst latency, to see whether the
+    # tail comes in bursts.
+    first_t = min(published.values(), default=0.0)
+    per_second: dict[int, list[float]] = {}
+    for e, t in published.items():
+        if e in committed_at:
+            per_second.setdefault(int(t - first_t), []).append(committed_at[e] - t)
+    timeline = [[sec, len(v), _ms(pct(v, 0.5)), _ms(max(v))]
+                for sec, v in sorted(per_second.items())]
     rx = db.rows("SELECT extract(epoch FROM received_at - occurred_at) FROM case_events "
-                 "WHERE event_id LIKE :p", p=f"sim-lt{PID}-%")
+                 "WHERE event_id LIKE :p", p=like)
     rx_lat = [float(r[0]) for r in rx]
     return {
         "offered_rate": rate, "seconds": duration, "published": total,
-        "publish_rate": pub["rate"], "committed": samples[-1][1] if samples else 0,
-        "p50_ms": _ms(pct(warm, 0.5)), "p99_ms": _ms(pct(warm, 0.99)),
-        "max_ms": _ms(max(warm) if warm else None),
-        "mean_ms": _ms(statistics.fmean(warm) if warm else None),
+        "publish_rate": pub["rate"], "committed": len(xids),
+        "p50_ms": _ms(pct(latencies, 0.5)), "p99_ms": _ms(pct(latencies, 0.99)),
+        "max_ms": _ms(max(latencies) if latencies else None),
+        "mean_ms": _ms(statistics.fmean(latencies) if latencies else None),
         "to_tx_start_p50_ms": _ms(pct(rx_lat, 0.5)), "to_tx_start_p99_ms": _ms(pct(rx_lat, 0.99)),
-        "poll_interval_ms": 10, "load_during": os.getloadavg(),
+        "poll_interval_ms": 10, "snapshots": len(samples), "load_during": os.getloadavg(),
+        "timeline_second_count_p50ms_maxms": timeline,
         "purged_unprocessed": purged,
         "note": "latencies only of events committed within 30 s after the last publish",
     }
@@ -561,6 +612,10 @@ def summarise_profile(raw: str, top: int = 15) -> list[tuple[str, float]]:
 # ---- main --------------------------------------------------------------------------------
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes)")
@@ -574,11 +629,23 @@ def main() -> int:
                          "CPU and database time from intake on 2 cores)")
     ap.add_argument("--latency-rate", type=float, default=500.0)
     ap.add_argument("--profile", action="store_true", help="py-spy the intake worker")
+    ap.add_argument("--phases", default="baseline,latency,throughput,decisions",
+                    help="comma-separated subset of baseline,latency,throughput,decisions "
+                         "(default all; a drain follows latency and throughput)")
+    ap.add_argument("--without", default="",
+                    help="comma-separated services not to start, to see what the others do "
+                         "alone (e.g. notifier)")
     ap.add_argument("--out", default=str(OUT_DIR / "e2e.json"))
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _interrupted)  # clean up (database, vhost, services) then stop
+    phases = set(args.phases.split(","))
+    unknown = phases - {"baseline", "latency", "throughput", "decisions"}
+    if unknown:
+        ap.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     quick = args.quick
-    sizes = {"baseline": 5000 if quick else 30000, "throughput": 5000 if quick else 30000,
-             "latency_s": 10.0 if quick else 30.0, "decisions": 1000 if quick else 5000}
+    sizes: dict[str, Any] = {
+        "baseline": 5000 if quick else 30000, "throughput": 5000 if quick else 30000,
+        "latency_s": 10.0 if quick else 30.0, "decisions": 1000 if quick else 5000}
     OUT_DIR.mkdir(exist_ok=True)
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(), "quick": quick, "sizes": sizes,
@@ -602,37 +669,45 @@ def main() -> int:
                               "other services": "defaults (1 process, 4 threads)"}
         per_service = {"intake": intake_env, "notifier": notifier_env}
         db = Db(db_url)
-        result["baseline"] = phase_baseline(amqp_url, sizes["baseline"], threads=8)
+        if "baseline" in phases:
+            result["baseline"] = phase_baseline(amqp_url, sizes["baseline"], threads=8)
         services = Services(settings)
         sampler = RssSampler(services)
         try:
             for service in SERVICES:
+                if service in args.without.split(","):
+                    continue
                 ok = services.start(service, per_service.get(service))
                 log(f"{service}: {'running' if ok else 'FAILED ' + services.failed[service]}")
             result["services_failed"] = services.failed
             sampler.start()
             # Latency first, from an idle system at the offered rate (with the notifications
             # that rate causes); each later phase starts once the notifier has drained.
-            result["latency"] = phase_latency(db, amqp_url, args.latency_rate,
-                                              sizes["latency_s"])
-            result["drain_after_latency"] = phase_drain(db, 120 if quick else 300)
-            spy = profile_intake(services, 12 if quick else 25, OUT_DIR / "e2e-intake-profile") \
-                if args.profile else None
-            result["throughput"] = phase_throughput(db, amqp_url, sizes["throughput"],
-                                                    timeout=60 if quick else 150)
-            if spy and "proc" in spy:
-                spy["proc"].wait(60)
-                result["profile"] = {"pid": spy["pid"], "raw": spy["raw"],
-                                     "top_inclusive_pct": summarise_profile(spy["raw"])}
-            elif spy:
-                result["profile"] = spy
-            result["drain_after_throughput"] = phase_drain(db, 180 if quick else 400)
-            intake_rate = result["throughput"].get("rate_sustained") or 100.0
-            sizes["decisions_used"] = min(sizes["decisions"], max(200, int(intake_rate * 20)))
-            result["decisions"] = phase_decisions(
-                db, amqp_url, sizes["decisions_used"],
-                intake_rate,
-                notifier="notifier" in services.procs, timeout=90 if quick else 180)
+            if "latency" in phases:
+                result["latency"] = phase_latency(db, amqp_url, args.latency_rate,
+                                                  sizes["latency_s"])
+                if "notifier" in services.procs:
+                    result["drain_after_latency"] = phase_drain(db, 120 if quick else 300)
+            if "throughput" in phases:
+                spy = profile_intake(services, 12 if quick else 25,
+                                     OUT_DIR / "e2e-intake-profile") if args.profile else None
+                result["throughput"] = phase_throughput(db, amqp_url, sizes["throughput"],
+                                                        timeout=60 if quick else 150)
+                if spy and "proc" in spy:
+                    spy["proc"].wait(60)
+                    result["profile"] = {"pid": spy["pid"], "raw": spy["raw"],
+                                         "top_inclusive_pct": summarise_profile(spy["raw"])}
+                elif spy:
+                    result["profile"] = spy
+                if "notifier" in services.procs:
+                    result["drain_after_throughput"] = phase_drain(db, 180 if quick else 400)
+            if "decisions" in phases:
+                intake_rate = result.get("throughput", {}).get("rate_sustained") or 100.0
+                sizes["decisions_used"] = min(sizes["decisions"], max(200, int(intake_rate * 20)))
+                result["decisions"] = phase_decisions(
+                    db, amqp_url, sizes["decisions_used"],
+                    intake_rate,
+                    notifier="notifier" in services.procs, timeout=90 if quick else 180)
             services.sample_rss()
         finally:
             sampler.stop_event.set()

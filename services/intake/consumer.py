@@ -83,25 +83,30 @@ class IntakeConsumer:
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.prefetch)
             batch: list[Delivery] = []
-            started = 0.0
+            started = 0.0  # since when the batch's oldest message has been waiting
+            last_began: float | None = None  # set while nothing was read since a batch
             for method, properties, body in channel.consume(
                 INTAKE_QUEUE, inactivity_timeout=self.idle_seconds
             ):
                 if method is not None:
                     if not batch:
-                        started = time.monotonic()
+                        # The first read after a batch found a message that arrived while
+                        # that batch was processed: it has waited since then, not from now
+                        # (counting from now made it wait a whole second window).
+                        started = last_began if last_began is not None else time.monotonic()
                     batch.append(
                         Delivery(method.delivery_tag, method.exchange, method.routing_key,
                                  properties, body)
                     )
+                last_began = None
                 # Commit when the queue goes quiet, the batch is full, or its first event
                 # has waited long enough.
                 if batch and (method is None or len(batch) >= self.batch_size
                               or time.monotonic() - started >= self.batch_wait_seconds):
+                    last_began = started = time.monotonic()
                     # What comes back was deferred (its case was busy): it leads the next
                     # batch, still unacked, in its order.
                     batch = self._process(connection, channel, batch)
-                    started = time.monotonic()
                 if self._stopping:
                     break
             channel.cancel()

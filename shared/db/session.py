@@ -9,6 +9,16 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+# psycopg prepares a statement after a few executions, and PostgreSQL then switches a
+# prepared statement to a generic plan if it costs no more than the custom ones. Planned
+# while the tables are small (a new deployment, a new partition, a drained backlog), that
+# generic plan is a sequential scan, and it stays until the next ANALYZE, which on a
+# quickly growing table is minutes away: in the end-to-end benchmark every intake batch
+# scanned all of `case_events` and `deadlines`, and latency grew second by second.
+# A custom plan per execution sees the real array of ids and picks the index; planning
+# these short statements costs little next to a batch.
+PLAN_EVERY_EXECUTION = "-c plan_cache_mode=force_custom_plan"
+
 
 def make_engine(database_url: str, pool_size: int = 5) -> Engine:
     return create_engine(
@@ -17,6 +27,7 @@ def make_engine(database_url: str, pool_size: int = 5) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,  # survive a PostgreSQL restart: stale connections are replaced
         pool_recycle=1800,
+        connect_args={"options": PLAN_EVERY_EXECUTION},
     )
 
 

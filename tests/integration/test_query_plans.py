@@ -1,0 +1,65 @@
+"""The services' statements keep using their indexes while the tables grow.
+
+psycopg prepares a statement after a few executions and PostgreSQL may then pin a generic
+plan made while the table was small: a sequential scan that stays until the next ANALYZE.
+In the end-to-end benchmark that made every intake batch scan all of `case_events`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Connection, Engine, create_engine, text
+
+from services.intake.processor import SEEN_EVENTS
+from shared.db.session import Database, make_engine
+
+
+def _seq_scans_of_case_events(conn: Connection) -> int:
+    # This transaction's own counters: visible at once, unlike the cumulative statistics.
+    return int(conn.execute(text(
+        "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables "
+        "WHERE relname = 'case_events'")).scalar())
+
+
+def seq_scans_after_growth(engine: Engine) -> int:
+    """Run intake's duplicate check often on an empty table, fill the table (no ANALYZE,
+    as between autovacuum runs), run the check again: how many sequential scans did the
+    runs after the growth make?"""
+    with engine.connect() as conn, conn.begin():
+        for i in range(15):  # enough for psycopg to prepare and PostgreSQL to go generic
+            conn.execute(SEEN_EVENTS, {"ids": [f"none-{i}"]})
+        conn.execute(text(
+            "INSERT INTO case_events (event_id, case_id, type, occurred_at, outcome, body) "
+            "SELECT 'ev-' || g, 'C-' || g, 'case.opened', now(), 'applied', '{}' "
+            "FROM generate_series(1, 20000) g"))
+        before = _seq_scans_of_case_events(conn)
+        for i in range(5):
+            conn.execute(SEEN_EVENTS, {"ids": [f"ev-{i}", f"ev-{i + 100}"]})
+        seq_scans = _seq_scans_of_case_events(conn) - before
+        conn.rollback()
+    return seq_scans
+
+
+@pytest.fixture
+def empty_case_events(db: Database, database_url: str) -> Iterator[str]:
+    yield database_url  # `db` has emptied every table
+
+
+def test_service_engine_uses_the_index_after_the_table_grows(empty_case_events: str) -> None:
+    engine = make_engine(empty_case_events)
+    try:
+        assert seq_scans_after_growth(engine) == 0
+    finally:
+        engine.dispose()
+
+
+def test_without_per_execution_plans_the_stale_plan_scans(empty_case_events: str) -> None:
+    """The control: a plain engine keeps the plan made on the empty table, so the test
+    above would catch the setting going missing."""
+    engine = create_engine(empty_case_events)
+    try:
+        assert seq_scans_after_growth(engine) == 5
+    finally:
+        engine.dispose()
