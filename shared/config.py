@@ -41,9 +41,11 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=64 * 1024, ge=1024)
     intake_prefetch: int = Field(default=200, ge=1, le=10_000)
     intake_batch: int = Field(default=100, ge=1, le=5_000)
-    # A batch is committed once its first event has waited this long, full or not: under a
+    # A batch is committed once its oldest event has waited this long, full or not: under a
     # steady trickle a batch would otherwise wait to fill, adding its fill time to latency.
-    intake_batch_wait_seconds: float = Field(default=0.05, gt=0, le=10)
+    # 20 ms measured best at 500 events/s (p50/p99 34/86 ms against 62/138 ms at 50 ms);
+    # under a backlog batches fill long before, so throughput does not depend on it.
+    intake_batch_wait_seconds: float = Field(default=0.02, gt=0, le=10)
 
     timer_batch: int = Field(default=500, ge=1, le=50_000)
     timer_poll_seconds: float = Field(default=0.2, gt=0, le=60)

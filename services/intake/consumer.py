@@ -82,34 +82,45 @@ class IntakeConsumer:
             declare_topology(channel, self.queue_type)
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.prefetch)
+            arrived: list[Delivery] = []
+
+            def on_message(_ch: Any, method: Any, properties: pika.BasicProperties,
+                           body: bytes) -> None:
+                arrived.append(Delivery(method.delivery_tag, method.exchange,
+                                        method.routing_key, properties, body))
+
+            consumer_tag = channel.basic_consume(INTAKE_QUEUE, on_message)
             batch: list[Delivery] = []
-            started = 0.0  # since when the batch's oldest message has been waiting
-            last_began: float | None = None  # set while nothing was read since a batch
-            for method, properties, body in channel.consume(
-                INTAKE_QUEUE, inactivity_timeout=self.idle_seconds
-            ):
-                if method is not None:
+            waiting_since = 0.0  # when the oldest message of `batch` was there to be read
+            processing_began: float | None = None  # set until the first read after a batch
+            while not self._stopping:
+                # Idle: block until something arrives. Otherwise only take in what is
+                # already there, up to the batch's age limit.
+                limit = self.idle_seconds if not batch else max(
+                    0.0, self.batch_wait_seconds - (time.monotonic() - waiting_since))
+                # What the first read after a batch finds arrived while that batch was
+                # processed: it has waited since then, not from now.
+                read_from = processing_began if processing_began is not None \
+                    else time.monotonic()
+                processing_began = None
+                connection.process_data_events(time_limit=limit)
+                if arrived:
                     if not batch:
-                        # The first read after a batch found a message that arrived while
-                        # that batch was processed: it has waited since then, not from now
-                        # (counting from now made it wait a whole second window).
-                        started = last_began if last_began is not None else time.monotonic()
-                    batch.append(
-                        Delivery(method.delivery_tag, method.exchange, method.routing_key,
-                                 properties, body)
-                    )
-                last_began = None
-                # Commit when the queue goes quiet, the batch is full, or its first event
-                # has waited long enough.
-                if batch and (method is None or len(batch) >= self.batch_size
-                              or time.monotonic() - started >= self.batch_wait_seconds):
-                    last_began = started = time.monotonic()
-                    # What comes back was deferred (its case was busy): it leads the next
-                    # batch, still unacked, in its order.
-                    batch = self._process(connection, channel, batch)
-                if self._stopping:
-                    break
-            channel.cancel()
+                        waiting_since = read_from
+                    batch += arrived
+                    arrived.clear()
+                    if len(batch) < self.batch_size and time.monotonic() - waiting_since \
+                            < self.batch_wait_seconds:
+                        continue  # more may come within the age limit
+                if not batch:
+                    continue
+                # Commit when nothing more came, the batch is full, or its oldest message
+                # has waited long enough. What comes back was deferred (its case was busy):
+                # it leads the next batch, still unacked, in its order.
+                take, rest = batch[:self.batch_size], batch[self.batch_size:]
+                processing_began = waiting_since = time.monotonic()
+                batch = self._process(connection, channel, take) + rest
+            channel.basic_cancel(consumer_tag)
         finally:
             if connection.is_open:
                 connection.close()
