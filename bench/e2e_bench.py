@@ -113,7 +113,7 @@ def own_vhost() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def smtp_sink() -> Iterator[int]:
+def smtp_sink() -> Iterator[tuple[int, int]]:
     """A local SMTP server that accepts and drops mail, so email notifications succeed."""
     port = free_port()
     proc = subprocess.Popen(
@@ -125,7 +125,7 @@ def smtp_sink() -> Iterator[int]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 break
             time.sleep(0.1)
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -207,6 +207,59 @@ class Services:
     def sample_rss(self) -> None:
         for service in list(self.procs):  # a service may be started meanwhile
             self.rss_peak[service] = max(self.rss_peak[service], self.rss(service))
+
+
+def _cpu_ticks(pid: str) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class CpuSplit:
+    """CPU time per consumer over a phase, read from /proc: each service's process group,
+    PostgreSQL, RabbitMQ and Redis by process name, the SMTP sink (standing in for the mail
+    provider) and this benchmark process (publisher and pollers). In cores: CPU seconds
+    divided by the phase's wall time."""
+
+    def __init__(self, services: Services, sink_pid: int | None) -> None:
+        self.services = services
+        self.sink_pid = sink_pid
+
+    def _owner(self, pid: str, groups: dict[int, str]) -> str | None:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        pgrp = int(stat.rsplit(")", 1)[1].split()[2])
+        if pgrp in groups:
+            return groups[pgrp]
+        if int(pid) == self.sink_pid:
+            return "smtp sink"
+        if int(pid) == PID:
+            return "benchmark"
+        for name, prefixes in (("postgresql", ("postgres",)), ("rabbitmq", ("beam", "erl")),
+                               ("redis", ("redis",))):
+            if comm.startswith(prefixes):
+                return name
+        return None
+
+    def snapshot(self) -> tuple[float, dict[str, int]]:
+        groups = {proc.pid: name for name, proc in self.services.procs.items()}
+        ticks: dict[str, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    owner = self._owner(entry, groups)
+                    if owner:
+                        ticks[owner] = ticks.get(owner, 0) + _cpu_ticks(entry)
+        return time.monotonic(), ticks
+
+    @staticmethod
+    def cores(before: tuple[float, dict[str, int]], after: tuple[float, dict[str, int]]
+              ) -> dict[str, float]:
+        seconds = after[0] - before[0]
+        hz = os.sysconf("SC_CLK_TCK")
+        out = {k: round((v - before[1].get(k, 0)) / hz / seconds, 2)
+               for k, v in after[1].items()}
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 class RssSampler(threading.Thread):
@@ -651,7 +704,7 @@ def main() -> int:
         "started_at": datetime.now(UTC).isoformat(), "quick": quick, "sizes": sizes,
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
     }
-    with own_database() as db_url, own_vhost() as amqp_url, smtp_sink() as smtp_port:
+    with own_database() as db_url, own_vhost() as amqp_url, smtp_sink() as (smtp_port, sink_pid):
         settings = {
             "AFTERSALES_DATABASE_URL": db_url, "AFTERSALES_AMQP_URL": amqp_url,
             "AFTERSALES_REDIS_PREFIX": f"aftersales:bench-e2e-{PID}:",
@@ -673,6 +726,7 @@ def main() -> int:
             result["baseline"] = phase_baseline(amqp_url, sizes["baseline"], threads=8)
         services = Services(settings)
         sampler = RssSampler(services)
+        cpu = CpuSplit(services, sink_pid)
         try:
             for service in SERVICES:
                 if service in args.without.split(","):
@@ -684,15 +738,19 @@ def main() -> int:
             # Latency first, from an idle system at the offered rate (with the notifications
             # that rate causes); each later phase starts once the notifier has drained.
             if "latency" in phases:
+                before = cpu.snapshot()
                 result["latency"] = phase_latency(db, amqp_url, args.latency_rate,
                                                   sizes["latency_s"])
+                result["latency"]["cpu_cores"] = cpu.cores(before, cpu.snapshot())
                 if "notifier" in services.procs:
                     result["drain_after_latency"] = phase_drain(db, 120 if quick else 300)
             if "throughput" in phases:
                 spy = profile_intake(services, 12 if quick else 25,
                                      OUT_DIR / "e2e-intake-profile") if args.profile else None
+                before = cpu.snapshot()
                 result["throughput"] = phase_throughput(db, amqp_url, sizes["throughput"],
                                                         timeout=60 if quick else 150)
+                result["throughput"]["cpu_cores"] = cpu.cores(before, cpu.snapshot())
                 if spy and "proc" in spy:
                     spy["proc"].wait(60)
                     result["profile"] = {"pid": spy["pid"], "raw": spy["raw"],
@@ -751,6 +809,12 @@ def report(r: dict[str, Any]) -> None:
                                              and value < 10 else f"{value:,.0f}")
         print(f"{name:<42} | {shown:>10} | {target:>8} | "
               f"{'' if met is None else ('yes' if met else 'NO')}")
+    for phase in ("latency", "throughput"):
+        split = r.get(phase, {}).get("cpu_cores")
+        if split:
+            print(f"\nCPU in the {phase} phase, cores (of {os.cpu_count()}): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in split.items() if v >= 0.01)
+                  + f"; total {sum(split.values()):.2f}")
     if r.get("services_failed"):
         print(f"\nservices that did not start: {r['services_failed']}")
     if r.get("profile", {}).get("top_inclusive_pct"):
