@@ -65,6 +65,7 @@ from shared.amqp import (  # noqa: E402
     declare_topology,
     make_broker,
 )
+from shared.config import Settings  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -642,7 +643,11 @@ def ours_catchup(box: Sandbox, plan: Plan) -> dict[str, Any]:
     result: dict[str, Any] = {
         "overdue": n, "decisions": got, "complete": got >= n,
         "settings": {"AFTERSALES_TIMER_MAX_RATE": plan.timer_max_rate,
-                     "AFTERSALES_TIMER_BATCH": 500, "AFTERSALES_OUTBOX_BATCH": 200,
+                     # the services' defaults (the benchmark does not set these)
+                     "AFTERSALES_TIMER_BATCH": Settings.model_fields["timer_batch"].default,
+                     "AFTERSALES_OUTBOX_BATCH": Settings.model_fields["outbox_batch"].default,
+                     "AFTERSALES_RESOLVER_BATCH":
+                         Settings.model_fields["resolver_batch"].default,
                      "AFTERSALES_WORKER_PROCESSES": plan.resolver_processes,
                      "AFTERSALES_WORKER_THREADS": plan.resolver_threads},
         "redispatched_rows": redispatched,
