@@ -30,6 +30,10 @@ class RateLimit:
     window_s: int
 
 
+# What one acquisition asks for: (subject, member, limits).
+Slot = tuple[str, str, Sequence[RateLimit]]
+
+
 class RateLimiter(Protocol):
     def acquire(
         self, subject: str, member: str, limits: Sequence[RateLimit], now: datetime
@@ -38,6 +42,10 @@ class RateLimiter(Protocol):
 
         Returns None when allowed, else the seconds until a slot frees in the fullest window.
         """
+        ...
+
+    def acquire_many(self, slots: Sequence[Slot], now: datetime) -> list[float | None]:
+        """`acquire` for each slot, in order, as if called one after another."""
         ...
 
 
@@ -102,6 +110,20 @@ class RedisRateLimiter:
         wait_ms = int(self._script(keys=keys, args=args))
         return None if wait_ms <= 0 else wait_ms / 1000.0
 
+    def acquire_many(self, slots: Sequence[Slot], now: datetime) -> list[float | None]:
+        """One round trip for all: the scripts run one after another in a pipeline (no
+        MULTI needed: each script is atomic, and order is all `acquire` promises)."""
+        now_ms = int(now.timestamp() * 1000)
+        pipe = self._redis.pipeline(transaction=False)
+        for subject, member, limits in slots:
+            args: list[Any] = [now_ms, member]
+            for lim in limits:
+                args += [lim.window_s * 1000, lim.limit]
+            self._script(keys=[self.key(subject, lim.window_s) for lim in limits], args=args,
+                         client=pipe)
+        return [None if int(wait_ms) <= 0 else int(wait_ms) / 1000.0
+                for wait_ms in pipe.execute()]
+
 
 class InMemoryRateLimiter:
     """The same semantics in a dict, for unit tests and single-process local runs."""
@@ -128,6 +150,9 @@ class InMemoryRateLimiter:
             for lim in limits:
                 self._sets[f"{subject}:{lim.window_s}"].setdefault(member, t)
             return None
+
+    def acquire_many(self, slots: Sequence[Slot], now: datetime) -> list[float | None]:
+        return [self.acquire(subject, member, limits, now) for subject, member, limits in slots]
 
     def count(self, subject: str, window_s: int) -> int:
         return len(self._sets.get(f"{subject}:{window_s}", {}))

@@ -6,7 +6,9 @@ what happened. Exactly once per dedup key:
    found `sending` means an earlier attempt died after the claim and may or may not have
    reached the provider. It is recorded as failed ("unknown"), not sent again: the issue's
    promise is never twice to the same person for the same reason, and ops see the failure.
-2. Send outside any transaction (a slow provider must not hold database locks).
+2. Send outside any transaction (a slow provider must not hold database locks). Quiet
+   hours, rendering and the rate limits are decided for the whole chunk first, with one
+   round trip to Redis, then each message cleared to go is handed to its channel.
 3. Record the result: sent, deferred (quiet hours, rate limit, retry later: the timer
    releases it at `send_after`), or failed (permanent, or out of attempts).
 
@@ -29,12 +31,22 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, any_, bindparam, func, select, update
 
 from services.notifier.channels.base import Channel
-from services.notifier.delivery import QuietHours, RetryPolicy, decide_and_send
+from services.notifier.delivery import (
+    DeliveryResult,
+    QuietHours,
+    RetryPolicy,
+    decide_many,
+    send_now,
+)
 from services.notifier.ratelimit import RateLimit, RateLimiter
 from shared.db.models import NotificationRow
 from shared.db.session import Database
 from shared.notifications.masking import mask_text
-from shared.notifications.policy import NotificationPolicy, NotificationRequest
+from shared.notifications.policy import (
+    NotificationPolicy,
+    NotificationRequest,
+    RenderedMessage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +108,14 @@ class _Claimed:
     row: Any  # the locked row, as read
     attempt: int
     status: str  # the status before the claim (to release the row as it was)
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A claimed row cleared to go: its request and the rendered message."""
+
+    request: NotificationRequest
+    message: RenderedMessage
 
 
 @dataclass(frozen=True)
@@ -184,15 +204,23 @@ class NotificationSender:
 
     def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None]
                       ) -> list[_Result]:
-        results: list[_Result] = []
+        results: list[_Result] = []  # one per claimed row, in order, as they are settled
+        sending: int | None = None  # the position being handed to a channel, if any
         try:
-            for c in claimed:
-                results.append(self._send_one(c))
+            for position, (c, decision) in enumerate(
+                    zip(claimed, self._decide(claimed), strict=True)):
+                if isinstance(decision, _Result):
+                    results.append(decision)
+                    continue
+                sending = position
+                results.append(self._send_one(c, decision.request, decision.message))
+                sending = None
         except BaseException:
-            # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): the row
-            # being sent stays `sending` (unknown, never repeated); the results we have
-            # are recorded and the rows not yet tried are handed back, so neither is lost.
-            untried = claimed[len(results) + 1:]
+            # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row being
+            # handed to a channel stays `sending` (unknown, never repeated); the results we
+            # have are recorded and the rows not yet tried are handed back, so neither is
+            # lost.
+            untried = claimed[len(results) + (1 if sending is not None else 0):]
             try:
                 with self.db.transaction() as s:
                     conn = s.connection()
@@ -208,26 +236,40 @@ class NotificationSender:
             raise
         return results
 
-    def _send_one(self, c: _Claimed) -> _Result:
-        channel = str(c.row.channel)
+    def _decide(self, claimed: list[_Claimed]) -> list[_Result | _Ready]:
+        """Quiet hours, rendering and rate limits for the whole chunk (one limiter round
+        trip): for each row in order, its result now or the message to send."""
+        requests = [self._request_of(c) for c in claimed]
+        decisions = iter(decide_many(
+            [(r, c.attempt) for c, r in zip(claimed, requests, strict=True)
+             if not isinstance(r, _Result)],
+            now=self.clock(), limiter=self.limiter, quiet_hours=self.quiet_hours,
+            render=self.policy.render, limits=self.limits, retry=self.retry))
+        out: list[_Result | _Ready] = []
+        for c, request in zip(claimed, requests, strict=True):
+            if isinstance(request, _Result):
+                out.append(request)
+                continue
+            decision = next(decisions)
+            out.append(self._result_of(c, decision) if isinstance(decision, DeliveryResult)
+                       else _Ready(request, decision))
+        return out
+
+    @staticmethod
+    def _request_of(c: _Claimed) -> NotificationRequest | _Result:
         try:
-            request = NotificationRequest.from_row(c.row)
+            return NotificationRequest.from_row(c.row)
         except Exception as exc:  # a malformed row: nothing was sent, nothing can be
             log.exception("notification %s: unusable row", c.id)
-            return _Result(c.id, SendOutcome("failed", channel), _values(
+            return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
                 c.id, "failed", c.attempt - 1, mask_text(f"render: bad row: {exc!r}")[:1000]))
+
+    def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage
+                  ) -> _Result:
+        channel = str(c.row.channel)
         try:
-            result = decide_and_send(
-                request,
-                self.channels[request.channel],
-                now=self.clock(),
-                attempt=c.attempt,
-                limiter=self.limiter,
-                quiet_hours=self.quiet_hours,
-                render=self.policy.render,
-                limits=self.limits,
-                retry=self.retry,
-            )
+            result = send_now(request, message, self.channels[request.channel],
+                              now=self.clock(), attempt=c.attempt, retry=self.retry)
         except Exception as exc:
             # A bug (delivery turns every provider error into a result). Whether the
             # provider was reached is unknown: failed for good, as when a worker dies
@@ -237,6 +279,11 @@ class NotificationSender:
             error = mask_text(f"unknown: {exc!r} during the send; not repeated")[:1000]
             return _Result(c.id, SendOutcome("failed", channel),
                            _values(c.id, "failed", c.attempt, error))
+        return self._result_of(c, result)
+
+    def _result_of(self, c: _Claimed, result: DeliveryResult) -> _Result:
+        """What to record for a delivery result."""
+        channel = str(c.row.channel)
         attempts = c.attempt if result.attempted else c.attempt - 1
         if result.status == "sent":
             return _Result(c.id, SendOutcome("sent", channel), _values(

@@ -131,3 +131,18 @@ def test_decide_and_send_defers_the_sixth_sms_of_the_hour(limiter: RedisRateLimi
     assert statuses == ["sent"] * 5 + ["deferred"]
     assert r.retry_at == T0 + timedelta(hours=1)
     assert len(ch.sent) == 5
+
+
+def test_acquire_many_answers_as_one_call_each_in_order(limiter: RedisRateLimiter,
+                                                        client: redis.Redis) -> None:
+    a, b = subject_for("sms", "13812345678"), subject_for("sms", "13900000000")
+    slots = [(a, "m1", (HOUR,)), (b, "n1", (HOUR,)), (a, "m2", (HOUR,)),
+             (a, "m3", (HOUR,)), (a, "m1", (HOUR,))]
+    waits = limiter.acquire_many(slots, T0)
+    # a: two allowed, the third over the limit (a slot frees in an hour), m1 again is the
+    # same message (idempotent); b is someone else.
+    assert waits[:3] == [None, None, None] and waits[4] is None
+    assert waits[3] is not None and 3599 <= waits[3] <= 3600
+    # What the pipeline stored is what one call each would have: m3 is still refused.
+    assert limiter.acquire(a, "m3", (HOUR,), T0 + timedelta(minutes=1)) is not None
+    assert limiter.acquire_many([], T0) == []

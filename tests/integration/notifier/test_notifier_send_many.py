@@ -19,7 +19,7 @@ from sqlalchemy import event, insert, select, update
 from services.notifier.channels import FakeChannel, SendResult
 from services.notifier.delivery import QuietHours, RetryPolicy
 from services.notifier.errors import PermanentError, ThrottledError, TransientError
-from services.notifier.ratelimit import InMemoryRateLimiter
+from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import CHUNK, NotificationSender, SendOutcome
 from shared.db.models import NotificationRow
 from shared.db.session import Database, make_engine
@@ -291,3 +291,28 @@ def test_a_malformed_row_fails_without_a_send(db: Database) -> None:
     assert (bad.status, bad.attempts) == ("failed", 0)
     assert (bad.last_error or "").startswith("render: bad row")
     assert channel.calls == 1
+
+
+class CountingLimiter(InMemoryRateLimiter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.round_trips = 0
+
+    def acquire_many(self, slots: Any, now: datetime) -> list[float | None]:
+        self.round_trips += 1
+        return super().acquire_many(slots, now)
+
+
+def test_a_chunk_takes_its_rate_limit_slots_in_one_round_trip(db: Database) -> None:
+    """One limiter call per chunk, not per notification, with the same answers: at most
+    3 emails an hour to one address, so the 4th and 5th of one chunk are deferred."""
+    ids = add(db, CHUNK + 5, recipient="same@example.com")
+    limiter = CountingLimiter()
+    sender = NotificationSender(
+        db=db, policy=POLICY, channels={"email": FakeChannel()}, limiter=limiter,
+        quiet_hours=QuietHours.parse("off", "Asia/Shanghai"),
+        limits=(RateLimit("email", 3, 3600),), retry=RetryPolicy(), clock=lambda: DAYTIME)
+    outcomes = sender.send_many(ids)
+    assert [o.outcome for o in outcomes] == ["sent"] * 3 + ["deferred"] * (CHUNK + 2)
+    assert limiter.round_trips == 2  # two chunks
+

@@ -209,6 +209,9 @@ def test_limiter_outage_is_a_retry_not_an_unlimited_send() -> None:
         def acquire(self, *a: object) -> float | None:
             raise ConnectionError("redis down")
 
+        def acquire_many(self, *a: object) -> list[float | None]:
+            raise ConnectionError("redis down")
+
     ch = FakeChannel()
     r = decide_and_send(req(urgent=True), ch, now=at(10), attempt=1, limiter=Down(),
                         quiet_hours=QuietHours(), render=render)
