@@ -149,6 +149,7 @@ class DeliveryResult:
     retry_at: datetime | None = None  # deferred / retry: when to try again (send_after)
     error: str | None = None
     # quiet_hours | rate_limited | throttled | transient | permanent | render | limiter
+    # | bug (an unexpected error before the send)
     error_kind: str | None = None
     provider_id: str | None = None
     # True when this counts as an attempt (the caller increments the row's attempts):
@@ -206,7 +207,7 @@ def decide_many(
         try:
             decided = _quiet_or_render(request, now, quiet_hours, render)
         except Exception as exc:  # a bug for this message: nothing was sent, nor will be
-            log.exception("unexpected error before sending %s", _context(request))
+            log.exception("unexpected error before sending %s", _LogContext(request))
             decided = DeliveryResult(
                 "failed", error=mask_text(f"unknown: {exc!r} before the send; not repeated"),
                 error_kind="bug")
@@ -223,16 +224,16 @@ def decide_many(
     except Exception as exc:  # Redis down: retry later rather than send unlimited
         for position in limited:
             request, attempt = asks[position]
-            log.warning("limiter unavailable %s: %s", _context(request), mask_text(str(exc)))
+            log.warning("limiter unavailable %s: %s", _LogContext(request), mask_text(str(exc)))
             out[position] = _retry_or_fail(
                 TransientError(f"rate limiter: {exc}", code="limiter"), attempt, now, retry,
-                rng, _context(request), kind="limiter")
+                rng, _LogContext(request), kind="limiter")
         return out
     for position, wait in zip(limited, waits, strict=True):
         if wait is not None:
             until = now + timedelta(seconds=wait)
             log.info("deferred (rate limit) until %s %s", until.isoformat(),
-                     _context(asks[position][0]))
+                     _LogContext(asks[position][0]))
             out[position] = DeliveryResult("deferred", retry_at=until, error_kind="rate_limited")
     return out
 
@@ -251,23 +252,32 @@ def send_now(
     try:
         result = channel.send(message, request.dedup_key)
     except NotifierError as exc:
-        return _retry_or_fail(exc, attempt, now, retry, rng, _context(request))
+        return _retry_or_fail(exc, attempt, now, retry, rng, _LogContext(request))
     except Exception as exc:
         # An adapter bug or an unexpected library error: treat as transient (capped), so
         # it shows up as retries and then a recorded failure instead of a stuck message.
-        log.exception("unexpected error from %s channel %s", channel.name, _context(request))
+        log.exception("unexpected error from %s channel %s", channel.name, _LogContext(request))
         return _retry_or_fail(
             TransientError(f"{type(exc).__name__}: {exc}"), attempt, now, retry, rng,
-            _context(request)
+            _LogContext(request)
         )
-    log.info("sent via %s id=%s %s", result.provider, result.provider_id, _context(request))
+    log.info("sent via %s id=%s %s", result.provider, result.provider_id, _LogContext(request))
     return DeliveryResult("sent", provider_id=result.provider_id, attempted=True)
 
 
-def _context(request: NotificationRequest) -> str:
-    who = mask_address(request.recipient, request.channel)
-    return f"key={request.dedup_key} case={request.case_id} reason={request.reason} " \
-           f"channel={request.channel} to={who}"
+class _LogContext:
+    """A notification's log context, built only if a log line is written (masking the
+    address for every message sent cost CPU even with INFO off)."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: NotificationRequest) -> None:
+        self.request = request
+
+    def __str__(self) -> str:
+        r = self.request
+        return f"key={r.dedup_key} case={r.case_id} reason={r.reason} " \
+               f"channel={r.channel} to={mask_address(r.recipient, r.channel)}"
 
 
 def _quiet_or_render(
@@ -279,13 +289,13 @@ def _quiet_or_render(
     if not request.urgent:
         until = quiet_hours.defer_until(now, request.tz)
         if until is not None:
-            log.info("deferred (quiet hours) until %s %s", until.isoformat(), _context(request))
+            log.info("deferred (quiet hours) until %s %s", until.isoformat(), _LogContext(request))
             return DeliveryResult("deferred", retry_at=until, error_kind="quiet_hours")
     try:
         return render(request)
     except (PolicyError, KeyError, ValueError) as exc:
         error = mask_text(f"render: {exc}")
-        log.error("failed (render) %s: %s", _context(request), error)
+        log.error("failed (render) %s: %s", _LogContext(request), error)
         return DeliveryResult("failed", error=error, error_kind="render")
 
 
@@ -295,7 +305,7 @@ def _retry_or_fail(
     now: datetime,
     retry: RetryPolicy,
     rng: random.Random | None,
-    ctx: str,
+    ctx: _LogContext,
     kind: str | None = None,
 ) -> DeliveryResult:
     kind = kind or exc.kind
