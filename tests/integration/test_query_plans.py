@@ -60,6 +60,6 @@ def test_without_per_execution_plans_the_stale_plan_scans(empty_case_events: str
     above would catch the setting going missing."""
     engine = create_engine(empty_case_events)
     try:
-        assert seq_scans_after_growth(engine) == 5
+        assert seq_scans_after_growth(engine) > 0
     finally:
         engine.dispose()
