@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -225,17 +224,19 @@ def test_a_trickle_is_committed_without_waiting_for_a_full_batch(
     db: Database, amqp: Any, amqp_url: str, processor: IntakeProcessor
 ) -> None:
     # Neither a full batch (1,000 events) nor a quiet queue (5 s) comes in time in this
-    # test: only the age of the batch's first event can make intake commit.
+    # test: only the age of the batch's oldest event can make intake commit.
     consumer = IntakeConsumer(amqp_url, processor, prefetch=200, batch_size=1000,
                               idle_seconds=5, batch_wait_seconds=0.05)
     thread = threading.Thread(target=consumer.run_forever, daemon=True)
     thread.start()
+    cases = select(func.count()).select_from(CaseRow)
     try:
         publish_events(amqp_url, [opened("t1", "AS-T1")])
-        time.sleep(0.2)  # the scenario itself: the first event waits past the batch wait
+        wait_for(lambda: count(db, cases) == 1, timeout=3,
+                 what="a lone event committed before the 5 s idle timeout")
         publish_events(amqp_url, [opened("t2", "AS-T2")])
-        wait_for(lambda: count(db, select(func.count()).select_from(CaseRow)) == 2,
-                 timeout=3, what="both events committed before the 5 s idle timeout")
+        wait_for(lambda: count(db, cases) == 2, timeout=3,
+                 what="the next one too, on its own")
     finally:
         consumer.stop()
         thread.join(10)

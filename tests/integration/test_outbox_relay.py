@@ -184,7 +184,7 @@ def test_a_stale_receipt_never_deletes_a_different_row(
 
 
 RELAY_KILLED_AFTER_BROKER_COMMIT = """
-import sys, time
+import signal, sys
 from services.resolver.outbox import OutboxRelay
 from shared.amqp import make_broker
 from shared.db.session import Database, make_engine
@@ -194,7 +194,7 @@ class Stalls(BatchPublisher):
     def publish_batch(self, messages, receipt=None):
         super().publish_batch(messages, receipt)
         print("committed", flush=True)  # RabbitMQ has the batch; PostgreSQL does not know
-        time.sleep(3600)
+        signal.pause()  # here until the test SIGKILLs this process
 
 db_url, amqp_url = sys.argv[1:3]
 OutboxRelay(Database(make_engine(db_url)), Stalls(amqp_url, make_broker(amqp_url)),
