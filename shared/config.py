@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -46,6 +46,23 @@ class Settings(BaseSettings):
     # 20 ms measured best at 500 events/s (p50/p99 34/86 ms against 62/138 ms at 50 ms);
     # under a backlog batches fill long before, so throughput does not depend on it.
     intake_batch_wait_seconds: float = Field(default=0.02, gt=0, le=10)
+    # Inbound limits (docs/asyncapi.yaml): nesting depth of the JSON document, checked on
+    # the raw bytes before parsing; the plausible window of occurred_at and due_at around
+    # the time intake receives the event.
+    intake_max_depth: int = Field(default=16, ge=4, le=64)
+    intake_max_future_seconds: float = Field(default=300, ge=0)
+    intake_max_past_days: float = Field(default=400, gt=0)
+    intake_max_due_days: float = Field(default=400, gt=0)
+    # An event for a case not opened yet is parked; one still parked after this long goes
+    # to aftersales.events.rejected (reason case_never_opened). Checked every
+    # intake_parked_sweep_seconds.
+    intake_parked_max_seconds: float = Field(default=3 * 86400, gt=0)
+    intake_parked_sweep_seconds: float = Field(default=60, gt=0)
+    # RabbitMQ's max_message_size (deploy/docker/rabbitmq/rabbitmq.conf): the largest body
+    # the broker delivers. prefetch x this is the most unacked message data intake holds,
+    # bounded by intake_max_buffered_bytes (AMQP has no prefetch by size).
+    broker_max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+    intake_max_buffered_bytes: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
 
     timer_batch: int = Field(default=500, ge=1, le=50_000)
     timer_poll_seconds: float = Field(default=0.2, gt=0, le=60)
@@ -132,6 +149,17 @@ class Settings(BaseSettings):
         if v is not None and not v.exists():
             raise ValueError(f"{v} does not exist")
         return v
+
+    @model_validator(mode="after")
+    def _intake_memory_is_bounded(self) -> Settings:
+        if self.max_event_bytes > self.broker_max_message_bytes:
+            raise ValueError("max_event_bytes is larger than broker_max_message_bytes")
+        held = self.intake_prefetch * self.broker_max_message_bytes
+        if held > self.intake_max_buffered_bytes:
+            raise ValueError(
+                f"intake_prefetch x broker_max_message_bytes = {held} bytes exceeds "
+                f"intake_max_buffered_bytes ({self.intake_max_buffered_bytes})")
+        return self
 
     def metrics_port_for(self, service: str) -> int:
         return self.metrics_port or DEFAULT_METRICS_PORTS[service]

@@ -68,7 +68,9 @@ __all__ = [
     "EVENTS_REJECTED",
     "INTAKE_BATCH_SECONDS",
     "NOTIFICATIONS",
+    "OLDEST_PARKED_AGE",
     "OUTBOX_PUBLISH_SECONDS",
+    "PARKED_EVENTS",
     "SLA_STEPS",
     "TIMER_FIRED",
     "TIMER_LATENESS",
@@ -97,9 +99,12 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # --------------------------------------------------------------------------------------
 # Bounded label value sets
 # --------------------------------------------------------------------------------------
-EVENT_OUTCOMES: Final = frozenset({"accepted", "duplicate", "rejected", "out_of_state"})
+EVENT_OUTCOMES: Final = frozenset({"accepted", "duplicate", "rejected", "out_of_state",
+                                   "conflict", "error"})
 REJECT_REASONS: Final = frozenset(
-    {"not_utf8", "invalid_json", "schema", "unknown_type", "oversized"}
+    {"not_utf8", "invalid_json", "schema", "unknown_type", "oversized",
+     "too_deep", "out_of_range", "invalid_text", "implausible_time", "case_never_opened",
+     "internal_error"}
 )
 NOTIFICATION_OUTCOMES: Final = frozenset({"sent", "failed", "deferred", "retried", "duplicate"})
 ACTOR_OUTCOMES: Final = frozenset({"ok", "error", "retry", "skipped"})
@@ -244,6 +249,17 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         (), ("intake",), FAST_BUCKETS,
     ),
     MetricSpec(
+        "PARKED_EVENTS", "gauge", "aftersales_parked_events",
+        "Events waiting for their case to be opened (outcome parked), read by intake's "
+        "sweep of parked events.",
+        (), ("intake",),
+    ),
+    MetricSpec(
+        "OLDEST_PARKED_AGE", "gauge", "aftersales_oldest_parked_event_age_seconds",
+        "Age of the oldest parked event by the database clock (0 when none is parked).",
+        (), ("intake",),
+    ),
+    MetricSpec(
         "BUILD_INFO", "gauge", "aftersales_build_info",
         "Always 1; the version label says which build runs.",
         ("version",), SERVICES,
@@ -318,6 +334,8 @@ TIMER_LATENESS: Histogram
 TIMER_FIRED: Counter
 TIMER_STALE: Counter
 INTAKE_BATCH_SECONDS: Histogram
+PARKED_EVENTS: Gauge
+OLDEST_PARKED_AGE: Gauge
 BUILD_INFO: Gauge
 
 _build_lock = threading.Lock()

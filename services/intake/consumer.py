@@ -8,6 +8,7 @@ reason in headers, confirmed by the broker) before they are acknowledged.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +20,16 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import DBAPIError
 
 from services.intake.processor import BatchResult, IntakeProcessor
-from shared.amqp import INTAKE_QUEUE, REJECTED_QUEUE, connection_parameters, declare_topology
-from shared.schemas.events import Rejection
+from services.intake.rejected import minimal_properties, rejected_copy_properties
+from shared.amqp import (
+    EVENTS_EXCHANGE,
+    INTAKE_QUEUE,
+    REJECTED_QUEUE,
+    connection_parameters,
+    declare_topology,
+)
+from shared.db.session import is_infrastructure
+from shared.schemas.events import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,9 @@ class Delivery:
 
 
 BatchObserver = Callable[[BatchResult, float], None]
+# Called every `sweep_seconds` with a function that copies a body to the rejected queue
+# (e.g. services.intake.parked.expire_parked).
+Sweep = Callable[[Callable[[bytes, Rejection], None]], object]
 
 
 class IntakeConsumer:
@@ -49,6 +61,8 @@ class IntakeConsumer:
         observe: BatchObserver | None = None,
         idle_seconds: float = 0.02,
         batch_wait_seconds: float = 0.05,
+        sweep: Sweep | None = None,
+        sweep_seconds: float = 60.0,
     ) -> None:
         self.amqp_url = amqp_url
         self.processor = processor
@@ -58,6 +72,9 @@ class IntakeConsumer:
         self.observe = observe
         self.idle_seconds = idle_seconds
         self.batch_wait_seconds = batch_wait_seconds
+        self.sweep = sweep
+        self.sweep_seconds = sweep_seconds
+        self._next_sweep = 0.0
         self._stopping = False
 
     def stop(self) -> None:
@@ -94,6 +111,7 @@ class IntakeConsumer:
             waiting_since = 0.0  # when the oldest message of `batch` was there to be read
             processing_began: float | None = None  # set until the first read after a batch
             while not self._stopping:
+                self._maybe_sweep(channel)
                 # Idle: block until something arrives. Otherwise only take in what is
                 # already there, up to the batch's age limit.
                 limit = self.idle_seconds if not batch else max(
@@ -130,18 +148,7 @@ class IntakeConsumer:
     ) -> list[Delivery]:
         """Process a batch; ack what was handled and return what was deferred."""
         started = time.perf_counter()
-        backoff = 0.2
-        while True:
-            try:
-                result = self.processor.process([d.body for d in batch])
-                break
-            except DBAPIError as exc:
-                # PostgreSQL is down or restarting: nothing was committed; keep the
-                # messages (unacked) and try again. connection.sleep keeps heartbeats going.
-                log.warning("database unavailable (%s); retrying batch in %.1fs",
-                            type(exc.orig).__name__, backoff)
-                connection.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        result = self._verdicts(connection, [d.body for d in batch])
         for index, rejection in result.rejected:
             self._reject(channel, batch[index], rejection)
         deferred = set(result.deferred)
@@ -160,30 +167,75 @@ class IntakeConsumer:
             self.observe(result, time.perf_counter() - started)
         return [batch[i] for i in sorted(deferred)]
 
+    def _verdicts(self, connection: pika.BlockingConnection, bodies: list[bytes]
+                  ) -> BatchResult:
+        """The processor's verdicts on a batch. Only an unreachable database is retried
+        (nothing was committed; the messages stay unacked; connection.sleep keeps the
+        heartbeats going). Anything else raised while handling the batch must not end the
+        worker: the batch is handled again one message at a time, and a message that
+        still raises on its own gets its verdict, `internal_error`, and goes to ops."""
+        backoff = 0.2
+        while True:
+            try:
+                return self.processor.process(bodies)
+            except DBAPIError as exc:
+                if not is_infrastructure(exc):
+                    return self._one_by_one(connection, bodies, exc)
+                log.warning("database unavailable (%s); retrying batch in %.1fs",
+                            type(exc.orig).__name__, backoff)
+                connection.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                return self._one_by_one(connection, bodies, exc)
+
+    def _one_by_one(self, connection: pika.BlockingConnection, bodies: list[bytes],
+                    failure: Exception) -> BatchResult:
+        if len(bodies) == 1:
+            log.error("handling a message raised %r; it goes to %s", failure, REJECTED_QUEUE,
+                      exc_info=failure)
+            detail = f"handling it raised {failure!r}"[:1000]
+            return BatchResult(rejected=[(0, Rejection(RejectReason.internal_error, detail))])
+        log.warning("handling a batch raised %r; handling its messages one by one", failure)
+        merged = BatchResult()
+        for index, body in enumerate(bodies):
+            one = self._verdicts(connection, [body])
+            merged.rejected += [(index, rejection) for _i, rejection in one.rejected]
+            merged.deferred += [index for _i in one.deferred]
+            merged.handled += one.handled
+            merged.stored.decisions += one.stored.decisions
+        return merged
+
+    def _maybe_sweep(self, channel: BlockingChannel) -> None:
+        if self.sweep is None or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.sweep_seconds
+
+        def publish(body: bytes, rejection: Rejection) -> None:
+            channel.basic_publish(exchange="", routing_key=REJECTED_QUEUE, body=body,
+                                  properties=minimal_properties(rejection, EVENTS_EXCHANGE, ""),
+                                  mandatory=True)
+
+        try:
+            self.sweep(publish)
+        except (pika.exceptions.AMQPError, OSError):
+            raise  # the broker: reconnect, as for any other publish
+        except Exception:  # the database away, or a bug: the next sweep tries again
+            log.exception("sweep of parked events failed")
+
     def _reject(self, channel: BlockingChannel, delivery: Delivery, rejection: Rejection) -> None:
-        props = delivery.properties
-        headers: dict[str, Any] = dict(props.headers or {})
-        headers.update(
-            {
-                "x-reject-reason": rejection.reason.value,
-                "x-reject-detail": rejection.detail,
-                "x-original-exchange": delivery.exchange,
-                "x-original-routing-key": delivery.routing_key,
-                "x-rejected-at": int(time.time()),
-            }
-        )
-        channel.basic_publish(
-            exchange="",
-            routing_key=REJECTED_QUEUE,
-            body=delivery.body,
-            properties=pika.BasicProperties(
-                content_type=props.content_type,
-                content_encoding=props.content_encoding,
-                message_id=props.message_id,
-                timestamp=props.timestamp,
-                delivery_mode=2,
-                headers=headers,
-            ),
-            mandatory=True,
-        )
+        """Copy the message unchanged to the rejected queue (confirmed by the broker)."""
+        args = (rejection, delivery.exchange, delivery.routing_key)
+        try:
+            properties = rejected_copy_properties(delivery.properties, *args)
+        except Exception:  # never let an odd property stop the copy: the reason alone
+            log.exception("rejected message's properties could not be copied")
+            properties = minimal_properties(*args)
+        try:
+            channel.basic_publish(exchange="", routing_key=REJECTED_QUEUE, body=delivery.body,
+                                  properties=properties, mandatory=True)
+        except (pika.exceptions.ProtocolSyntaxError, struct.error, ValueError, TypeError):
+            # pika could not encode the properties (nothing was sent): the reason alone.
+            log.exception("rejected copy's properties could not be encoded")
+            channel.basic_publish(exchange="", routing_key=REJECTED_QUEUE, body=delivery.body,
+                                  properties=minimal_properties(*args), mandatory=True)
         log.info("rejected message (%s): %s", rejection.reason.value, rejection.detail[:200])

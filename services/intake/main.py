@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 
 from services.intake.consumer import IntakeConsumer
+from services.intake.parked import expire_parked, parked_stats
 from services.intake.processor import BatchResult, IntakeProcessor
 from shared import metrics
 from shared.bootstrap import build_database, build_domain, build_policy, ops_contacts
 from shared.config import Settings
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, supervise
+from shared.schemas.events import Limits, Rejection
 
 log = logging.getLogger(__name__)
 
 # intake's own words for outcomes, mapped onto the metric's fixed set.
 _METRIC_OUTCOME = {
     "accepted": "accepted", "duplicate": "duplicate", "out_of_state": "out_of_state",
-    "parked": "out_of_state", "error": "out_of_state",
+    "parked": "out_of_state", "error": "error", "conflict": "conflict",
 }
 
 
@@ -40,15 +44,36 @@ def observe_batch(result: BatchResult, seconds: float) -> None:
                                          handled.resolved_after_seconds)
 
 
+def intake_limits(settings: Settings) -> Limits:
+    return Limits(
+        max_bytes=settings.max_event_bytes,
+        max_depth=settings.intake_max_depth,
+        max_future=timedelta(seconds=settings.intake_max_future_seconds),
+        max_past=timedelta(days=settings.intake_max_past_days),
+        max_due_ahead=timedelta(days=settings.intake_max_due_days),
+    )
+
+
 def worker(settings: Settings) -> None:
     setup_logging("intake", settings.log_level)
+    db = build_database(settings)
     processor = IntakeProcessor(
-        db=build_database(settings),
+        db=db,
         engine=build_domain(settings),
         policy=build_policy(settings),
         ops_contacts=ops_contacts(settings),
         max_event_bytes=settings.max_event_bytes,
+        limits=intake_limits(settings),
     )
+
+    def sweep(publish: Callable[[bytes, Rejection], None]) -> None:
+        expired = expire_parked(db, publish, settings.intake_parked_max_seconds)
+        for _ in range(expired):
+            metrics.record_event_rejected("case_never_opened")
+        stats = parked_stats(db)
+        metrics.PARKED_EVENTS.set(stats.count)
+        metrics.OLDEST_PARKED_AGE.set(stats.oldest_age_seconds or 0.0)
+
     consumer = IntakeConsumer(
         settings.amqp_url,
         processor,
@@ -57,6 +82,8 @@ def worker(settings: Settings) -> None:
         batch_wait_seconds=settings.intake_batch_wait_seconds,
         queue_type=settings.queue_type,
         observe=observe_batch,
+        sweep=sweep,
+        sweep_seconds=settings.intake_parked_sweep_seconds,
     )
     consumer.run_forever()
 

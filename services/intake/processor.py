@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert
-from shared.db.models import CaseEventRow
+from shared.db.models import CaseEventRow, EventConflictRow
 from shared.db.persist import (
     NotificationExpander,
     OutcomeWriter,
@@ -32,7 +32,7 @@ from shared.db.persist import (
 )
 from shared.db.session import Database, is_infrastructure
 from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
-from shared.schemas.events import Accepted, Rejection, parse_event
+from shared.schemas.events import Accepted, Limits, Rejection, RejectReason, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ Clock = Callable[[], datetime]
 
 _EVENTS = CaseEventRow.__table__
 assert isinstance(_EVENTS, Table)
-SEEN_EVENTS = select(_EVENTS.c.event_id).where(
+_CONFLICTS = EventConflictRow.__table__
+assert isinstance(_CONFLICTS, Table)
+SEEN_EVENTS = select(_EVENTS.c.event_id, _EVENTS.c.body_sha256).where(
     _EVENTS.c.event_id == any_(bindparam("ids")))
 PARKED_EVENTS = (
     select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
@@ -49,8 +51,10 @@ PARKED_EVENTS = (
     .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
 )
 INSERT_EVENTS = bulk_insert(_EVENTS, [
-    "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body"],
-    "ON CONFLICT (event_id) DO NOTHING")
+    "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
+    "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
+INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
+    "event_id", "case_id", "body", "body_sha256", "first_sha256"])
 UPDATE_EVENT = (
     update(_EVENTS)
     .where(_EVENTS.c.event_id == bindparam("b_event_id"))
@@ -69,7 +73,7 @@ class Handled:
 
     event_type: str
     platform: str
-    outcome: str  # accepted | duplicate | out_of_state | parked | error
+    outcome: str  # accepted | duplicate | conflict | out_of_state | parked | error
     problem: str | None = None
     kind: str | None = None
     steps: tuple[StepResult, ...] = ()
@@ -117,6 +121,7 @@ class IntakeProcessor:
         ops_contacts: Any,
         max_event_bytes: int,
         clock: Clock = utcnow,
+        limits: Limits | None = None,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -124,14 +129,20 @@ class IntakeProcessor:
         self.ops_contacts = ops_contacts
         self.max_event_bytes = max_event_bytes
         self.clock = clock
+        limits = limits or Limits()
+        self.limits = Limits(max_event_bytes, limits.max_depth, limits.max_future,
+                             limits.max_past, limits.max_due_ahead)
 
     def process(self, bodies: Sequence[bytes]) -> BatchResult:
         """Validate and apply a batch. Raises only for infrastructure failures (the
-        caller retries the whole batch: nothing of it was committed)."""
+        caller retries the whole batch: nothing of it was committed). Any other exception
+        while handling one event gives that event its verdict (an error recorded in the case
+        log, or failing that a rejection) and the rest of the batch goes on."""
         result = BatchResult()
         accepted: list[tuple[int, Accepted]] = []
+        received_at = self.clock()
         for index, body in enumerate(bodies):
-            parsed = parse_event(body, self.max_event_bytes)
+            parsed = _parse(body, self.limits, received_at)
             if isinstance(parsed, Rejection):
                 result.rejected.append((index, parsed))
             else:
@@ -144,27 +155,46 @@ class IntakeProcessor:
         try:
             result.handled, result.stored, busy = self._apply_batch(ordered, wait=False)
             result.deferred = sorted(i for i, a in indexed if a.event.case_id in busy)
-        except (_EventBug, DBAPIError) as exc:
-            if isinstance(exc, DBAPIError) and is_infrastructure(exc):
+        except Exception as exc:
+            if _is_infrastructure(exc):
                 raise
             # One event hit a bug in the code, or a value the database refuses. Redo the
             # batch one event per transaction so the good ones go through and the bad one
             # is recorded, not retried forever.
-            result.handled = [self._apply_alone(a) for a in ordered]
+            log.warning("batch failed (%s); applying its events one by one",
+                        type(exc).__name__)
+            result.handled = []
+            for index, one in indexed:
+                verdict = self._apply_alone(one)
+                if isinstance(verdict, Rejection):
+                    result.rejected.append((index, verdict))
+                else:
+                    result.handled.append(verdict)
+            result.rejected.sort(key=lambda item: item[0])
         return result
 
-    def _apply_alone(self, accepted: Accepted) -> Handled:
+    def _apply_alone(self, accepted: Accepted) -> Handled | Rejection:
         try:
             return self._apply_batch([accepted], wait=True)[0][0]
-        except (_EventBug, DBAPIError) as exc:
-            if isinstance(exc, DBAPIError) and is_infrastructure(exc):
+        except Exception as exc:
+            if _is_infrastructure(exc):
                 raise
-            cause = exc.__cause__ if isinstance(exc, _EventBug) else exc.orig
+            cause = exc.__cause__ if isinstance(exc, _EventBug) else exc
+            if isinstance(cause, DBAPIError):
+                cause = cause.orig
             problem = f"error: {cause!r}"[:1000]
             log.error("event %s could not be applied: %s", accepted.event.event_id, problem)
+        try:
             with self.db.transaction() as session:
                 INSERT_EVENTS.execute(session, [_event_row(accepted, "error", problem, None)])
-            return Handled(accepted.event.type, accepted.event.platform, "error", problem)
+        except Exception as exc:
+            if _is_infrastructure(exc):
+                raise
+            # Not even the error could be recorded: the message itself goes to ops.
+            log.error("event %s could not be recorded either (%r)",
+                      accepted.event.event_id, exc)
+            return Rejection(RejectReason.internal_error, problem)
+        return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
     def _apply_batch(self, ordered: list[Accepted], *, wait: bool
                      ) -> tuple[list[Handled], Stored, set[str]]:
@@ -183,8 +213,8 @@ class IntakeProcessor:
                 case_ids = wanted
             busy = wanted - case_ids
             ordered = [a for a in ordered if a.event.case_id in case_ids]
-            batch.seen = set(session.execute(
-                SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).scalars())
+            batch.seen = dict(session.execute(  # event_id -> content hash
+                SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).all())
             batch.cases = load_cases(session, case_ids)
             missing = sorted(case_ids - batch.cases.keys())
             if missing:
@@ -204,17 +234,27 @@ class _Batch:
     writer: OutcomeWriter
     now: datetime
     cases: dict[str, Case] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
+    seen: dict[str, str | None] = field(default_factory=dict)  # event_id -> content hash
     # Parked events per case not opened yet: (event_id, stored body).
     parked: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
     new_rows: list[dict[str, Any]] = field(default_factory=list)
     updated_rows: list[dict[str, Any]] = field(default_factory=list)
+    conflict_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def apply(self, accepted: Accepted) -> Handled:
         ev = accepted.event
         if ev.event_id in self.seen:
-            return Handled(ev.type, ev.platform, "duplicate")
-        self.seen.add(ev.event_id)
+            first = self.seen[ev.event_id]
+            if first is None or first == accepted.content_hash:
+                return Handled(ev.type, ev.platform, "duplicate")
+            # Same id, other content: never applied over the first, kept for ops.
+            problem = f"conflict: event_id {ev.event_id!r} was first received with other content"
+            self.conflict_rows.append({
+                "event_id": ev.event_id, "case_id": ev.case_id, "body": accepted.body,
+                "body_sha256": accepted.content_hash, "first_sha256": first})
+            log.warning("%s", problem[:300])
+            return Handled(ev.type, ev.platform, "conflict", problem)
+        self.seen[ev.event_id] = accepted.content_hash
         before = self.cases.get(ev.case_id)
         outcome = self._engine_apply(accepted, before)
         if before is None and outcome.case is None:
@@ -253,8 +293,12 @@ class _Batch:
                          key=lambda item: str(item[1].get("occurred_at", "")))
         for event_id, body in waiting:
             parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
-            assert isinstance(parsed, Accepted), "a stored event always validates again"
             case = self.cases.get(case_id)
+            if isinstance(parsed, Rejection):
+                # Stored before the contract was this strict: kept, with what is wrong.
+                self._set_outcome(event_id, "error", f"error: stored event no longer "
+                                  f"validates: {parsed.detail}"[:1000], None)
+                continue
             outcome = self._engine_apply(parsed, case)
             row: tuple[str, str | None, int | None]
             if outcome.applied and outcome.case is not None:
@@ -279,7 +323,8 @@ def _event_row(accepted: Accepted, outcome: str, problem: str | None,
     ev = accepted.event
     return {"event_id": ev.event_id, "case_id": ev.case_id, "type": ev.type,
             "occurred_at": ev.occurred_at, "outcome": outcome, "problem": problem,
-            "case_version": version, "body": accepted.body}
+            "case_version": version, "body": accepted.body,
+            "body_sha256": accepted.content_hash}
 
 
 def _write_events(session: Session, batch: _Batch) -> None:
@@ -287,3 +332,18 @@ def _write_events(session: Session, batch: _Batch) -> None:
         INSERT_EVENTS.execute(session, batch.new_rows)
     if batch.updated_rows:
         session.connection().execute(UPDATE_EVENT, batch.updated_rows)
+    if batch.conflict_rows:
+        INSERT_CONFLICTS.execute(session, batch.conflict_rows)
+
+
+def _is_infrastructure(exc: BaseException) -> bool:
+    """PostgreSQL unreachable or restarting: the caller retries the whole batch."""
+    return isinstance(exc, DBAPIError) and is_infrastructure(exc)
+
+
+def _parse(body: bytes, limits: Limits, received_at: datetime) -> Accepted | Rejection:
+    try:
+        return parse_event(body, limits=limits, now=received_at)
+    except Exception as exc:  # a bug in validation must not end the worker
+        log.exception("validating a message raised")
+        return Rejection(RejectReason.internal_error, f"validation raised {exc!r}"[:1000])

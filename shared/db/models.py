@@ -88,6 +88,10 @@ class CaseEventRow(Base):
     problem: Mapped[str | None] = mapped_column(Text)
     case_version: Mapped[int | None] = mapped_column(Integer)
     body: Mapped[dict[str, Any]]
+    # SHA-256 of the normalised body (shared.schemas.events.content_hash): the same
+    # event_id with other content is a conflict, not a duplicate. Null for rows from
+    # before it was kept.
+    body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_case_events_case_id", "case_id", "occurred_at"),
@@ -95,6 +99,21 @@ class CaseEventRow(Base):
             "ix_case_events_parked", "case_id", postgresql_where=text("outcome = 'parked'")
         ),
     )
+
+
+class EventConflictRow(Base):
+    """An event whose event_id was already in the case log with other content: kept for
+    ops to sort out, never applied over the first (`aftersales_event_conflicts`)."""
+
+    __tablename__ = "case_event_conflicts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(256), index=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    body: Mapped[dict[str, Any]]
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    first_sha256: Mapped[str] = mapped_column(String(64))
 
 
 class DeadlineRow(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -70,14 +71,15 @@ def test_unknown_fields_are_kept_not_refused() -> None:
          "due_at"),
         (json.dumps(event(type="merchant.rejected", data={})).encode(), RejectReason.schema,
          "data.reason"),
-        (json.dumps(event(shop_id="S\u0000")).encode(), RejectReason.schema, "U+0000"),
+        (json.dumps(event(shop_id="S\u0000")).encode(), RejectReason.invalid_text, "U+0000"),
         (b"{" + b'"a":' * 0 + b'"x": "' + b"y" * LIMIT + b'"}', RejectReason.oversized, "limit"),
-        (b"[" * 100_000 + b"]" * 100_000, RejectReason.invalid_json, "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, RejectReason.oversized, "limit"),
+        (b"[" * 30_000 + b"]" * 30_000, RejectReason.too_deep, "levels deep"),
     ],
 )
 def test_bad_input_is_rejected_with_a_reason(raw: bytes, reason: RejectReason,
                                              detail_part: str) -> None:
-    result = parse_event(raw, LIMIT * 4 if reason is RejectReason.invalid_json else LIMIT)
+    result = parse_event(raw, LIMIT)
     assert isinstance(result, Rejection), result
     assert result.reason is reason
     assert detail_part in result.detail
@@ -100,3 +102,107 @@ def test_published_json_schemas_match_the_code(tmp_path) -> None:
     shipped_dir = Path(__file__).resolve().parents[2] / "schemas" / "v1"
     shipped = {p.name: p.read_text() for p in shipped_dir.glob("*.json")}
     assert shipped == fresh
+
+
+NOW = datetime(2026, 11, 22, 2, 30, tzinfo=UTC)
+
+
+def nested(depth: int) -> dict:
+    inner: dict = {}
+    for _ in range(depth):
+        inner = {"x": inner}
+    return inner
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason", "detail_part"),
+    [
+        # Deep nesting: refused from the raw bytes, before json/pydantic recurse.
+        (event(data={"kind": "exchange", "amount_fen": 1, "extra": nested(300)}),
+         RejectReason.too_deep, "levels deep"),
+        (event(trace=[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]), RejectReason.too_deep, "16"),
+        # Integers beyond 64 bits and numbers beyond a double, anywhere.
+        (event(data={"kind": "exchange", "amount_fen": 2**63}), RejectReason.out_of_range,
+         "data.amount_fen"),
+        (event(extra={"n": -(2**63) - 1}), RejectReason.out_of_range, "extra.n"),
+        # Lax types: no coercion.
+        (event(data={"kind": "exchange", "amount_fen": "100"}), RejectReason.schema,
+         "valid integer"),
+        (event(data={"kind": "exchange", "amount_fen": True}), RejectReason.schema,
+         "valid integer"),
+        (event(data={"kind": "exchange", "amount_fen": 100.0}), RejectReason.schema,
+         "valid integer"),
+        (event(type="merchant.inspected", data={"passed": 1}), RejectReason.schema,
+         "valid boolean"),
+        (event(type="merchant.inspected", data={"passed": "true"}), RejectReason.schema,
+         "valid boolean"),
+        (event(shop_id=1001), RejectReason.schema, "shop_id"),
+        (event(schema_version=True), RejectReason.schema, "schema_version"),
+        (event(occurred_at=1763776800), RejectReason.schema, "RFC 3339"),
+        (event(occurred_at="1763776800"), RejectReason.schema, "RFC 3339"),
+        (event(occurred_at="2026-11-22"), RejectReason.schema, "RFC 3339"),
+        (event(occurred_at="2026-11-22T10:00:00+25:00"), RejectReason.schema, "date-time"),
+        # Ids, keys, contacts: no control or format characters.
+        (event(case_id="AS\u200b1"), RejectReason.schema, "U+200B"),
+        (event(order_id="O\u202e1"), RejectReason.schema, "U+202E"),
+        (event(event_id="e\n1"), RejectReason.schema, "U+000A"),
+        (event(extra={"k\u0007": 1}), RejectReason.invalid_text, "key"),
+        (event(data={"kind": "exchange", "amount_fen": 1,
+                     "buyer": {"email": "a\u200d@example.com"}}), RejectReason.schema,
+         "email"),
+        # Implausible times, judged against when intake received the event.
+        (event(occurred_at="1970-01-01T00:00:00Z"), RejectReason.implausible_time,
+         "before intake received it"),
+        (event(occurred_at="2026-11-22T11:00:00+08:00"), RejectReason.implausible_time,
+         "after intake received it"),
+        (event(type="deadline.changed", data={}, due_at="2999-01-01T00:00:00Z"),
+         RejectReason.implausible_time, "due_at"),
+    ],
+)
+def test_strict_input_classes_are_rejected_with_their_reason(
+        doc: dict, reason: RejectReason, detail_part: str) -> None:
+    result = parse_event(json.dumps(doc).encode(), LIMIT, now=NOW)
+    assert isinstance(result, Rejection), result
+    assert result.reason is reason, result
+    assert detail_part in result.detail
+
+
+@pytest.mark.parametrize("raw", [
+    # A JavaScript producer cutting an emoji in half: a lone surrogate escape.
+    b'{"event_id": "e1", "type": "case.opened", "reason": "\\ud83d"}',
+    b'{"event_id": "e1\\udc00", "type": "case.opened"}',
+    b'{"event_id": "e1", "\\ud800": 1}',
+])
+def test_lone_surrogates_are_rejected(raw: bytes) -> None:
+    result = parse_event(raw, LIMIT)
+    assert isinstance(result, Rejection) and result.reason is RejectReason.invalid_text
+    assert "lone surrogate" in result.detail
+
+
+def test_a_valid_event_in_the_window_is_accepted_and_storable_again() -> None:
+    doc = event(occurred_at="2026-11-22T10:29:59.123456789+08:00",
+                data={"kind": "exchange", "amount_fen": 10**12, "extra": nested(10),
+                      "emoji": "😀", "big": 2**63 - 1})
+    result = parse_event(json.dumps(doc).encode(), LIMIT, now=NOW)
+    assert isinstance(result, Accepted), result
+    again = parse_event(json.dumps(result.body).encode(), LIMIT)
+    assert isinstance(again, Accepted) and again.body == result.body
+    assert again.content_hash == result.content_hash
+
+
+def test_the_same_event_spelled_differently_has_the_same_content_hash() -> None:
+    a = parse_event(json.dumps(event()).encode(), LIMIT)
+    b = parse_event(json.dumps(dict(reversed(list(event().items()))), indent=2).encode(),
+                    LIMIT)
+    c = parse_event(json.dumps(event(data={"kind": "exchange", "amount_fen": 12346,
+                                           "buyer": {"phone": "13812345678"}})).encode(),
+                    LIMIT)
+    assert isinstance(a, Accepted) and isinstance(b, Accepted) and isinstance(c, Accepted)
+    assert a.content_hash == b.content_hash != c.content_hash
+
+
+def test_the_depth_scan_ignores_brackets_inside_strings() -> None:
+    from shared.schemas.events import nesting_depth
+
+    assert nesting_depth(b'{"a": "[[[[{{{{\\"[[[[", "b": [1, {"c": []}]}', 99) == 4
+    assert nesting_depth(b"[" * 50, 10) == 11  # stops counting past the limit
