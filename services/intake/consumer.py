@@ -20,7 +20,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import DBAPIError
 
 from services.intake.processor import BatchResult, IntakeProcessor
-from services.intake.rejected import minimal_properties, rejected_copy_properties
+from services.intake.rejected import (
+    decode_floats_as_floats,
+    minimal_properties,
+    rejected_copy_properties,
+)
 from shared.amqp import (
     EVENTS_EXCHANGE,
     INTAKE_QUEUE,
@@ -32,6 +36,9 @@ from shared.db.session import is_infrastructure
 from shared.schemas.events import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
+
+# A header's double must arrive as the number it is (see services/intake/rejected.py).
+decode_floats_as_floats()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ header can make publishing the copy fail and wedge the consumer on redelivery.
 from __future__ import annotations
 
 import decimal
+import struct
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -31,6 +32,26 @@ MAX_KEY_BYTES = 128  # AMQP field names are short strings (255 bytes at most)
 MAX_VALUE_CHARS = 1000
 MAX_NESTING = 4
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+_pika_decode_value = amqp_data.decode_value
+
+
+def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+    """pika 1.x decodes AMQP `double` and `float` field values into integers (0.5 becomes
+    0; 1e300 becomes an integer that no longer fits the 64 bits it must be encoded in
+    again). Decode them as floats; everything else as pika does."""
+    kind = encoded[offset:offset + 1]
+    if kind == b"d":
+        return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
+    if kind == b"f":
+        return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    return _pika_decode_value(encoded, offset)
+
+
+def decode_floats_as_floats() -> None:
+    """Install the fix above for this process (idempotent)."""
+    amqp_data.decode_value = _decode_value  # type: ignore[assignment]
 
 
 def safe_headers(headers: Mapping[Any, Any] | None) -> tuple[dict[str, Any], list[str]]:
