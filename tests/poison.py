@@ -16,6 +16,7 @@ verdict does not depend on when the suite runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import struct
@@ -51,8 +52,10 @@ class Ids:
     n: int = 0
 
     def next(self, what: str) -> str:
+        # A digest suffix: a flipped bit in the counter cannot turn one id into another.
         self.n += 1
-        return f"{self.prefix}-{what}-{self.n}"
+        digest = hashlib.sha1(f"{self.prefix}{self.n}".encode()).hexdigest()[:8]
+        return f"{self.prefix}-{what}-{self.n}-{digest}"
 
 
 def opened(ids: Ids, now: datetime, **data: Any) -> dict[str, Any]:

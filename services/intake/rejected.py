@@ -51,7 +51,7 @@ def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
 
 def decode_floats_as_floats() -> None:
     """Install the fix above for this process (idempotent)."""
-    amqp_data.decode_value = _decode_value  # type: ignore[assignment]
+    amqp_data.decode_value = _decode_value
 
 
 def safe_headers(headers: Mapping[Any, Any] | None) -> tuple[dict[str, Any], list[str]]:

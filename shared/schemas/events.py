@@ -54,6 +54,7 @@ def _visible_id(value: str) -> str:
     return value
 
 
+MAX_UTC_OFFSET = timedelta(hours=14)
 # RFC 3339 with its offset (a trailing Z or +hh:mm): no epoch numbers, no local times.
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -72,9 +73,14 @@ def _rfc3339(value: Any) -> Any:
         assert digits is not None
         value = f"{head}.{digits.group()[:6].ljust(6, '0')}{tail[digits.end():]}"
     try:
-        return datetime.fromisoformat(value.replace("z", "Z"))
+        parsed = datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError as exc:
         raise ValueError(f"not a valid date-time: {exc}") from None
+    offset = parsed.utcoffset()
+    if offset is not None and abs(offset) > MAX_UTC_OFFSET:
+        # Real offsets lie within -12:00..+14:00; PostgreSQL refuses beyond ±15:59.
+        raise ValueError("UTC offset beyond ±14:00")
+    return parsed
 
 
 # Strict types: the JSON type the contract documents, no coercion.

@@ -142,6 +142,8 @@ def nested(depth: int) -> dict:
         (event(occurred_at="1763776800"), RejectReason.schema, "RFC 3339"),
         (event(occurred_at="2026-11-22"), RejectReason.schema, "RFC 3339"),
         (event(occurred_at="2026-11-22T10:00:00+25:00"), RejectReason.schema, "date-time"),
+        # Found by the fuzz test: Python takes +20:00, PostgreSQL does not.
+        (event(occurred_at="2026-11-22T10:00:00+20:00"), RejectReason.schema, "14:00"),
         # Ids, keys, contacts: no control or format characters.
         (event(case_id="AS\u200b1"), RejectReason.schema, "U+200B"),
         (event(order_id="O\u202e1"), RejectReason.schema, "U+202E"),
