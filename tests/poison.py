@@ -266,3 +266,18 @@ def publish_messages(amqp_url: str, messages: list[Message], routing_key: str = 
     finally:
         if connection.is_open:
             connection.close()
+
+
+def rejected_flood(count: int, seed: int, now: datetime, prefix: str,
+                   within: timedelta = timedelta(minutes=15)) -> list[Message]:
+    """Messages of `poison_flood` that intake rejects whenever it receives them within
+    `within` of `now` (for suites where intake may be down for a while): the verdict is
+    the same at both ends of that span."""
+    from shared.schemas.events import Rejection, parse_event
+
+    def verdict(msg: Message, at: datetime) -> str | None:
+        parsed = parse_event(msg.body, now=at)
+        return parsed.reason.value if isinstance(parsed, Rejection) else None
+
+    return [msg for msg in poison_flood(count, seed, now, prefix)
+            if verdict(msg, now) is not None and verdict(msg, now) == verdict(msg, now + within)]

@@ -41,6 +41,7 @@ from shared.domain import decision_key
 from tests.conftest import wait_for
 from tests.e2e.test_faults import _restart_postgresql, _restart_rabbitmq
 from tests.harness import DecisionTap, System, publish_events, rejected_messages
+from tests.poison import publish_messages, rejected_flood
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +80,14 @@ def _poison(amqp_url: str) -> int:
     finally:
         connection.close()
     return 2 * POISON
+
+
+def _intake_poison(amqp_url: str, seed: int) -> list[bytes]:
+    """Bad events of every input class intake must reject (tests/poison.py), published to
+    the events exchange; returns their bodies."""
+    flood = rejected_flood(POISON, seed, datetime.now(UTC), f"fsp{seed}")
+    publish_messages(amqp_url, flood)
+    return [m.body for m in flood]
 
 
 def _paced_publish(amqp_url: str, bodies: list[bytes], rate: float) -> None:
@@ -120,6 +129,7 @@ def test_simulated_traffic_survives_kills_restarts_and_poison(
             target=_paced_publish, args=(amqp_url, [m.body for m in messages], RATE))
         publisher.start()
         poisoned = _poison(amqp_url)
+        malformed += _intake_poison(amqp_url, seed)
         faults = ["intake", "timer", "resolver", "notifier", "outbox",
                   "rabbitmq", "postgresql", "redis"]
         rng.shuffle(faults)
