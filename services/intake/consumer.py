@@ -171,7 +171,10 @@ class IntakeConsumer:
                 if index not in deferred:
                     channel.basic_ack(delivery_tag=batch[index].tag)
         if self.observe:
-            self.observe(result, time.perf_counter() - started)
+            try:
+                self.observe(result, time.perf_counter() - started)
+            except Exception:  # metrics must never end the worker; the batch is done
+                log.exception("observing a batch failed")
         return [batch[i] for i in sorted(deferred)]
 
     def _verdicts(self, connection: pika.BlockingConnection, bodies: list[bytes]
