@@ -327,9 +327,17 @@ def _event_row(accepted: Accepted, outcome: str, problem: str | None,
             "body_sha256": accepted.content_hash}
 
 
+class _SeenMeanwhile(Exception):
+    """Another worker logged one of these event ids after this batch looked (same id on
+    another case: their case locks do not serialise them). Nothing of the batch is
+    committed; applied again one event at a time, the id is seen: duplicate or conflict."""
+
+
 def _write_events(session: Session, batch: _Batch) -> None:
     if batch.new_rows:
-        INSERT_EVENTS.execute(session, batch.new_rows)
+        inserted = INSERT_EVENTS.execute(session, batch.new_rows).rowcount
+        if inserted != len(batch.new_rows):
+            raise _SeenMeanwhile(f"{len(batch.new_rows) - inserted} event id(s)")
     if batch.updated_rows:
         session.connection().execute(UPDATE_EVENT, batch.updated_rows)
     if batch.conflict_rows:

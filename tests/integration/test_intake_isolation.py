@@ -3,8 +3,10 @@ that message gets its verdict and the rest of its batch goes on; the consumer li
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from sqlalchemy import func, select
 from services.intake.consumer import IntakeConsumer
 from services.intake.processor import BatchResult, IntakeProcessor
 from services.intake.rejected import safe_headers
-from shared.db.models import CaseEventRow, CaseRow
+from shared.db.models import CaseEventRow, CaseRow, EventConflictRow
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
@@ -103,3 +105,39 @@ def test_rejected_copies_keep_only_safe_encodable_headers(
     got, left_out = safe_headers(headers)
     assert got == kept and left_out == dropped
     amqp_data.encode_table([], got)  # pika can encode all of it again
+
+
+def test_an_event_id_logged_meanwhile_by_another_worker_is_not_lost(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers, the same event_id on two different cases (their case locks do not
+    serialise them): the second must not be silently dropped by ON CONFLICT DO NOTHING
+    while its effects are applied; it becomes a conflict."""
+    import services.intake.processor as processor_module
+    from shared.schemas.events import content_hash
+
+    plain = IntakeProcessor(
+        db=db, engine=Engine(RuleBook.load(None), WorkCalendar(None)),
+        policy=NotificationPolicy.load(None), ops_contacts={"emails": [], "phones": []},
+        max_event_bytes=64 * 1024,
+    )
+    theirs = opened("same-id", "AS-OTHER")
+    real_load_cases = processor_module.load_cases
+    raced: list[bool] = []
+
+    def load_cases_while_the_other_worker_commits(session: Any, case_ids: Any) -> Any:
+        if not raced:  # the other worker commits its event between our look and insert
+            raced.append(True)
+            with db.transaction() as other:
+                other.add(CaseEventRow(
+                    event_id="same-id", case_id="AS-OTHER", type="case.opened",
+                    occurred_at=datetime.now(UTC), outcome="applied", body=theirs,
+                    body_sha256=content_hash(theirs)))
+        return real_load_cases(session, case_ids)
+
+    monkeypatch.setattr(processor_module, "load_cases", load_cases_while_the_other_worker_commits)
+    result = plain.process([json.dumps(opened("same-id", "AS-MINE")).encode()])
+    assert [h.outcome for h in result.handled] == ["conflict"]
+    with db.transaction() as s:
+        assert s.get(CaseRow, "AS-MINE") is None  # not applied without being logged
+        assert s.execute(select(func.count()).select_from(EventConflictRow)).scalar_one() == 1
