@@ -15,6 +15,9 @@ DECISION_TYPES = (
     "decision.auto_refunded",
     "decision.auto_confirmed",
     "decision.escalated",
+    "decision.visit_required",
+    "decision.deemed_received",
+    "decision.superseded",
     "reminder.due_soon",
 )
 
