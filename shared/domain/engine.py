@@ -202,13 +202,17 @@ class _Work:
         )
 
     def notify(self, reason: str, party: Party, urgent: bool = False,
-               due_at: datetime | None = None, **params: Any) -> None:
+               due_at: datetime | None = None, step: str | None = None,
+               **params: Any) -> None:
+        """`step`: the step the notice is about (a decision: the step whose deadline was
+        missed, not the one the case moved to); default the case's current step."""
         case = self.case
         due = due_at if due_at is not None else case.step_due_at
+        about = step if step is not None else case.step
         self.notices.append(Notice(
-            reason=reason, case_id=case.case_id, step=case.step, party=party.value, due_at=due,
+            reason=reason, case_id=case.case_id, step=about, party=party.value, due_at=due,
             urgent=urgent, params={
-                "kind": case.kind.value, "step": case.step, "order_id": case.order_id,
+                "kind": case.kind.value, "step": about, "order_id": case.order_id,
                 "shop_id": case.shop_id, "amount_fen": case.amount_fen,
                 "refund_fen": case.refund_fen,
                 "due_at_local": local_text(due) if due is not None else None, **params,
@@ -422,10 +426,12 @@ class Engine:
             for party in (Party.ops, Party(record.get("party", Party.merchant.value))):
                 if party != Party.platform:
                     notices.append(Notice(
-                        reason=SUPERSEDED, case_id=case.case_id, step=case.step,
+                        reason=SUPERSEDED, case_id=case.case_id, step=superseded.step,
                         party=party.value, due_at=superseded.due_at, urgent=False,
-                        params={"kind": case.kind.value, "step": case.step,
-                                "missed_step": record.get("step"),
+                        params={"kind": case.kind.value, "step": superseded.step,
+                                "missed_step": superseded.step, "next_step": case.step,
+                                "next_due_at": case.step_due_at.isoformat()
+                                if case.step_due_at is not None else None,
                                 "superseded_type": record.get("type"),
                                 "order_id": case.order_id, "shop_id": case.shop_id,
                                 "amount_fen": case.amount_fen, "refund_fen": case.refund_fen,
@@ -753,8 +759,17 @@ class Engine:
             audience, urgent = party, False
         else:
             audience, urgent = Party.buyer, False
+        # what comes next: the step the case moved to and its deadline
+        after = work.case
+        next_def = step_def(after.kind, after.step) if after.is_open else None
         work.notify(decision_type, audience, urgent=urgent, due_at=deadline_at,
-                    missed_step=case.step, action=action, decision_key=key)
+                    step=case.step, missed_step=case.step, missed_party=party.value,
+                    action=action, decision_key=key,
+                    next_step=after.step,
+                    next_party=next_def.party.value if next_def is not None else None,
+                    next_due_at=after.step_due_at.isoformat()
+                    if after.step_due_at is not None else None,
+                    resolution=after.resolution)
 
     def _pause(self, work: _Work, at: datetime, *, restart_clock: bool) -> None:
         """Hand the case to the platform; keep what is left of the step's clock.
