@@ -112,8 +112,9 @@ OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_coun
 # Bookkeeping the engine keeps in case.data (see docs/design.md "Event time").
 FACTS_UNTIL = "facts_until"  # the latest fact folded: event occurred_at or deadline_at
 TIMER_UNTIL = "timer_until"  # the latest deadline the timer fired: the clock passed it
-DECIDED = "decided"  # automatic decisions in force: key -> {type, step, due_at, party, rule}
-BOOKKEEPING = (FACTS_UNTIL, TIMER_UNTIL, DECIDED)
+DECIDED = "decided"  # automatic decisions in force: key -> {id, type, step, due_at, party, rule}
+WITHDRAWN = "withdrawn"  # key -> how often a decision of that key was superseded
+BOOKKEEPING = (FACTS_UNTIL, TIMER_UNTIL, DECIDED, WITHDRAWN)
 MAX_CATCH_UP = 64  # deadlines fired before one event: a guard against a rule-file loop
 
 
@@ -407,10 +408,21 @@ class Engine:
             case = replace(case, version=before.version + 1)
         published: Mapping[str, Mapping[str, Any]] = \
             (before.data.get(DECIDED) or {}) if before is not None else {}
-        in_force: Mapping[str, Any] = case.data.get(DECIDED) or {}
-        decisions = [d for out, _new in folded for d in out.decisions
-                     if d.key not in published]
-        new_keys = {d.key for d in decisions}
+        withdrawn: dict[str, int] = dict((before.data.get(WITHDRAWN) or {})
+                                         if before is not None else {})
+        in_force: dict[str, dict[str, Any]] = {
+            k: dict(v) for k, v in (case.data.get(DECIDED) or {}).items()}
+        decisions = []
+        for out, _new in folded:
+            for d in out.decisions:
+                if d.key in published:  # still reached: it keeps the id it was published with
+                    in_force[d.key]["id"] = published[d.key].get("id", decision_id(d.key))
+                    continue
+                if d.key in withdrawn:  # withdrawn earlier and reached again: a new id
+                    d = replace(d, key=f"{d.key}:again:{withdrawn[d.key]}")
+                    in_force[d.key.split(":again:")[0]]["id"] = decision_id(d.key)
+                decisions.append(d)
+        new_keys = {d.key.split(":again:")[0] for d in decisions}
         notices = [n for out, new in folded for n in out.notices
                    if new or (n.reason in DECISION_OF_ACTION.values()
                    and _notice_key(n) in new_keys)]
@@ -421,7 +433,9 @@ class Engine:
         for key, record in published.items():
             if key in in_force:
                 continue
-            superseded = self._superseded(case, key, record, late, now)
+            superseded = self._superseded(case, key, record, late, now,
+                                          withdrawn.get(key, 0))
+            withdrawn[key] = withdrawn.get(key, 0) + 1
             decisions.append(superseded)
             for party in (Party.ops, Party(record.get("party", Party.merchant.value))):
                 if party != Party.platform:
@@ -437,6 +451,7 @@ class Engine:
                                 "amount_fen": case.amount_fen, "refund_fen": case.refund_fen,
                                 "supersedes": superseded.data["supersedes"],
                                 "due_at_local": local_text(superseded.due_at)}))
+        case = replace(case, data={**case.data, DECIDED: in_force, WITHDRAWN: withdrawn})
         return Outcome(
             case=case, applied=True, problem=verdicts.get(next(iter(fresh), ""), None),
             deadlines=self.deadlines_for(case, now), decisions=tuple(decisions),
@@ -444,7 +459,7 @@ class Engine:
 
     @staticmethod
     def _superseded(case: Case, key: str, record: Mapping[str, Any],
-                    late: list[dict[str, str]], now: datetime) -> Decision:
+                    late: list[dict[str, str]], now: datetime, times: int) -> Decision:
         rule = record.get("rule") or ["", "", ""]
         due = parse_moment(record.get("due_at")) or now
         reason = ("late_fact: facts that reached us after this decision was published show "
@@ -453,9 +468,10 @@ class Engine:
             type=SUPERSEDED, case_id=case.case_id, step=str(record.get("step", "")),
             rule=RuleRef(str(rule[0]), str(rule[1]), str(rule[2])), due_at=due,
             decided_at=now,
-            data={"supersedes": decision_id(key), "superseded_type": record.get("type"),
+            data={"supersedes": record.get("id", decision_id(key)),
+                  "superseded_type": record.get("type"),
                   "reason": reason, "late_facts": late, "case_step": case.step},
-            key=f"{key}:superseded",
+            key=f"{key}:superseded" + (f":{times}" if times else ""),
         )
 
     def deadlines_for(self, case: Case, now: datetime) -> tuple[DeadlineSpec, ...]:
@@ -742,12 +758,17 @@ class Engine:
                 else work.case.amount_fen
         decision_type = DECISION_OF_ACTION[action]
         key = decision_key(case.case_id, case.step, fence, "deadline", deadline_at)
+        # a decision withdrawn earlier and reached again is published again, with a new id
+        times = (work.case.data.get(WITHDRAWN) or {}).get(key)
+        published_key = key if not times else f"{key}:again:{times}"
         work.decisions.insert(position, Decision(
             type=decision_type, case_id=case.case_id, step=case.step, rule=rule,
-            due_at=deadline_at, decided_at=work.now, data=data, key=key,
+            due_at=deadline_at, decided_at=work.now, data=data, key=published_key,
         ))
         decided = dict(work.case.data.get(DECIDED) or {})
-        decided[key] = {"type": decision_type, "step": case.step, "party": party.value,
+        decided[key] = {"id": decision_id(published_key), "type": decision_type,
+                        "step": case.step,
+                        "party": party.value,
                         "due_at": deadline_at.isoformat(),
                         "rule": [rule.set, rule.version, rule.id]}
         work.set_data(**{DECIDED: decided})

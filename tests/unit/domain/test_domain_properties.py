@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from domain_support import cst, default_engine, make_event
+from domain_support import cst, default_engine, examples, make_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -195,7 +195,7 @@ def _strip_event_ids(outcomes: list[Outcome]) -> list[Any]:
              [(n.reason, n.party, n.due_at, n.urgent) for n in o.notices]) for o in outcomes]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scripts())
 def test_random_sequences_keep_every_invariant_and_replay_identically(
     script: tuple[Kind, str, list[Move]],
@@ -206,7 +206,7 @@ def test_random_sequences_keep_every_invariant_and_replay_identically(
     assert _strip_event_ids(first) == _strip_event_ids(again)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.sampled_from(list(Kind)), st.lists(st.integers(0, 5), max_size=12))
 def test_firing_only_deadlines_always_ends_or_rests_in_a_defined_step(
     kind: Kind, picks: list[int],
