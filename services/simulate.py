@@ -401,6 +401,8 @@ class TrafficGenerator:
         else:  # exchange
             beats.append(Beat("merchant.inspected", t(), {"passed": True}, due=True))
             beats.append(self._reshipped())
+        # the buyer signs for the replacement / repaired item: the 10 days to confirm start
+        beats.append(Beat("buyer.received", t(), {}, due=True))
         if late_confirm:
             self.summary.journeys["late_buyer"] += 1
             return beats  # silent: auto-confirm at the deadline

@@ -260,6 +260,18 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         (), ("intake",),
     ),
     MetricSpec(
+        "CASES_REBUILT", "counter", "aftersales_cases_rebuilt",
+        "Cases rebuilt from their log in event-time order (an event arrived after a fact "
+        "that happened later).",
+        ("platform", "kind"), ("intake",),
+    ),
+    MetricSpec(
+        "DECISIONS_SUPERSEDED", "counter", "aftersales_decisions_superseded",
+        "Published automatic decisions withdrawn (decision.superseded) because late facts "
+        "showed the deadline was met, by the withdrawn decision's type.",
+        ("type", "platform", "kind"), ("intake",),
+    ),
+    MetricSpec(
         "BUILD_INFO", "gauge", "aftersales_build_info",
         "Always 1; the version label says which build runs.",
         ("version",), SERVICES,
@@ -336,6 +348,8 @@ TIMER_STALE: Counter
 INTAKE_BATCH_SECONDS: Histogram
 PARKED_EVENTS: Gauge
 OLDEST_PARKED_AGE: Gauge
+CASES_REBUILT: Counter
+DECISIONS_SUPERSEDED: Counter
 BUILD_INFO: Gauge
 
 _build_lock = threading.Lock()

@@ -32,6 +32,11 @@ def observe_batch(result: BatchResult, seconds: float) -> None:
         metrics.DECISIONS.labels(
             type=decision.type, platform=decision.platform, kind=decision.kind
         ).inc()
+    for decision in result.stored.decisions:
+        if decision.type == "decision.superseded":
+            metrics.DECISIONS_SUPERSEDED.labels(
+                type=decision.superseded_type or "", platform=decision.platform,
+                kind=decision.kind).inc()
     for _index, rejection in result.rejected:
         metrics.record_event_rejected(rejection.reason.value)
         metrics.record_event_received(None, "rejected", None)
@@ -39,6 +44,8 @@ def observe_batch(result: BatchResult, seconds: float) -> None:
         metrics.record_event_received(
             handled.event_type, _METRIC_OUTCOME[handled.outcome], handled.platform
         )
+        if handled.rebuilt and handled.kind:
+            metrics.CASES_REBUILT.labels(platform=handled.platform, kind=handled.kind).inc()
         if handled.outcome == "accepted" and handled.kind:
             metrics.record_case_progress(handled.platform, handled.kind, handled.steps,
                                          handled.resolved_after_seconds)

@@ -5,6 +5,12 @@ batch's cases (in case-id order, so concurrent intake workers cannot deadlock), 
 event ids already seen, load the cases, apply every event in memory in arrival order
 (stable per case), then write the case log, the cases and everything their changes
 caused in bulk. Only after the commit are the messages acknowledged.
+
+Event time (docs/design.md): an event that happened after every fact of its case is
+applied on top; one that happened at or before a fact already folded (it reached us late)
+makes intake read the case's log and rebuild the case in event-time order
+(`Engine.replay`): every logged event is judged again and its row updated, and decisions
+the rebuilt history no longer reaches are superseded.
 """
 
 from __future__ import annotations
@@ -55,6 +61,12 @@ INSERT_EVENTS = bulk_insert(_EVENTS, [
     "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
 INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
     "event_id", "case_id", "body", "body_sha256", "first_sha256"])
+# The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).
+CASE_LOG = (
+    select(_EVENTS.c.event_id, _EVENTS.c.body)
+    .where(_EVENTS.c.case_id == bindparam("case_id"))
+    .where(_EVENTS.c.outcome.in_(("applied", "out_of_state", "parked")))
+)
 UPDATE_EVENT = (
     update(_EVENTS)
     .where(_EVENTS.c.event_id == bindparam("b_event_id"))
@@ -78,6 +90,7 @@ class Handled:
     kind: str | None = None
     steps: tuple[StepResult, ...] = ()
     resolved_after_seconds: float | None = None  # set when this event closed the case
+    rebuilt: bool = False  # the case was rebuilt from its log in event-time order
 
 
 @dataclass
@@ -216,6 +229,9 @@ class IntakeProcessor:
             batch.seen = dict(session.execute(  # event_id -> content hash
                 SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).all())
             batch.cases = load_cases(session, case_ids)
+            batch.load_log = lambda case_id: [
+                (event_id, body) for event_id, body in session.execute(
+                    CASE_LOG, {"case_id": case_id})]
             missing = sorted(case_ids - batch.cases.keys())
             if missing:
                 for event_id, case_id, body in session.execute(PARKED_EVENTS, {"ids": missing}):
@@ -240,6 +256,8 @@ class _Batch:
     new_rows: list[dict[str, Any]] = field(default_factory=list)
     updated_rows: list[dict[str, Any]] = field(default_factory=list)
     conflict_rows: list[dict[str, Any]] = field(default_factory=list)
+    # (event_id, stored body) of every accepted event of a case, read for a rebuild
+    load_log: Callable[[str], list[tuple[str, dict[str, Any]]]] = lambda _case_id: []
 
     def apply(self, accepted: Accepted) -> Handled:
         ev = accepted.event
@@ -256,6 +274,8 @@ class _Batch:
             return Handled(ev.type, ev.platform, "conflict", problem)
         self.seen[ev.event_id] = accepted.content_hash
         before = self.cases.get(ev.case_id)
+        if before is not None and self.engine.needs_replay(before, to_domain_event(accepted)):
+            return self._rebuild(accepted, before)
         outcome = self._engine_apply(accepted, before)
         if before is None and outcome.case is None:
             # Out of order: the case is not opened yet. Keep the event; it is applied when
@@ -266,15 +286,68 @@ class _Batch:
             return Handled(ev.type, ev.platform, "parked", problem)
         if not outcome.applied or outcome.case is None:
             version = before.version if before else None
+            if outcome.case is not None and outcome.case != before:
+                # unchanged but for its fact time: an earlier fact arriving later rebuilds
+                self.cases[ev.case_id] = outcome.case
+                self.writer.add_case(outcome.case)
             self.new_rows.append(_event_row(accepted, "out_of_state", outcome.problem, version))
             return Handled(ev.type, ev.platform, "out_of_state", outcome.problem)
         self._keep(outcome)
-        self.new_rows.append(_event_row(accepted, "applied", None, outcome.case.version))
-        if before is None:
+        # deadlines that passed before the event happened fired first; the event itself
+        # may not fit the state they left
+        verdict = "out_of_state" if outcome.problem else "applied"
+        self.new_rows.append(_event_row(accepted, verdict, outcome.problem,
+                                        outcome.case.version))
+        if before is None and self.parked.get(ev.case_id):
             self._apply_parked(ev.case_id)
         after = self.cases[ev.case_id]
+        if outcome.problem:
+            return Handled(ev.type, ev.platform, "out_of_state", outcome.problem,
+                           str(after.kind), outcome.steps)
         return Handled(ev.type, ev.platform, "accepted", None, str(after.kind), outcome.steps,
-                       seconds_to_resolution(before, outcome.case))
+                       seconds_to_resolution(before, after))
+
+    def _rebuild(self, accepted: Accepted, before: Case | None,
+                 arrived: tuple[str, ...] = ()) -> Handled:
+        """The event happened before facts already folded into the case: rebuild the case
+        from its whole log in event-time order and judge every logged event again."""
+        ev = accepted.event
+        case_id = ev.case_id
+        bodies = dict(self.load_log(case_id))
+        for row in self.new_rows:  # written by this batch, not in the database yet
+            if row["case_id"] == case_id and row["outcome"] != "error":
+                bodies[row["event_id"]] = row["body"]
+        bodies[ev.event_id] = accepted.body
+        log_events = []
+        for event_id, body in bodies.items():
+            parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
+            if isinstance(parsed, Rejection):
+                # Stored before the contract was this strict: kept, with what is wrong.
+                self._set_outcome(event_id, "error", f"error: stored event no longer "
+                                  f"validates: {parsed.detail}"[:1000], None)
+                continue
+            log_events.append(to_domain_event(parsed))
+        try:
+            outcome = self.engine.replay(before, log_events, self.now,
+                                         arrived=arrived or (ev.event_id,))
+        except Exception as exc:  # a bug for this event; infrastructure is not touched here
+            raise _EventBug(accepted) from exc
+        problem = outcome.verdicts.get(ev.event_id)
+        if not outcome.applied or outcome.case is None:  # no opening event in the log
+            self.new_rows.append(_event_row(accepted, "parked", outcome.problem, None))
+            return Handled(ev.type, ev.platform, "parked", outcome.problem)
+        self._keep(outcome)
+        version = outcome.case.version
+        if ev.event_id not in {row["event_id"] for row in self.new_rows}:
+            self.new_rows.append(_event_row(accepted, "out_of_state" if problem else "applied",
+                                            problem, version))
+        for event_id, verdict in outcome.verdicts.items():
+            self._set_outcome(event_id, "out_of_state" if verdict else "applied", verdict,
+                              version)
+        after = outcome.case
+        return Handled(ev.type, ev.platform, "out_of_state" if problem else "accepted",
+                       problem, str(after.kind), outcome.steps,
+                       None if problem else seconds_to_resolution(before, after), rebuilt=True)
 
     def _engine_apply(self, accepted: Accepted, case: Case | None) -> Outcome:
         try:
@@ -288,25 +361,12 @@ class _Batch:
         self.writer.add(outcome)
 
     def _apply_parked(self, case_id: str) -> None:
-        """The case was just opened: apply the events that waited for it, oldest first."""
-        waiting = sorted(self.parked.pop(case_id, []),
-                         key=lambda item: str(item[1].get("occurred_at", "")))
-        for event_id, body in waiting:
-            parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
-            case = self.cases.get(case_id)
-            if isinstance(parsed, Rejection):
-                # Stored before the contract was this strict: kept, with what is wrong.
-                self._set_outcome(event_id, "error", f"error: stored event no longer "
-                                  f"validates: {parsed.detail}"[:1000], None)
-                continue
-            outcome = self._engine_apply(parsed, case)
-            row: tuple[str, str | None, int | None]
-            if outcome.applied and outcome.case is not None:
-                self._keep(outcome)
-                row = ("applied", None, outcome.case.version)
-            else:
-                row = ("out_of_state", outcome.problem, case.version if case else None)
-            self._set_outcome(event_id, *row)
+        """The case was just opened: the events that waited for it take effect, in event
+        time (a rebuild of the case from its log, which holds them)."""
+        waiting = self.parked.pop(case_id, [])
+        opener = next(row for row in reversed(self.new_rows) if row["case_id"] == case_id)
+        self._rebuild(_reparse(opener["body"]), self.cases[case_id],
+                      arrived=(opener["event_id"], *(event_id for event_id, _ in waiting)))
 
     def _set_outcome(self, event_id: str, outcome: str, problem: str | None,
                      version: int | None) -> None:
@@ -316,6 +376,12 @@ class _Batch:
                 return
         self.updated_rows.append({"b_event_id": event_id, "b_outcome": outcome,
                                   "b_problem": problem, "b_version": version})
+
+
+def _reparse(body: dict[str, Any]) -> Accepted:
+    parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
+    assert isinstance(parsed, Accepted), "a stored event always validates again"
+    return parsed
 
 
 def _event_row(accepted: Accepted, outcome: str, problem: str | None,

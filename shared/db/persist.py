@@ -19,7 +19,6 @@ one execution per table (docs/benchmarks.md).
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,11 +30,10 @@ from sqlalchemy.orm import Session
 from shared.amqp import DECISIONS_EXCHANGE
 from shared.db.bulk import bulk_insert
 from shared.db.models import CaseRow, DeadlineRow, DecisionRow, NotificationRow, OutboxRow
-from shared.domain import Case, DeadlineSpec, Decision, Notice, Outcome
+from shared.domain import Case, DeadlineSpec, Decision, Notice, Outcome, decision_id
 
-# decision_id = uuid5(namespace, decision.key): the same missed deadline always gives the
-# same id, however often it is decided again after a crash.
-DECISION_NAMESPACE = uuid.UUID("6f0c7a52-3c2e-4b8e-9a51-5f1b0d3c9e21")
+# decision ids are uuid5(DECISION_NAMESPACE, decision.key), made by the domain
+from shared.domain.model import DECISION_NAMESPACE as DECISION_NAMESPACE
 
 _CASES = cast(Table, CaseRow.__table__)
 _DEADLINES = cast(Table, DeadlineRow.__table__)
@@ -91,7 +89,7 @@ class NotificationExpander(Protocol):
 
 
 def decision_id_for(decision: Decision) -> str:
-    return str(uuid.uuid5(DECISION_NAMESPACE, decision.key))
+    return decision_id(decision.key)
 
 
 def decision_message(decision: Decision, case: Case) -> dict[str, Any]:
@@ -182,6 +180,7 @@ class StoredDecision:
     case_id: str
     platform: str
     kind: str
+    superseded_type: str | None = None  # for decision.superseded: the withdrawn one's type
 
 
 @dataclass
@@ -216,6 +215,11 @@ class OutcomeWriter:
         for notice in outcome.notices:
             for request in self.policy.expand(notice, case.contacts, self.ops_contacts):
                 self._notifications.setdefault(request.dedup_key, request)
+
+    def add_case(self, case: Case) -> None:
+        """Store a case whose bookkeeping changed without an applied change (its deadlines,
+        decisions and notifications stay as they are)."""
+        self._cases[case.case_id] = case
 
     def __bool__(self) -> bool:
         return bool(self._cases)
@@ -257,7 +261,8 @@ class OutcomeWriter:
                  "body": json.dumps(message, ensure_ascii=False).encode()}
                 for did, decision, _case, message in fresh
             ])
-        return [StoredDecision(d.type, c.case_id, c.platform, str(c.kind))
+        return [StoredDecision(d.type, c.case_id, c.platform, str(c.kind),
+                               d.data.get("superseded_type"))
                 for _did, d, c, _m in fresh]
 
     def _flush_notifications(self, conn: Any) -> int:

@@ -5,7 +5,7 @@ and docs/rules.md for the flows and rule sets.
 """
 
 from shared.domain.calendar import WorkCalendar
-from shared.domain.engine import Engine, decision_key
+from shared.domain.engine import Engine, decision_key, facts_of
 from shared.domain.errors import (
     AftersalesError,
     CalendarDataMissing,
@@ -26,6 +26,7 @@ from shared.domain.model import (
     Party,
     RuleRef,
     StepResult,
+    decision_id,
     seconds_to_resolution,
 )
 from shared.domain.rules import Rule, RuleBook, RuleSetVersion
@@ -53,6 +54,8 @@ __all__ = [
     "RuleSetVersion",
     "StepResult",
     "WorkCalendar",
+    "decision_id",
     "decision_key",
+    "facts_of",
     "seconds_to_resolution",
 ]

@@ -3,7 +3,17 @@ state, the full set of deadlines the state requires, and the decisions and notic
 
 Pure: no I/O, no clock of its own (`now` is passed in), deterministic.
 
-Times used:
+Times used (event time, docs/design.md "Event time"):
+- a case is a fold of its facts in event-time order. A fact is an event, placed at its
+  `occurred_at` (ties: opening events first, then by event_id), or the expiry of a step's
+  deadline, placed at its `deadline_at`;
+- an event at exactly its step's deadline is in time: the deadline fires before an event
+  only when it lies strictly before the event's `occurred_at`. So `apply` first fires the
+  deadlines that passed before the event happened (however late the timer is), then
+  applies the event to the state they left;
+- an event that happened before facts already folded (it reached us late) cannot be
+  applied on top: `needs_replay` says so and `replay` rebuilds the case from its whole
+  log; the difference against what was published is new decisions and superseded ones;
 - an event takes effect at its `occurred_at`, but never before the current step began
   (a skewed clock cannot make a step end before it started);
 - a deadline takes effect at its `deadline_at` (the platform acts at its deadline, however
@@ -13,7 +23,7 @@ Times used:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +49,7 @@ from shared.domain.flows import (
 from shared.domain.model import (
     CLOSED,
     OPEN,
+    SUPERSEDED,
     Case,
     DeadlineSpec,
     Decision,
@@ -49,6 +60,7 @@ from shared.domain.model import (
     Party,
     RuleRef,
     StepResult,
+    decision_id,
 )
 from shared.domain.money import voucher_refund_fen
 from shared.domain.rules import STEP_START, Rule, RuleBook
@@ -67,6 +79,7 @@ EVENT_AUDIENCE: Mapping[str, tuple[Party, ...]] = {
     "merchant.received": (Party.buyer,),
     "merchant.inspected": (Party.buyer,),
     "merchant.reshipped": (Party.buyer,),
+    "buyer.received": (Party.merchant,),
     "merchant.refused_repair": (Party.buyer,),
     "buyer.shipped": (Party.merchant,),
     "buyer.confirmed": (Party.merchant,),
@@ -96,11 +109,62 @@ EVENT_FACTS: Mapping[str, Mapping[str, str]] = {
 OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_count", "used_fen")
 
 
+# Bookkeeping the engine keeps in case.data (see docs/design.md "Event time").
+FACTS_UNTIL = "facts_until"  # the latest fact folded: event occurred_at or deadline_at
+TIMER_UNTIL = "timer_until"  # the latest deadline the timer fired: the clock passed it
+DECIDED = "decided"  # automatic decisions in force: key -> {id, type, step, due_at, party, rule}
+WITHDRAWN = "withdrawn"  # key -> how often a decision of that key was superseded
+BOOKKEEPING = (FACTS_UNTIL, TIMER_UNTIL, DECIDED, WITHDRAWN)
+MAX_CATCH_UP = 64  # deadlines fired before one event: a guard against a rule-file loop
+
+
 def decision_key(case_id: str, step: str, fence: int, purpose: str, deadline_at: datetime,
                  remind_at: datetime | None = None) -> str:
-    """Stable id of a decision: the same missed deadline (or reminder) gives the same key."""
-    key = f"{case_id}:{step}:{fence}:{purpose}:{deadline_at.isoformat()}"
+    """Stable id of a decision: the same missed deadline (or reminder) gives the same key.
+
+    The fence is not part of the key: a case rebuilt in event time numbers its versions
+    differently, and its decisions must keep their ids (the parameter stays for callers
+    that describe a deadline row)."""
+    del fence
+    key = f"{case_id}:{step}:{purpose}:{deadline_at.isoformat()}"
     return key if remind_at is None else f"{key}:{remind_at.isoformat()}"
+
+
+def fact_order(event: Event) -> tuple[datetime, int, str]:
+    """Where an event stands on the case's timeline: by occurred_at; at the same instant
+    an opening event first, then by event_id (any stable key gives the same outcome
+    whatever the arrival order)."""
+    return (as_utc(event.occurred_at), 0 if event.type in OPENING_EVENTS else 1,
+            event.event_id)
+
+
+def facts_of(case: Case | None) -> dict[str, Any] | None:
+    """What a case says about the world: its state without the version (a rebuilt case
+    counts its versions differently) and without the engine's bookkeeping. Two arrival
+    orders of the same facts give equal `facts_of`."""
+    if case is None:
+        return None
+    state = case.to_dict()
+    del state["version"]
+    state["data"] = {k: v for k, v in state["data"].items() if k not in BOOKKEEPING}
+    return state
+
+
+def _moment(case: Case, key: str) -> datetime | None:
+    return parse_moment(case.data.get(key))
+
+
+def _noted(case: Case, key: str, at: datetime) -> Case:
+    """The case with bookkeeping time `key` moved forward to `at` (never back)."""
+    known = _moment(case, key)
+    if known is not None and known >= at:
+        return case
+    return replace(case, data={**case.data, key: as_utc(at).isoformat()})
+
+
+def _notice_key(notice: Notice) -> str | None:
+    key = notice.params.get("decision_key")
+    return key if isinstance(key, str) else None
 
 
 def _whole_fen(value: object) -> bool:
@@ -139,13 +203,17 @@ class _Work:
         )
 
     def notify(self, reason: str, party: Party, urgent: bool = False,
-               due_at: datetime | None = None, **params: Any) -> None:
+               due_at: datetime | None = None, step: str | None = None,
+               **params: Any) -> None:
+        """`step`: the step the notice is about (a decision: the step whose deadline was
+        missed, not the one the case moved to); default the case's current step."""
         case = self.case
         due = due_at if due_at is not None else case.step_due_at
+        about = step if step is not None else case.step
         self.notices.append(Notice(
-            reason=reason, case_id=case.case_id, step=case.step, party=party.value, due_at=due,
+            reason=reason, case_id=case.case_id, step=about, party=party.value, due_at=due,
             urgent=urgent, params={
-                "kind": case.kind.value, "step": case.step, "order_id": case.order_id,
+                "kind": case.kind.value, "step": about, "order_id": case.order_id,
                 "shop_id": case.shop_id, "amount_fen": case.amount_fen,
                 "refund_fen": case.refund_fen,
                 "due_at_local": local_text(due) if due is not None else None, **params,
@@ -161,12 +229,45 @@ class Engine:
     # ---- the API ------------------------------------------------------------------------
 
     def apply(self, case: Case | None, event: Event, now: datetime) -> Outcome:
+        """Apply an event that happened after every fact of the case (see `needs_replay`):
+        the deadlines that passed before it happened fire first, then it applies.
+
+        `applied` says whether the case changed (deadlines that fired count); `problem`
+        and `verdicts` say what became of the event itself. An event that does not apply
+        still moves the case's fact time: the case of an unapplied event is returned with
+        that bookkeeping (same version) so a later-arriving earlier fact rebuilds it."""
         now = as_utc(now)
+        at = as_utc(event.occurred_at)
         if case is None:
-            return self._open(event, now)
+            opened = self._open(event, now)
+            if opened.case is None:
+                return opened
+            return replace(opened, case=_noted(opened.case, FACTS_UNTIL, at),
+                           verdicts={event.event_id: opened.problem})
         if event.case_id != case.case_id:
             raise ValueError(f"event {event.event_id} is for case {event.case_id}, "
                              f"not {case.case_id}")
+        fired = self._catch_up(case, at, now, inclusive=False)
+        current = fired[-1].case if fired else case
+        assert current is not None
+        single = self._apply_one(current, event, now)
+        parts = [*fired, single] if single.applied else fired
+        if not parts:  # nothing changed but the fact time
+            return replace(single, case=_noted(case, FACTS_UNTIL, at),
+                           verdicts={event.event_id: single.problem})
+        final = parts[-1].case
+        assert final is not None
+        final = _noted(final, FACTS_UNTIL, at)
+        return Outcome(
+            case=final, applied=True, problem=single.problem,
+            deadlines=self.deadlines_for(final, now),
+            decisions=tuple(d for o in parts for d in o.decisions),
+            notices=tuple(n for o in parts for n in o.notices),
+            steps=tuple(s for o in parts for s in o.steps),
+            verdicts={event.event_id: single.problem},
+        )
+
+    def _apply_one(self, case: Case, event: Event, now: datetime) -> Outcome:
         if not case.is_open:
             return _not_applied(case, f"out_of_state: the case is closed ({case.resolution}); "
                                       f"{event.type} does not apply")
@@ -198,10 +299,180 @@ class Engine:
             return self._remind(case, deadline, now)
         if deadline.purpose != "deadline":
             raise ValueError(f"unknown deadline purpose {deadline.purpose!r}")
+        outcome = self._expire(case, deadline, now)
+        # the timer fired it: the clock has passed this moment (a rebuild keeps that fact)
+        assert outcome.case is not None
+        return replace(outcome, case=_noted(outcome.case, TIMER_UNTIL, deadline.deadline_at))
+
+    def _expire(self, case: Case, deadline: DeadlineSpec, now: datetime) -> Outcome:
+        """The step's deadline passed (in event time): take its automatic action."""
         work = _Work(case, now)
         self._time_out(work, deadline.action, Party(deadline.party), deadline.rule,
                        deadline.deadline_at, deadline.fence, immediate=False)
+        work.case = _noted(work.case, FACTS_UNTIL, deadline.deadline_at)
         return self._finish(work)
+
+    def _pending_deadline(self, case: Case, now: datetime) -> DeadlineSpec | None:
+        return next((d for d in self.deadlines_for(case, now) if d.purpose == "deadline"),
+                    None)
+
+    def _catch_up(self, case: Case, until: datetime, now: datetime, *,
+                  inclusive: bool) -> list[Outcome]:
+        """Fire, in order, the deadlines that passed before `until` in event time (also at
+        `until` when `inclusive`: the timer's horizon, where the clock has passed it)."""
+        fired: list[Outcome] = []
+        while case.is_open and case.step_due_at is not None and (
+                case.step_due_at < until or (inclusive and case.step_due_at == until)):
+            if len(fired) >= MAX_CATCH_UP:
+                raise RuntimeError(f"deadlines keep falling due at step {case.step} "
+                                   "(check the rule files)")
+            spec = self._pending_deadline(case, now)
+            if spec is None:
+                break
+            outcome = self._expire(case, spec, now)
+            assert outcome.case is not None
+            fired.append(outcome)
+            case = outcome.case
+        return fired
+
+    def needs_replay(self, case: Case | None, event: Event) -> bool:
+        """True when the event happened at or before a fact already folded into the case:
+        applying it on top would put it out of event-time order, so the case must be
+        rebuilt from its log (`replay`)."""
+        if case is None:
+            return False
+        until = _moment(case, FACTS_UNTIL)
+        return until is not None and as_utc(event.occurred_at) <= until
+
+    def replay(self, before: Case | None, log: Sequence[Event], now: datetime, *,
+               arrived: Sequence[str] = ()) -> Outcome:
+        """Rebuild a case from its whole log in event-time order (`fact_order`), with the
+        deadlines that passed in event time (before a later event, or at or before the
+        latest deadline the timer fired) fired in their place.
+
+        `before` is the case as stored (None if never opened); `arrived` the ids of the
+        events that are new to it. The outcome is the difference against `before`: the
+        rebuilt case (one version past `before`, so deadlines set for it are stale), its
+        deadlines, the automatic decisions `before` had not published, a
+        `decision.superseded` for each published one the rebuilt history no longer
+        reaches, the notices of what is new, and a verdict for every event of the log."""
+        now = as_utc(now)
+        facts = sorted({e.event_id: e for e in log}.values(), key=fact_order)
+        verdicts: dict[str, str | None] = {}
+        folded: list[tuple[Outcome, bool]] = []  # (outcome, is it news to `before`?)
+        fresh = set(arrived)
+        case: Case | None = None
+        waiting: list[Event] = []  # events that happened before the case was opened
+        for event in facts:
+            if case is None:
+                out = self.apply(None, event, now)
+                if out.case is None:
+                    waiting.append(event)
+                    verdicts[event.event_id] = out.problem
+                    continue
+                case = out.case
+                folded.append((out, event.event_id in fresh))
+                verdicts[event.event_id] = None
+                # like intake's parked events: they take effect as the case opens
+                pending, waiting = waiting, []
+                for early in pending:
+                    out = self.apply(case, early, now)
+                    case = out.case if out.case is not None else case
+                    if out.applied:
+                        folded.append((out, early.event_id in fresh))
+                    verdicts[early.event_id] = out.problem
+                continue
+            out = self.apply(case, event, now)
+            if out.case is not None:
+                case = out.case
+            if out.applied:
+                folded.append((out, event.event_id in fresh))
+            verdicts[event.event_id] = out.problem
+        if case is None:
+            return Outcome(case=before, applied=False,
+                           problem="out_of_state: no event of the log opens the case",
+                           deadlines=None, verdicts=verdicts, rebuilt=True)
+        timer_until = _moment(before, TIMER_UNTIL) if before is not None else None
+        if timer_until is not None:  # the clock passed these: the timer would fire them
+            for out in self._catch_up(case, timer_until, now, inclusive=True):
+                folded.append((out, False))
+                assert out.case is not None
+                case = out.case
+            case = _noted(case, TIMER_UNTIL, timer_until)
+        return self._difference(before, case, folded, now, verdicts, facts, fresh)
+
+    def _difference(self, before: Case | None, case: Case, folded: list[tuple[Outcome, bool]],
+                    now: datetime, verdicts: dict[str, str | None], facts: list[Event],
+                    fresh: set[str]) -> Outcome:
+        if before is not None:
+            case = replace(case, version=before.version + 1)
+        published: Mapping[str, Mapping[str, Any]] = \
+            (before.data.get(DECIDED) or {}) if before is not None else {}
+        withdrawn: dict[str, int] = dict((before.data.get(WITHDRAWN) or {})
+                                         if before is not None else {})
+        in_force: dict[str, dict[str, Any]] = {
+            k: dict(v) for k, v in (case.data.get(DECIDED) or {}).items()}
+        decisions = []
+        for out, _new in folded:
+            for d in out.decisions:
+                if d.key in published:  # still reached: it keeps the id it was published with
+                    in_force[d.key]["id"] = published[d.key].get("id", decision_id(d.key))
+                    continue
+                if d.key in withdrawn:  # withdrawn earlier and reached again: a new id
+                    d = replace(d, key=f"{d.key}:again:{withdrawn[d.key]}")
+                    in_force[d.key.split(":again:")[0]]["id"] = decision_id(d.key)
+                decisions.append(d)
+        new_keys = {d.key.split(":again:")[0] for d in decisions}
+        notices = [n for out, new in folded for n in out.notices
+                   if new or (n.reason in DECISION_OF_ACTION.values()
+                   and _notice_key(n) in new_keys)]
+        steps = [s for out, new in folded if new for s in out.steps]
+        late = [{"event_id": e.event_id, "type": e.type,
+                 "occurred_at": as_utc(e.occurred_at).isoformat()}
+                for e in facts if e.event_id in fresh]
+        for key, record in published.items():
+            if key in in_force:
+                continue
+            superseded = self._superseded(case, key, record, late, now,
+                                          withdrawn.get(key, 0))
+            withdrawn[key] = withdrawn.get(key, 0) + 1
+            decisions.append(superseded)
+            for party in (Party.ops, Party(record.get("party", Party.merchant.value))):
+                if party != Party.platform:
+                    notices.append(Notice(
+                        reason=SUPERSEDED, case_id=case.case_id, step=superseded.step,
+                        party=party.value, due_at=superseded.due_at, urgent=False,
+                        params={"kind": case.kind.value, "step": superseded.step,
+                                "missed_step": superseded.step, "next_step": case.step,
+                                "next_due_at": case.step_due_at.isoformat()
+                                if case.step_due_at is not None else None,
+                                "superseded_type": record.get("type"),
+                                "order_id": case.order_id, "shop_id": case.shop_id,
+                                "amount_fen": case.amount_fen, "refund_fen": case.refund_fen,
+                                "supersedes": superseded.data["supersedes"],
+                                "due_at_local": local_text(superseded.due_at)}))
+        case = replace(case, data={**case.data, DECIDED: in_force, WITHDRAWN: withdrawn})
+        return Outcome(
+            case=case, applied=True, problem=verdicts.get(next(iter(fresh), ""), None),
+            deadlines=self.deadlines_for(case, now), decisions=tuple(decisions),
+            notices=tuple(notices), steps=tuple(steps), verdicts=verdicts, rebuilt=True)
+
+    @staticmethod
+    def _superseded(case: Case, key: str, record: Mapping[str, Any],
+                    late: list[dict[str, str]], now: datetime, times: int) -> Decision:
+        rule = record.get("rule") or ["", "", ""]
+        due = parse_moment(record.get("due_at")) or now
+        reason = ("late_fact: facts that reached us after this decision was published show "
+                  "the deadline did not pass unmet; the case was rebuilt in event time")
+        return Decision(
+            type=SUPERSEDED, case_id=case.case_id, step=str(record.get("step", "")),
+            rule=RuleRef(str(rule[0]), str(rule[1]), str(rule[2])), due_at=due,
+            decided_at=now,
+            data={"supersedes": record.get("id", decision_id(key)),
+                  "superseded_type": record.get("type"),
+                  "reason": reason, "late_facts": late, "case_step": case.step},
+            key=f"{key}:superseded" + (f":{times}" if times else ""),
+        )
 
     def deadlines_for(self, case: Case, now: datetime) -> tuple[DeadlineSpec, ...]:
         """Exactly the pending deadlines the case's state requires."""
@@ -334,6 +605,9 @@ class Engine:
             visit_at = parse_moment(data["visit_at"])
             assert visit_at is not None  # checked by _check_data
             facts["visit_at"] = visit_at.isoformat()
+            # the agreed time is a slot: it ends at visit_until (a bare visit_at is both)
+            visit_until = parse_moment(data.get("visit_until"))
+            facts["visit_until"] = max(visit_until or visit_at, visit_at).isoformat()
         elif event.type == "repair.visited":
             facts["visits"] = int(work.case.data.get("visits", 0)) + 1
             facts.setdefault("first_visit_at", work.case.data.get("first_visit_at",
@@ -402,6 +676,15 @@ class Engine:
                          now: datetime) -> _Work | str:
         if event.due_at is None:
             return "invalid: deadline.changed needs due_at"
+        # A platform deadline belongs to its step: one naming another step, or (without a
+        # step) one issued before the current step began, never moves this step.
+        for_step = event.data.get("step")
+        if for_step is not None and for_step != case.step:
+            return (f"out_of_state: deadline.changed is for step {for_step}; the case is in "
+                    f"{case.step}")
+        if for_step is None and as_utc(event.occurred_at) < case.step_started_at:
+            return (f"out_of_state: deadline.changed happened before step {case.step} "
+                    "began (it was for an earlier step)")
         if case.step == INTERVENTION:
             return "out_of_state: deadline.changed while the clock is paused (intervention)"
         if self._rule_of(case) is None:
@@ -474,11 +757,21 @@ class Engine:
             data["refund_fen"] = work.case.refund_fen if work.case.refund_fen is not None \
                 else work.case.amount_fen
         decision_type = DECISION_OF_ACTION[action]
+        key = decision_key(case.case_id, case.step, fence, "deadline", deadline_at)
+        # a decision withdrawn earlier and reached again is published again, with a new id
+        times = (work.case.data.get(WITHDRAWN) or {}).get(key)
+        published_key = key if not times else f"{key}:again:{times}"
         work.decisions.insert(position, Decision(
             type=decision_type, case_id=case.case_id, step=case.step, rule=rule,
-            due_at=deadline_at, decided_at=work.now, data=data,
-            key=decision_key(case.case_id, case.step, fence, "deadline", deadline_at),
+            due_at=deadline_at, decided_at=work.now, data=data, key=published_key,
         ))
+        decided = dict(work.case.data.get(DECIDED) or {})
+        decided[key] = {"id": decision_id(published_key), "type": decision_type,
+                        "step": case.step,
+                        "party": party.value,
+                        "due_at": deadline_at.isoformat(),
+                        "rule": [rule.set, rule.version, rule.id]}
+        work.set_data(**{DECIDED: decided})
         # the party who missed the deadline hears of it; a decision of the platform's own
         # (immediate rules, voucher refunds) answers the buyer; escalations page ops
         if action == ESCALATE:
@@ -487,8 +780,17 @@ class Engine:
             audience, urgent = party, False
         else:
             audience, urgent = Party.buyer, False
+        # what comes next: the step the case moved to and its deadline
+        after = work.case
+        next_def = step_def(after.kind, after.step) if after.is_open else None
         work.notify(decision_type, audience, urgent=urgent, due_at=deadline_at,
-                    missed_step=case.step, action=action)
+                    step=case.step, missed_step=case.step, missed_party=party.value,
+                    action=action, decision_key=key,
+                    next_step=after.step,
+                    next_party=next_def.party.value if next_def is not None else None,
+                    next_due_at=after.step_due_at.isoformat()
+                    if after.step_due_at is not None else None,
+                    resolution=after.resolution)
 
     def _pause(self, work: _Work, at: datetime, *, restart_clock: bool) -> None:
         """Hand the case to the platform; keep what is left of the step's clock.

@@ -45,8 +45,11 @@ DECISION_OF_ACTION: Mapping[str, str] = {
     "auto_refund": "decision.auto_refunded",
     "auto_confirm": "decision.auto_confirmed",
     "escalate": "decision.escalated",
-    # onsite repair: no visit time agreed in 3 days -> the platform imposes the 15-day window
-    "require_visit": "decision.escalated",
+    # onsite repair: no visit time agreed in 3 days -> the merchant must visit within 15
+    # days. Not a transfer to the platform: not escalated, ops are not paged (seed 004).
+    "require_visit": "decision.visit_required",
+    # the carrier never reported the buyer's sign-off for the replacement: deemed received
+    "deem_received": "decision.deemed_received",
 }
 REMIND = "remind"  # the action of reminder deadlines
 ESCALATE = "escalate"  # allowed in every timed step: hands the case to the platform (intervention)
@@ -134,6 +137,18 @@ def _return_leg(received_to: str) -> dict[str, StepDef]:
     }
 
 
+def _replacement_in_transit() -> StepDef:
+    # seed 004: the buyer's 10 days to confirm count from signing for the replacement
+    # (签收换货后), not from the merchant's shipment; buyer.received is that sign-off. If it
+    # never comes, the rule's deadline deems the item received and the 10 days start then.
+    return StepDef(
+        Party.buyer,
+        "the replacement / repaired item travels; the buyer signs for it",
+        on={"buyer.received": Go("buyer_confirm"), "buyer.confirmed": Close("completed")},
+        timeout={"deem_received": Go("buyer_confirm")},
+    )
+
+
 def _buyer_confirm() -> StepDef:
     return StepDef(
         Party.buyer,
@@ -201,7 +216,7 @@ FLOWS: Mapping[Kind, FlowDef] = {
                     "merchant.inspected.passed": Go("merchant_reship"),
                     "merchant.inspected.failed": Go(AFTER_REJECTION),
                     "merchant.rejected": Go(AFTER_REJECTION),
-                    "merchant.reshipped": Go("buyer_confirm"),
+                    "merchant.reshipped": Go("replacement_in_transit"),
                 },
                 # default: inspection deemed passed, the merchant must re-ship
                 timeout={"auto_approve": Go("merchant_reship")},
@@ -210,8 +225,9 @@ FLOWS: Mapping[Kind, FlowDef] = {
             "merchant_reship": StepDef(
                 Party.merchant,
                 "the merchant ships the replacement",
-                on={"merchant.reshipped": Go("buyer_confirm")},
+                on={"merchant.reshipped": Go("replacement_in_transit")},
             ),
+            "replacement_in_transit": _replacement_in_transit(),
             "buyer_confirm": _buyer_confirm(),
             AFTER_REJECTION: _after_rejection("merchant_response"),
             REFUND_PENDING: _refund_pending(),
@@ -228,10 +244,12 @@ FLOWS: Mapping[Kind, FlowDef] = {
             "merchant_repair": StepDef(
                 Party.merchant,
                 "the merchant repairs the item and sends it back",
-                on={"merchant.reshipped": Go("buyer_confirm"), "merchant.refused_repair": REFUSED},
+                on={"merchant.reshipped": Go("replacement_in_transit"),
+                    "merchant.refused_repair": REFUSED},
                 timeout={"auto_refund": TO_REFUND},
             ),
             "repair_refused": _repair_refused(),
+            "replacement_in_transit": _replacement_in_transit(),
             "buyer_confirm": _buyer_confirm(),
             AFTER_REJECTION: _after_rejection("merchant_response"),
             REFUND_PENDING: _refund_pending(),

@@ -6,6 +6,7 @@ Mappings inside them are plain dicts that the engine never mutates (copy on writ
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -155,6 +156,16 @@ class Decision:
     key: str  # stable: the same missed deadline gives the same key
 
 
+# decision_id = uuid5(namespace, decision.key): the same missed deadline always gives the
+# same id, however often (and in whichever rebuild of the case) it is decided again.
+DECISION_NAMESPACE = uuid.UUID("6f0c7a52-3c2e-4b8e-9a51-5f1b0d3c9e21")
+SUPERSEDED = "decision.superseded"
+
+
+def decision_id(key: str) -> str:
+    return str(uuid.uuid5(DECISION_NAMESPACE, key))
+
+
 @dataclass(frozen=True)
 class Notice:
     """Something a person should hear about; the notification policy expands it."""
@@ -189,6 +200,10 @@ class Outcome:
     decisions: tuple[Decision, ...] = ()
     notices: tuple[Notice, ...] = ()
     steps: tuple[StepResult, ...] = ()
+    # what became of each event taken into account: event_id -> None (applied) or the
+    # problem (out of state / invalid). A rebuild re-judges every event of the case's log.
+    verdicts: Mapping[str, str | None] = field(default_factory=dict)
+    rebuilt: bool = False  # the case was rebuilt from its log in event-time order
 
 
 def seconds_to_resolution(before: Case | None, after: Case) -> float | None:

@@ -46,11 +46,13 @@ the case moves on; when the deadline passes first, the engine takes the rule's a
 action and publishes exactly one decision for it. Several cases on one order are
 independent: a case is identified by its `case_id`.
 
-An event that does not fit the case's state (late, out of order, a step the kind does not
-have, any event on a closed case) is not applied: the outcome says
-`out_of_state: <reason>` and the case is unchanged. Malformed data (an unknown kind, a
-missing `visit_at`, an unknown intervention outcome) gives `invalid: <reason>`. A deadline
-whose fence (the case version it was set for) no longer matches gives `stale: <reason>`.
+An event that does not fit the case's state at the moment it happened (a step the kind
+does not have, an act after the case closed) is not applied: the outcome says
+`out_of_state: <reason>` and the case is unchanged. It is judged again whenever the case is
+rebuilt (see "Event time" below), so it stays unapplied only while it truly does not fit.
+Malformed data (an unknown kind, a missing `visit_at`, an unknown intervention outcome)
+gives `invalid: <reason>`. A deadline whose fence (the case version it was set for) no
+longer matches gives `stale: <reason>`.
 The engine raises only for programming errors and for missing working-day data.
 
 Events every kind shares:
@@ -60,8 +62,11 @@ Events every kind shares:
   met nor missed its deadline.
 - `intervention.requested`: the platform intervenes (see below).
 - `intervention.resolved` (`outcome`): ends the intervention.
-- `deadline.changed` (top-level `due_at`): the platform's new deadline for the current
-  step replaces the current one; reminders follow it.
+- `deadline.changed` (top-level `due_at`, optional `data.step`): the platform's new
+  deadline replaces the current step's; reminders follow it. A platform deadline belongs
+  to its step: with `data.step` it applies only while the case is in that step; without
+  one, only if it happened (`occurred_at`) within the current step (at or after the step
+  began). A stale change is `out_of_state` and never moves another step.
 
 Extensions to the contract's event list:
 
@@ -73,13 +78,50 @@ Extensions to the contract's event list:
   about an expired, unused voucher; same data as `case.opened`, `kind` optional). The
   system must initiate the refund within 24 h (step `expiry_refund`).
 - `merchant.inspected` needs `passed` (true / false); a failed inspection is a rejection.
+- `buyer.received`: the buyer signed for the replacement (exchange) or the repaired item
+  (repair). Seed 004: the buyer's 10 days to confirm count from this sign-off, not from
+  the merchant's shipment, so `merchant.reshipped` leads to `replacement_in_transit` and
+  `buyer.received` to `buyer_confirm`. Fallback when the sign-off never comes: the
+  `replacement_in_transit` rule (default 15 days after shipment) deems the item received
+  (`decision.deemed_received`) and the 10 days start then. A `buyer.confirmed` in transit
+  completes the case at once.
+- `repair.scheduled` needs `visit_at`, optional `visit_until`: the agreed visit time is a
+  slot ending at `visit_until` (a bare `visit_at` is its start and end); the
+  `visit_scheduled` rule counts its grace from the slot's end (`anchor = "visit_until"`).
 
 Timeout actions and the decision each publishes:
 
 {actions}
 
-A decision's `key` is `{case_id}:{step}:{fence}:deadline:{deadline_at}` (reminders:
-`...:reminder:{deadline_at}:{remind_at}`), the same however often the deadline fires.
+A decision's `key` is `{case_id}:{step}:deadline:{deadline_at}` (reminders:
+`...:reminder:{deadline_at}:{remind_at}`), the same however often the deadline fires and in
+whichever rebuild of the case; `decision_id` is the UUID v5 of the key.
+
+## Event time: the facts decide, not the order they arrive in
+
+A case is a fold of its facts in event-time order. A fact is an event, placed at its
+`occurred_at` (at the same instant: opening events first, then by `event_id`), or the
+expiry of a step's deadline, placed at the deadline. Arrival order, redelivery and timer
+lag never change the outcome:
+
+- **At the deadline counts as in time.** An event whose `occurred_at` equals its step's
+  deadline is in time; the deadline fires before an event only if it lies strictly
+  before the event's `occurred_at`.
+- **An act after the deadline does not undo it.** When an event happened after a pending
+  deadline, that deadline fires first (its decision is published even if the timer has
+  not run yet), and the event is judged against the state the automatic action left
+  (usually `out_of_state`).
+- **An act in time counts, whenever it arrives.** An event that happened at or before a
+  fact already folded into the case rebuilds the case from its log in event-time order
+  (`Engine.replay`). Deadlines fire during the rebuild where a later event shows they
+  passed, or where the timer already fired (the clock passed them: `timer_until`).
+  Every event of the log is judged again (an event that did not fit may fit now).
+- **Late facts against a published decision.** The rebuilt case's automatic decisions are
+  compared with those already published (`data.decided`): new ones are published; one
+  the rebuilt history no longer reaches is withdrawn with a `decision.superseded`
+  message (`data.supersedes` = its `decision_id`, `data.reason`, `data.late_facts`), ops
+  and the party concerned are told. Reminders are not withdrawn (they changed nothing).
+- **Events before the case opened** are kept and take effect as the case opens.
 
 Resolutions of closed cases: `refunded`, `completed`, `cancelled`, `auto_closed`,
 `merchant_upheld`, `nothing_to_refund` (a fully used voucher). A closed case's `step` is
@@ -107,7 +149,8 @@ A refund completed during the intervention closes the case (`refunded`).
 ## Deadlines: rules, versions, overrides
 
 Each step's deadline comes from a rule: `duration` counted from the step's start (or, for
-`anchor = "visit_at"`, from the agreed visit time). Durations: `30m`, `48h`, `10d`
+`anchor = "visit_at"` / `"visit_until"`, from the agreed visit time / the end of the
+agreed visit slot). Durations: `30m`, `48h`, `10d`
 (calendar days), `7wd` (Chinese working days). `0h` (from the step start) is immediate:
 the action is taken in the same outcome that enters the step.
 
@@ -172,8 +215,10 @@ ACTION_EFFECTS = {
     "auto_refund": "the platform supports a refund: `refund_pending`, `data.refund_fen`",
     "auto_confirm": "receipt deemed confirmed: the case closes (`completed`)",
     "escalate": "the case goes to the platform (`intervention`); ops are paged",
-    "require_visit": "on-site repair: no visit time agreed in 3 days, the platform imposes "
-    "the 15-day visit window",
+    "require_visit": "on-site repair: no visit time agreed in 3 days obliges the merchant to "
+    "visit within 15 days (`visit_window`); not an escalation, ops are not paged",
+    "deem_received": "no sign-off for the replacement: deemed received, the buyer's "
+    "confirmation period starts (`buyer_confirm`)",
 }
 
 

@@ -18,7 +18,7 @@ A rule-set file (TOML) holds one version of one set:
     duration = "48h"             # m / h / d (calendar days) / wd (working days); "0h" = immediate
     on_timeout = "auto_approve"  # see flows.DECISION_OF_ACTION and the step's allowed actions
     reminders = ["24h", "2h"]    # optional: before the deadline (m / h / d)
-    anchor = "step_start"        # optional: or "visit_at" (the agreed visit time)
+    anchor = "step_start"        # optional: or "visit_at" / "visit_until" (agreed visit slot)
     note = "..."                 # optional
 
 Versions of a set accumulate: for a step that began at time t, the rule is the one from
@@ -49,7 +49,11 @@ DEFAULT_SET = "default"
 ANY_KIND = "any"
 STEP_START = "step_start"
 # anchors other than the step start: the case.data key holding the moment, and where it exists
-ANCHOR_STEPS: Mapping[str, frozenset[str]] = {"visit_at": frozenset({"visit_scheduled"})}
+ANCHOR_STEPS: Mapping[str, frozenset[str]] = {
+    "visit_at": frozenset({"visit_scheduled"}),
+    # the end of the agreed visit slot (repair.scheduled's visit_until; else its visit_at)
+    "visit_until": frozenset({"visit_scheduled"}),
+}
 
 _RULESET_KEYS = {"name", "version", "effective", "source", "description"}
 _RULE_REQUIRED = {"id", "kind", "step", "party", "duration", "on_timeout"}

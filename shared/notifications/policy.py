@@ -289,6 +289,8 @@ class NotificationPolicy:
             kind_name=lambda s: self._label("kind", s),
             action_name=lambda s: self._label("action", s),
             resolution_name=lambda s: self._label("resolution", s),
+            decision_name=lambda s: self._label("decision", s),
+            effect_name=self._effect,
         )
         self._check()
 
@@ -576,6 +578,17 @@ class NotificationPolicy:
         if value is None or isinstance(value, jinja2.Undefined):
             return ""
         return self._labels.get(kind, {}).get(str(value), str(value))
+
+    def _effect(self, action: Any, kind: Any = None, step: Any = None) -> str:
+        """What an automatic action did for this kind (and step): the most specific of
+        labels.effect "action.kind.step", "action.kind", "action"; "" if unknown."""
+        if action is None or isinstance(action, jinja2.Undefined):
+            return ""
+        effects = self._labels.get("effect", {})
+        for key in (f"{action}.{kind}.{step}", f"{action}.{kind}", str(action)):
+            if key in effects:
+                return effects[key]
+        return ""
 
     def _local_time(self, v: Any, tz: str | None = None) -> str:
         return local_time(v, tz or _RENDER_TZ.get() or self.default_tz)

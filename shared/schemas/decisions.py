@@ -15,6 +15,9 @@ DECISION_TYPES = (
     "decision.auto_refunded",
     "decision.auto_confirmed",
     "decision.escalated",
+    "decision.visit_required",
+    "decision.deemed_received",
+    "decision.superseded",
     "reminder.due_soon",
 )
 
@@ -26,6 +29,11 @@ class RuleRefV1(BaseModel):
 
 
 class DecisionV1(BaseModel):
+    """An automatic decision, a reminder, or (`decision.superseded`) the withdrawal of a
+    published decision that late facts contradict: then `data.supersedes` is the
+    withdrawn `decision_id`, `data.superseded_type` its type, `data.reason` why and
+    `data.late_facts` the late events (docs/asyncapi.yaml)."""
+
     model_config = ConfigDict(extra="forbid")
 
     decision_id: str

@@ -148,6 +148,7 @@ class MerchantInspected(_Data):
 
 class RepairScheduled(_Data):
     visit_at: EventTime
+    visit_until: EventTime | None = None  # the end of the agreed slot (default: visit_at)
 
 
 class InterventionResolved(_Data):
@@ -162,6 +163,12 @@ class NoData(_Data):
     pass
 
 
+class DeadlineChanged(_Data):
+    # the step the platform's deadline is for; without it, the change applies only to the
+    # step the case was in when the change happened (docs/design.md "Event time")
+    step: Id | None = None
+
+
 DATA_MODELS: dict[str, type[_Data]] = {
     "case.opened": CaseOpened,
     "merchant.approved": NoData,
@@ -171,6 +178,7 @@ DATA_MODELS: dict[str, type[_Data]] = {
     "merchant.received": NoData,
     "merchant.inspected": MerchantInspected,
     "merchant.reshipped": NoData,
+    "buyer.received": NoData,
     "buyer.confirmed": NoData,
     "buyer.cancelled": NoData,
     "buyer.modified": NoData,
@@ -180,7 +188,7 @@ DATA_MODELS: dict[str, type[_Data]] = {
     "intervention.requested": NoData,
     "intervention.resolved": InterventionResolved,
     "refund.completed": RefundCompleted,
-    "deadline.changed": NoData,
+    "deadline.changed": DeadlineChanged,
     "voucher.expired": NoData,
 }
 EVENT_TYPES = tuple(DATA_MODELS)

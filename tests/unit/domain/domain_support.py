@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,6 +13,12 @@ from shared.domain import Case, DeadlineSpec, Engine, Event, Outcome, RuleBook, 
 
 SH = ZoneInfo("Asia/Shanghai")
 _ids = itertools.count(1)
+
+
+def examples(n: int) -> int:
+    """Hypothesis example count, scaled by AFTERSALES_PROPERTY_SCALE (the mutation run
+    uses fewer: every mutant runs the tests again)."""
+    return max(5, int(n * float(os.environ.get("AFTERSALES_PROPERTY_SCALE", "1"))))
 
 
 def cst(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

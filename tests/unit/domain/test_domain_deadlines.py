@@ -86,7 +86,7 @@ def test_decision_key_is_stable_for_the_same_missed_deadline(driver: Driver) -> 
     again = driver.engine.fire(case, spec, spec.due_at + timedelta(hours=3))
     assert first.decisions[0].key == again.decisions[0].key
     assert first.decisions[0].key == (
-        f"AS1:merchant_response:{spec.fence}:deadline:{spec.deadline_at.isoformat()}")
+        f"AS1:merchant_response:deadline:{spec.deadline_at.isoformat()}")
 
 
 def test_a_deadline_of_an_older_version_is_stale(driver: Driver) -> None:

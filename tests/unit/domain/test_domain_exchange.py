@@ -77,11 +77,30 @@ def test_exchange_buyer_confirms_within_10_days_else_auto_confirm(driver: Driver
     driver.send("merchant.received", cst(2026, 11, 6, 15))
     driver.send("merchant.inspected", cst(2026, 11, 7, 15), passed=True)
     driver.send("merchant.reshipped", cst(2026, 11, 8, 12), carrier="SF", tracking_no="SF2")
+    assert driver.step == "replacement_in_transit"
+    # seed 004: 签收换货后10天 - the buyer's 10 days count from the sign-off
+    out = driver.send("buyer.received", cst(2026, 11, 10, 18))
+    assert [n.party for n in out.notices] == ["merchant"]
     assert driver.step == "buyer_confirm"
-    assert driver.due_local() == cst(2026, 11, 18, 12)
+    assert driver.due_local() == cst(2026, 11, 20, 18)
     out = driver.fire()
     assert out.decisions[0].type == "decision.auto_confirmed"
     assert driver.case is not None and driver.case.resolution == "completed"
+
+
+def test_exchange_without_sign_off_is_deemed_received_after_15_days(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("merchant.approved", cst(2026, 11, 3, 9))
+    driver.send("buyer.shipped", cst(2026, 11, 4, 9))
+    driver.send("merchant.received", cst(2026, 11, 6, 15))
+    driver.send("merchant.reshipped", cst(2026, 11, 8, 12))
+    assert driver.due_local() == cst(2026, 11, 23, 12)  # the documented fallback
+    assert driver.reminders == []
+    out = driver.fire()
+    assert [d.type for d in out.decisions] == ["decision.deemed_received"]
+    assert out.decisions[0].data["next_step"] == "buyer_confirm"
+    assert driver.step == "buyer_confirm"
+    assert driver.due_local() == cst(2026, 12, 3, 12)  # then the buyer's 10 days
 
 
 def test_exchange_full_happy_path_records_facts(driver: Driver) -> None:

@@ -189,36 +189,55 @@ def test_request_is_json_safe_and_round_trips(policy, contacts, ops) -> None:
 # ---- rendering ---------------------------------------------------------------------------
 
 
+# what the engine puts on the notice of a refund-only auto-approval
+AUTO_APPROVED_REFUND = {"refund_fen": 1234, "kind": "refund_only", "action": "auto_approve",
+                        "missed_step": "merchant_response", "missed_party": "merchant",
+                        "next_step": "refund_pending", "next_party": "platform",
+                        "next_due_at": "2026-12-03T02:00:00+00:00"}
+
+
 def test_buyer_sms_for_auto_approval_reads_right(policy, contacts, ops) -> None:
     reqs = policy.expand(
-        StubNotice("decision.auto_approved", params={"refund_fen": 1234}), contacts, ops
+        StubNotice("decision.auto_approved", params=AUTO_APPROVED_REFUND), contacts, ops
     )
     sms = next(r for r in reqs if r.party == "buyer" and r.channel == "sms")
     m = policy.render(sms)
-    assert m.body == "您的售后单AS20261122001商家已超时未处理，系统已自动同意退款¥12.34。"
-    assert dict(m.template_param) == {"case_id": "AS20261122001", "what": "退款¥12.34"}
-    assert list(m.template_param) == ["case_id", "what"]  # Tencent's positional order
+    assert m.body == ("您的售后单AS20261122001（仅退款）：商家未在11月24日 10:00前处理售后申请，"
+                      "系统已自动同意退款申请，退款¥12.34。"
+                      "下一步：平台需在12月3日 10:00前完成退款。")
+    # Tencent's positional order
+    assert list(m.template_param) == ["case_id", "kind", "why", "what", "next"]
+
+
+def test_auto_approving_an_exchange_is_not_a_refund(policy, contacts, ops) -> None:
+    params = {**AUTO_APPROVED_REFUND, "kind": "exchange", "next_step": "buyer_return_shipping",
+              "next_party": "buyer"}
+    reqs = policy.expand(StubNotice("decision.auto_approved", params=params), contacts, ops)
+    for req in reqs:
+        text = "".join(policy.render(req).body.split())
+        assert "退款" not in text and "自动同意换货申请" in text
+        assert "买家需在12月3日10:00前寄回商品并填写运单号" in text
 
 
 def test_buyer_email_for_auto_approval(policy, contacts, ops) -> None:
     reqs = policy.expand(
-        StubNotice("decision.auto_approved", params={"refund_fen": 1234}), contacts, ops
+        StubNotice("decision.auto_approved", params=AUTO_APPROVED_REFUND), contacts, ops
     )
     mail = next(r for r in reqs if r.party == "buyer" and r.channel == "email")
     m = policy.render(mail)
-    assert m.subject == "您的售后申请 AS20261122001 已自动同意"
-    assert "商家已超时未处理，系统已自动同意退款 ¥12.34。" in m.body
+    assert m.subject == "您的售后单 AS20261122001 已由系统自动处理"
+    assert "商家未在 11月24日 10:00 前处理售后申请，系统已自动同意退款申请，退款 ¥12.34。" in m.body
     assert "请勿直接回复" in m.body
 
 
 def test_reminder_shows_local_deadline_step_and_action(policy, contacts, ops) -> None:
-    n = StubNotice("reminder.due_soon", params={"action": "auto_approve"})
+    n = StubNotice("reminder.due_soon", params={"action_on_timeout": "auto_approve",
+                                                "kind": "exchange"})
     sms = next(r for r in policy.expand(n, contacts, ops) if r.channel == "sms")
     m = policy.render(sms)
     # 02:00 UTC is 10:00 in Shanghai
-    assert m.body == (
-        "售后单AS20261122001需在11月24日 10:00前处理售后申请，逾期系统将自动同意申请，请尽快处理。"
-    )
+    assert m.body == ("售后单AS20261122001（换货）需在11月24日 10:00前处理售后申请，"
+                      "逾期系统将自动同意换货申请，请尽快处理。")
 
 
 def test_local_times_follow_the_recipient_zone(policy, ops) -> None:

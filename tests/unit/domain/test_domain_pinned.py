@@ -1,0 +1,232 @@
+"""Behaviour the mutation run showed unpinned (issue 14): each test states one rule."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, timedelta
+
+import pytest
+from domain_support import Driver, cst, make_event
+
+from shared.domain import Engine, facts_of
+from shared.domain.engine import EVENT_AUDIENCE, decision_key, fact_order
+
+OPENED = cst(2026, 11, 2, 10)
+
+
+# ---- at the deadline --------------------------------------------------------------------
+
+def test_an_act_exactly_at_its_deadline_is_in_time(driver: Driver) -> None:
+    driver.open("refund_only", OPENED)
+    due = driver.deadline.deadline_at
+    out = driver.send("merchant.rejected", due, reason="no")
+    assert out.decisions == () and out.problem is None
+    assert [(s.step, s.met) for s in out.steps] == [("merchant_response", True)]
+    assert driver.step == "buyer_after_rejection"
+
+
+def test_an_act_one_second_after_its_deadline_comes_after_the_automatic_action(
+    driver: Driver,
+) -> None:
+    driver.open("refund_only", OPENED)
+    due = driver.deadline.deadline_at
+    out = driver.send("merchant.rejected", due + timedelta(seconds=1), reason="no")
+    assert out.applied and out.problem is not None
+    assert out.problem.startswith("out_of_state: merchant.rejected does not fit")
+    assert [d.type for d in out.decisions] == ["decision.auto_approved"]
+    assert out.decisions[0].due_at == due
+    assert [(s.step, s.met) for s in out.steps] == [("merchant_response", False)]
+    assert driver.step == "refund_pending"
+    assert driver.case is not None and driver.case.step_started_at == due
+
+
+def test_an_act_after_its_deadline_that_fits_the_next_step_applies_there(
+    driver: Driver,
+) -> None:
+    driver.open("exchange", OPENED)
+    due = driver.deadline.deadline_at
+    out = driver.send("buyer.shipped", due + timedelta(hours=1), tracking_no="SF1")
+    assert out.problem is None and out.verdicts == {next(iter(out.verdicts)): None}
+    assert [d.type for d in out.decisions] == ["decision.auto_approved"]
+    assert driver.step == "return_in_transit"
+    assert driver.case is not None and driver.case.version == 3
+
+
+def test_fact_order_puts_opening_events_first_at_one_instant() -> None:
+    opening = make_event("case.opened", OPENED)
+    other = replace(make_event("merchant.approved", OPENED), event_id="a")
+    assert sorted([other, opening], key=fact_order) == [opening, other]
+    later = make_event("merchant.approved", OPENED + timedelta(seconds=1))
+    assert fact_order(opening) < fact_order(later)
+
+
+# ---- working days across New Year ------------------------------------------------------
+
+def test_seven_working_days_across_new_year_2026(driver: Driver) -> None:
+    driver.open("refund_only", cst(2025, 12, 29, 9))
+    driver.send("merchant.approved", cst(2025, 12, 29, 10))  # Monday
+    # 12-30, 12-31, (1-1..1-3 off), Sunday 1-4 make-up workday, 1-5, 1-6, 1-7, 1-8
+    assert driver.due_local() == cst(2026, 1, 8, 10)
+
+
+# ---- stale timers ----------------------------------------------------------------------
+
+def test_the_old_timer_of_a_step_whose_deadline_changed_is_stale(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    old = driver.deadline
+    driver.send("deadline.changed", OPENED + timedelta(hours=1),
+                due_at=OPENED + timedelta(hours=72))
+    assert driver.case is not None
+    out = driver.engine.fire(driver.case, old, old.due_at + timedelta(minutes=1))
+    assert not out.applied and out.problem is not None and out.problem.startswith("stale")
+    assert driver.deadline.due_at == OPENED + timedelta(hours=72)
+
+
+def test_a_timer_for_another_step_at_the_same_version_is_stale(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    spec = replace(driver.deadline, step="buyer_return_shipping")
+    assert driver.case is not None
+    out = driver.engine.fire(driver.case, spec, spec.due_at)
+    assert not out.applied and out.problem is not None
+    assert "deadline for buyer_return_shipping" in out.problem
+
+
+def test_a_fired_deadline_records_the_clock_it_proves(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    spec = driver.deadline
+    out = driver.fire(late=timedelta(hours=5))
+    assert out.case is not None
+    assert out.case.data["timer_until"] == spec.deadline_at.isoformat()
+    assert out.case.data["facts_until"] == spec.deadline_at.isoformat()
+    assert out.decisions[0].decided_at == spec.due_at + timedelta(hours=5)
+
+
+# ---- amounts ---------------------------------------------------------------------------
+
+def test_a_partial_refund_records_what_was_paid(driver: Driver) -> None:
+    driver.open("refund_only", OPENED, amount_fen=5000)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    assert driver.case is not None and driver.case.refund_fen == 5000
+    driver.send("refund.completed", OPENED + timedelta(hours=2), amount_fen=3000)
+    assert driver.case.refund_fen == 3000 and driver.case.resolution == "refunded"
+    assert driver.case.amount_fen == 5000
+
+
+def test_a_refund_without_an_amount_pays_the_refund_due(driver: Driver) -> None:
+    driver.open("refund_only", OPENED, amount_fen=5000)
+    driver.send("refund.completed", OPENED + timedelta(hours=2))
+    assert driver.case is not None and driver.case.refund_fen == 5000
+
+
+def test_a_changed_amount_is_what_the_automatic_refund_pays(driver: Driver) -> None:
+    driver.open("refund_only", OPENED, amount_fen=5000)
+    driver.send("buyer.modified", OPENED + timedelta(hours=1), amount_fen=4200)
+    assert driver.case is not None and driver.case.amount_fen == 4200
+    out = driver.fire()
+    assert out.decisions[0].data["refund_fen"] == 4200
+    assert driver.case.refund_fen == 4200
+
+
+@pytest.mark.parametrize("amount", [-1, "12", 1.5])
+def test_a_bad_refund_amount_is_invalid(driver: Driver, amount: object) -> None:
+    driver.open("refund_only", OPENED)
+    out = driver.send("refund.completed", OPENED + timedelta(hours=1), amount_fen=amount)
+    assert not out.applied and out.problem is not None and out.problem.startswith("invalid")
+
+
+# ---- the platform's due_at --------------------------------------------------------------
+
+def test_the_platform_due_at_on_a_flow_event_sets_the_next_step(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    platform_due = OPENED + timedelta(days=3)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1), due_at=platform_due)
+    assert driver.step == "buyer_return_shipping"
+    assert driver.case is not None and driver.case.step_due_at == platform_due
+    assert driver.case.data["deadline_source"] == "platform"
+    driver.send("buyer.shipped", OPENED + timedelta(hours=2))
+    assert "deadline_source" not in driver.case.data  # the next step is the rule's again
+
+
+def test_the_platform_due_at_on_resume_wins_over_the_time_left(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("intervention.requested", OPENED + timedelta(hours=1), requested_by="buyer")
+    platform_due = OPENED + timedelta(days=5)
+    driver.send("intervention.resolved", OPENED + timedelta(days=2), outcome="resume",
+                due_at=platform_due)
+    assert driver.step == "merchant_response"
+    assert driver.case is not None and driver.case.step_due_at == platform_due
+
+
+def test_resume_without_due_at_keeps_the_time_left(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    left = driver.deadline.deadline_at - (OPENED + timedelta(hours=1))
+    driver.send("intervention.requested", OPENED + timedelta(hours=1), requested_by="buyer")
+    assert driver.case is not None and driver.case.paused_remaining_s == left.total_seconds()
+    resumed_at = OPENED + timedelta(days=2)
+    driver.send("intervention.resolved", resumed_at, outcome="resume")
+    assert driver.case.step_due_at == resumed_at + left
+    assert driver.case.step_started_at == OPENED  # the step did not restart
+
+
+# ---- who hears of each event ------------------------------------------------------------
+
+def _reach(engine: Engine, kind: str, events: list[tuple[str, dict[str, object]]]
+           ) -> dict[str, set[str | None]]:
+    driver = Driver(engine)
+    driver.open(kind, OPENED)
+    heard = {"case.opened": {n.party for n in driver.last.notices}} if driver.last else {}
+    at = OPENED
+    for type_, data in events:
+        at += timedelta(hours=1)
+        out = driver.send(type_, at, **data)
+        assert out.problem is None, (type_, out.problem)
+        heard[type_] = {n.party for n in out.notices if n.reason == type_}
+    return heard
+
+
+def test_each_event_is_told_to_the_party_it_concerns(engine: Engine) -> None:
+    heard = _reach(engine, "exchange", [
+        ("merchant.approved", {}), ("buyer.shipped", {}), ("merchant.received", {}),
+        ("merchant.inspected", {"passed": True}), ("merchant.reshipped", {}),
+        ("buyer.received", {}), ("buyer.confirmed", {})])
+    heard |= _reach(engine, "onsite_repair", [
+        ("repair.scheduled", {"visit_at": "2026-11-03T10:00:00+08:00"}),
+        ("repair.visited", {}), ("repair.completed", {})])
+    heard |= _reach(engine, "refund_only", [
+        ("intervention.requested", {"requested_by": "buyer"}),
+        ("intervention.resolved", {"outcome": "refund"}), ("refund.completed", {})])
+    heard |= _reach(engine, "return_refund", [("merchant.rejected", {"reason": "no"}),
+                                              ("buyer.modified", {}), ("buyer.cancelled", {})])
+    heard |= _reach(engine, "repair", [("merchant.refused_repair", {})])
+    for type_, parties in heard.items():
+        expected = {p.value for p in EVENT_AUDIENCE.get(type_, ())}
+        assert parties == expected, type_
+    assert heard["repair.visited"] == set()  # nobody: the visit is reported, not news
+
+
+def test_a_deadline_change_is_told_to_the_party_who_must_act(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    out = driver.send("deadline.changed", OPENED + timedelta(hours=2),
+                      due_at=OPENED + timedelta(days=4))
+    assert [(n.reason, n.party) for n in out.notices] == [("deadline.changed", "buyer")]
+
+
+# ---- decision keys ----------------------------------------------------------------------
+
+def test_decision_keys_ignore_the_fence_and_name_the_reminder_time() -> None:
+    at = OPENED
+    assert decision_key("C", "s", 1, "deadline", at) == decision_key("C", "s", 9, "deadline", at)
+    assert decision_key("C", "s", 1, "reminder", at, at - timedelta(hours=2)).endswith(
+        (at - timedelta(hours=2)).isoformat())
+
+
+def test_an_unapplied_event_still_moves_the_fact_time(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    before = driver.case
+    late = OPENED + timedelta(hours=5)
+    out = driver.send("buyer.confirmed", late)
+    assert not out.applied and out.case is not None
+    assert facts_of(out.case) == facts_of(before)
+    assert out.case.data["facts_until"] == late.astimezone(UTC).isoformat()
+    assert driver.engine.needs_replay(out.case, make_event("merchant.approved", late))
