@@ -89,6 +89,11 @@ if command -v rabbitmq-plugins >/dev/null && ! port_open 15692; then
   $SUDO rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null 2>&1 || true
 fi
 
+# --- libfaketime (the clock-skew fault tests run services with a host clock off) -------
+if ! ls /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1 >/dev/null 2>&1; then
+  apt_install faketime
+fi
+
 # --- promtool (alert rule tests) -------------------------------------------------------
 if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 

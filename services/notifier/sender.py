@@ -23,9 +23,10 @@ leaves `sending` (hence "failed, unknown", never delivered) to one chunk.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, any_, bindparam, func, select, update
@@ -40,7 +41,7 @@ from services.notifier.delivery import (
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
 from shared.db.models import NotificationRow
-from shared.db.session import Database
+from shared.db.session import Database, db_now
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
     NotificationPolicy,
@@ -135,7 +136,7 @@ class NotificationSender:
         quiet_hours: QuietHours,
         limits: Sequence[RateLimit],
         retry: RetryPolicy,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.db = db
         self.policy = policy
@@ -144,6 +145,9 @@ class NotificationSender:
         self.quiet_hours = quiet_hours
         self.limits = limits
         self.retry = retry
+        # None: the database's clock, read when a chunk is claimed (the timer releases
+        # deferred rows by `send_after <= now()`, so quiet hours, deferrals and retries
+        # are reckoned on that clock). Tests may pass a fixed one.
         self.clock = clock
 
     def send(self, notification_id: int) -> SendOutcome:
@@ -178,12 +182,13 @@ class NotificationSender:
                 conn = s.connection()
                 _record(conn, results)
                 claimed = _claim(conn, chunk, outcomes)
+                clock = self._chunk_clock(s)
             for r in results:
                 report(r.outcome)
             for i in chunk:
                 if i in outcomes:
                     report(outcomes[i])
-            results = self._send_claimed(claimed, report)
+            results = self._send_claimed(claimed, report, clock)
             outcomes.update((r.id, r.outcome) for r in results)
         if results:
             with self.db.transaction() as s:
@@ -202,18 +207,23 @@ class NotificationSender:
             out.append(outcome)
         return out
 
-    def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None]
-                      ) -> list[_Result]:
+    def _chunk_clock(self, s: Any) -> Callable[[], datetime]:
+        if self.clock is not None:
+            return self.clock
+        return _DatabaseClock(db_now(s))
+
+    def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
+                      clock: Callable[[], datetime]) -> list[_Result]:
         results: list[_Result] = []  # one per claimed row, in order, as they are settled
         sending: int | None = None  # the position being handed to a channel, if any
         try:
             for position, (c, decision) in enumerate(
-                    zip(claimed, self._decide(claimed), strict=True)):
+                    zip(claimed, self._decide(claimed, clock), strict=True)):
                 if isinstance(decision, _Result):
                     results.append(decision)
                     continue
                 sending = position
-                results.append(self._send_one(c, decision.request, decision.message))
+                results.append(self._send_one(c, decision.request, decision.message, clock))
                 sending = None
         except BaseException:
             # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row being
@@ -236,14 +246,15 @@ class NotificationSender:
             raise
         return results
 
-    def _decide(self, claimed: list[_Claimed]) -> list[_Result | _Ready]:
+    def _decide(self, claimed: list[_Claimed], clock: Callable[[], datetime]
+                ) -> list[_Result | _Ready]:
         """Quiet hours, rendering and rate limits for the whole chunk (one limiter round
         trip): for each row in order, its result now or the message to send."""
         requests = [self._request_of(c) for c in claimed]
         decisions = iter(decide_many(
             [(r, c.attempt) for c, r in zip(claimed, requests, strict=True)
              if not isinstance(r, _Result)],
-            now=self.clock(), limiter=self.limiter, quiet_hours=self.quiet_hours,
+            now=clock(), limiter=self.limiter, quiet_hours=self.quiet_hours,
             render=self.policy.render, limits=self.limits, retry=self.retry))
         out: list[_Result | _Ready] = []
         for c, request in zip(claimed, requests, strict=True):
@@ -251,7 +262,8 @@ class NotificationSender:
                 out.append(request)
                 continue
             decision = next(decisions)
-            out.append(self._result_of(c, decision) if isinstance(decision, DeliveryResult)
+            out.append(self._result_of(c, decision, clock)
+                       if isinstance(decision, DeliveryResult)
                        else _Ready(request, decision))
         return out
 
@@ -264,12 +276,12 @@ class NotificationSender:
             return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
                 c.id, "failed", c.attempt - 1, mask_text(f"render: bad row: {exc!r}")[:1000]))
 
-    def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage
-                  ) -> _Result:
+    def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage,
+                  clock: Callable[[], datetime]) -> _Result:
         channel = str(c.row.channel)
         try:
             result = send_now(request, message, self.channels[request.channel],
-                              now=self.clock(), attempt=c.attempt, retry=self.retry)
+                              now=clock(), attempt=c.attempt, retry=self.retry)
         except Exception as exc:
             # A bug (delivery turns every provider error into a result). Whether the
             # provider was reached is unknown: failed for good, as when a worker dies
@@ -279,15 +291,16 @@ class NotificationSender:
             error = mask_text(f"unknown: {exc!r} during the send; not repeated")[:1000]
             return _Result(c.id, SendOutcome("failed", channel),
                            _values(c.id, "failed", c.attempt, error))
-        return self._result_of(c, result)
+        return self._result_of(c, result, clock)
 
-    def _result_of(self, c: _Claimed, result: DeliveryResult) -> _Result:
+    def _result_of(self, c: _Claimed, result: DeliveryResult, clock: Callable[[], datetime]
+                   ) -> _Result:
         """What to record for a delivery result."""
         channel = str(c.row.channel)
         attempts = c.attempt if result.attempted else c.attempt - 1
         if result.status == "sent":
             return _Result(c.id, SendOutcome("sent", channel), _values(
-                c.id, "sent", attempts, None, sent_at=self.clock(),
+                c.id, "sent", attempts, None, sent_at=clock(),
                 provider_id=result.provider_id))
         reason = result.error or result.error_kind
         if result.status in ("deferred", "retry"):
@@ -296,6 +309,18 @@ class NotificationSender:
                 c.id, "deferred", attempts, reason, send_after=result.retry_at))
         return _Result(c.id, SendOutcome("failed", channel),
                        _values(c.id, "failed", attempts, reason))
+
+
+class _DatabaseClock:
+    """The database's time when the chunk was claimed, advanced by the host's monotonic
+    clock (never its wall clock) while the chunk is sent."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        self.started = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self.at + timedelta(seconds=time.monotonic() - self.started)
 
 
 def _claim(conn: Connection, ids: list[int], outcomes: dict[int, SendOutcome]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -46,6 +47,18 @@ class Database:
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+
+# The one clock that decides due-ness (the timer claims by `now()` in its statements):
+# the database's, never the host's. `clock_timestamp()`, not `now()`, so a transaction
+# that waited for locks decides at the time it actually decides.
+DB_NOW = text("SELECT clock_timestamp()")
+
+
+def db_now(session: Session) -> datetime:
+    value = session.execute(DB_NOW).scalar_one()
+    assert isinstance(value, datetime)
+    return value
 
 
 def is_infrastructure(exc: DBAPIError) -> bool:
