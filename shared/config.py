@@ -96,7 +96,15 @@ class Settings(BaseSettings):
     sms_per_phone_per_hour: int = Field(default=5, ge=1)
     sms_per_phone_per_day: int = Field(default=10, ge=1)
     email_per_address_per_hour: int = Field(default=30, ge=1)
-    notify_max_attempts: int = Field(default=6, ge=1, le=50)
+    # Transient send failures allowed before a notification fails; unset: retried (with
+    # backoff) until it expires, so a provider outage is waited out.
+    notify_max_attempts: int | None = Field(default=None, ge=1, le=50)
+    # A notification not sent within this long of being written fails as "expired".
+    notify_valid_seconds: float = Field(default=86400.0, gt=0)
+    # Escalations to ops have their own per-address limits (not the merchants' 10 a day).
+    ops_sms_per_phone_per_hour: int = Field(default=60, ge=1)
+    ops_sms_per_phone_per_day: int = Field(default=300, ge=1)
+    ops_email_per_address_per_hour: int = Field(default=600, ge=1)
     notify_retry_base_seconds: float = Field(default=30.0, gt=0)
     notify_retry_max_seconds: float = Field(default=3600.0, gt=0)
 

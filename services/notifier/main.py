@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from functools import partial
 
 import redis
@@ -38,6 +39,7 @@ def build_sender(settings: Settings) -> NotificationSender:
         quiet_hours=config.quiet_hours(),
         limits=config.rate_limits(),
         retry=config.retry_policy(),
+        valid_for=timedelta(seconds=config.valid_s),
     )
 
 
