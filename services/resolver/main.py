@@ -16,8 +16,8 @@ from shared import metrics
 from shared.amqp import make_broker
 from shared.bootstrap import build_database, build_domain, build_policy, ops_contacts
 from shared.config import Settings
+from shared.confirms import ConfirmedBatchPublisher
 from shared.logs import setup_logging
-from shared.publisher import BatchPublisher
 from shared.runtime import WorkerSpec, poll_loop, supervise
 from shared.worker import build_worker_broker, run_worker
 
@@ -42,8 +42,9 @@ def relay(settings: Settings) -> None:
     setup_logging("outbox", settings.log_level)
     relay = OutboxRelay(
         build_database(settings, pool_size=1),
-        BatchPublisher(settings.amqp_url, make_broker(settings.amqp_url, settings.queue_type),
-                       settings.queue_type),
+        ConfirmedBatchPublisher(settings.amqp_url,
+                                make_broker(settings.amqp_url, settings.queue_type),
+                                settings.queue_type),
         batch=settings.outbox_batch,
     )
 
