@@ -53,18 +53,30 @@ if ! port_open 5432; then
     apt_install postgresql
   fi
   ver=$(ls /etc/postgresql | sort -V | tail -1)
-  hba=/etc/postgresql/$ver/main/pg_hba.conf
-  # Local development only: trust connections from this machine, as the defaults expect.
-  if ! $SUDO grep -q "aftersales-local" "$hba"; then
-    $SUDO sed -i '1i host all all 127.0.0.1/32 trust # aftersales-local\nhost all all ::1/128 trust # aftersales-local' "$hba"
-  fi
   say "starting PostgreSQL $ver"
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || $SUDO pg_ctlcluster "$ver" main start
   wait_port 5432 PostgreSQL 30
 fi
+# Local development only: trust connections from this machine, as the defaults expect,
+# where they are not trusted yet (a cluster that already lets us in is left alone). Also
+# where the package started the cluster itself (systemd does so at install): the lines
+# take effect only once PostgreSQL reloads its configuration, so reload after the edit.
+if ! psql -w -h 127.0.0.1 -U postgres -tAc "SELECT 1" >/dev/null 2>&1 \
+    && ls /etc/postgresql/*/main >/dev/null 2>&1; then
+  ver=$(ls /etc/postgresql | sort -V | tail -1)
+  hba=/etc/postgresql/$ver/main/pg_hba.conf
+  if [ -f "$hba" ] && ! $SUDO grep -q "aftersales-local" "$hba"; then
+    $SUDO sed -i '1i host all all 127.0.0.1/32 trust # aftersales-local\nhost all all ::1/128 trust # aftersales-local' "$hba"
+    say "trusting local connections in $hba; reloading PostgreSQL $ver"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main reload 2>/dev/null \
+      || $SUDO pg_ctlcluster "$ver" main reload
+  fi
+fi
 # The default URL connects as the current OS user: make sure that role exists.
-if ! psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_roles WHERE rolname='$(id -un)'" 2>/dev/null | grep -q 1; then
-  psql -h 127.0.0.1 -U postgres -qc "CREATE ROLE \"$(id -un)\" LOGIN SUPERUSER" 2>/dev/null || true
+# -w: never prompt for a password (a script must not hang waiting for one).
+if ! psql -w -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_roles WHERE rolname='$(id -un)'" 2>/dev/null | grep -q 1; then
+  psql -w -h 127.0.0.1 -U postgres -qc "CREATE ROLE \"$(id -un)\" LOGIN SUPERUSER" 2>/dev/null \
+    || say "could not create the PostgreSQL role $(id -un) (is local trust in pg_hba.conf?)"
 fi
 
 # --- Redis ---------------------------------------------------------------------------
@@ -87,6 +99,11 @@ fi
 # Queue depths come from RabbitMQ's own Prometheus plugin (port 15692).
 if command -v rabbitmq-plugins >/dev/null && ! port_open 15692; then
   $SUDO rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null 2>&1 || true
+fi
+
+# --- libfaketime (the clock-skew fault tests run services with a host clock off) -------
+if ! ls /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1 >/dev/null 2>&1; then
+  apt_install faketime
 fi
 
 # --- promtool (alert rule tests) -------------------------------------------------------

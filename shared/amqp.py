@@ -62,16 +62,27 @@ class AftersalesBroker(RabbitmqBroker):
         return arguments
 
 
+# AMQP heartbeats on every connection: a dead broker (or a half-open TCP connection) is
+# noticed within about two of them. `?heartbeat=N` in AFTERSALES_AMQP_URL overrides it.
+HEARTBEAT_SECONDS = 30
+
+
+def with_heartbeat(amqp_url: str) -> str:
+    if "heartbeat=" in amqp_url:
+        return amqp_url
+    return f"{amqp_url}{'&' if '?' in amqp_url else '?'}heartbeat={HEARTBEAT_SECONDS}"
+
+
 def make_broker(amqp_url: str, queue_type: str = "classic", middleware: list | None = None
                 ) -> AftersalesBroker:
     broker = AftersalesBroker(
-        url=amqp_url, confirm_delivery=True, queue_type=queue_type, middleware=middleware
+        url=with_heartbeat(amqp_url), confirm_delivery=True, queue_type=queue_type,
+        middleware=middleware,
     )
     return broker
 
 
 def connection_parameters(amqp_url: str) -> pika.URLParameters:
-    params = pika.URLParameters(amqp_url)
-    params.heartbeat = 30
+    params = pika.URLParameters(with_heartbeat(amqp_url))
     params.blocked_connection_timeout = 60
     return params

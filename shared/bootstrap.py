@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.config import Settings
-from shared.db.session import Database, make_engine
+from shared.db.session import Database, SessionLimits, make_engine
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.errors import ConfigError
+from shared.health import Health, amqp_check, database_check, install, redis_check
 from shared.notifications.policy import NotificationPolicy
 
 
@@ -34,7 +35,26 @@ def ops_contacts(settings: Settings) -> dict[str, list[str]]:
 
 
 def build_database(settings: Settings, pool_size: int = 5) -> Database:
-    return Database(make_engine(settings.database_url, pool_size=pool_size))
+    limits = SessionLimits(
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        lock_timeout_ms=settings.db_lock_timeout_ms,
+        keepalives_idle_s=settings.db_keepalives_idle_seconds,
+        keepalives_interval_s=settings.db_keepalives_interval_seconds,
+        keepalives_count=settings.db_keepalives_count,
+    )
+    return Database(make_engine(settings.database_url, pool_size=pool_size, limits=limits))
+
+
+def build_health(settings: Settings, *, redis: bool = False) -> Health:
+    """The readiness of this service's process tree (`/readyz`): PostgreSQL, RabbitMQ
+    (and Redis for the notifier) checked on an interval, plus the supervisor's workers."""
+    checks = {
+        "postgresql": database_check(build_database(settings, pool_size=1)),
+        "rabbitmq": amqp_check(settings.amqp_url),
+    }
+    if redis:
+        checks["redis"] = redis_check(settings.redis_url)
+    return install(Health(checks)).start()
 
 
 def metrics_dir_for(base: Path | None, service: str, pid: int) -> Path:

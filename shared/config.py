@@ -113,11 +113,38 @@ class Settings(BaseSettings):
     sms_per_phone_per_hour: int = Field(default=5, ge=1)
     sms_per_phone_per_day: int = Field(default=10, ge=1)
     email_per_address_per_hour: int = Field(default=30, ge=1)
-    notify_max_attempts: int = Field(default=6, ge=1, le=50)
+    # Transient send failures allowed before a notification fails; unset: retried (with
+    # backoff) until it expires, so a provider outage is waited out.
+    notify_max_attempts: int | None = Field(default=None, ge=1, le=50)
+    # A notification not sent within this long of being written fails as "expired".
+    notify_valid_seconds: float = Field(default=86400.0, gt=0)
+    # Escalations to ops have their own per-address limits (not the merchants' 10 a day).
+    ops_sms_per_phone_per_hour: int = Field(default=60, ge=1)
+    ops_sms_per_phone_per_day: int = Field(default=300, ge=1)
+    ops_email_per_address_per_hour: int = Field(default=600, ge=1)
     notify_retry_base_seconds: float = Field(default=30.0, gt=0)
     notify_retry_max_seconds: float = Field(default=3600.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Operations (issue 15). SIGTERM: each service stops taking work and finishes or hands
+    # back what it holds within this grace; the pods' terminationGracePeriodSeconds match.
+    shutdown_grace_seconds: float = Field(default=25.0, ge=2, le=3600)
+    # Where /metrics, /healthz and /readyz listen: this machine only unless opened (the
+    # Kubernetes files set 0.0.0.0 so Prometheus and the kubelet reach them).
+    metrics_bind: str = "127.0.0.1"
+    # The backlog gauges (timer's /metrics) are read from PostgreSQL this often, not per
+    # scrape.
+    backlog_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # Every database session: a statement or a lock wait longer than this is cancelled
+    # (the batch is retried) instead of holding a worker and its locks for ever. 0 = none.
+    db_statement_timeout_ms: int = Field(default=60_000, ge=0)
+    db_lock_timeout_ms: int = Field(default=10_000, ge=0)
+    # TCP keepalives on database connections: a dead peer (host gone, cable cut) is
+    # noticed after idle + interval * count seconds instead of never.
+    db_keepalives_idle_seconds: int = Field(default=30, ge=1)
+    db_keepalives_interval_seconds: int = Field(default=10, ge=1)
+    db_keepalives_count: int = Field(default=3, ge=1)
 
     @field_validator("amqp_url")
     @classmethod

@@ -804,11 +804,12 @@ def start_metrics_server(
     port: int,
     service: str,
     *,
-    addr: str = "0.0.0.0",  # noqa: S104 - scraped from other hosts/pods by design
+    addr: str = "127.0.0.1",  # AFTERSALES_METRICS_BIND opens it (the pods: 0.0.0.0)
     collectors: Iterable[Collector] = (),
     version: str | None = None,
 ) -> MetricsServer:
-    """Serve ``/metrics`` (Prometheus text format) and ``/healthz`` (200 ``ok``) on
+    """Serve ``/metrics`` (Prometheus text format), ``/healthz`` (200 ``ok``: alive) and
+    ``/readyz`` (200 or 503 with the reasons, see :mod:`shared.health`) on
     ``addr:port`` from a daemon thread of the calling process, and set
     ``aftersales_build_info{version}``. In multi-process mode call it in ONE process of
     the service's tree (the parent, after :func:`prepare_multiproc_dir`)."""
@@ -828,6 +829,12 @@ def start_metrics_server(
                     body, status, ctype = b"collection failed\n", 500, "text/plain"
             elif path in ("/healthz", "/health"):
                 body, status, ctype = b"ok\n", 200, "text/plain; charset=utf-8"
+            elif path == "/readyz":
+                from shared.health import current
+
+                ready, why = current().readiness()
+                body, status = (why + "\n").encode(), 200 if ready else 503
+                ctype = "text/plain; charset=utf-8"
             else:
                 body, status, ctype = b"not found: try /metrics\n", 404, "text/plain"
             self.send_response(status)

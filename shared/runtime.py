@@ -1,8 +1,12 @@
 """Process trees: each service runs as a supervisor process with worker children.
 
 The supervisor serves the service's /metrics (aggregating the children's
-prometheus_client multiprocess files), restarts a child that dies, and passes SIGTERM /
-SIGINT on for a clean stop. Children build their own connections after the fork.
+prometheus_client multiprocess files), /healthz and /readyz, restarts a child that dies,
+and passes SIGTERM / SIGINT on for a clean stop: the children stop taking work and finish
+or hand back what they hold; whatever is still running when the grace
+(AFTERSALES_SHUTDOWN_GRACE_SECONDS, which the pod's terminationGracePeriodSeconds
+matches) is nearly over is SIGKILLed, so the process tree is gone within the grace.
+Children build their own connections after the fork.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
+from shared.health import Health
+from shared.health import current as current_health
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +33,21 @@ class WorkerSpec:
     copies: int = 1
 
 
-def supervise(specs: list[WorkerSpec], on_child_exit: Callable[[int], None] | None = None) -> int:
-    """Run the workers until SIGTERM/SIGINT; restart any that die. Returns an exit code."""
+# Kept back from the grace for the supervisor's own exit after its children are gone.
+EXIT_MARGIN_S = 1.0
+
+
+def child_stop_budget(grace_s: float) -> float:
+    """How long a child may take to finish what it holds once told to stop: inside the
+    supervisor's wait, which is inside the grace."""
+    return max(0.5, grace_s - EXIT_MARGIN_S - 1.0)
+
+
+def supervise(specs: list[WorkerSpec], on_child_exit: Callable[[int], None] | None = None,
+              *, grace_s: float = 15.0, health: Health | None = None) -> int:
+    """Run the workers until SIGTERM/SIGINT; restart any that die. Returns an exit code.
+    `health` (default: the one `/readyz` answers) hears about the workers."""
+    health = health or current_health()
     ctx = mp.get_context("fork")
     stopping = False
 
@@ -52,25 +72,34 @@ def supervise(specs: list[WorkerSpec], on_child_exit: Callable[[int], None] | No
     restarts: dict[tuple[int, int], float] = {}
     while not stopping:
         time.sleep(0.2)
+        health.workers(len(running), sum(p.is_alive() for p in running.values()))
         for key, proc in list(running.items()):
             if proc.is_alive() or stopping:
                 continue
             if on_child_exit and proc.pid:
                 on_child_exit(proc.pid)
+            health.worker_restarted()
             log.error("%s exited with %s; restarting", proc.name, proc.exitcode)
             # Back off a little if a child keeps dying, so a crash loop does not spin.
             if time.monotonic() - restarts.get(key, 0.0) < 5:
                 time.sleep(1.0)
             restarts[key] = time.monotonic()
             running[key] = start(specs[key[0]], key[1])
+    stop_began = time.monotonic()
+    health.stopping()  # unready at once: no new traffic while draining
+    log.info("stopping: %d worker(s), grace %.0fs", len(running), grace_s)
     for proc in running.values():
         if proc.is_alive() and proc.pid:
             os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    deadline = stop_began + max(0.5, grace_s - EXIT_MARGIN_S)
     for proc in running.values():
-        proc.join(max(0.1, deadline - time.monotonic()))
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in running.values():
         if proc.is_alive():
+            log.error("%s still running at the end of the grace: killed", proc.name)
             proc.kill()
+            proc.join(1.0)
+    log.info("stopped in %.1fs", time.monotonic() - stop_began)
     return 0
 
 
@@ -104,10 +133,17 @@ def set_process_name(name: str) -> None:
         pass  # not Linux: names are cosmetic
 
 
+def _stop_once(_signum: int, _frame: object) -> None:
+    """The first SIGTERM interrupts the child's loop; later ones (the supervisor passing on
+    a SIGTERM that the whole group also got) must not interrupt its clean-up."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _child_main(target: Callable[[], None], name: str) -> None:
     set_process_name(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_once)
     try:
         target()
     except KeyboardInterrupt:

@@ -33,8 +33,11 @@ def batch_actor(broker: dramatiq.Broker, queue_name: str, actor_name: str,
     )(fn)
 
 
-def run_worker(broker: AftersalesBroker, threads: int, stop: threading.Event | None = None) -> None:
-    """Consume until SIGTERM (KeyboardInterrupt in a child of `shared.runtime`) or `stop`."""
+def run_worker(broker: AftersalesBroker, threads: int, stop: threading.Event | None = None,
+               stop_timeout_s: float = 10.0) -> None:
+    """Consume until SIGTERM (KeyboardInterrupt in a child of `shared.runtime`) or `stop`.
+    Then stop consuming (prefetched messages go back to RabbitMQ) and give the messages
+    being worked on up to `stop_timeout_s` to finish (an unfinished one is redelivered)."""
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=1000)
     worker.start()
     try:
@@ -43,5 +46,6 @@ def run_worker(broker: AftersalesBroker, threads: int, stop: threading.Event | N
         pass
     finally:
         log.info("stopping worker")
-        worker.stop()
+        # Dramatiq waits up to `timeout` for its worker threads, then again for its consumers.
+        worker.stop(timeout=int(stop_timeout_s * 1000 / 2))
         broker.close()

@@ -38,6 +38,8 @@ class System:
         self.ports = {name: free_port() for name in ("intake", "timer", "resolver", "notifier")}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: dict[str, int] = {}
+        # Extra environment for one service only (e.g. libfaketime on the resolver).
+        self.service_env: dict[str, dict[str, str]] = {}
 
     def start(self, *services: str) -> None:
         for service in services:
@@ -47,7 +49,8 @@ class System:
             log = open(self.log_dir / f"{service}.{self.starts[service]}.log", "wb")
             env = {**os.environ, **self.env,
                    "AFTERSALES_METRICS_PORT": str(self.ports[service]),
-                   "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics")}
+                   "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics"),
+                   **self.service_env.get(service, {})}
             self.procs[service] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "run", service],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ from services.intake.consumer import IntakeConsumer
 from services.intake.parked import expire_parked, parked_stats
 from services.intake.processor import BatchResult, IntakeProcessor
 from shared import metrics
-from shared.bootstrap import build_database, build_domain, build_policy, ops_contacts
+from shared.bootstrap import build_database, build_domain, build_health, build_policy, ops_contacts
 from shared.config import Settings
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, supervise
@@ -99,10 +99,13 @@ def run(settings: Settings) -> int:
     setup_logging("intake", settings.log_level)
     build_domain(settings)  # fail fast on broken rule files, before any worker starts
     build_policy(settings)
-    server = metrics.start_metrics_server(settings.metrics_port_for("intake"), "intake")
+    server = metrics.start_metrics_server(
+        settings.metrics_port_for("intake"), "intake", addr=settings.metrics_bind)
     log.info("intake: metrics on :%s, %d worker process(es)", server.port,
              settings.worker_processes)
     return supervise(
         [WorkerSpec("intake", partial(worker, settings), settings.worker_processes)],
         on_child_exit=metrics.mark_process_dead,
+        grace_s=settings.shutdown_grace_seconds,
+        health=build_health(settings),
     )

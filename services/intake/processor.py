@@ -36,7 +36,7 @@ from shared.db.persist import (
     lock_cases,
     try_lock_cases,
 )
-from shared.db.session import Database, is_infrastructure
+from shared.db.session import Database, db_now, is_infrastructure
 from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
 from shared.schemas.events import Accepted, Limits, Rejection, RejectReason, parse_event
 
@@ -73,10 +73,6 @@ UPDATE_EVENT = (
     .values(outcome=bindparam("b_outcome"), problem=bindparam("b_problem"),
             case_version=bindparam("b_version"))
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ class IntakeProcessor:
         policy: NotificationExpander,
         ops_contacts: Any,
         max_event_bytes: int,
-        clock: Clock = utcnow,
+        clock: Clock | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.db = db
@@ -141,6 +137,7 @@ class IntakeProcessor:
         self.policy = policy
         self.ops_contacts = ops_contacts
         self.max_event_bytes = max_event_bytes
+        # None: the database's clock, the one that decides due-ness (tests may fix one).
         self.clock = clock
         limits = limits or Limits()
         self.limits = Limits(max_event_bytes, limits.max_depth, limits.max_future,
@@ -153,7 +150,8 @@ class IntakeProcessor:
         log, or failing that a rejection) and the rest of the batch goes on."""
         result = BatchResult()
         accepted: list[tuple[int, Accepted]] = []
-        received_at = self.clock()
+        # The plausible-time window is judged by the same clock as due-ness.
+        received_at = self.clock() if self.clock is not None else self._db_clock()
         for index, body in enumerate(bodies):
             parsed = _parse(body, self.limits, received_at)
             if isinstance(parsed, Rejection):
@@ -209,6 +207,10 @@ class IntakeProcessor:
             return Rejection(RejectReason.internal_error, problem)
         return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
+    def _db_clock(self) -> datetime:
+        with self.db.transaction() as session:
+            return db_now(session)
+
     def _apply_batch(self, ordered: list[Accepted], *, wait: bool
                      ) -> tuple[list[Handled], Stored, set[str]]:
         """Apply the events whose cases this transaction can lock; returns what became of
@@ -216,8 +218,8 @@ class IntakeProcessor:
         for the next batch instead of stalling the whole batch behind that worker's
         transaction (with two intake workers that wait was 41 % of intake's time). If
         every case is held, it waits: a batch always makes progress."""
-        now = self.clock()
         with self.db.transaction() as session:
+            now = self.clock() if self.clock is not None else db_now(session)
             batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
             wanted = {a.event.case_id for a in ordered}
             case_ids = set() if wait else try_lock_cases(session, wanted)

@@ -65,7 +65,11 @@ class NotifierConfig:
     sms_per_phone_per_hour: int = 5
     sms_per_phone_per_day: int = 10
     email_per_address_per_hour: int = 30
-    max_attempts: int = 6
+    max_attempts: int | None = None  # None: transient failures retried until expiry
+    valid_s: float = 86400.0  # a notification not sent this long after it was written fails
+    ops_sms_per_phone_per_hour: int = 60
+    ops_sms_per_phone_per_day: int = 300
+    ops_email_per_address_per_hour: int = 600
     retry_base_delay_s: float = 30.0
     retry_max_delay_s: float = 3600.0
 
@@ -79,6 +83,9 @@ class NotifierConfig:
             RateLimit("sms", self.sms_per_phone_per_hour, 3600),
             RateLimit("sms", self.sms_per_phone_per_day, 86400),
             RateLimit("email", self.email_per_address_per_hour, 3600),
+            RateLimit("sms", self.ops_sms_per_phone_per_hour, 3600, scope="ops"),
+            RateLimit("sms", self.ops_sms_per_phone_per_day, 86400, scope="ops"),
+            RateLimit("email", self.ops_email_per_address_per_hour, 3600, scope="ops"),
         )
 
     def retry_policy(self) -> RetryPolicy:
@@ -132,7 +139,10 @@ class NotifierConfig:
             ("AFTERSALES_SMS_PER_PHONE_PER_HOUR", self.sms_per_phone_per_hour),
             ("AFTERSALES_SMS_PER_PHONE_PER_DAY", self.sms_per_phone_per_day),
             ("AFTERSALES_EMAIL_PER_ADDRESS_PER_HOUR", self.email_per_address_per_hour),
-            ("AFTERSALES_NOTIFY_MAX_ATTEMPTS", self.max_attempts),
+            ("AFTERSALES_NOTIFY_MAX_ATTEMPTS", self.max_attempts or 1),
+            ("AFTERSALES_OPS_SMS_PER_PHONE_PER_HOUR", self.ops_sms_per_phone_per_hour),
+            ("AFTERSALES_OPS_SMS_PER_PHONE_PER_DAY", self.ops_sms_per_phone_per_day),
+            ("AFTERSALES_OPS_EMAIL_PER_ADDRESS_PER_HOUR", self.ops_email_per_address_per_hour),
         ):
             if n < 1:
                 raise ConfigError(f"{var}: must be at least 1")
@@ -197,7 +207,12 @@ class NotifierConfig:
             sms_per_phone_per_hour=int(get("sms_per_phone_per_hour", 5)),
             sms_per_phone_per_day=int(get("sms_per_phone_per_day", 10)),
             email_per_address_per_hour=int(get("email_per_address_per_hour", 30)),
-            max_attempts=int(get("notify_max_attempts", 6)),
+            max_attempts=(int(get("notify_max_attempts"))
+                          if get("notify_max_attempts") is not None else None),
+            valid_s=float(get("notify_valid_seconds", 86400.0)),
+            ops_sms_per_phone_per_hour=int(get("ops_sms_per_phone_per_hour", 60)),
+            ops_sms_per_phone_per_day=int(get("ops_sms_per_phone_per_day", 300)),
+            ops_email_per_address_per_hour=int(get("ops_email_per_address_per_hour", 600)),
             retry_base_delay_s=float(get("notify_retry_base_seconds", 30.0)),
             retry_max_delay_s=float(get("notify_retry_max_seconds", 3600.0)),
         )

@@ -40,7 +40,13 @@ from services.notifier.errors import (
     ThrottledError,
     TransientError,
 )
-from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit, RateLimiter, subject_for
+from services.notifier.ratelimit import (
+    InMemoryRateLimiter,
+    RateLimit,
+    RateLimiter,
+    scope_of,
+    subject_for,
+)
 from shared.notifications.masking import mask_address, mask_text
 from shared.notifications.policy import NotificationRequest, PolicyError, RenderedMessage
 
@@ -67,6 +73,11 @@ DEFAULT_RATE_LIMITS: tuple[RateLimit, ...] = (
     RateLimit("sms", 5, 3600),
     RateLimit("sms", 10, 86400),
     RateLimit("email", 30, 3600),
+    # Ops escalations: their own, looser limits (a flood of escalations is a signal ops
+    # must get, yet a loop must not page a phone without end).
+    RateLimit("sms", 60, 3600, scope="ops"),
+    RateLimit("sms", 300, 86400, scope="ops"),
+    RateLimit("email", 600, 3600, scope="ops"),
 )
 
 
@@ -117,7 +128,13 @@ class QuietHours:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 6  # transient failures: attempts in all, then failed
+    # Transient failures (a provider down, 5xx, a connection refused): attempts in all,
+    # then failed. None: retried with backoff until the notification expires (the
+    # notifier's AFTERSALES_NOTIFY_VALID_SECONDS): an outage is waited out.
+    max_attempts: int | None = 6
+    # The rate limiter (Redis) unreachable: not an attempt, nothing was sent; the message
+    # waits this long (plus up to as much jitter) and is tried again.
+    outage_wait_s: float = 10.0
     base_delay_s: float = 30.0
     max_delay_s: float = 3600.0
     throttle_default_s: float = 60.0  # when the provider throttles without a hint
@@ -153,7 +170,7 @@ class DeliveryResult:
     error_kind: str | None = None
     provider_id: str | None = None
     # True when this counts as an attempt (the caller increments the row's attempts):
-    # the provider was called, or the limiter was down. Deferrals are not attempts.
+    # the provider was called. Deferrals (also while the limiter is down) are not.
     attempted: bool = False
 
 
@@ -211,23 +228,29 @@ def decide_many(
             decided = DeliveryResult(
                 "failed", error=mask_text(f"unknown: {exc!r} before the send; not repeated"),
                 error_kind="bug")
-        mine = [lim for lim in limits if lim.channel == request.channel]
+        scope = scope_of(request.party)
+        mine = [lim for lim in limits if lim.channel == request.channel and lim.scope == scope]
         if mine and not isinstance(decided, DeliveryResult):
             limited.append(len(out))
-            slots.append((subject_for(request.channel, request.recipient), request.dedup_key,
-                          mine))
+            slots.append((subject_for(request.channel, request.recipient, scope),
+                          request.dedup_key, mine))
         out.append(decided)
     if not slots:
         return out
     try:
         waits: list[float | None] = list(limiter.acquire_many(slots, now))
-    except Exception as exc:  # Redis down: retry later rather than send unlimited
+    except Exception as exc:
+        # Redis down: nothing was sent and no attempt was made; wait for it rather than
+        # send unlimited. Only the notification's expiry (the sender) ends the wait.
+        r = rng or random
         for position in limited:
-            request, attempt = asks[position]
-            log.warning("limiter unavailable %s: %s", _LogContext(request), mask_text(str(exc)))
-            out[position] = _retry_or_fail(
-                TransientError(f"rate limiter: {exc}", code="limiter"), attempt, now, retry,
-                rng, _LogContext(request), kind="limiter")
+            request, _attempt = asks[position]
+            at = now + timedelta(seconds=retry.outage_wait_s * (1 + r.random()))
+            log.warning("limiter unavailable, waiting until %s %s: %s", at.isoformat(),
+                        _LogContext(request), mask_text(str(exc)))
+            out[position] = DeliveryResult(
+                "deferred", retry_at=at, error=mask_text(f"rate limiter: {exc}")[:1000],
+                error_kind="limiter")
         return out
     for position, wait in zip(limited, waits, strict=True):
         if wait is not None:
@@ -325,7 +348,7 @@ def _retry_or_fail(
     if isinstance(exc, TransientError) and exc.maybe_sent and not retry.retry_ambiguous:
         log.error("failed (may have been delivered; not retried) %s: %s", ctx, error)
         return DeliveryResult("failed", error=error, error_kind="ambiguous", attempted=True)
-    if attempt >= retry.max_attempts:
+    if retry.max_attempts is not None and attempt >= retry.max_attempts:
         log.error("failed after %d attempts %s: %s", attempt, ctx, error)
         return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
     at = now + timedelta(seconds=retry.backoff_s(attempt, rng))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from functools import partial
 
 import redis
@@ -13,11 +14,11 @@ from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.ratelimit import RedisRateLimiter
 from services.notifier.sender import NotificationSender
 from shared import metrics
-from shared.bootstrap import build_database, build_policy
+from shared.bootstrap import build_database, build_health, build_policy
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.logs import setup_logging
-from shared.runtime import WorkerSpec, supervise
+from shared.runtime import WorkerSpec, child_stop_budget, supervise
 from shared.worker import build_worker_broker, run_worker
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def build_sender(settings: Settings) -> NotificationSender:
         quiet_hours=config.quiet_hours(),
         limits=config.rate_limits(),
         retry=config.retry_policy(),
+        valid_for=timedelta(seconds=config.valid_s),
     )
 
 
@@ -45,7 +47,8 @@ def worker(settings: Settings) -> None:
     setup_logging("notifier", settings.log_level)
     broker = build_worker_broker(settings, "notifier")
     register(broker, build_sender(settings))
-    run_worker(broker, settings.worker_threads)
+    run_worker(broker, settings.worker_threads,
+               stop_timeout_s=child_stop_budget(settings.shutdown_grace_seconds))
 
 
 def run(settings: Settings) -> int:
@@ -53,9 +56,12 @@ def run(settings: Settings) -> int:
     if settings.notifier_nice:
         os.nice(settings.notifier_nice)  # the worker processes inherit it
     build_sender(settings)  # fail fast on bad channel settings, before workers start
-    server = metrics.start_metrics_server(settings.metrics_port_for("notifier"), "notifier")
+    server = metrics.start_metrics_server(
+        settings.metrics_port_for("notifier"), "notifier", addr=settings.metrics_bind)
     log.info("notifier: metrics on :%s", server.port)
     return supervise(
         [WorkerSpec("notifier", partial(worker, settings), settings.worker_processes)],
         on_child_exit=metrics.mark_process_dead,
+        grace_s=settings.shutdown_grace_seconds,
+        health=build_health(settings, redis=True),
     )

@@ -28,6 +28,13 @@ class RateLimit:
     channel: str  # "sms" | "email"
     limit: int  # messages per window per recipient
     window_s: int
+    # Whose messages it limits: "contacts" (buyers, merchants) or "ops" (escalations to
+    # our own people, who must not share the 10-a-day cap meant to spare customers).
+    scope: str = "contacts"
+
+
+def scope_of(party: str) -> str:
+    return "ops" if party == "ops" else "contacts"
 
 
 # What one acquisition asks for: (subject, member, limits).
@@ -49,10 +56,12 @@ class RateLimiter(Protocol):
         ...
 
 
-def subject_for(channel: str, recipient: str) -> str:
-    """The rate-limited subject: channel + a hash of the normalised address."""
+def subject_for(channel: str, recipient: str, scope: str = "contacts") -> str:
+    """The rate-limited subject: channel + a hash of the normalised address (ops' own
+    counters apart: an ops phone that is also a merchant's does not share them)."""
     digest = hashlib.sha256(normalize_address(recipient, channel).encode("utf-8")).hexdigest()
-    return f"{channel}:{digest[:24]}"
+    prefix = channel if scope == "contacts" else f"{scope}-{channel}"
+    return f"{prefix}:{digest[:24]}"
 
 
 # KEYS: one sorted set per limit. ARGV: now_ms, member, then (window_ms, limit) per key.

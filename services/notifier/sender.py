@@ -23,12 +23,14 @@ leaves `sending` (hence "failed, unknown", never delivered) to one chunk.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Table, any_, bindparam, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from services.notifier.channels.base import Channel
 from services.notifier.delivery import (
@@ -40,7 +42,7 @@ from services.notifier.delivery import (
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
 from shared.db.models import NotificationRow
-from shared.db.session import Database
+from shared.db.session import Database, db_now, is_infrastructure
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
     NotificationPolicy,
@@ -49,6 +51,7 @@ from shared.notifications.policy import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Rows claimed per transaction. Everything claimed and not yet recorded is what a killed
 # worker leaves `sending`, i.e. "failed, unknown" and never delivered, so the chunk bounds
@@ -66,7 +69,8 @@ _N = cast(Table, NotificationRow.__table__)
 # parameters): psycopg parses every new text again.
 CLAIM = (
     select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
-           _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent)
+           _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
+           _N.c.created_at)
     .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
 )
 MARK_SENDING = update(_N).where(_N.c.id == any_(bindparam("ids"))).values(status="sending")
@@ -135,7 +139,9 @@ class NotificationSender:
         quiet_hours: QuietHours,
         limits: Sequence[RateLimit],
         retry: RetryPolicy,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] | None = None,
+        valid_for: timedelta | None = None,
+        db_retry_s: float = 300.0,
     ) -> None:
         self.db = db
         self.policy = policy
@@ -144,7 +150,14 @@ class NotificationSender:
         self.quiet_hours = quiet_hours
         self.limits = limits
         self.retry = retry
+        # None: the database's clock, read when a chunk is claimed (the timer releases
+        # deferred rows by `send_after <= now()`, so quiet hours, deferrals and retries
+        # are reckoned on that clock). Tests may pass a fixed one.
         self.clock = clock
+        # A notification not sent within this long of being written fails as expired
+        # (None: never expires); until then outages are waited out.
+        self.valid_for = valid_for
+        self.db_retry_s = db_retry_s
 
     def send(self, notification_id: int) -> SendOutcome:
         return self.send_many([notification_id])[0]
@@ -173,21 +186,27 @@ class NotificationSender:
         results: list[_Result] = []  # sent, not yet recorded
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
+
             # The previous chunk's results and this chunk's claim share one commit.
-            with self.db.transaction() as s:
+            def record_and_claim(s: Any, chunk: list[int] = chunk, done: list[_Result] = results
+                                 ) -> tuple[list[_Claimed], dict[int, SendOutcome],
+                                            Callable[[], datetime]]:
                 conn = s.connection()
-                _record(conn, results)
-                claimed = _claim(conn, chunk, outcomes)
+                _record(conn, done)
+                settled: dict[int, SendOutcome] = {}
+                return _claim(conn, chunk, settled), settled, self._chunk_clock(s)
+
+            claimed, settled, clock = self._retrying(record_and_claim)
+            outcomes.update(settled)
             for r in results:
                 report(r.outcome)
             for i in chunk:
                 if i in outcomes:
                     report(outcomes[i])
-            results = self._send_claimed(claimed, report)
+            results = self._send_claimed(claimed, report, clock)
             outcomes.update((r.id, r.outcome) for r in results)
         if results:
-            with self.db.transaction() as s:
-                _record(s.connection(), results)
+            self._retrying(lambda s: _record(s.connection(), results))
             for r in results:
                 report(r.outcome)
 
@@ -202,18 +221,42 @@ class NotificationSender:
             out.append(outcome)
         return out
 
-    def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None]
-                      ) -> list[_Result]:
+    def _retrying(self, work: Callable[[Any], _T]) -> _T:
+        """Run `work` in a transaction; while PostgreSQL is away (restart, failover, a
+        dropped connection) try again for up to `db_retry_s`. What a chunk holds (results
+        of sends that happened, rows claimed) is recorded once it is back instead of being
+        left `sending`, which would make every row of the chunk "unknown"."""
+        give_up = time.monotonic() + self.db_retry_s
+        delay = 0.2
+        while True:
+            try:
+                with self.db.transaction() as s:
+                    return work(s)
+            except DBAPIError as exc:
+                if not is_infrastructure(exc) or time.monotonic() + delay > give_up:
+                    raise
+                log.warning("database unavailable (%s); trying again in %.1fs",
+                            type(exc.orig).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _chunk_clock(self, s: Any) -> Callable[[], datetime]:
+        if self.clock is not None:
+            return self.clock
+        return _DatabaseClock(db_now(s))
+
+    def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
+                      clock: Callable[[], datetime]) -> list[_Result]:
         results: list[_Result] = []  # one per claimed row, in order, as they are settled
         sending: int | None = None  # the position being handed to a channel, if any
         try:
             for position, (c, decision) in enumerate(
-                    zip(claimed, self._decide(claimed), strict=True)):
+                    zip(claimed, self._decide(claimed, clock), strict=True)):
                 if isinstance(decision, _Result):
                     results.append(decision)
                     continue
                 sending = position
-                results.append(self._send_one(c, decision.request, decision.message))
+                results.append(self._send_one(c, decision.request, decision.message, clock))
                 sending = None
         except BaseException:
             # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row being
@@ -221,13 +264,15 @@ class NotificationSender:
             # have are recorded and the rows not yet tried are handed back, so neither is
             # lost.
             untried = claimed[len(results) + (1 if sending is not None else 0):]
+            def record_and_release(s: Any) -> None:
+                conn = s.connection()
+                _record(conn, results)
+                if untried:
+                    conn.execute(RELEASE, [{"b_id": c.id, "b_status": c.status}
+                                           for c in untried])
+
             try:
-                with self.db.transaction() as s:
-                    conn = s.connection()
-                    _record(conn, results)
-                    if untried:
-                        conn.execute(RELEASE, [{"b_id": c.id, "b_status": c.status}
-                                               for c in untried])
+                self._retrying(record_and_release)
                 for r in results:
                     report(r.outcome)
             except Exception:
@@ -236,14 +281,16 @@ class NotificationSender:
             raise
         return results
 
-    def _decide(self, claimed: list[_Claimed]) -> list[_Result | _Ready]:
+    def _decide(self, claimed: list[_Claimed], clock: Callable[[], datetime]
+                ) -> list[_Result | _Ready]:
         """Quiet hours, rendering and rate limits for the whole chunk (one limiter round
         trip): for each row in order, its result now or the message to send."""
-        requests = [self._request_of(c) for c in claimed]
+        now = clock()
+        requests = [self._expired(c, now) or self._request_of(c) for c in claimed]
         decisions = iter(decide_many(
             [(r, c.attempt) for c, r in zip(claimed, requests, strict=True)
              if not isinstance(r, _Result)],
-            now=self.clock(), limiter=self.limiter, quiet_hours=self.quiet_hours,
+            now=now, limiter=self.limiter, quiet_hours=self.quiet_hours,
             render=self.policy.render, limits=self.limits, retry=self.retry))
         out: list[_Result | _Ready] = []
         for c, request in zip(claimed, requests, strict=True):
@@ -251,9 +298,19 @@ class NotificationSender:
                 out.append(request)
                 continue
             decision = next(decisions)
-            out.append(self._result_of(c, decision) if isinstance(decision, DeliveryResult)
+            out.append(self._result_of(c, decision, clock)
+                       if isinstance(decision, DeliveryResult)
                        else _Ready(request, decision))
         return out
+
+    def _expired(self, c: _Claimed, now: datetime) -> _Result | None:
+        created = getattr(c.row, "created_at", None)
+        if self.valid_for is None or created is None or now < created + self.valid_for:
+            return None
+        log.error("notification %s expired unsent (written %s)", c.id, created.isoformat())
+        return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
+            c.id, "failed", c.attempt - 1,
+            f"expired: not sent within {self.valid_for} of being written"))
 
     @staticmethod
     def _request_of(c: _Claimed) -> NotificationRequest | _Result:
@@ -264,12 +321,12 @@ class NotificationSender:
             return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
                 c.id, "failed", c.attempt - 1, mask_text(f"render: bad row: {exc!r}")[:1000]))
 
-    def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage
-                  ) -> _Result:
+    def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage,
+                  clock: Callable[[], datetime]) -> _Result:
         channel = str(c.row.channel)
         try:
             result = send_now(request, message, self.channels[request.channel],
-                              now=self.clock(), attempt=c.attempt, retry=self.retry)
+                              now=clock(), attempt=c.attempt, retry=self.retry)
         except Exception as exc:
             # A bug (delivery turns every provider error into a result). Whether the
             # provider was reached is unknown: failed for good, as when a worker dies
@@ -279,15 +336,16 @@ class NotificationSender:
             error = mask_text(f"unknown: {exc!r} during the send; not repeated")[:1000]
             return _Result(c.id, SendOutcome("failed", channel),
                            _values(c.id, "failed", c.attempt, error))
-        return self._result_of(c, result)
+        return self._result_of(c, result, clock)
 
-    def _result_of(self, c: _Claimed, result: DeliveryResult) -> _Result:
+    def _result_of(self, c: _Claimed, result: DeliveryResult, clock: Callable[[], datetime]
+                   ) -> _Result:
         """What to record for a delivery result."""
         channel = str(c.row.channel)
         attempts = c.attempt if result.attempted else c.attempt - 1
         if result.status == "sent":
             return _Result(c.id, SendOutcome("sent", channel), _values(
-                c.id, "sent", attempts, None, sent_at=self.clock(),
+                c.id, "sent", attempts, None, sent_at=clock(),
                 provider_id=result.provider_id))
         reason = result.error or result.error_kind
         if result.status in ("deferred", "retry"):
@@ -296,6 +354,18 @@ class NotificationSender:
                 c.id, "deferred", attempts, reason, send_after=result.retry_at))
         return _Result(c.id, SendOutcome("failed", channel),
                        _values(c.id, "failed", attempts, reason))
+
+
+class _DatabaseClock:
+    """The database's time when the chunk was claimed, advanced by the host's monotonic
+    clock (never its wall clock) while the chunk is sent."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        self.started = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self.at + timedelta(seconds=time.monotonic() - self.started)
 
 
 def _claim(conn: Connection, ids: list[int], outcomes: dict[int, SendOutcome]

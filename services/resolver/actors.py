@@ -25,7 +25,7 @@ def record(batch: BatchResolution) -> None:
         elif resolution.outcome == "fired":
             metrics.record_case_progress(resolution.platform or "", resolution.kind or "",
                                          resolution.steps, resolution.resolved_after_seconds)
-        if resolution.outcome in ("stale", "missing", "error"):
+        if resolution.outcome in ("stale", "early", "missing", "error"):
             log.info("deadline %s: %s %s", resolution.deadline_id, resolution.outcome,
                      resolution.problem or "")
 

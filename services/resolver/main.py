@@ -14,11 +14,11 @@ from services.resolver.outbox import OutboxRelay
 from services.resolver.resolve import Resolver
 from shared import metrics
 from shared.amqp import make_broker
-from shared.bootstrap import build_database, build_domain, build_policy, ops_contacts
+from shared.bootstrap import build_database, build_domain, build_health, build_policy, ops_contacts
 from shared.config import Settings
+from shared.confirms import ConfirmedBatchPublisher
 from shared.logs import setup_logging
-from shared.publisher import BatchPublisher
-from shared.runtime import WorkerSpec, poll_loop, supervise
+from shared.runtime import WorkerSpec, child_stop_budget, poll_loop, supervise
 from shared.worker import build_worker_broker, run_worker
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,17 @@ def worker(settings: Settings) -> None:
     )
     register(broker, resolver)
     metrics.TIMER_STALE.inc(0)  # expose 0, so dashboards and alerts see the series
-    run_worker(broker, settings.worker_threads)
+    run_worker(broker, settings.worker_threads,
+               stop_timeout_s=child_stop_budget(settings.shutdown_grace_seconds))
 
 
 def relay(settings: Settings) -> None:
     setup_logging("outbox", settings.log_level)
     relay = OutboxRelay(
         build_database(settings, pool_size=1),
-        BatchPublisher(settings.amqp_url, make_broker(settings.amqp_url, settings.queue_type),
-                       settings.queue_type),
+        ConfirmedBatchPublisher(settings.amqp_url,
+                                make_broker(settings.amqp_url, settings.queue_type),
+                                settings.queue_type),
         batch=settings.outbox_batch,
     )
 
@@ -64,7 +66,8 @@ def run(settings: Settings) -> int:
     setup_logging("resolver", settings.log_level)
     build_domain(settings)
     build_policy(settings)
-    server = metrics.start_metrics_server(settings.metrics_port_for("resolver"), "resolver")
+    server = metrics.start_metrics_server(
+        settings.metrics_port_for("resolver"), "resolver", addr=settings.metrics_bind)
     log.info("resolver: metrics on :%s", server.port)
     return supervise(
         [
@@ -72,4 +75,6 @@ def run(settings: Settings) -> int:
             WorkerSpec("outbox", partial(relay, settings), 1),
         ],
         on_child_exit=metrics.mark_process_dead,
+        grace_s=settings.shutdown_grace_seconds,
+        health=build_health(settings),
     )

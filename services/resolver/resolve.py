@@ -5,6 +5,12 @@ fixed number of statements. Idempotent by construction: each deadline row is re-
 under its case's lock, and only a row still `pending`/`dispatched` whose fence equals the
 case version is acted on. A redelivery, a second dispatch or a deadline whose step moved
 on does nothing.
+
+One clock decides due-ness: the database's (`clock_timestamp()` read in the batch's own
+transaction), the clock the timer claims due rows by. A resolver host whose clock is
+minutes off decides exactly as a correct one. A deadline that is not due yet by that
+clock (only possible if the database clock stepped back) is put back `pending`, for the
+timer to hand over again when it is due: never recorded as stale.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, any_, bindparam, select
@@ -27,7 +33,7 @@ from shared.db.persist import (
     load_cases,
     lock_cases,
 )
-from shared.db.session import Database, is_infrastructure
+from shared.db.session import Database, db_now, is_infrastructure
 from shared.domain import DeadlineSpec, Engine, RuleRef, StepResult, seconds_to_resolution
 
 log = logging.getLogger(__name__)
@@ -53,7 +59,7 @@ class Resolution:
     """What became of one deadline id."""
 
     deadline_id: int
-    outcome: str  # fired | stale | duplicate | missing | error
+    outcome: str  # fired | stale | early | duplicate | missing | error
     purpose: str | None = None
     problem: str | None = None
     steps: tuple[StepResult, ...] = ()
@@ -94,12 +100,13 @@ class Resolver:
         engine: Engine,
         policy: NotificationExpander,
         ops_contacts: Any,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.db = db
         self.engine = engine
         self.policy = policy
         self.ops_contacts = ops_contacts
+        # None: the database's clock (production). Tests may pass a fixed clock.
         self.clock = clock
 
     def fire(self, deadline_id: int) -> Resolution:
@@ -128,16 +135,20 @@ class Resolver:
         log.error("deadline %s could not be resolved: %s", deadline_id, problem)
         with self.db.transaction() as s:
             FINISH.execute(s, [{"id": deadline_id, "status": "error",
-                                "fired_at": self.clock(), "result": problem}])
+                                "fired_at": self._now(s), "result": problem}])
         return BatchResolution([Resolution(deadline_id, "error", problem=problem)])
 
+    def _now(self, s: Any) -> datetime:
+        return self.clock() if self.clock is not None else db_now(s)
+
     def _fire_batch(self, ids: list[int]) -> BatchResolution:
-        now = self.clock()
-        writer = OutcomeWriter(self.policy, self.ops_contacts, now)
         resolutions: dict[int, Resolution] = {}
         with self.db.transaction() as s:
             lock_cases(s, s.execute(CASES_OF, {"ids": ids}).scalars())
             rows = s.execute(CLAIM, {"ids": ids}).all()
+            # Read after the locks: the time at which this transaction decides.
+            now = self._now(s)
+            writer = OutcomeWriter(self.policy, self.ops_contacts, now)
             cases = load_cases(s, {r.case_id for r in rows})
             finished = []
             for row in rows:
@@ -146,6 +157,10 @@ class Resolver:
                 if resolution.outcome in ("fired", "stale"):
                     finished.append({"id": row.id, "status": resolution.outcome,
                                      "fired_at": now, "result": resolution.problem})
+                elif resolution.outcome == "early":
+                    # Back to the timer, which hands it over again once it is due.
+                    finished.append({"id": row.id, "status": "pending",
+                                     "fired_at": None, "result": resolution.problem})
             # Mark these rows first: the flush cancels the cases' other open deadlines.
             if finished:
                 FINISH.execute(s, finished)
@@ -165,6 +180,9 @@ class Resolver:
         except Exception as exc:
             raise _FireBug(row.id) from exc
         if not outcome.applied or outcome.case is None:
+            problem = outcome.problem or ""
+            if problem.startswith("early"):
+                return Resolution(row.id, "early", row.purpose, problem)
             return Resolution(row.id, "stale", row.purpose, outcome.problem)
         cases[row.case_id] = outcome.case
         writer.add(outcome)

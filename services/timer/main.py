@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 from services.timer.loop import Timer
 from shared import metrics
 from shared.amqp import make_broker
-from shared.bootstrap import build_database
+from shared.bootstrap import build_database, build_health
 from shared.config import Settings
-from shared.db.backlog import read_backlog
+from shared.db.backlog import PeriodicBacklog, read_backlog
 from shared.domain import WorkCalendar
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
@@ -62,11 +62,15 @@ def run(settings: Settings) -> int:
     db = build_database(settings, pool_size=1)
     covered_until = calendar_coverage(settings)
     server = metrics.start_metrics_server(
-        settings.metrics_port_for("timer"), "timer",
-        collectors=[metrics.BacklogCollector(partial(read_backlog, db, covered_until))],
+        settings.metrics_port_for("timer"), "timer", addr=settings.metrics_bind,
+        collectors=[metrics.BacklogCollector(PeriodicBacklog(
+            partial(read_backlog, db, covered_until),
+            settings.backlog_interval_seconds).start())],
     )
     log.info("timer: metrics on :%s, %d copy(ies)", server.port, settings.worker_processes)
     return supervise(
         [WorkerSpec("timer", partial(worker, settings), settings.worker_processes)],
         on_child_exit=metrics.mark_process_dead,
+        grace_s=settings.shutdown_grace_seconds,
+        health=build_health(settings),
     )

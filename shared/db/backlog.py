@@ -1,7 +1,12 @@
-"""The backlog as ops see it, read from PostgreSQL on each scrape (one consistent read)."""
+"""The backlog as ops see it, read from PostgreSQL (one consistent read) on an interval by
+`PeriodicBacklog`, never per scrape: however many scrapers and replicas, the aggregate
+queries run once per interval per timer process."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import text
@@ -43,3 +48,48 @@ def read_backlog(db: Database, calendar_covered_until: datetime | None = None) -
             oldest_unpublished_outbox_at=oldest_outbox,
             calendar_covered_until=calendar_covered_until,
         )
+
+
+log = logging.getLogger(__name__)
+
+
+class PeriodicBacklog:
+    """Calls `read()` every `interval_s` seconds in a daemon thread; calling the object
+    returns the last snapshot (what the metrics collector asks for on a scrape). Raises
+    while no read has succeeded or the last one failed, so the collector exposes
+    `aftersales_backlog_query_ok 0` rather than stale figures."""
+
+    def __init__(self, read: Callable[[], BacklogSnapshot], interval_s: float) -> None:
+        self.read = read
+        self.interval_s = interval_s
+        self._snapshot: BacklogSnapshot | None = None
+        self._error: Exception | None = RuntimeError("backlog not read yet")
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backlog", daemon=True)
+
+    def start(self) -> PeriodicBacklog:
+        self._thread.start()
+        return self
+
+    def refresh(self) -> None:
+        try:
+            snapshot = self.read()
+        except Exception as exc:
+            log.warning("backlog query failed: %s", exc)
+            with self._lock:
+                self._error = exc
+            return
+        with self._lock:
+            self._snapshot, self._error = snapshot, None
+
+    def _run(self) -> None:
+        while True:
+            self.refresh()
+            self._wake.wait(self.interval_s)
+
+    def __call__(self) -> BacklogSnapshot:
+        with self._lock:
+            if self._error is not None or self._snapshot is None:
+                raise RuntimeError(f"backlog unavailable: {self._error}")
+            return self._snapshot

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -20,14 +22,39 @@ from sqlalchemy.orm import Session, sessionmaker
 PLAN_EVERY_EXECUTION = "-c plan_cache_mode=force_custom_plan"
 
 
-def make_engine(database_url: str, pool_size: int = 5) -> Engine:
+@dataclass(frozen=True)
+class SessionLimits:
+    """Per-session timeouts and TCP keepalives (shared.config: AFTERSALES_DB_*)."""
+
+    statement_timeout_ms: int = 60_000
+    lock_timeout_ms: int = 10_000
+    keepalives_idle_s: int = 30
+    keepalives_interval_s: int = 10
+    keepalives_count: int = 3
+
+
+def make_engine(database_url: str, pool_size: int = 5,
+                limits: SessionLimits | None = None) -> Engine:
+    limits = limits or SessionLimits()
+    # A statement or lock wait beyond these is cancelled (an infrastructure error: the
+    # batch is retried), instead of holding a worker and its locks for ever.
+    options = (f"{PLAN_EVERY_EXECUTION} -c statement_timeout={limits.statement_timeout_ms}"
+               f" -c lock_timeout={limits.lock_timeout_ms}")
     return create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,  # survive a PostgreSQL restart: stale connections are replaced
         pool_recycle=1800,
-        connect_args={"options": PLAN_EVERY_EXECUTION},
+        connect_args={
+            "options": options,
+            # libpq TCP keepalives: a peer that vanished is noticed, not waited on.
+            "keepalives": 1,
+            "keepalives_idle": limits.keepalives_idle_s,
+            "keepalives_interval": limits.keepalives_interval_s,
+            "keepalives_count": limits.keepalives_count,
+            "connect_timeout": 10,
+        },
     )
 
 
@@ -48,10 +75,24 @@ class Database:
             conn.execute(text("SELECT 1"))
 
 
+# The one clock that decides due-ness (the timer claims by `now()` in its statements):
+# the database's, never the host's. `clock_timestamp()`, not `now()`, so a transaction
+# that waited for locks decides at the time it actually decides.
+DB_NOW = text("SELECT clock_timestamp()")
+
+
+def db_now(session: Session) -> datetime:
+    value = session.execute(DB_NOW).scalar_one()
+    assert isinstance(value, datetime)
+    return value
+
+
 def is_infrastructure(exc: DBAPIError) -> bool:
     """Lost connections, restarts and deadlocks are worth retrying the whole batch; data
     errors (a value PostgreSQL refuses) are about one item only."""
     return bool(exc.connection_invalidated) or isinstance(
         exc, (OperationalError, InterfaceError)
     ) or type(exc.orig).__name__ in {"DeadlockDetected", "SerializationFailure",
-                                     "AdminShutdown", "CannotConnectNow"}
+                                     "AdminShutdown", "CannotConnectNow",
+                                     # statement_timeout / lock_timeout: retry the batch
+                                     "QueryCanceled", "LockNotAvailable"}

@@ -435,6 +435,11 @@ class NotificationPolicy:
         contacts = contacts or {}
         due_text = None if n.due_at in (None, "") else _as_datetime(n.due_at).isoformat()
         deadline_text = _deadline_text(n.due_at)  # once per notice, not per recipient
+        if n.due_at in (None, "") and n.params.get("event_id"):
+            # No deadline to tell two notices apart (a paused case: a second intervention
+            # request on it): the event that caused the notice does, so each one notifies
+            # and a redelivered event still does not notify twice.
+            deadline_text = f"event:{n.params['event_id']}"
         notice_params = _json_safe(n.params)
         out: list[NotificationRequest] = []
         seen: set[str] = set()

@@ -34,10 +34,16 @@ def test_all_yaml_parses(yaml_mod: ModuleType) -> None:
         list(yaml_mod.safe_load_all(path.read_text(encoding="utf-8")))
 
 
-def test_kustomization_lists_every_manifest(yaml_mod: ModuleType) -> None:
+def test_kustomization_lists_every_manifest_but_no_secret(yaml_mod: ModuleType) -> None:
     kust = yaml_mod.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kust["resources"]) == files
+    examples = {f for f in files if f.endswith(".example.yaml")}
+    assert examples == {"secret.example.yaml"}
+    assert set(kust["resources"]) == files - examples
+    # `kubectl apply -k` must never overwrite the real Secret with placeholders.
+    for name in kust["resources"]:
+        for doc in yaml_mod.safe_load_all((K8S / name).read_text(encoding="utf-8")):
+            assert not doc or doc.get("kind") != "Secret", name
 
 
 def test_deployments(yaml_mod: ModuleType) -> None:
@@ -54,10 +60,13 @@ def test_deployments(yaml_mod: ModuleType) -> None:
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env["AFTERSALES_METRICS_PORT"] == str(port)
         assert {p["containerPort"] for p in container["ports"]} == {port}
-        for probe in ("readinessProbe", "livenessProbe"):
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             http = container[probe]["httpGet"]
-            assert http["path"] in ("/healthz", "/metrics"), (service, probe)
+            assert http["path"] == path, (service, probe)
             assert http["port"] in ("metrics", port), (service, probe)
+        # The service's own grace fits inside the pod's, with a little room for the kubelet.
+        grace = float(_config(yaml_mod)["AFTERSALES_SHUTDOWN_GRACE_SECONDS"])
+        assert 0 < pod["terminationGracePeriodSeconds"] - grace <= 10, service
         res = container["resources"]
         assert res["requests"]["cpu"] and res["requests"]["memory"], service
         assert res["limits"]["cpu"] and res["limits"]["memory"], service
@@ -66,6 +75,45 @@ def test_deployments(yaml_mod: ModuleType) -> None:
         selector = spec["selector"]["matchLabels"]
         labels = spec["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items()
+
+
+def _config(yaml_mod: ModuleType) -> dict[str, str]:
+    (cm,) = _of_kind(yaml_mod, "ConfigMap")
+    return dict(cm["data"])
+
+
+def test_pods_open_their_metrics_port_the_default_does_not(yaml_mod: ModuleType) -> None:
+    assert _config(yaml_mod)["AFTERSALES_METRICS_BIND"] == "0.0.0.0"
+    from shared.config import Settings
+
+    assert Settings().metrics_bind == "127.0.0.1"
+
+
+def test_compose_binds_to_loopback_and_takes_passwords_from_the_environment(
+    yaml_mod: ModuleType
+) -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    compose = yaml_mod.safe_load(text)
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    assert "--web.enable-lifecycle" not in compose["services"]["prometheus"]["command"]
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${")
+    assert "--requirepass" in compose["services"]["redis"]["command"]
+    # No password written in the file: every one is an environment reference.
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for name, svc in compose["services"].items():
+        for key, value in (svc.get("environment") or {}).items():
+            if "PASS" in key or "AUTH" in key.split("_")[-1]:
+                assert str(value).startswith("${"), (name, key)
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--requirepass") + 1].startswith("${")
+    for url in re.findall(r"(?:amqp|postgresql\+psycopg|redis)://[^\s]+", text):
+        userinfo = url.split("://", 1)[1].split("@", 1)
+        if len(userinfo) == 2:
+            assert "${" in userinfo[0], url
 
 
 def test_services_pdbs_config_and_job(yaml_mod: ModuleType) -> None:

@@ -25,6 +25,7 @@ def system(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFa
         # Faults leave deadlines dispatched with their message lost; pick them up soon.
         "AFTERSALES_TIMER_REDISPATCH_SECONDS": "10",
         "AFTERSALES_LOG_LEVEL": "INFO",
+        "AFTERSALES_BACKLOG_INTERVAL_SECONDS": "0.5",
     }
     system = System(env, log_dir)
     system.start("intake", "timer", "resolver", "notifier")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import random
-import re
 import shutil
 import subprocess
 import threading
@@ -100,21 +99,16 @@ def test_intake_killed_mid_burst_loses_and_duplicates_nothing(
     assert all(count == 1 for _case, count in open_deadlines)
 
 
-def rows_reconciled(system: System) -> int:
-    """Decisions RabbitMQ had but PostgreSQL still listed after a crash: each would have
-    been published twice without the relay's ledger."""
-    return sum(int(n) for n in re.findall(r"outbox relay: (\d+) rows were already published",
-                                          system.log("resolver")))
-
-
 def check_decisions(db: Database, tap: DecisionTap, cases: list[str]) -> dict[str, int]:
     messages = tap.catch_up()
     by_id: dict[str, list[dict[str, Any]]] = {}
     for m in messages:
         by_id.setdefault(m["decision_id"], []).append(m)
-    # Not even a byte-identical repeat: the relay reconciles with its ledger after a crash.
-    repeated = {i: len(copies) for i, copies in by_id.items() if len(copies) > 1}
-    assert repeated == {}
+    # A relay (or broker) dying between RabbitMQ's confirms and the relay's commit
+    # publishes that batch again: the very same decision, which upstream deduplicates on
+    # `decision_id`. Repeats are counted and reported; a repeat that differs is a bug.
+    for copies in by_id.values():
+        assert all(c == copies[0] for c in copies[1:]), copies
     per_case = Counter(m[0]["case_id"] for m in by_id.values())
     assert per_case == dict.fromkeys(cases, 1)
     assert {m[0]["type"] for m in by_id.values()} == {"decision.auto_approved"}
@@ -168,8 +162,7 @@ def test_timer_resolver_and_relay_killed_at_random_still_one_decision_each(
                  == 0, timeout=60, what="the outbox to drain")
         counts = check_decisions(db, tap, cases)
     report("timer/resolver/outbox SIGKILL", seed=seed, deadlines=N, kills=dict(kills),
-           lost=N - counts["decisions"], duplicated=counts["duplicated"],
-           saved_from_repeating=rows_reconciled(system))
+           lost=N - counts["decisions"], duplicated_on_wire=counts["duplicated"])
 
 
 def _restart_rabbitmq() -> None:
@@ -205,5 +198,4 @@ def test_rabbitmq_and_postgresql_restarts_lose_no_decision(
                  == 0, timeout=60, what="the outbox to drain")
         counts = check_decisions(db, tap, cases)
     report("RabbitMQ + PostgreSQL restart", deadlines=N, restarts=2,
-           lost=N - counts["decisions"], duplicated=counts["duplicated"],
-           saved_from_repeating=rows_reconciled(system))
+           lost=N - counts["decisions"], duplicated_on_wire=counts["duplicated"])

@@ -204,7 +204,7 @@ def test_render_failure_is_permanent_and_sends_nothing() -> None:
     assert r.status == "failed" and r.error_kind == "render" and ch.calls == 0
 
 
-def test_limiter_outage_is_a_retry_not_an_unlimited_send() -> None:
+def test_limiter_outage_waits_and_is_no_attempt_nor_an_unlimited_send() -> None:
     class Down:
         def acquire(self, *a: object) -> float | None:
             raise ConnectionError("redis down")
@@ -213,9 +213,23 @@ def test_limiter_outage_is_a_retry_not_an_unlimited_send() -> None:
             raise ConnectionError("redis down")
 
     ch = FakeChannel()
-    r = decide_and_send(req(urgent=True), ch, now=at(10), attempt=1, limiter=Down(),
-                        quiet_hours=QuietHours(), render=render)
-    assert r.status == "retry" and r.error_kind == "limiter" and ch.calls == 0
+    policy = RetryPolicy(max_attempts=2, outage_wait_s=10)
+    # However many times Redis was down before, the message waits again: never failed.
+    for attempt in (1, 2, 50):
+        r = decide_and_send(req(urgent=True), ch, now=at(10), attempt=attempt, limiter=Down(),
+                            quiet_hours=QuietHours(), render=render, retry=policy)
+        assert r.status == "deferred" and r.error_kind == "limiter" and ch.calls == 0
+        assert not r.attempted
+        assert r.retry_at is not None
+        assert timedelta(seconds=10) <= r.retry_at - at(10) <= timedelta(seconds=20)
+
+
+def test_transient_failures_are_retried_without_a_cap_when_none_is_set() -> None:
+    policy = RetryPolicy(max_attempts=None, base_delay_s=10, max_delay_s=60)
+    r = send(req(urgent=True), FakeChannel(script=[TransientError("503")]), at(10),
+             attempt=40, retry=policy)
+    assert r.status == "retry" and r.retry_at is not None
+    assert r.retry_at - at(10) <= timedelta(seconds=60)
 
 
 def test_redelivery_of_a_sent_message_is_the_callers_job_but_keys_make_it_visible() -> None:
@@ -250,3 +264,26 @@ def test_maybe_delivered_is_failed_not_retried_unless_configured() -> None:
     r = send(req(urgent=True), FakeChannel(script=[unanswered]), at(10),
              retry=RetryPolicy(retry_ambiguous=True))
     assert r.status == "retry"
+
+
+def test_ops_escalations_have_their_own_limits() -> None:
+    from dataclasses import replace
+
+    from services.notifier.delivery import DEFAULT_RATE_LIMITS, decide_many
+
+    limiter = InMemoryRateLimiter()
+    phone = "13812345678"  # an ops phone that is also a shop's number
+
+    def ask(party: str, i: int) -> tuple[NotificationRequest, int]:
+        return replace(req(urgent=True, recipient=phone, key=f"{party}{i:031d}"),
+                       party=party), 1
+
+    def decide(party: str, n: int) -> list[object]:
+        return decide_many([ask(party, i) for i in range(n)], now=at(10), limiter=limiter,
+                           quiet_hours=QuietHours(), render=render, limits=DEFAULT_RATE_LIMITS)
+
+    merchant = decide("merchant", 6)
+    assert [isinstance(d, RenderedMessage) for d in merchant] == [True] * 5 + [False]
+    # The merchants' 5 an hour are used up on this number; escalations still go out.
+    ops = decide("ops", 20)
+    assert all(isinstance(d, RenderedMessage) for d in ops)

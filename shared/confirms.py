@@ -1,0 +1,129 @@
+"""Publishing a batch with publisher confirms, all messages in flight at once.
+
+RabbitMQ confirms each message once it has taken responsibility for it (for a persistent
+message on a durable queue: written to disk, or to a quorum of replicas); a `basic.nack`
+or a lost connection means it may not have. Unlike an AMQP transaction, this promises
+nothing across queues and asks for nothing of the kind: the caller treats a batch as
+delivered only when every message of it was confirmed, and otherwise publishes it again
+(the consumer deduplicates on the message id).
+
+pika's blocking channel waits for each confirm before the next publish (one round trip
+and one disk flush per message). This publishes the whole batch on pika's asynchronous
+channel underneath the blocking connection and then waits for the confirms, so a batch
+costs one wait.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.frame import Method
+
+from shared.amqp import AftersalesBroker, connection_parameters, declare_topology
+
+Message = tuple[str, str, bytes, str, "dict[str, Any] | None"]
+
+
+class NotConfirmed(pika.exceptions.AMQPError):
+    """RabbitMQ refused (nack) or did not confirm a message in time: publish again."""
+
+
+class ConfirmedBatchPublisher:
+    """(exchange, routing_key, body, message_id, headers) batches, each returned from only
+    when RabbitMQ confirmed every message (`mandatory`: an unroutable one is an error).
+    Dramatiq queues ("" exchange) are declared through the Dramatiq broker first, with the
+    arguments its workers expect."""
+
+    def __init__(self, amqp_url: str, broker: AftersalesBroker, queue_type: str = "classic",
+                 confirm_timeout: float = 30.0) -> None:
+        self.amqp_url = amqp_url
+        self.broker = broker
+        self.queue_type = queue_type
+        self.confirm_timeout = confirm_timeout
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None  # pika.channel.Channel (asynchronous) under the blocking one
+        self._next_tag = 1
+        self._unconfirmed: set[int] = set()
+        self._nacked = 0
+        self._returned: list[str] = []
+        self._declared: set[str] = set()
+
+    def _on_confirm(self, frame: Method) -> None:
+        method = frame.method
+        tag = int(method.delivery_tag)
+        done = {t for t in self._unconfirmed if t <= tag} if method.multiple else {tag}
+        self._unconfirmed -= done
+        if isinstance(method, pika.spec.Basic.Nack):
+            self._nacked += len(done)
+
+    def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
+        self._returned.append(f"{method.exchange}/{method.routing_key}: {method.reply_text}")
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            self.close()
+            self._connection = pika.BlockingConnection(connection_parameters(self.amqp_url))
+            blocking = self._connection.channel()
+            declare_topology(blocking, self.queue_type)
+            channel = blocking._impl  # the asynchronous channel the blocking one drives
+            channel.add_on_return_callback(self._on_return)
+            selected: list[bool] = []
+            channel.confirm_delivery(ack_nack_callback=self._on_confirm,
+                                     callback=lambda _frame: selected.append(True))
+            self._wait(lambda: bool(selected), "confirm.select-ok")
+            self._channel = channel
+            self._next_tag = 1
+            self._unconfirmed.clear()
+        return self._channel
+
+    def _wait(self, done: Any, what: str) -> None:
+        assert self._connection is not None
+        give_up = time.monotonic() + self.confirm_timeout
+        while not done():
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise NotConfirmed(f"no {what} from RabbitMQ in {self.confirm_timeout}s")
+            self._connection.process_data_events(time_limit=min(left, 1.0))
+
+    def publish_batch(self, messages: list[Message]) -> None:
+        """All confirmed, or an exception (some may have reached RabbitMQ: publish the
+        batch again)."""
+        try:
+            for exchange, routing_key, _b, _m, _h in messages:
+                if exchange == "" and routing_key not in self._declared:
+                    self.broker.declare_queue(routing_key, ensure=True)
+                    self._declared.add(routing_key)
+            channel = self._open()
+            self._returned.clear()
+            self._nacked = 0
+            for exchange, routing_key, body, message_id, headers in messages:
+                channel.basic_publish(
+                    exchange=exchange, routing_key=routing_key, body=body,
+                    properties=pika.BasicProperties(
+                        delivery_mode=2, content_type="application/json",
+                        message_id=message_id, headers=headers or None),
+                    mandatory=True,
+                )
+                self._unconfirmed.add(self._next_tag)
+                self._next_tag += 1
+            self._wait(lambda: not self._unconfirmed, "publisher confirm")
+        except (pika.exceptions.AMQPError, OSError):
+            self.close()
+            raise
+        if self._nacked:
+            raise NotConfirmed(f"RabbitMQ refused {self._nacked} messages (basic.nack)")
+        if self._returned:
+            raise pika.exceptions.UnroutableError(list(self._returned))
+
+    def close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self._connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+        self._connection = None
+        self._channel = None
+        self._unconfirmed.clear()
