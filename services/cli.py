@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
+
+    from services import calendarcmd
+
+    calendarcmd.add_parser(sub)
     return parser
 
 

@@ -278,6 +278,10 @@ BACKLOG_SPECS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("", "gauge", "aftersales_calendar_covered_until_timestamp_seconds",
                "End of the last day with holiday data (chinese_calendar or the user file): "
                "working-day deadlines past it cannot be computed.", (), ("timer",)),
+    MetricSpec("", "gauge", "aftersales_pending_deadlines_estimated",
+               "Pending deadlines counted in working days on an estimated calendar (a year "
+               "without official holiday data); recounted when the data arrives.",
+               (), ("timer",)),
     MetricSpec("", "gauge", "aftersales_backlog_query_ok",
                "1 if the last backlog query succeeded, 0 if it failed (then the other "
                "backlog gauges are absent).", (), ("timer",)),
@@ -489,6 +493,7 @@ class BacklogSnapshot:
     oldest_unpublished_outbox_at: Timestamp = None
     notifications_pending: Mapping[str, int] = field(default_factory=dict)
     calendar_covered_until: Timestamp = None
+    estimated_deadlines: int | None = None
 
     @classmethod
     def from_rows(
@@ -586,6 +591,11 @@ class BacklogCollector(Collector):
         fam = family("aftersales_outbox_unpublished")
         fam.add_metric([], float(snap.outbox_unpublished))
         yield fam
+
+        if snap.estimated_deadlines is not None:
+            fam = family("aftersales_pending_deadlines_estimated")
+            fam.add_metric([], float(snap.estimated_deadlines))
+            yield fam
 
         fam = family("aftersales_notifications_pending", ("channel",))
         for channel, n in sorted(snap.notifications_pending.items()):

@@ -27,7 +27,8 @@ RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 PG_ADMIN_URL = os.environ.get("AFTERSALES_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1/postgres")
 AMQP_HOST = os.environ.get("AFTERSALES_TEST_AMQP_HOST", "127.0.0.1")
 VHOST = f"aftersales-test-{RUN_ID}"
-TABLES = ("outbox", "notifications", "decisions", "deadlines", "case_events", "cases")
+TABLES = ("outbox", "notifications", "decisions", "deadlines", "case_events", "cases",
+          "case_notes")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,

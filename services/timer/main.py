@@ -11,9 +11,10 @@ from zoneinfo import ZoneInfo
 from services.timer.loop import Timer
 from shared import metrics
 from shared.amqp import make_broker
-from shared.bootstrap import build_database
+from shared.bootstrap import build_database, build_domain, build_policy, ops_contacts
 from shared.config import Settings
 from shared.db.backlog import read_backlog
+from shared.db.session import Database
 from shared.domain import WorkCalendar
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
@@ -52,15 +53,35 @@ def calendar_coverage(settings: Settings) -> datetime:
     end = datetime.combine(last_day + timedelta(days=1), dt_time(), tzinfo=SHANGHAI)
     left = (end - datetime.now(UTC)).days
     if left < 60:
-        log.warning("holiday data ends %s (%d days left): add next year's schedule to the "
+        log.warning("official holiday data ends %s (%d days left): working-day deadlines "
+                    "past it are counted on an estimate; add next year's schedule to the "
                     "file named by AFTERSALES_HOLIDAYS", last_day, left)
     return end
+
+
+def recount_estimated_deadlines(settings: Settings, db: Database) -> None:
+    """Official holiday data may have arrived since the last start (a chinesecalendar
+    upgrade, a year added to the holiday file): count again every pending deadline that
+    stood on an estimate. A failure is logged, not fatal: `aftersales calendar recompute`
+    does the same."""
+    from shared.db.recount import recount_estimated
+
+    try:
+        summary = recount_estimated(db, build_domain(settings), build_policy(settings),
+                                    ops_contacts(settings))
+    except Exception:
+        log.exception("recounting deadlines on estimated calendar data failed")
+        return
+    if summary.checked:
+        for line in summary.lines():
+            log.info("%s", line)
 
 
 def run(settings: Settings) -> int:
     setup_logging("timer", settings.log_level)
     db = build_database(settings, pool_size=1)
     covered_until = calendar_coverage(settings)
+    recount_estimated_deadlines(settings, db)
     server = metrics.start_metrics_server(
         settings.metrics_port_for("timer"), "timer",
         collectors=[metrics.BacklogCollector(partial(read_backlog, db, covered_until))],

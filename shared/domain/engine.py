@@ -18,7 +18,12 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from shared.domain.calendar import WorkCalendar
+from shared.domain.calendar import (
+    CALENDAR_KEY,
+    WorkCalendar,
+    calendar_record,
+    deadline_calendar,
+)
 from shared.domain.flows import (
     AFTER_REJECTION,
     CLOSED_STEP,
@@ -216,7 +221,8 @@ class Engine:
         def spec(purpose: str, at: datetime, action: str) -> DeadlineSpec:
             return DeadlineSpec(case_id=case.case_id, step=case.step, purpose=purpose, due_at=at,
                                 action=action, party=rule.party.value, fence=case.version,
-                                rule=rule.ref, deadline_at=due)
+                                rule=rule.ref, deadline_at=due,
+                                calendar=deadline_calendar(case.data))
 
         reminder_times = sorted({due - offset.as_timedelta() for offset in rule.reminders})
         return (spec("deadline", due, rule.on_timeout),
@@ -422,6 +428,7 @@ class Engine:
         rule = self.rules.rule_for(case.platform, case.kind, step, at)
         data = dict(case.data)
         data.pop("deadline_source", None)
+        data.pop(CALENDAR_KEY, None)
         if step == AFTER_REJECTION and case.step not in (AFTER_REJECTION, INTERVENTION):
             data["rejected_at_step"] = case.step  # where an upheld buyer goes back to
         refund_fen = case.refund_fen
@@ -445,9 +452,12 @@ class Engine:
             self._time_out(work, rule.on_timeout, rule.party, rule.ref, at, work.case.version,
                            immediate=True, depth=depth + 1)
 
-    def _rule_due(self, rule: Rule, at: datetime, data: Mapping[str, Any]) -> datetime:
+    def _rule_due(self, rule: Rule, at: datetime, data: dict[str, Any]) -> datetime:
         anchor = at if rule.anchor == STEP_START else (parse_moment(data.get(rule.anchor)) or at)
-        return rule.duration.add_to(anchor, self.calendar)
+        due = rule.duration.add_to(anchor, self.calendar)
+        if not rule.duration.is_fixed:  # working days: record the calendar data used
+            data[CALENDAR_KEY] = calendar_record(self.calendar, rule, anchor, due)
+        return due
 
     def _time_out(self, work: _Work, action: str, party: Party, rule: RuleRef,
                   deadline_at: datetime, fence: int, *, immediate: bool, depth: int = 0) -> None:
@@ -462,6 +472,9 @@ class Engine:
         if not immediate:  # an immediate step is a rule, not a party missing a deadline
             work.end_step(False, deadline_at)
         data: dict[str, Any] = {"action": action, "missed_step": case.step}
+        basis = deadline_calendar(case.data)
+        if basis is not None:  # a working-day deadline: on which calendar data it stood
+            data["calendar"] = basis
         if action == ESCALATE:
             self._pause(work, deadline_at, restart_clock=True)
         elif isinstance(target, Go):
