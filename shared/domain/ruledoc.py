@@ -51,7 +51,7 @@ have, any event on a closed case) is not applied: the outcome says
 `out_of_state: <reason>` and the case is unchanged. Malformed data (an unknown kind, a
 missing `visit_at`, an unknown intervention outcome) gives `invalid: <reason>`. A deadline
 whose fence (the case version it was set for) no longer matches gives `stale: <reason>`.
-The engine raises only for programming errors and for missing working-day data.
+The engine raises only for programming errors.
 
 Events every kind shares:
 
@@ -150,8 +150,41 @@ workdays = [2027-02-06]               # make-up workdays, even Saturday/Sunday
 ```
 
 In a year the file lists, dates it does not list fall back to `chinese_calendar` if it
-knows the year, else to Monday..Friday. A year neither knows raises `CalendarDataMissing`
-naming the year: deadlines are never guessed.
+knows the year, else to Monday..Friday.
+
+### Years without official data: the estimated calendar
+
+The State Council publishes next year's schedule some time between late October and early
+December, so every December working-day deadlines reach into a year nobody knows yet. Such
+a year is never an error: its working days come from an **estimate**, the `holidays`
+package's Chinese statutory holidays at their expected dates (with its observed days),
+weekends off and **no make-up workdays**. (Asked about 2024–2026, that package agrees with
+`chinese_calendar` on every day; a unit test checks it.) Each year has a source: `library`
+(chinese_calendar), `file` (`AFTERSALES_HOLIDAYS`) or `estimated`.
+
+A working-day deadline records the data it stood on: the case keeps
+`data.calendar = {"source", "estimated", "estimated_years", "anchor", "workdays",
+"rule_due"}`, the deadline row `calendar_source`, and the decision it causes
+`data.calendar = {"source": "estimated", "estimated": true, "estimated_years": [2027]}`.
+`aftersales case show` marks such a deadline as estimated; the timer's gauge
+`aftersales_pending_deadlines_estimated` counts them.
+
+When official data arrives (a chinesecalendar upgrade, or the year added to the holiday
+file), every pending deadline counted on the estimate is counted again from the same start
+with the same number of working days: at the timer's start, or with
+`aftersales calendar recompute`. The step's deadline moves by the difference (a clock
+paused by an intervention keeps its shift), its reminders follow, the case's version
+advances, the acting party is told of the new deadline (`deadline.changed`, unless the
+platform acts), and the case's timeline gets a `calendar.recomputed` note (old and new
+deadline, old and new source). A deadline the platform set (`due_at`,
+`deadline.changed`) is never recounted. Restart every service with the new data: a
+service still running on the old data keeps estimating, and a later recompute catches
+what it wrote.
+
+`aftersales calendar status` shows each year from last year to next year with its source,
+its weekday days off and make-up workdays, and the pending deadlines on estimates by year.
+The alert `AftersalesHolidayDataRunningOut` fires from December 1st while next year has no
+official data.
 
 ## Money
 

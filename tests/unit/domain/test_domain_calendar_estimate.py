@@ -13,6 +13,7 @@ from domain_support import Driver, cst
 
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.domain.calendar import ESTIMATED, FILE, LIBRARY, deadline_calendar
+from shared.domain.recompute import recount
 
 
 def _days(year: int) -> list[date]:
@@ -96,3 +97,55 @@ def test_a_platform_deadline_has_no_calendar_info() -> None:
     driver.send("deadline.changed", cst(2026, 12, 23, 11), due_at=cst(2026, 12, 30, 10))
     assert driver.deadline.due_at == cst(2026, 12, 30, 10)
     assert driver.deadline.calendar is None
+
+
+def _estimated_refund_case() -> Driver:
+    driver = Driver(Engine(RuleBook.load(None), WorkCalendar()))
+    driver.open("refund_only", cst(2026, 12, 22, 9))
+    driver.send("merchant.approved", cst(2026, 12, 23, 10))
+    return driver
+
+
+def test_official_data_recounts_an_estimated_deadline(tmp_path: Path) -> None:
+    driver = _estimated_refund_case()
+    case = driver.case
+    assert case is not None
+    # Still no official data: recounting changes nothing.
+    assert recount(driver.engine, case, cst(2026, 12, 24, 8)) is None
+    holiday_file = tmp_path / "h.toml"
+    holiday_file.write_text("[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n")
+    official = Engine(RuleBook.load(None), WorkCalendar(holiday_file))
+    result = recount(official, case, cst(2026, 12, 24, 8))
+    assert result is not None
+    assert (result.old_due_at, result.new_due_at) == (cst(2027, 1, 4, 10), cst(2027, 1, 2, 10))
+    assert result.case.version == case.version + 1
+    (deadline,) = result.outcome.deadlines or ()
+    assert (deadline.due_at, deadline.fence) == (cst(2027, 1, 2, 10), case.version + 1)
+    assert deadline.calendar == {"source": FILE, "estimated": False}
+    assert result.note()["old_source"] == ESTIMATED and result.note()["shift_s"] == -2 * 86400
+    # once official, a second recount has nothing to do
+    assert recount(official, result.case, cst(2026, 12, 24, 9)) is None
+
+
+def test_recount_keeps_the_shift_of_a_paused_and_resumed_clock(tmp_path: Path) -> None:
+    driver = _estimated_refund_case()
+    driver.send("intervention.requested", cst(2026, 12, 24, 10), requested_by="buyer")
+    driver.send("intervention.resolved", cst(2026, 12, 26, 10), outcome="resume")
+    assert driver.deadline.due_at == cst(2027, 1, 6, 10)  # two days of pause added
+    assert driver.deadline.calendar is not None and driver.deadline.calendar["estimated"]
+    holiday_file = tmp_path / "h.toml"
+    holiday_file.write_text("[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n")
+    official = Engine(RuleBook.load(None), WorkCalendar(holiday_file))
+    assert driver.case is not None
+    result = recount(official, driver.case, cst(2026, 12, 27, 8))
+    assert result is not None and result.new_due_at == cst(2027, 1, 4, 10)
+
+
+def test_a_platform_deadline_is_never_recounted(tmp_path: Path) -> None:
+    driver = _estimated_refund_case()
+    driver.send("deadline.changed", cst(2026, 12, 23, 11), due_at=cst(2027, 1, 8, 10))
+    holiday_file = tmp_path / "h.toml"
+    holiday_file.write_text("[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n")
+    official = Engine(RuleBook.load(None), WorkCalendar(holiday_file))
+    assert driver.case is not None
+    assert recount(official, driver.case, cst(2026, 12, 24, 8)) is None
