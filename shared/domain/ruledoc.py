@@ -112,7 +112,8 @@ Each step's deadline comes from a rule: `duration` counted from the step's start
 the action is taken in the same outcome that enters the step.
 
 Rule sets are TOML files in `shared/rules/` (format in `shared/domain/rules.py`), one file
-per set and version; `AFTERSALES_RULES` (a file or folder) replaces the shipped sets. The
+per set and version; `AFTERSALES_RULES` (a file or folder) is laid over them (see
+"Overlays" below). The
 set named like the event's `platform` applies when it has a rule for the (kind, step),
 else the `default` set, which must cover every step. Versions accumulate: the rule for a
 step is the one from the newest version effective (00:00 China time on its `effective`

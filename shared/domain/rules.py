@@ -26,13 +26,18 @@ the newest version of the set effective at t that has a rule for (kind, step) (a
 the exact kind wins over an "any" rule of the same version). So a later file may add or
 replace rules without repeating the others. If the platform's set has no rule for the
 step, the `default` set's applies.
+
+The shipped sets (`shared/rules/`) are always loaded; the user's files (`AFTERSALES_RULES`,
+a file or folder) are laid over them: a version adds to its set, or replaces the shipped
+version of the same name and version (`RuleSetVersion.overrides` names the file it
+replaced, `aftersales rules list` shows it). A shipped set is never dropped.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
@@ -92,6 +97,8 @@ class RuleSetVersion:
     rules: tuple[Rule, ...]
     description: str = ""
     source: str = ""
+    origin: str = "shipped"  # shipped | user (AFTERSALES_RULES)
+    overrides: str = ""  # the shipped file a user version of the same name and version replaced
 
     @property
     def effective_at(self) -> datetime:
@@ -116,22 +123,16 @@ class RuleBook:
 
     @classmethod
     def load(cls, path: Path | None = None) -> RuleBook:
-        """The sets in a file or folder (all *.toml below it); None = the shipped sets."""
-        if path is None:
-            folder = resources.files("shared.rules")
-            files = sorted(
-                (Path(str(f)) for f in folder.iterdir() if f.name.endswith(".toml")),
-                key=lambda p: p.name,
-            )
-        else:
-            path = Path(path)
-            files = sorted(path.rglob("*.toml")) if path.is_dir() else [path]
-        if not files:
-            raise RuleFileError(path or "shared/rules", None, "no rule files (*.toml) found")
-        versions = [parse_rule_file(f) for f in files]
-        _check_unique_versions(versions)
+        """The shipped sets, with the sets in `path` (a file or folder of *.toml, the
+        user's `AFTERSALES_RULES`) laid over them: a user version adds to its set, or
+        replaces the shipped version of the same name and version (recorded in
+        `overrides`). A shipped set is never dropped."""
+        shipped = load_files(shipped_files(), "shipped")
+        versions = shipped
+        if path is not None:
+            versions = overlay(shipped, load_files(user_files(Path(path)), "user"))
         book = cls(versions)
-        book._check_default_covers_every_step(files)
+        book._check_default_covers_every_step()
         return book
 
     @property
@@ -158,11 +159,11 @@ class RuleBook:
                 return next((r for r in version.rules if r.id == ref.id), None)
         return None
 
-    def _check_default_covers_every_step(self, files: list[Path]) -> None:
+    def _check_default_covers_every_step(self) -> None:
         defaults = self._sets.get(DEFAULT_SET)
         if not defaults:
             raise RuleFileError(
-                files[0].parent, None, f'no rule set named "{DEFAULT_SET}": it is the fallback '
+                "shared/rules", None, f'no rule set named "{DEFAULT_SET}": it is the fallback '
                 "for every step the platform sets leave open"
             )
         for kind in Kind:
@@ -290,6 +291,35 @@ class _RuleFileParser:
                           rule_index=i)
             seen_ids.add(rule.id)
             seen_steps.add((rule.kind, rule.step))
+
+
+def shipped_files() -> list[Path]:
+    folder = resources.files("shared.rules")
+    return sorted((Path(str(f)) for f in folder.iterdir() if f.name.endswith(".toml")),
+                  key=lambda p: p.name)
+
+
+def user_files(path: Path) -> list[Path]:
+    files = sorted(path.rglob("*.toml")) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise RuleFileError(path, None, "no rule files (*.toml) found")
+    return files
+
+
+def load_files(files: list[Path], origin: str) -> list[RuleSetVersion]:
+    versions = [replace(parse_rule_file(f), origin=origin) for f in files]
+    _check_unique_versions(versions)
+    return versions
+
+
+def overlay(shipped: list[RuleSetVersion], user: list[RuleSetVersion]) -> list[RuleSetVersion]:
+    """The shipped versions with the user's laid over them, by (name, version)."""
+    merged = {(v.name, v.version): v for v in shipped}
+    for v in user:
+        replaced = merged.get((v.name, v.version))
+        merged[(v.name, v.version)] = replace(
+            v, overrides=replaced.source_file if replaced is not None else "")
+    return list(merged.values())
 
 
 def _check_unique_versions(versions: list[RuleSetVersion]) -> None:
