@@ -28,14 +28,21 @@ def book_listing(book: RuleBook) -> list[dict[str, Any]]:
                 "origin": v.origin, "overrides": v.overrides or None, "file": v.source_file,
                 "source": v.source, "rules": len(v.rules),
             })
+    for p in book.shop_policies:
+        out.append({
+            "set": p.set_name, "version": p.version, "effective": p.effective.isoformat(),
+            "origin": p.origin, "overrides": None, "file": p.source_file,
+            "source": p.source, "rules": len(p.rules),
+        })
     return out
 
 
 def render_listing(rows: list[dict[str, Any]]) -> str:
-    lines = ["set          version       effective   origin  rules  source"]
+    width = max([12, *(len(r["set"]) for r in rows)])
+    lines = [f"{'set':<{width}} version       effective   origin  rules  source"]
     for r in rows:
         origin = r["origin"] + ("*" if r["overrides"] else "")
-        lines.append(f"{r['set']:<12} {r['version']:<13} {r['effective']}  {origin:<6}  "
+        lines.append(f"{r['set']:<{width}} {r['version']:<13} {r['effective']}  {origin:<6}  "
                      f"{r['rules']:>5}  {r['source'] or '-'}")
     overridden = [r for r in rows if r["overrides"]]
     for r in overridden:

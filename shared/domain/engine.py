@@ -425,7 +425,7 @@ class Engine:
         """Start `step` at `at`: pick the rule in force, set the deadline (the platform's
         own `due_override` wins over the rule's), resolve immediate ("0h") rules at once."""
         case = work.case
-        rule = self.rules.rule_for(case.platform, case.kind, step, at)
+        rule = self.rules.rule_for(case.platform, case.kind, step, at, shop=case.shop_id)
         data = dict(case.data)
         data.pop("deadline_source", None)
         data.pop(CALENDAR_KEY, None)
@@ -529,7 +529,7 @@ class Engine:
             return
         case = work.case
         remaining = case.paused_remaining_s
-        rule = self.rules.rule_for(case.platform, case.kind, step, started)
+        rule = self.rules.rule_for(case.platform, case.kind, step, started, shop=case.shop_id)
         due = None
         if rule is not None and due_override is not None:
             due = as_utc(due_override)
@@ -545,7 +545,7 @@ class Engine:
         ref = case.rule
         found = self.rules.get(ref) if ref is not None else None
         return found or self.rules.rule_for(case.platform, case.kind, case.step,
-                                            case.step_started_at)
+                                            case.step_started_at, shop=case.shop_id)
 
     # ---- reminders and notices -------------------------------------------------------------
 

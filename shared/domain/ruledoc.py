@@ -200,6 +200,60 @@ serves it.
 """
 
 
+RULE_CHANGES = """\
+## Rule sets: overlays, platform sets, shop policies
+
+**Overlays.** The shipped sets (`shared/rules/`) are always loaded. `AFTERSALES_RULES`
+(a file or a folder of `*.toml`) is laid over them: a version of a new set, or a new
+version of a shipped set, is added; a version with the same set name and version as a
+shipped one replaces it (`aftersales rules list` marks it and names the shipped file it
+replaced). A shipped set is never dropped. `aftersales rules list [--json]` shows every
+set and version with its effective date, origin (shipped / user) and source;
+`aftersales rules check PATH` validates a file or folder as it would be laid over the
+shipped sets and prints `file:line: reason` (exit status 1) for the first error.
+
+**Platform sets and where their values come from.** Each rule says which of its values the
+platform published (`sourced = ["party", "duration", "on_timeout", "reminders"]`, the
+column "published by the platform" below); every other value is ours. `douyin` follows
+seed 001 (review within 1–3 working days: 3 wd; refund within 1–7 working days: 7 wd);
+`kuaishou` follows seed 004; `taobao`, `pinduoduo`, `jd` and `wechat` are our defaults
+(the seeds are silent on them), to be replaced by a sourced version when one is known.
+
+**Versions and running steps.** A step keeps the rule version in force when it began
+(seed 004: acts before a rule's effective date follow the rule of their time).
+
+**Shop policies.** A shop may promise shorter deadlines than its platform (its own return
+policy). A shop policy is a file next to the rule sets, with a `[shop_policy]` table
+instead of `[ruleset]`:
+
+```toml
+[shop_policy]
+platform = "douyin"        # shop ids are per platform
+shop_id = "S1001"
+version = "2026-12-01"
+effective = 2026-12-01     # versioned like a rule set
+source = "店铺售后承诺"
+
+[[rule]]
+kind = "any"
+step = "merchant_response"
+duration = "24h"           # the platform says 3 wd
+reminders = ["2h"]         # optional; else the platform rule's that fit
+```
+
+The case's `shop_id` chooses it; for a step that began at `t`, the shop version effective
+at `t` shortens the platform rule in force at `t`. Who acts, the action on timeout and the
+anchor stay the platform's. Deadlines and decisions name it: `rule.set =
+"shop:douyin:S1001"`, `rule.version` the shop version, `rule.id` the platform rule it
+shortens (`douyin/2024-08-22/any.merchant_response`). A shop rule is **never looser** than
+the platform rule in force at any moment of the shop version's life: a looser one is
+refused at load (`file:line`), so a service does not start with it. Fixed durations compare
+by length, working days by count; a fixed duration of at most N days is never looser than
+N working days; a working-day count against a fixed platform duration is refused (a
+holiday can make it longer).
+"""
+
+
 ACTION_EFFECTS = {
     "auto_approve": "the request is deemed approved; next step as in the flow table",
     "auto_close": "the case closes (`auto_closed`)",
@@ -265,13 +319,16 @@ def _rule_tables(book: RuleBook) -> list[str]:
             if version.source:
                 out += [f"Source: {version.source}.", ""]
             out += ["| rule id | kind | step | who acts | deadline | on timeout | "
-                    "reminders before | note |", "|---|---|---|---|---|---|---|---|"]
+                    "reminders before | published by the platform | note |",
+                    "|---|---|---|---|---|---|---|---|---|"]
             for rule in version.rules:
                 reminders = ", ".join(r.text for r in rule.reminders) or "—"
+                sourced = ", ".join(rule.sourced) or "none (ours)"
                 out.append(
                     f"| `{rule.id}` | {rule.kind} | `{rule.step}` | {rule.party.value} | "
                     f"{_deadline_text(rule)} | `{rule.on_timeout}` → "
-                    f"`{DECISION_OF_ACTION[rule.on_timeout]}` | {reminders} | {rule.note} |"
+                    f"`{DECISION_OF_ACTION[rule.on_timeout]}` | {reminders} | {sourced} | "
+                    f"{rule.note} |"
                 )
             out.append("")
     return out
@@ -299,7 +356,7 @@ def render_rules_markdown(book: RuleBook) -> str:
         + [f"| `{a}` | `{d}` | {ACTION_EFFECTS[a]} |" for a, d in DECISION_OF_ACTION.items()]
     )
     prose = PROSE.replace("{outcomes}", outcomes).replace("{actions}", actions)
-    lines = [prose, *_flow_tables(), *_rule_tables(book),
+    lines = [prose, RULE_CHANGES, *_flow_tables(), *_rule_tables(book),
              *_effective_table(book)]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -47,6 +47,13 @@ from shared.domain.durations import Duration
 from shared.domain.errors import RuleFileError
 from shared.domain.flows import DECISION_OF_ACTION, FLOWS, timed_steps
 from shared.domain.model import Kind, Party, RuleRef
+from shared.domain.shops import (
+    SHOP_SET_PREFIX,
+    ShopPolicyVersion,
+    ShopRule,
+    not_looser,
+    parse_shop_policy,
+)
 from shared.domain.timeutil import SHANGHAI, as_utc
 from shared.domain.tomlfiles import header_lines, key_line, toml_error_line
 
@@ -58,7 +65,8 @@ ANCHOR_STEPS: Mapping[str, frozenset[str]] = {"visit_at": frozenset({"visit_sche
 
 _RULESET_KEYS = {"name", "version", "effective", "source", "description"}
 _RULE_REQUIRED = {"id", "kind", "step", "party", "duration", "on_timeout"}
-_RULE_OPTIONAL = {"reminders", "anchor", "note"}
+_RULE_OPTIONAL = {"reminders", "anchor", "note", "sourced"}
+SOURCED_FIELDS = ("party", "duration", "on_timeout", "reminders")
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class Rule:
     reminders: tuple[Duration, ...] = ()
     anchor: str = STEP_START
     note: str = ""
+    # which of its values the platform published (a seed says so); the others are ours
+    sourced: tuple[str, ...] = ()
 
     @property
     def ref(self) -> RuleRef:
@@ -114,12 +124,18 @@ class RuleSetVersion:
 
 
 class RuleBook:
-    def __init__(self, versions: Iterable[RuleSetVersion]) -> None:
+    def __init__(self, versions: Iterable[RuleSetVersion],
+                 shops: Iterable[ShopPolicyVersion] = ()) -> None:
         self._sets: dict[str, list[RuleSetVersion]] = {}
         for version in versions:
             self._sets.setdefault(version.name, []).append(version)
         for history in self._sets.values():
             history.sort(key=lambda v: v.effective)
+        self._shops: dict[str, list[ShopPolicyVersion]] = {}
+        for policy in shops:
+            self._shops.setdefault(policy.set_name, []).append(policy)
+        for shop_history in self._shops.values():
+            shop_history.sort(key=lambda v: v.effective)
 
     @classmethod
     def load(cls, path: Path | None = None) -> RuleBook:
@@ -127,13 +143,20 @@ class RuleBook:
         user's `AFTERSALES_RULES`) laid over them: a user version adds to its set, or
         replaces the shipped version of the same name and version (recorded in
         `overrides`). A shipped set is never dropped."""
-        shipped = load_files(shipped_files(), "shipped")
-        versions = shipped
+        versions, shops = load_files(shipped_files(), "shipped")
         if path is not None:
-            versions = overlay(shipped, load_files(user_files(Path(path)), "user"))
-        book = cls(versions)
+            user_versions, user_shops = load_files(user_files(Path(path)), "user")
+            versions = overlay(versions, user_versions)
+            shops = list({(p.set_name, p.version): p
+                          for p in [*shops, *user_shops]}.values())
+        book = cls(versions, shops)
         book._check_default_covers_every_step()
+        book._check_shops_never_looser()
         return book
+
+    @property
+    def shop_policies(self) -> list[ShopPolicyVersion]:
+        return [v for name in sorted(self._shops) for v in self._shops[name]]
 
     @property
     def set_names(self) -> list[str]:
@@ -142,8 +165,22 @@ class RuleBook:
     def versions(self, name: str) -> list[RuleSetVersion]:
         return list(self._sets.get(name, []))
 
-    def rule_for(self, platform: str, kind: Kind, step: str, at: datetime) -> Rule | None:
-        """The rule in force at `at` (when the step began) for this platform's case."""
+    def rule_for(self, platform: str, kind: Kind, step: str, at: datetime,
+                 shop: str | None = None) -> Rule | None:
+        """The rule in force at `at` (when the step began) for this platform's case; a
+        shop's own policy in force then shortens it (`shop` = the case's shop_id)."""
+        rule = self._platform_rule(platform, kind, step, at)
+        if rule is None or shop is None:
+            return rule
+        history = self._shops.get(f"{SHOP_SET_PREFIX}:{platform}:{shop}", [])
+        for policy in reversed(history):
+            if policy.effective_at <= at:
+                shop_rule = policy.find(kind, step)
+                return rule if shop_rule is None else _shop_variant(rule, policy, shop_rule)
+        return rule
+
+    def _platform_rule(self, platform: str, kind: Kind, step: str, at: datetime
+                       ) -> Rule | None:
         for name in (platform, DEFAULT_SET):
             for version in reversed(self._sets.get(name, [])):
                 if version.effective_at > at:
@@ -154,10 +191,56 @@ class RuleBook:
         return None
 
     def get(self, ref: RuleRef) -> Rule | None:
+        if ref.set.startswith(f"{SHOP_SET_PREFIX}:"):
+            return self._get_shop_variant(ref)
         for version in self._sets.get(ref.set, []):
             if version.version == ref.version:
                 return next((r for r in version.rules if r.id == ref.id), None)
         return None
+
+    def _get_shop_variant(self, ref: RuleRef) -> Rule | None:
+        """A shop rule's id names the platform rule it shortens: set/version/id."""
+        parts = ref.id.split("/", 2)
+        policy = next((p for p in self._shops.get(ref.set, []) if p.version == ref.version),
+                      None)
+        if len(parts) != 3 or policy is None:
+            return None
+        base = self.get(RuleRef(*parts))
+        if base is None:
+            return None
+        kinds = list(Kind) if base.kind == ANY_KIND else [Kind(base.kind)]
+        for kind in kinds:
+            shop_rule = policy.find(kind, base.step)
+            if shop_rule is not None:
+                return _shop_variant(base, policy, shop_rule)
+        return None
+
+    def _check_shops_never_looser(self) -> None:
+        """A shop may promise less time than its platform, never more: checked against
+        every platform rule that can be in force during the shop version's life."""
+        for history in self._shops.values():
+            for i, policy in enumerate(history):
+                until = history[i + 1].effective_at if i + 1 < len(history) else None
+                moments = {policy.effective_at} | {
+                    v.effective_at for name in (policy.platform, DEFAULT_SET)
+                    for v in self._sets.get(name, [])
+                    if v.effective_at > policy.effective_at
+                    and (until is None or v.effective_at < until)}
+                for shop_rule in policy.rules:
+                    kinds = list(Kind) if shop_rule.kind == ANY_KIND else [Kind(shop_rule.kind)]
+                    for kind in kinds:
+                        if shop_rule.step not in FLOWS[kind].steps:
+                            continue
+                        for at in sorted(moments):
+                            base = self._platform_rule(policy.platform, kind, shop_rule.step, at)
+                            if base is not None and not not_looser(shop_rule.duration,
+                                                                   base.duration):
+                                raise RuleFileError(
+                                    policy.source_file, shop_rule.line,
+                                    f"shop {policy.shop_id} promises {shop_rule.duration.text} "
+                                    f"for {kind.value} step {shop_rule.step}, looser than the "
+                                    f"platform rule {base.set_name}/{base.version}/{base.id} "
+                                    f"({base.duration.text}): a shop may only shorten it")
 
     def _check_default_covers_every_step(self) -> None:
         defaults = self._sets.get(DEFAULT_SET)
@@ -175,16 +258,20 @@ class RuleBook:
                     )
 
 
-def parse_rule_file(path: Path) -> RuleSetVersion:
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuleFileError(path, None, f"cannot read: {exc.strerror}") from exc
     try:
-        doc = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line, reason = toml_error_line(exc, text)
         raise RuleFileError(path, line, f"not valid TOML: {reason}") from exc
+
+
+def parse_rule_file(path: Path) -> RuleSetVersion:
+    text, doc = _read_toml(path)
     return _RuleFileParser(path, text).parse(doc)
 
 
@@ -271,8 +358,12 @@ class _RuleFileParser:
         if anchor != STEP_START and step not in ANCHOR_STEPS.get(anchor, frozenset()):
             self.fail(f"rule {rule_id!r}: anchor {anchor!r} is not available for step {step}",
                       key="anchor", rule_index=i)
+        sourced = raw.get("sourced", [])
+        if not isinstance(sourced, list) or any(f not in SOURCED_FIELDS for f in sourced):
+            self.fail(f"rule {rule_id!r}: sourced lists the values a platform published, "
+                      f"among {list(SOURCED_FIELDS)}", key="sourced", rule_index=i)
         return Rule(set_name, version, str(rule_id), kind, step, Party(raw["party"]), duration,
-                    action, offsets, anchor, str(raw.get("note", "")))
+                    action, offsets, anchor, str(raw.get("note", "")), tuple(sourced))
 
     def _duration(self, value: object, key: str, i: int) -> Duration:
         try:
@@ -306,10 +397,35 @@ def user_files(path: Path) -> list[Path]:
     return files
 
 
-def load_files(files: list[Path], origin: str) -> list[RuleSetVersion]:
-    versions = [replace(parse_rule_file(f), origin=origin) for f in files]
+def load_files(files: list[Path], origin: str
+               ) -> tuple[list[RuleSetVersion], list[ShopPolicyVersion]]:
+    """Rule-set versions and shop policies (told apart by their header table)."""
+    versions, shops = [], []
+    for f in files:
+        text, doc = _read_toml(f)
+        if "shop_policy" in doc:
+            shops.append(parse_shop_policy(f, text, doc, origin))
+        else:
+            versions.append(replace(_RuleFileParser(f, text).parse(doc), origin=origin))
     _check_unique_versions(versions)
-    return versions
+    seen: dict[tuple[str, str], str] = {}
+    for p in shops:
+        other = seen.setdefault((p.set_name, p.version), p.source_file)
+        if other != p.source_file:
+            raise RuleFileError(p.source_file, None, f"shop policy {p.set_name} version "
+                                f"{p.version} is also defined in {other}")
+    return versions, shops
+
+
+def _shop_variant(base: Rule, policy: ShopPolicyVersion, shop_rule: ShopRule) -> Rule:
+    """The platform rule with the shop's shorter duration (and its reminders, or the
+    platform's that still fall inside the shorter deadline)."""
+    reminders = shop_rule.reminders if shop_rule.reminders is not None else tuple(
+        r for r in base.reminders
+        if not shop_rule.duration.is_fixed or r.as_timedelta() < shop_rule.duration.as_timedelta())
+    return Rule(policy.set_name, policy.version, f"{base.set_name}/{base.version}/{base.id}",
+                base.kind, base.step, base.party, shop_rule.duration, base.on_timeout,
+                reminders, base.anchor, shop_rule.note or f"shop policy of {policy.shop_id}")
 
 
 def overlay(shipped: list[RuleSetVersion], user: list[RuleSetVersion]) -> list[RuleSetVersion]:

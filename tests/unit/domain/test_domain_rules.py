@@ -42,7 +42,8 @@ def _book_folder(tmp_path: Path, **files: str) -> Path:
 
 def test_shipped_sets_load_with_kuaishou_versions() -> None:
     book = RuleBook.load(None)
-    assert book.set_names == ["default", "kuaishou"]
+    assert book.set_names == ["default", "douyin", "jd", "kuaishou", "pinduoduo", "taobao",
+                              "wechat"]
     assert [v.version for v in book.versions("kuaishou")] == ["2022-09-30", "2022-12-22"]
 
 
@@ -51,7 +52,7 @@ def test_platform_set_wins_and_default_fills_the_gaps() -> None:
     at = datetime(2026, 1, 1, tzinfo=UTC)
     exchange = book.rule_for("kuaishou", Kind.exchange, "merchant_response", at)
     refund = book.rule_for("kuaishou", Kind.refund_only, "merchant_response", at)
-    unknown_platform = book.rule_for("douyin", Kind.exchange, "merchant_response", at)
+    unknown_platform = book.rule_for("acmeshop", Kind.exchange, "merchant_response", at)
     assert exchange is not None and exchange.ref.set == "kuaishou"
     assert refund is not None and refund.ref == RuleRef("default", "1", "any.merchant_response")
     assert unknown_platform is not None and unknown_platform.ref.set == "default"
