@@ -97,6 +97,7 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
             "amount_fen": case.snapshot.get("amount_fen"),
             "refund_fen": case.snapshot.get("refund_fen"),
             "calendar": deadline_calendar(case.snapshot.get("data") or {}),
+            "outside_window": (case.snapshot.get("data") or {}).get("outside_window"),
         },
         "timeline": timeline,
         "pending_deadlines": [
@@ -124,6 +125,10 @@ def render_text(doc: dict[str, Any]) -> str:
             f"  opened {_local(_dt(case['opened_at']))}   closed {_local(_dt(case['closed_at']))}"
             + (f"   resolution {case['resolution']}" if case["resolution"] else ""),
         ]
+        if case.get("outside_window"):
+            flag = case["outside_window"]
+            lines.append(f"  FLAG: requested outside the {flag['window']} after-sales window "
+                         f"(purchased {_local(_dt(flag['purchased_at']))})")
     lines.append("")
     lines.append("timeline (Asia/Shanghai):")
     for item in doc["timeline"]:

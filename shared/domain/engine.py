@@ -98,7 +98,8 @@ EVENT_FACTS: Mapping[str, Mapping[str, str]] = {
                                "reason": "intervention_reason"},
     "intervention.resolved": {"outcome": "intervention_outcome"},
 }
-OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_count", "used_fen")
+OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_count", "used_fen",
+                 "purchased_at")
 
 
 def decision_key(case_id: str, step: str, fence: int, purpose: str, deadline_at: datetime,
@@ -265,6 +266,9 @@ class Engine:
             opened_at=at, closed_at=None,
             data={k: data[k] for k in OPENING_FACTS if k in data},
         )
+        outside = self.rules.window_flag(event.platform, data, at)
+        if outside is not None:  # flagged, not refused: the platform accepted the request
+            skeleton = replace(skeleton, data={**skeleton.data, "outside_window": outside})
         work = _Work(skeleton, now)
         if refund_fen == 0:  # a fully used voucher: nothing can be refunded
             work.close("nothing_to_refund", at)
@@ -303,7 +307,7 @@ class Engine:
         if target is None:
             return (f"out_of_state: {event.type} does not fit a {case.kind} case in step "
                     f"{case.step}")
-        problem = self._check_data(event)
+        problem = self._check_data(event) or self.rules.refusal(case, event)
         if problem:
             return problem
         work = _Work(case, now)

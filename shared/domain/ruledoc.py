@@ -222,6 +222,20 @@ seed 001 (review within 1–3 working days: 3 wd; refund within 1–7 working da
 **Versions and running steps.** A step keeps the rule version in force when it began
 (seed 004: acts before a rule's effective date follow the rule of their time).
 
+**Set-wide options.** A `[ruleset]` may also say:
+
+- `rejection_needs_evidence = true`: a `merchant.rejected` without `evidence` does not fit
+  (`out_of_state: merchant.rejected without evidence ...`, recorded in the case's log);
+  the merchant's step and its deadline go on. `kuaishou` says so (seed 004: 商户需上传驳回
+  凭证).
+- `after_sales_window = "7d"`: a case opened later than this after `data.purchased_at`
+  (RFC 3339, on `case.opened`) is flagged, not refused (the platform accepted it):
+  `data.outside_window = {"window", "purchased_at", "late_by_s"}`, shown by
+  `aftersales case show`. `kuaishou` says 7 days (seed 000: 购买商品后7天内可以申请售后服务).
+
+An option holds from the version that says it on; a later version without it keeps it;
+a platform set that never says it takes the `default` set's.
+
 **Shop policies.** A shop may promise shorter deadlines than its platform (its own return
 policy). A shop policy is a file next to the rule sets, with a `[shop_policy]` table
 instead of `[ruleset]`:

@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 from shared.domain.durations import Duration
 from shared.domain.errors import RuleFileError
 from shared.domain.flows import DECISION_OF_ACTION, FLOWS, timed_steps
-from shared.domain.model import Kind, Party, RuleRef
+from shared.domain.model import Case, Event, Kind, Party, RuleRef
 from shared.domain.shops import (
     SHOP_SET_PREFIX,
     ShopPolicyVersion,
@@ -54,7 +54,7 @@ from shared.domain.shops import (
     not_looser,
     parse_shop_policy,
 )
-from shared.domain.timeutil import SHANGHAI, as_utc
+from shared.domain.timeutil import SHANGHAI, as_utc, parse_moment
 from shared.domain.tomlfiles import header_lines, key_line, toml_error_line
 
 DEFAULT_SET = "default"
@@ -63,7 +63,8 @@ STEP_START = "step_start"
 # anchors other than the step start: the case.data key holding the moment, and where it exists
 ANCHOR_STEPS: Mapping[str, frozenset[str]] = {"visit_at": frozenset({"visit_scheduled"})}
 
-_RULESET_KEYS = {"name", "version", "effective", "source", "description"}
+_RULESET_KEYS = {"name", "version", "effective", "source", "description",
+                 "rejection_needs_evidence", "after_sales_window"}
 _RULE_REQUIRED = {"id", "kind", "step", "party", "duration", "on_timeout"}
 _RULE_OPTIONAL = {"reminders", "anchor", "note", "sourced"}
 SOURCED_FIELDS = ("party", "duration", "on_timeout", "reminders")
@@ -109,6 +110,9 @@ class RuleSetVersion:
     source: str = ""
     origin: str = "shipped"  # shipped | user (AFTERSALES_RULES)
     overrides: str = ""  # the shipped file a user version of the same name and version replaced
+    # set-wide options (None = not said here: an older version's, else the default set's)
+    rejection_needs_evidence: bool | None = None  # seed 004: 商户需上传驳回凭证
+    after_sales_window: Duration | None = None  # seed 000: 购买商品后7天内可以申请售后服务
 
     @property
     def effective_at(self) -> datetime:
@@ -153,6 +157,38 @@ class RuleBook:
         book._check_default_covers_every_step()
         book._check_shops_never_looser()
         return book
+
+    def option(self, platform: str, name: str, at: datetime) -> Any:
+        """A set-wide option in force at `at`: the newest version of the platform's set
+        effective then that says it, else the default set's; None if nobody says."""
+        for set_name in (platform, DEFAULT_SET):
+            for version in reversed(self._sets.get(set_name, [])):
+                value = getattr(version, name)
+                if version.effective_at <= at and value is not None:
+                    return value
+        return None
+
+    def refusal(self, case: Case, event: Event) -> str | None:
+        """Why the rules in force refuse an event that the flow would take, or None.
+        A rejection without evidence where the set requires it (seed 004) does not fit:
+        the merchant's step goes on."""
+        if event.type == "merchant.rejected" and not event.data.get("evidence") and \
+                self.option(case.platform, "rejection_needs_evidence", case.step_started_at):
+            return ("out_of_state: merchant.rejected without evidence: the "
+                    f"{case.platform} rules require the merchant to upload rejection "
+                    "evidence (驳回凭证); the merchant's step goes on")
+        return None
+
+    def window_flag(self, platform: str, data: Mapping[str, Any], at: datetime
+                    ) -> dict[str, Any] | None:
+        """A request made after the set's after-sales window (counted from
+        `data.purchased_at`) is flagged, not refused: the platform accepted it."""
+        window = self.option(platform, "after_sales_window", at)
+        purchased = parse_moment(data.get("purchased_at"))
+        if window is None or purchased is None or at <= purchased + window.as_timedelta():
+            return None
+        return {"window": window.text, "purchased_at": purchased.isoformat(),
+                "late_by_s": int((at - purchased - window.as_timedelta()).total_seconds())}
 
     @property
     def shop_policies(self) -> list[ShopPolicyVersion]:
@@ -307,6 +343,19 @@ class _RuleFileParser:
         effective = header.get("effective")
         if type(effective) is not date:
             self.fail("[ruleset] effective must be a date like 2022-09-30", key="effective")
+        needs_evidence = header.get("rejection_needs_evidence")
+        if needs_evidence is not None and not isinstance(needs_evidence, bool):
+            self.fail("[ruleset] rejection_needs_evidence must be true or false",
+                      key="rejection_needs_evidence")
+        window = header.get("after_sales_window")
+        window_duration = None
+        if window is not None:
+            try:
+                window_duration = Duration.parse(window)
+            except ValueError as exc:
+                self.fail(str(exc), key="after_sales_window")
+            if not window_duration.is_fixed:
+                self.fail("[ruleset] after_sales_window must be in m/h/d", key="after_sales_window")
         raw_rules = doc.get("rule", [])
         if not isinstance(raw_rules, list) or not raw_rules:
             self.fail("no [[rule]] tables")
@@ -317,6 +366,7 @@ class _RuleFileParser:
             name=header["name"], version=header["version"], effective=effective,
             source_file=str(self.path), rules=tuple(rules),
             description=str(header.get("description", "")), source=str(header.get("source", "")),
+            rejection_needs_evidence=needs_evidence, after_sales_window=window_duration,
         )
 
     def _rule(self, set_name: str, version: str, i: int, raw: Mapping[str, Any]) -> Rule:
