@@ -82,6 +82,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_what_if(args: argparse.Namespace) -> int:
+    from services.whatif import proposed_engine, render, what_if
+    from shared.bootstrap import build_domain
+    from shared.db.session import Database, make_engine
+
+    settings = _settings()
+    proposal = Path(args.path)
+    if not proposal.exists():
+        print(f"{proposal}: no such file or folder", file=sys.stderr)
+        return 1
+    current = build_domain(settings)
+    try:
+        proposed, kind = proposed_engine(settings.rules, settings.holidays, proposal)
+    except DataFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        report = what_if(Database(engine), current, proposed, examples=args.examples)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"proposal": {"path": str(proposal), "kind": kind},
+                          **report.to_dict()}, ensure_ascii=False, indent=2))
+    else:
+        print(render(report, str(proposal), kind))
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     rules = sub.add_parser("rules", help="rule sets: list, check a file, what-if")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
@@ -93,3 +122,10 @@ def add_parser(sub: Any) -> None:
         "check", help="validate a rule file or folder (errors as file:line; exit 1)")
     check.add_argument("path")
     check.set_defaults(func=cmd_check)
+    what = rules_sub.add_parser(
+        "what-if", help="what a proposed rule or holiday file would do to the open cases "
+        "(read-only)")
+    what.add_argument("path", help="a rule file or folder, or a holiday file")
+    what.add_argument("--json", action="store_true", help="machine-readable output")
+    what.add_argument("--examples", type=int, default=5, help="example cases (default 5)")
+    what.set_defaults(func=cmd_what_if)

@@ -142,17 +142,18 @@ class RuleBook:
             shop_history.sort(key=lambda v: v.effective)
 
     @classmethod
-    def load(cls, path: Path | None = None) -> RuleBook:
+    def load(cls, path: Path | None = None, *more: Path) -> RuleBook:
         """The shipped sets, with the sets in `path` (a file or folder of *.toml, the
         user's `AFTERSALES_RULES`) laid over them: a user version adds to its set, or
         replaces the shipped version of the same name and version (recorded in
-        `overrides`). A shipped set is never dropped."""
+        `overrides`). A shipped set is never dropped. `more` are laid over in turn (a
+        proposed file, for `aftersales rules what-if`)."""
         versions, shops = load_files(shipped_files(), "shipped")
-        if path is not None:
-            user_versions, user_shops = load_files(user_files(Path(path)), "user")
+        for layer in (p for p in (path, *more) if p is not None):
+            user_versions, user_shops = load_files(user_files(Path(layer)), "user")
             versions = overlay(versions, user_versions)
-            shops = list({(p.set_name, p.version): p
-                          for p in [*shops, *user_shops]}.values())
+            shops = list({(policy.set_name, policy.version): policy
+                          for policy in [*shops, *user_shops]}.values())
         book = cls(versions, shops)
         book._check_default_covers_every_step()
         book._check_shops_never_looser()
