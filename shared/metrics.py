@@ -62,6 +62,7 @@ __all__ = [
     "ACTOR_DURATION",
     "ACTOR_MESSAGES",
     "BUILD_INFO",
+    "BUYER_RATINGS",
     "DECISIONS",
     "DECISIONS_PUBLISHED",
     "EVENTS_RECEIVED",
@@ -83,6 +84,7 @@ __all__ = [
     "all_metric_names",
     "mark_process_dead",
     "prepare_multiproc_dir",
+    "record_buyer_rating",
     "record_event_received",
     "record_event_rejected",
     "record_notification",
@@ -244,6 +246,11 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         (), ("intake",), FAST_BUCKETS,
     ),
     MetricSpec(
+        "BUYER_RATINGS", "counter", "aftersales_buyer_ratings",
+        "Buyers' satisfaction ratings (1..5) after a finished after-sales case.",
+        ("platform", "kind", "rating"), ("intake",),
+    ),
+    MetricSpec(
         "BUILD_INFO", "gauge", "aftersales_build_info",
         "Always 1; the version label says which build runs.",
         ("version",), SERVICES,
@@ -321,6 +328,7 @@ TIME_TO_RESOLUTION: Histogram
 TIMER_LATENESS: Histogram
 TIMER_FIRED: Counter
 TIMER_STALE: Counter
+BUYER_RATINGS: Counter
 INTAKE_BATCH_SECONDS: Histogram
 BUILD_INFO: Gauge
 
@@ -399,6 +407,14 @@ def record_event_rejected(reason: str) -> None:
 def record_notification(channel: str, outcome: str) -> None:
     _counter("NOTIFICATIONS").labels(
         channel=_ident(channel), outcome=_check(outcome, NOTIFICATION_OUTCOMES, "outcome")
+    ).inc()
+
+
+def record_buyer_rating(platform: str, kind: str, rating: int) -> None:
+    """Count one buyer rating; `rating` is 1..5 (the schema's bounds), else "invalid"."""
+    _counter("BUYER_RATINGS").labels(
+        platform=_ident(platform), kind=_ident(kind),
+        rating=str(rating) if rating in range(1, 6) else INVALID_LABEL,
     ).inc()
 
 

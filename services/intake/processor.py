@@ -74,6 +74,7 @@ class Handled:
     kind: str | None = None
     steps: tuple[StepResult, ...] = ()
     resolved_after_seconds: float | None = None  # set when this event closed the case
+    rating: int | None = None  # buyer.rated: the rating recorded
 
 
 @dataclass
@@ -233,8 +234,10 @@ class _Batch:
         if before is None:
             self._apply_parked(ev.case_id)
         after = self.cases[ev.case_id]
+        rating = (after.data.get("buyer_rating") or {}).get("rating") \
+            if ev.type == "buyer.rated" else None
         return Handled(ev.type, ev.platform, "accepted", None, str(after.kind), outcome.steps,
-                       seconds_to_resolution(before, outcome.case))
+                       seconds_to_resolution(before, outcome.case), rating)
 
     def _engine_apply(self, accepted: Accepted, case: Case | None) -> Outcome:
         try:

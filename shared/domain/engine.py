@@ -56,6 +56,7 @@ from shared.domain.model import (
     StepResult,
 )
 from shared.domain.money import voucher_refund_fen
+from shared.domain.ratings import RATED, rate
 from shared.domain.rules import STEP_START, Rule, RuleBook
 from shared.domain.timeutil import as_utc, local_text, parse_moment
 
@@ -173,6 +174,8 @@ class Engine:
         if event.case_id != case.case_id:
             raise ValueError(f"event {event.event_id} is for case {event.case_id}, "
                              f"not {case.case_id}")
+        if event.type == RATED:  # after completion: the one event a closed case takes
+            return rate(case, event, now)
         if not case.is_open:
             return _not_applied(case, f"out_of_state: the case is closed ({case.resolution}); "
                                       f"{event.type} does not apply")

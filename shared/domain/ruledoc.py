@@ -265,6 +265,30 @@ refused at load (`file:line`), so a service does not start with it. Fixed durati
 by length, working days by count; a fixed duration of at most N days is never looser than
 N working days; a working-day count against a fixed platform duration is refused (a
 holiday can make it longer).
+
+## What-if: a proposed change against the open cases
+
+`aftersales rules what-if PATH [--json]` answers "what would this change do to the cases
+open right now?" before it is applied. `PATH` is a rule file or folder (laid over the rule
+sets in force, as `AFTERSALES_RULES` would be) or a holiday file (one table per year; it
+stands in for `AFTERSALES_HOLIDAYS`). It reads the open cases and their pending deadlines
+in one consistent snapshot (`REPEATABLE READ READ ONLY`, the database's `now()` as the
+moment) and changes nothing. For each open case with a pending deadline it compares the
+engine in force with the proposed one:
+
+- **pending deadlines that would move** (earlier, later, by how many days, the largest
+  move): a running step keeps the rule version in force when it began, so a rule change
+  moves no running deadline; a holiday file moves the deadlines counted on an estimated
+  calendar, exactly as `aftersales calendar recompute` would;
+- **automatic decisions in the next 24 hours and 7 days, before and after**, if nobody
+  acts: each engine fires the case's deadline, then the deadline of the step it leads to,
+  and so on (steps that begin later begin under the proposal, so a rule change shows
+  here), broken down by platform, kind, missed step and decision;
+- a few **example cases** whose outcome changes, with their decisions before and after.
+
+An integration test fills a database with simulated traffic and checks the output against
+a direct recomputation; `bench/whatif_bench.py` measures it on 100,000 open cases
+(`docs/benchmarks.md`).
 """
 
 

@@ -89,6 +89,11 @@ class RefundCompleted(_Data):
     amount_fen: int = Field(ge=0, le=10**12)
 
 
+class BuyerRated(_Data):
+    rating: int = Field(ge=1, le=5)
+    comment: Text = ""
+
+
 class NoData(_Data):
     pass
 
@@ -113,6 +118,7 @@ DATA_MODELS: dict[str, type[_Data]] = {
     "refund.completed": RefundCompleted,
     "deadline.changed": NoData,
     "voucher.expired": NoData,
+    "buyer.rated": BuyerRated,
 }
 EVENT_TYPES = tuple(DATA_MODELS)
 

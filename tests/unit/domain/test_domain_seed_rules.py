@@ -58,3 +58,26 @@ def test_a_request_after_the_window_is_flagged_not_refused(engine: Engine) -> No
     elsewhere.open("exchange", opened_at,
                    purchased_at=(opened_at - timedelta(days=30)).isoformat())
     assert elsewhere.case is not None and "outside_window" not in elsewhere.case.data
+
+
+def test_a_buyer_rates_a_finished_case_once(engine: Engine) -> None:
+    driver = Driver(engine, platform="douyin")
+    driver.open("refund_only", cst(2026, 11, 2, 10))
+    early = driver.send("buyer.rated", cst(2026, 11, 2, 11), rating=5)
+    assert not early.applied and early.problem is not None
+    assert early.problem.startswith("out_of_state: buyer.rated while the case is still open")
+    driver.send("merchant.approved", cst(2026, 11, 2, 12))
+    driver.send("refund.completed", cst(2026, 11, 3, 12), amount_fen=10000)
+    assert driver.case is not None and not driver.case.is_open
+    version = driver.case.version
+    rated = driver.send("buyer.rated", cst(2026, 11, 4, 9), rating=2, comment="太慢了")
+    assert rated.applied and rated.deadlines is None and not rated.decisions
+    assert driver.case.data["buyer_rating"]["rating"] == 2
+    assert driver.case.version == version + 1 and driver.case.resolution == "refunded"
+    again = driver.send("buyer.rated", cst(2026, 11, 4, 10), rating=5)
+    assert not again.applied and "already rated" in (again.problem or "")
+    bad = Driver(engine)
+    bad.open("refund_only", cst(2026, 11, 2, 10))
+    bad.send("buyer.cancelled", cst(2026, 11, 2, 11))
+    assert bad.send("buyer.rated", cst(2026, 11, 2, 12), rating=9).problem == (
+        "invalid: buyer.rated needs data.rating 1..5, got 9")
