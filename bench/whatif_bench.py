@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
+from sqlalchemy.exc import OperationalError  # noqa: E402
 
 from services.whatif import OPEN_WITH_DEADLINE, proposed_engine, what_if  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
@@ -150,13 +151,35 @@ def load(conn: psycopg.Connection, engine: Engine, count: int, now: datetime) ->
     conn.execute("ANALYZE deadlines")
 
 
-def timed(fn: Any) -> tuple[Any, float, float]:
+def timed(fn: Any, tries: int = 3) -> tuple[Any, float, float]:
     """Result, seconds, and the process's peak RSS so far in MB (rows are streamed, so it
-    should not grow with the number of cases)."""
-    started = time.perf_counter()
-    result = fn()
-    took = time.perf_counter() - started
-    return result, took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    should not grow with the number of cases). A phase cut by a PostgreSQL restart (other
+    work on a shared machine restarts it) is run again."""
+    for attempt in range(1, tries + 1):
+        started = time.perf_counter()
+        try:
+            result = fn()
+        except OperationalError as exc:
+            if attempt == tries:
+                raise
+            log(f"phase cut by the database ({exc.orig!r}); waiting and running it again")
+            _wait_for_database()
+            continue
+        took = time.perf_counter() - started
+        return result, took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    raise AssertionError("unreachable")
+
+
+def _wait_for_database(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(PG_ADMIN, connect_timeout=5).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def baseline(db: Database) -> int:
@@ -213,6 +236,7 @@ def main() -> int:
     finally:
         admin.close()
         # a fresh connection: a PostgreSQL restart during the run ends the first one
+        _wait_for_database()
         with psycopg.connect(PG_ADMIN, autocommit=True) as cleanup:
             cleanup.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     out = ROOT / "bench-results"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 from functools import partial
 from zoneinfo import ZoneInfo
+
+from sqlalchemy import text
 
 from services.timer.loop import Timer
 from shared import metrics
@@ -59,6 +62,33 @@ def calendar_coverage(settings: Settings) -> datetime:
     return end
 
 
+def watch_running_switches(settings: Settings, db: Database, stop: threading.Event,
+                           every: float = 60.0) -> None:
+    """Rule versions that say they apply to running steps: give the running steps their
+    rule at start, and again each time such a version has taken effect (checked once a
+    minute against the database clock)."""
+    from shared.db.recount import switch_running_steps
+
+    engine, policy, contacts = build_domain(settings), build_policy(settings), \
+        ops_contacts(settings)
+    if not engine.rules.switch_moments:
+        return
+    done_until = None
+    while not stop.is_set():
+        try:
+            with db.transaction() as s:
+                now = s.execute(text("SELECT now()")).scalar_one()
+            passed = [m for m in engine.rules.switch_moments if m <= now]
+            if passed and passed[-1] != done_until:
+                summary = switch_running_steps(db, engine, policy, contacts)
+                done_until = passed[-1]
+                for line in summary.lines():
+                    log.info("%s", line)
+        except Exception:
+            log.exception("applying rule versions to running steps failed (retried)")
+        stop.wait(every)
+
+
 def recount_estimated_deadlines(settings: Settings, db: Database) -> None:
     """Official holiday data may have arrived since the last start (a chinesecalendar
     upgrade, a year added to the holiday file): count again every pending deadline that
@@ -82,6 +112,8 @@ def run(settings: Settings) -> int:
     db = build_database(settings, pool_size=1)
     covered_until = calendar_coverage(settings)
     recount_estimated_deadlines(settings, db)
+    threading.Thread(target=watch_running_switches, args=(settings, db, threading.Event()),
+                     name="rule-switches", daemon=True).start()
     server = metrics.start_metrics_server(
         settings.metrics_port_for("timer"), "timer",
         collectors=[metrics.BacklogCollector(partial(read_backlog, db, covered_until))],

@@ -18,13 +18,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from shared.domain.calendar import CALENDAR_KEY
+from shared.domain.calendar import CALENDAR_KEY, calendar_record
 from shared.domain.engine import Engine
 from shared.domain.flows import step_def
 from shared.domain.model import Case, Notice, Outcome, Party
+from shared.domain.rules import STEP_START
 from shared.domain.timeutil import as_utc, local_text, parse_moment
 
 NOTE_TYPE = "calendar.recomputed"
+SWITCH_NOTE_TYPE = "rules.applied_to_running_step"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Recount:
     new_due_at: datetime
     old_source: str
     new_source: str
+    reason: str = ""
+    note_type: str = NOTE_TYPE
 
     @property
     def case(self) -> Case:
@@ -51,8 +55,10 @@ class Recount:
             "new_due_at": self.new_due_at.isoformat(), "shift_s": int(self.shift_seconds),
             "old_source": self.old_source, "new_source": self.new_source,
             "case_version": self.case.version,
-            "reason": f"working days recounted on the {self.new_source} calendar "
-                      f"(was {self.old_source})",
+            "reason": self.reason or f"working days recounted on the {self.new_source} "
+                                     f"calendar (was {self.old_source})",
+            "rule": {"set": self.case.rule_set, "version": self.case.rule_version,
+                     "id": self.case.rule_id},
         }
 
 
@@ -86,18 +92,62 @@ def recount(engine: Engine, case: Case, now: datetime) -> Recount | None:
                   "rule_due": as_utc(new_rule_due).isoformat()}
     changed = replace(case, version=case.version + 1, step_due_at=new_due,
                       data={**case.data, CALENDAR_KEY: new_record})
-    now = as_utc(now)
-    notices: tuple[Notice, ...] = ()
-    step = step_def(case.kind, case.step)
-    if new_due != old_due and step is not None and step.party != Party.platform:
-        notices = (Notice(
-            reason="deadline.changed", case_id=case.case_id, step=case.step,
-            party=step.party.value, due_at=new_due, urgent=False,
-            params={"kind": case.kind.value, "step": case.step, "order_id": case.order_id,
-                    "shop_id": case.shop_id, "amount_fen": case.amount_fen,
-                    "refund_fen": case.refund_fen, "due_at_local": local_text(new_due),
-                    "cause": NOTE_TYPE},
-        ),)
     outcome = Outcome(case=changed, applied=True, problem=None,
-                      deadlines=engine.deadlines_for(changed, now), notices=notices)
+                      deadlines=engine.deadlines_for(changed, as_utc(now)),
+                      notices=_told(case, old_due, new_due, NOTE_TYPE))
     return Recount(outcome, old_due, new_due, str(record.get("source")), str(basis["source"]))
+
+
+def switch_running(engine: Engine, case: Case, now: datetime,
+                   until: datetime | None = None) -> Recount | None:
+    """A rule version that says it applies to running steps took effect (by `until`,
+    default `now`) after this step began, while the step still ran: the step takes its
+    rule, counted from the step's start as any rule, but due no earlier than the moment
+    the version took effect. None if the step keeps its version."""
+    if not case.is_open or case.step_due_at is None or case.rule is None \
+            or case.data.get("deadline_source") == "platform":
+        return None
+    found = engine.rules.running_switch(case.platform, case.kind, case.step,
+                                        case.step_started_at, case.rule, until or now,
+                                        shop=case.shop_id)
+    if found is None:
+        return None
+    rule, effective_at = found
+    if case.step_due_at <= effective_at:
+        return None  # the step's deadline passed before the version took effect
+    data = dict(case.data)
+    data.pop(CALENDAR_KEY, None)
+    anchor = case.step_started_at if rule.anchor == STEP_START \
+        else (parse_moment(data.get(rule.anchor)) or case.step_started_at)
+    rule_due = rule.duration.add_to(anchor, engine.calendar)
+    if not rule.duration.is_fixed:
+        data[CALENDAR_KEY] = calendar_record(engine.calendar, rule, anchor, rule_due)
+    new_due = max(rule_due, effective_at)
+    changed = replace(case, version=case.version + 1, step_due_at=new_due,
+                      rule_set=rule.set_name, rule_version=rule.version, rule_id=rule.id,
+                      data=data)
+    outcome = Outcome(case=changed, applied=True, problem=None,
+                      deadlines=engine.deadlines_for(changed, as_utc(now)),
+                      notices=_told(case, case.step_due_at, new_due, SWITCH_NOTE_TYPE))
+    old_ref = case.rule
+    return Recount(outcome, case.step_due_at, new_due, "", "",
+                   reason=f"rule version {rule.set_name} {rule.version} applies to running "
+                          f"steps from {effective_at.isoformat()} (was {old_ref.set} "
+                          f"{old_ref.version})", note_type=SWITCH_NOTE_TYPE)
+
+
+def _told(case: Case, old_due: datetime, new_due: datetime, cause: str
+          ) -> tuple[Notice, ...]:
+    """The party who must act hears of a moved deadline (as for the platform's
+    `deadline.changed`); the platform itself is upstream and knows."""
+    step = step_def(case.kind, case.step)
+    if new_due == old_due or step is None or step.party == Party.platform:
+        return ()
+    return (Notice(
+        reason="deadline.changed", case_id=case.case_id, step=case.step,
+        party=step.party.value, due_at=new_due, urgent=False,
+        params={"kind": case.kind.value, "step": case.step, "order_id": case.order_id,
+                "shop_id": case.shop_id, "amount_fen": case.amount_fen,
+                "refund_fen": case.refund_fen, "due_at_local": local_text(new_due),
+                "cause": cause},
+    ),)

@@ -220,7 +220,15 @@ seed 001 (review within 1–3 working days: 3 wd; refund within 1–7 working da
 (the seeds are silent on them), to be replaced by a sourced version when one is known.
 
 **Versions and running steps.** A step keeps the rule version in force when it began
-(seed 004: acts before a rule's effective date follow the rule of their time).
+(seed 004: acts before a rule's effective date follow the rule of their time), unless the
+new version says `applies_to_running = true` in its `[ruleset]`: from its effective date
+it also governs the steps that began earlier and still run then. Such a step takes the
+new version's rule, counted from the step's start as any rule but due no earlier than the
+moment the version took effect; a step whose deadline had passed before keeps its
+version. The timer applies it at start and when such a version takes effect (checked
+each minute against the database clock); each step it moves gets a
+`rules.applied_to_running_step` note in its timeline and the acting party is told of
+the new deadline.
 
 **Set-wide options.** A `[ruleset]` may also say:
 
@@ -278,8 +286,9 @@ engine in force with the proposed one:
 
 - **pending deadlines that would move** (earlier, later, by how many days, the largest
   move): a running step keeps the rule version in force when it began, so a rule change
-  moves no running deadline; a holiday file moves the deadlines counted on an estimated
-  calendar, exactly as `aftersales calendar recompute` would;
+  moves a running deadline only through a version that applies to running steps (taking
+  effect within the next 7 days); a holiday file moves the deadlines counted on an
+  estimated calendar, exactly as `aftersales calendar recompute` would;
 - **automatic decisions in the next 24 hours and 7 days, before and after**, if nobody
   acts: each engine fires the case's deadline, then the deadline of the step it leads to,
   and so on (steps that begin later begin under the proposal, so a rule change shows

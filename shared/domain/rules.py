@@ -64,7 +64,7 @@ STEP_START = "step_start"
 ANCHOR_STEPS: Mapping[str, frozenset[str]] = {"visit_at": frozenset({"visit_scheduled"})}
 
 _RULESET_KEYS = {"name", "version", "effective", "source", "description",
-                 "rejection_needs_evidence", "after_sales_window"}
+                 "rejection_needs_evidence", "after_sales_window", "applies_to_running"}
 _RULE_REQUIRED = {"id", "kind", "step", "party", "duration", "on_timeout"}
 _RULE_OPTIONAL = {"reminders", "anchor", "note", "sourced"}
 SOURCED_FIELDS = ("party", "duration", "on_timeout", "reminders")
@@ -113,6 +113,8 @@ class RuleSetVersion:
     # set-wide options (None = not said here: an older version's, else the default set's)
     rejection_needs_evidence: bool | None = None  # seed 004: 商户需上传驳回凭证
     after_sales_window: Duration | None = None  # seed 000: 购买商品后7天内可以申请售后服务
+    # true: from its effective date it also governs steps that began earlier and still run
+    applies_to_running: bool = False
 
     @property
     def effective_at(self) -> datetime:
@@ -158,6 +160,37 @@ class RuleBook:
         book._check_default_covers_every_step()
         book._check_shops_never_looser()
         return book
+
+    def running_switch(self, platform: str, kind: Kind, step: str, started_at: datetime,
+                       current: RuleRef | None, until: datetime,
+                       shop: str | None = None) -> tuple[Rule, datetime] | None:
+        """A version that says it applies to running steps and took effect after this
+        step began (by `until`): its rule, and when it took effect. None if the step keeps
+        the version in force when it began."""
+        moments = sorted({v.effective_at for name in (platform, DEFAULT_SET)
+                          for v in self._sets.get(name, [])
+                          if v.applies_to_running and started_at < v.effective_at <= until},
+                         reverse=True)
+        for moment in moments:
+            rule = self.rule_for(platform, kind, step, moment, shop)
+            if rule is None or rule.ref == current:
+                continue
+            base = self.get(RuleRef(*rule.id.split("/", 2))) \
+                if rule.set_name.startswith(f"{SHOP_SET_PREFIX}:") else rule
+            if base is None:
+                continue
+            version = next((v for v in self._sets.get(base.set_name, [])
+                            if v.version == base.version), None)
+            if version is not None and version.applies_to_running \
+                    and version.effective_at == moment:
+                return rule, moment
+        return None
+
+    @property
+    def switch_moments(self) -> list[datetime]:
+        """When versions that apply to running steps take effect (for the timer)."""
+        return sorted({v.effective_at for history in self._sets.values() for v in history
+                       if v.applies_to_running})
 
     def option(self, platform: str, name: str, at: datetime) -> Any:
         """A set-wide option in force at `at`: the newest version of the platform's set
@@ -357,6 +390,10 @@ class _RuleFileParser:
                 self.fail(str(exc), key="after_sales_window")
             if not window_duration.is_fixed:
                 self.fail("[ruleset] after_sales_window must be in m/h/d", key="after_sales_window")
+        running = header.get("applies_to_running", False)
+        if not isinstance(running, bool):
+            self.fail("[ruleset] applies_to_running must be true or false",
+                      key="applies_to_running")
         raw_rules = doc.get("rule", [])
         if not isinstance(raw_rules, list) or not raw_rules:
             self.fail("no [[rule]] tables")
@@ -368,6 +405,7 @@ class _RuleFileParser:
             source_file=str(self.path), rules=tuple(rules),
             description=str(header.get("description", "")), source=str(header.get("source", "")),
             rejection_needs_evidence=needs_evidence, after_sales_window=window_duration,
+            applies_to_running=running,
         )
 
     def _rule(self, set_name: str, version: str, i: int, raw: Mapping[str, Any]) -> Rule:

@@ -4,9 +4,11 @@
 Two engines: the configuration in force and the proposed one. For each open case with a
 pending deadline:
 - **its pending deadline** under the proposal: a running step keeps the rule version in
-  force when it began (the stored rule), so only a deadline counted on an estimated
-  calendar moves, exactly as the recount does when the data arrives
-  (`shared.domain.recompute`); a platform's own deadline never moves;
+  force when it began (the stored rule) unless a proposed version says it applies to
+  running steps and takes effect while the step runs (within the horizon); a deadline
+  counted on an estimated calendar is recounted on a proposed holiday file; both exactly
+  as the timer does once the proposal is in force (`shared.domain.recompute`); a
+  platform's own deadline never moves;
 - **the automatic decisions ahead** if nobody acts: each engine fires the case's next
   deadline, then the deadline of the step it leads to, and so on up to the horizon, so a
   rule change shows in the steps that follow (they begin under the proposal).
@@ -24,7 +26,7 @@ from typing import Any
 
 from shared.domain.engine import Engine
 from shared.domain.model import Case, DeadlineSpec
-from shared.domain.recompute import recount
+from shared.domain.recompute import recount, switch_running
 
 HORIZONS = {"24h": timedelta(hours=24), "7d": timedelta(days=7)}
 MAX_CHAIN = 12  # fired deadlines per case and engine: a guard, flows end well before
@@ -79,11 +81,18 @@ def project(engine: Engine, case: Case, deadline: DeadlineSpec, until: datetime
 def compare_case(current: Engine, proposed: Engine, case: Case, deadline: DeadlineSpec,
                  now: datetime, horizon: timedelta = HORIZONS["7d"]) -> CaseComparison:
     until = now + horizon
-    moved = recount(proposed, case, now)
     new_case, new_deadline = case, deadline
-    if moved is not None:
-        new_case = moved.case
-        new_deadline = next(d for d in moved.outcome.deadlines or () if d.purpose == "deadline")
+    # a version that applies to running steps (in effect within the horizon), then the
+    # calendar: exactly what the timer's jobs would do once the proposal is in force
+    switched = switch_running(proposed, case, now, until=until)
+    if switched is not None:
+        new_case = switched.case
+    recounted = recount(proposed, new_case, now)
+    if recounted is not None:
+        new_case = recounted.case
+    if new_case is not case:
+        new_deadline = next(d for d in proposed.deadlines_for(new_case, now)
+                            if d.purpose == "deadline")
     return CaseComparison(
         case=case, old_due=deadline.due_at, new_due=new_deadline.due_at,
         before=project(current, case, deadline, until),
