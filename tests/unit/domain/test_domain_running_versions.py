@@ -87,5 +87,5 @@ def test_what_if_shows_the_move_of_a_running_step(tmp_path: Path) -> None:
     compared = compare_case(current, proposed, driver.case, driver.deadline, now)
     assert (compared.old_due, compared.new_due) == (cst(2026, 6, 2, 12), cst(2026, 6, 1, 12))
     assert compared.shift_seconds == -timedelta(days=1).total_seconds()
-    assert [p.at for p in compared.after][0] == cst(2026, 6, 1, 12)
-    assert [p.at for p in compared.before][0] == cst(2026, 6, 2, 12)
+    assert compared.after[0].at == cst(2026, 6, 1, 12)
+    assert compared.before[0].at == cst(2026, 6, 2, 12)
