@@ -72,3 +72,39 @@ def test_the_timer_job_gives_a_running_step_the_new_version(db: Database,
     assert told and told[0]["party"] == "merchant"
     # run again: nothing left to switch
     assert switch_running_steps(db, new, policy, {"emails": [], "phones": []}).changed == 0
+
+
+def test_a_buyer_rating_through_intake_is_kept_and_counted(db: Database) -> None:
+    from prometheus_client import REGISTRY
+
+    from services.intake.main import observe_batch
+
+    intake = IntakeProcessor(db, Engine(RuleBook.load(None), WorkCalendar(None)),
+                             NotificationPolicy.load(None), {"emails": [], "phones": []},
+                             64 * 1024)
+    at = datetime.now(UTC) - timedelta(hours=2)
+    base = {"platform": "douyin", "shop_id": "S1", "order_id": "O1", "case_id": "RATE-1"}
+
+    def ev(n: int, type_: str, **data: object) -> bytes:
+        return json.dumps({**base, "event_id": f"rate-{n}", "type": type_,
+                           "occurred_at": (at + timedelta(minutes=n)).isoformat(),
+                           "data": data}).encode()
+
+    labels = {"platform": "douyin", "kind": "refund_only", "rating": "2"}
+    before = REGISTRY.get_sample_value("aftersales_buyer_ratings_total", labels) or 0.0
+    intake.process([ev(0, "case.opened", kind="refund_only", amount_fen=100),
+                    ev(1, "buyer.rated", rating=5)])  # still open: does not fit
+    intake.process([ev(2, "merchant.approved"), ev(3, "refund.completed", amount_fen=100)])
+    result = intake.process([ev(4, "buyer.rated", rating=2, comment="慢")])
+    observe_batch(result, 0.01)
+    assert [(h.outcome, h.rating) for h in result.handled] == [("accepted", 2)]
+    assert REGISTRY.get_sample_value("aftersales_buyer_ratings_total", labels) == before + 1
+    doc = case_document(db, "RATE-1")
+    assert doc is not None
+    rated_events = sorted((t["event_id"], t["outcome"]) for t in doc["timeline"]
+                          if t["what"] == "event" and t["type"] == "buyer.rated")
+    assert rated_events == [("rate-1", "out_of_state"), ("rate-4", "applied")]
+    with db.transaction() as s:
+        rated = s.execute(text("SELECT snapshot->'data'->'buyer_rating' FROM cases "
+                               "WHERE case_id = 'RATE-1'")).scalar_one()
+    assert rated["rating"] == 2
