@@ -10,8 +10,16 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 
 from shared.config import Settings
-from shared.db.models import CaseEventRow, CaseRow, DeadlineRow, DecisionRow, NotificationRow
+from shared.db.models import (
+    CaseEventRow,
+    CaseNoteRow,
+    CaseRow,
+    DeadlineRow,
+    DecisionRow,
+    NotificationRow,
+)
 from shared.db.session import Database, make_engine
+from shared.domain.calendar import deadline_calendar
 from shared.logs import mask_pii
 
 LOCAL = ZoneInfo("Asia/Shanghai")
@@ -52,6 +60,9 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
             .where(DeadlineRow.status.in_(("pending", "dispatched")))
             .order_by(DeadlineRow.due_at)
         ).scalars().all()
+        notes = s.execute(
+            select(CaseNoteRow).where(CaseNoteRow.case_id == case_id).order_by(CaseNoteRow.id)
+        ).scalars().all()
     timeline: list[dict[str, Any]] = []
     for e in events:
         timeline.append({
@@ -70,6 +81,9 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
             "party": n.party, "channel": n.channel, "recipient": mask_pii(n.recipient),
             "status": n.status, "attempts": n.attempts, "error": n.last_error,
         })
+    for note in notes:
+        timeline.append({"at": _iso(note.at), "what": "note", "type": note.type,
+                         "data": note.body})
     timeline.sort(key=lambda item: item["at"] or "")
     return {
         "case": None if case is None else {
@@ -82,12 +96,15 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
             "resolution": case.snapshot.get("resolution"),
             "amount_fen": case.snapshot.get("amount_fen"),
             "refund_fen": case.snapshot.get("refund_fen"),
+            "calendar": deadline_calendar(case.snapshot.get("data") or {}),
+            "outside_window": (case.snapshot.get("data") or {}).get("outside_window"),
         },
         "timeline": timeline,
         "pending_deadlines": [
             {"step": d.step, "purpose": d.purpose, "due_at": _iso(d.due_at),
              "deadline_at": _iso(d.deadline_at), "action": d.action, "party": d.party,
-             "rule": {"set": d.rule_set, "version": d.rule_version, "id": d.rule_id}}
+             "rule": {"set": d.rule_set, "version": d.rule_version, "id": d.rule_id},
+             "calendar_source": d.calendar_source}
             for d in deadlines
         ],
     }
@@ -104,10 +121,14 @@ def render_text(doc: dict[str, Any]) -> str:
             f"  shop {case['shop_id']}  order {case['order_id']}",
             f"  step {case['step']}  (version {case['version']}, rules "
             f"{case['rule']['set']} {case['rule']['version']})",
-            f"  step due {_local(_dt(case['step_due_at']))}",
+            f"  step due {_local(_dt(case['step_due_at']))}" + _calendar_text(case["calendar"]),
             f"  opened {_local(_dt(case['opened_at']))}   closed {_local(_dt(case['closed_at']))}"
             + (f"   resolution {case['resolution']}" if case["resolution"] else ""),
         ]
+        if case.get("outside_window"):
+            flag = case["outside_window"]
+            lines.append(f"  FLAG: requested outside the {flag['window']} after-sales window "
+                         f"(purchased {_local(_dt(flag['purchased_at']))})")
     lines.append("")
     lines.append("timeline (Asia/Shanghai):")
     for item in doc["timeline"]:
@@ -121,6 +142,8 @@ def render_text(doc: dict[str, Any]) -> str:
                 f"  {when}  decision     {item['type']}  step {item['step']}  rule "
                 f"{rule.get('set')}/{rule.get('version')}/{rule.get('id')}"
             )
+        elif item["what"] == "note":
+            lines.append(f"  {when}  note         {item['type']}  {_note_text(item['data'])}")
         else:
             lines.append(
                 f"  {when}  notification {item['type']} -> {item['party']} by {item['channel']}"
@@ -135,8 +158,26 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(
             f"  {d['due_at']}  ({_local(_dt(d['due_at']))})  {d['purpose']:<8} step {d['step']}"
             f"  -> {d['action']}  ({d['party']})"
+            + ("  [estimated calendar]" if d["calendar_source"] == "estimated" else "")
         )
     return "\n".join(lines)
+
+
+def _calendar_text(calendar: dict[str, Any] | None) -> str:
+    if not calendar:
+        return ""
+    if calendar.get("estimated"):
+        years = ", ".join(str(y) for y in calendar.get("estimated_years", []))
+        return (f"  (working days ESTIMATED: no official holiday schedule for {years} yet; "
+                "recomputed when it arrives)")
+    return f"  (working days from the {calendar.get('source')} calendar)"
+
+
+def _note_text(data: dict[str, Any]) -> str:
+    if "old_due_at" in data:
+        return (f"step {data.get('step')}: deadline {_local(_dt(data['old_due_at']))} -> "
+                f"{_local(_dt(data.get('new_due_at')))} ({data.get('reason', '')})")
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _dt(value: str | None) -> datetime | None:

@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
+
+    from services import calendarcmd, rulescmd
+
+    calendarcmd.add_parser(sub)
+    rulescmd.add_parser(sub)
     return parser
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "ACTOR_DURATION",
     "ACTOR_MESSAGES",
     "BUILD_INFO",
+    "BUYER_RATINGS",
     "DECISIONS",
     "DECISIONS_PUBLISHED",
     "EVENTS_RECEIVED",
@@ -85,6 +86,7 @@ __all__ = [
     "all_metric_names",
     "mark_process_dead",
     "prepare_multiproc_dir",
+    "record_buyer_rating",
     "record_event_received",
     "record_event_rejected",
     "record_notification",
@@ -272,6 +274,11 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         ("type", "platform", "kind"), ("intake",),
     ),
     MetricSpec(
+        "BUYER_RATINGS", "counter", "aftersales_buyer_ratings",
+        "Buyers' satisfaction ratings (1..5) after a finished after-sales case.",
+        ("platform", "kind", "rating"), ("intake",),
+    ),
+    MetricSpec(
         "BUILD_INFO", "gauge", "aftersales_build_info",
         "Always 1; the version label says which build runs.",
         ("version",), SERVICES,
@@ -306,6 +313,10 @@ BACKLOG_SPECS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("", "gauge", "aftersales_calendar_covered_until_timestamp_seconds",
                "End of the last day with holiday data (chinese_calendar or the user file): "
                "working-day deadlines past it cannot be computed.", (), ("timer",)),
+    MetricSpec("", "gauge", "aftersales_pending_deadlines_estimated",
+               "Pending deadlines counted in working days on an estimated calendar (a year "
+               "without official holiday data); recounted when the data arrives.",
+               (), ("timer",)),
     MetricSpec("", "gauge", "aftersales_backlog_query_ok",
                "1 if the last backlog query succeeded, 0 if it failed (then the other "
                "backlog gauges are absent).", (), ("timer",)),
@@ -345,6 +356,7 @@ TIME_TO_RESOLUTION: Histogram
 TIMER_LATENESS: Histogram
 TIMER_FIRED: Counter
 TIMER_STALE: Counter
+BUYER_RATINGS: Counter
 INTAKE_BATCH_SECONDS: Histogram
 PARKED_EVENTS: Gauge
 OLDEST_PARKED_AGE: Gauge
@@ -427,6 +439,14 @@ def record_event_rejected(reason: str) -> None:
 def record_notification(channel: str, outcome: str) -> None:
     _counter("NOTIFICATIONS").labels(
         channel=_ident(channel), outcome=_check(outcome, NOTIFICATION_OUTCOMES, "outcome")
+    ).inc()
+
+
+def record_buyer_rating(platform: str, kind: str, rating: int) -> None:
+    """Count one buyer rating; `rating` is 1..5 (the schema's bounds), else "invalid"."""
+    _counter("BUYER_RATINGS").labels(
+        platform=_ident(platform), kind=_ident(kind),
+        rating=str(rating) if rating in range(1, 6) else INVALID_LABEL,
     ).inc()
 
 
@@ -521,6 +541,7 @@ class BacklogSnapshot:
     oldest_unpublished_outbox_at: Timestamp = None
     notifications_pending: Mapping[str, int] = field(default_factory=dict)
     calendar_covered_until: Timestamp = None
+    estimated_deadlines: int | None = None
 
     @classmethod
     def from_rows(
@@ -618,6 +639,11 @@ class BacklogCollector(Collector):
         fam = family("aftersales_outbox_unpublished")
         fam.add_metric([], float(snap.outbox_unpublished))
         yield fam
+
+        if snap.estimated_deadlines is not None:
+            fam = family("aftersales_pending_deadlines_estimated")
+            fam.add_metric([], float(snap.estimated_deadlines))
+            yield fam
 
         fam = family("aftersales_notifications_pending", ("channel",))
         for channel, n in sorted(snap.notifications_pending.items()):

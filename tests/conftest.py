@@ -28,7 +28,7 @@ PG_ADMIN_URL = os.environ.get("AFTERSALES_TEST_PG_ADMIN", "postgresql+psycopg://
 AMQP_HOST = os.environ.get("AFTERSALES_TEST_AMQP_HOST", "127.0.0.1")
 VHOST = f"aftersales-test-{RUN_ID}"
 TABLES = ("outbox", "notifications", "decisions", "deadlines", "case_events", "cases",
-          "case_event_conflicts")
+          "case_event_conflicts", "case_notes")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,

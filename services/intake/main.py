@@ -49,6 +49,8 @@ def observe_batch(result: BatchResult, seconds: float) -> None:
         if handled.outcome == "accepted" and handled.kind:
             metrics.record_case_progress(handled.platform, handled.kind, handled.steps,
                                          handled.resolved_after_seconds)
+        if handled.outcome == "accepted" and handled.kind and handled.rating is not None:
+            metrics.record_buyer_rating(handled.platform, handled.kind, handled.rating)
 
 
 def intake_limits(settings: Settings) -> Limits:

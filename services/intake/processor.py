@@ -87,6 +87,7 @@ class Handled:
     steps: tuple[StepResult, ...] = ()
     resolved_after_seconds: float | None = None  # set when this event closed the case
     rebuilt: bool = False  # the case was rebuilt from its log in event-time order
+    rating: int | None = None  # buyer.rated: the rating recorded
 
 
 @dataclass
@@ -306,8 +307,10 @@ class _Batch:
         if outcome.problem:
             return Handled(ev.type, ev.platform, "out_of_state", outcome.problem,
                            str(after.kind), outcome.steps)
+        rating = (after.data.get("buyer_rating") or {}).get("rating") \
+            if ev.type == "buyer.rated" else None
         return Handled(ev.type, ev.platform, "accepted", None, str(after.kind), outcome.steps,
-                       seconds_to_resolution(before, after))
+                       seconds_to_resolution(before, after), rating=rating)
 
     def _rebuild(self, accepted: Accepted, before: Case | None,
                  arrived: tuple[str, ...] = ()) -> Handled:

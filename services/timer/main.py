@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 from functools import partial
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import text
+
 from services.timer.loop import Timer
 from shared import metrics
 from shared.amqp import make_broker
-from shared.bootstrap import build_database, build_health
+from shared.bootstrap import build_database, build_domain, build_health, build_policy, ops_contacts
 from shared.config import Settings
 from shared.db.backlog import PeriodicBacklog, read_backlog
+from shared.db.session import Database
 from shared.domain import WorkCalendar
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
@@ -52,15 +56,64 @@ def calendar_coverage(settings: Settings) -> datetime:
     end = datetime.combine(last_day + timedelta(days=1), dt_time(), tzinfo=SHANGHAI)
     left = (end - datetime.now(UTC)).days
     if left < 60:
-        log.warning("holiday data ends %s (%d days left): add next year's schedule to the "
+        log.warning("official holiday data ends %s (%d days left): working-day deadlines "
+                    "past it are counted on an estimate; add next year's schedule to the "
                     "file named by AFTERSALES_HOLIDAYS", last_day, left)
     return end
+
+
+def watch_running_switches(settings: Settings, db: Database, stop: threading.Event,
+                           every: float = 60.0) -> None:
+    """Rule versions that say they apply to running steps: give the running steps their
+    rule at start, and again each time such a version has taken effect (checked once a
+    minute against the database clock)."""
+    from shared.db.recount import switch_running_steps
+
+    engine, policy, contacts = build_domain(settings), build_policy(settings), \
+        ops_contacts(settings)
+    if not engine.rules.switch_moments:
+        return
+    done_until = None
+    while not stop.is_set():
+        try:
+            with db.transaction() as s:
+                now = s.execute(text("SELECT now()")).scalar_one()
+            passed = [m for m in engine.rules.switch_moments if m <= now]
+            if passed and passed[-1] != done_until:
+                summary = switch_running_steps(db, engine, policy, contacts)
+                done_until = passed[-1]
+                for line in summary.lines():
+                    log.info("%s", line)
+        except Exception:
+            log.exception("applying rule versions to running steps failed (retried)")
+        stop.wait(every)
+
+
+def recount_estimated_deadlines(settings: Settings, db: Database) -> None:
+    """Official holiday data may have arrived since the last start (a chinesecalendar
+    upgrade, a year added to the holiday file): count again every pending deadline that
+    stood on an estimate. A failure is logged, not fatal: `aftersales calendar recompute`
+    does the same."""
+    from shared.db.recount import recount_estimated
+
+    try:
+        summary = recount_estimated(db, build_domain(settings), build_policy(settings),
+                                    ops_contacts(settings))
+    except Exception:
+        log.exception("recounting deadlines on estimated calendar data failed")
+        return
+    if summary.checked:
+        for line in summary.lines():
+            log.info("%s", line)
 
 
 def run(settings: Settings) -> int:
     setup_logging("timer", settings.log_level)
     db = build_database(settings, pool_size=1)
     covered_until = calendar_coverage(settings)
+    recount_estimated_deadlines(settings, db)
+    threading.Thread(target=watch_running_switches, args=(settings, db, threading.Event()),
+                     name="rule-switches", daemon=True).start()
     server = metrics.start_metrics_server(
         settings.metrics_port_for("timer"), "timer", addr=settings.metrics_bind,
         collectors=[metrics.BacklogCollector(PeriodicBacklog(

@@ -24,6 +24,11 @@ OVERDUE = text(
     """SELECT count(*), min(due_at) FROM deadlines
        WHERE status IN ('pending', 'dispatched') AND due_at <= now()"""
 )
+# the partial index ix_deadlines_pending_estimated makes this cheap
+ESTIMATED_DEADLINES = text(
+    """SELECT count(*) FROM deadlines
+       WHERE status = 'pending' AND calendar_source = 'estimated' AND purpose = 'deadline'"""
+)
 OLDEST_OPEN = text("SELECT min(opened_at) FROM cases WHERE status = 'open'")
 OUTBOX = text("SELECT count(*), min(created_at) FROM outbox")
 NOTIFICATIONS_PENDING = text(
@@ -47,6 +52,7 @@ def read_backlog(db: Database, calendar_covered_until: datetime | None = None) -
             outbox_unpublished=int(outbox_count),
             oldest_unpublished_outbox_at=oldest_outbox,
             calendar_covered_until=calendar_covered_until,
+            estimated_deadlines=int(s.execute(ESTIMATED_DEADLINES).scalar_one()),
         )
 
 

@@ -141,6 +141,9 @@ class DeadlineRow(Base):
     dispatch_count: Mapped[int] = mapped_column(Integer, server_default="0")
     fired_at: Mapped[datetime | None]
     result: Mapped[str | None] = mapped_column(Text)
+    # working-day deadlines: library | file | estimated (recomputed when official data
+    # arrives, shared/domain/recompute.py); NULL for fixed durations
+    calendar_source: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         # The timer's hot query: pending rows by due time. Partial, so it stays small.
@@ -155,7 +158,28 @@ class DeadlineRow(Base):
             "case_id",
             postgresql_where=text("status IN ('pending', 'dispatched')"),
         ),
+        Index(
+            "ix_deadlines_pending_estimated",
+            "case_id",
+            postgresql_where=text("status = 'pending' AND calendar_source = 'estimated'"),
+        ),
     )
+
+
+class CaseNoteRow(Base):
+    """Something that happened to a case that is not an inbound event nor a decision, for
+    its timeline (`aftersales case show`): e.g. a deadline recomputed when official holiday
+    data replaced an estimate (`type` = "calendar.recomputed")."""
+
+    __tablename__ = "case_notes"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]]
+
+    __table_args__ = (Index("ix_case_notes_case_id", "case_id", "at"),)
 
 
 class DecisionRow(Base):

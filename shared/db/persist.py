@@ -58,7 +58,7 @@ CANCEL_OPEN_DEADLINES = (
 )
 INSERT_DEADLINES = bulk_insert(_DEADLINES, [
     "case_id", "step", "purpose", "action", "party", "due_at", "deadline_at", "fence",
-    "rule_set", "rule_version", "rule_id", "status"])
+    "rule_set", "rule_version", "rule_id", "status", "calendar_source"])
 INSERT_DECISIONS = bulk_insert(
     _DECISIONS, ["decision_id", "case_id", "type", "step", "decided_at", "body"],
     "ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id")
@@ -171,6 +171,7 @@ def _deadline_row(d: DeadlineSpec) -> dict[str, Any]:
         "rule_version": d.rule.version,
         "rule_id": d.rule.id,
         "status": "pending",
+        "calendar_source": d.calendar.get("source") if d.calendar else None,
     }
 
 

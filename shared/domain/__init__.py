@@ -8,7 +8,6 @@ from shared.domain.calendar import WorkCalendar
 from shared.domain.engine import Engine, decision_key, facts_of
 from shared.domain.errors import (
     AftersalesError,
-    CalendarDataMissing,
     DomainError,
     HolidayFileError,
     RuleFileError,
@@ -35,7 +34,6 @@ __all__ = [
     "CLOSED",
     "OPEN",
     "AftersalesError",
-    "CalendarDataMissing",
     "Case",
     "DeadlineSpec",
     "Decision",

@@ -28,7 +28,12 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from shared.domain.calendar import WorkCalendar
+from shared.domain.calendar import (
+    CALENDAR_KEY,
+    WorkCalendar,
+    calendar_record,
+    deadline_calendar,
+)
 from shared.domain.flows import (
     AFTER_REJECTION,
     CLOSED_STEP,
@@ -63,6 +68,7 @@ from shared.domain.model import (
     decision_id,
 )
 from shared.domain.money import voucher_refund_fen
+from shared.domain.ratings import RATED, rate
 from shared.domain.rules import STEP_START, Rule, RuleBook
 from shared.domain.timeutil import as_utc, local_text, parse_moment
 
@@ -106,7 +112,8 @@ EVENT_FACTS: Mapping[str, Mapping[str, str]] = {
                                "reason": "intervention_reason"},
     "intervention.resolved": {"outcome": "intervention_outcome"},
 }
-OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_count", "used_fen")
+OPENING_FACTS = ("reason", "evidence", "voucher_total_count", "voucher_used_count", "used_fen",
+                 "purchased_at")
 
 
 # Bookkeeping the engine keeps in case.data (see docs/design.md "Event time").
@@ -268,6 +275,8 @@ class Engine:
         )
 
     def _apply_one(self, case: Case, event: Event, now: datetime) -> Outcome:
+        if event.type == RATED:  # after completion: the one event a closed case takes
+            return rate(case, event, now)
         if not case.is_open:
             return _not_applied(case, f"out_of_state: the case is closed ({case.resolution}); "
                                       f"{event.type} does not apply")
@@ -487,7 +496,8 @@ class Engine:
         def spec(purpose: str, at: datetime, action: str) -> DeadlineSpec:
             return DeadlineSpec(case_id=case.case_id, step=case.step, purpose=purpose, due_at=at,
                                 action=action, party=rule.party.value, fence=case.version,
-                                rule=rule.ref, deadline_at=due)
+                                rule=rule.ref, deadline_at=due,
+                                calendar=deadline_calendar(case.data))
 
         reminder_times = sorted({due - offset.as_timedelta() for offset in rule.reminders})
         return (spec("deadline", due, rule.on_timeout),
@@ -530,6 +540,9 @@ class Engine:
             opened_at=at, closed_at=None,
             data={k: data[k] for k in OPENING_FACTS if k in data},
         )
+        outside = self.rules.window_flag(event.platform, data, at)
+        if outside is not None:  # flagged, not refused: the platform accepted the request
+            skeleton = replace(skeleton, data={**skeleton.data, "outside_window": outside})
         work = _Work(skeleton, now)
         if refund_fen == 0:  # a fully used voucher: nothing can be refunded
             work.close("nothing_to_refund", at)
@@ -568,7 +581,7 @@ class Engine:
         if target is None:
             return (f"out_of_state: {event.type} does not fit a {case.kind} case in step "
                     f"{case.step}")
-        problem = self._check_data(event)
+        problem = self._check_data(event) or self.rules.refusal(case, event)
         if problem:
             return problem
         work = _Work(case, now)
@@ -702,9 +715,10 @@ class Engine:
         """Start `step` at `at`: pick the rule in force, set the deadline (the platform's
         own `due_override` wins over the rule's), resolve immediate ("0h") rules at once."""
         case = work.case
-        rule = self.rules.rule_for(case.platform, case.kind, step, at)
+        rule = self.rules.rule_for(case.platform, case.kind, step, at, shop=case.shop_id)
         data = dict(case.data)
         data.pop("deadline_source", None)
+        data.pop(CALENDAR_KEY, None)
         if step == AFTER_REJECTION and case.step not in (AFTER_REJECTION, INTERVENTION):
             data["rejected_at_step"] = case.step  # where an upheld buyer goes back to
         refund_fen = case.refund_fen
@@ -728,9 +742,12 @@ class Engine:
             self._time_out(work, rule.on_timeout, rule.party, rule.ref, at, work.case.version,
                            immediate=True, depth=depth + 1)
 
-    def _rule_due(self, rule: Rule, at: datetime, data: Mapping[str, Any]) -> datetime:
+    def _rule_due(self, rule: Rule, at: datetime, data: dict[str, Any]) -> datetime:
         anchor = at if rule.anchor == STEP_START else (parse_moment(data.get(rule.anchor)) or at)
-        return rule.duration.add_to(anchor, self.calendar)
+        due = rule.duration.add_to(anchor, self.calendar)
+        if not rule.duration.is_fixed:  # working days: record the calendar data used
+            data[CALENDAR_KEY] = calendar_record(self.calendar, rule, anchor, due)
+        return due
 
     def _time_out(self, work: _Work, action: str, party: Party, rule: RuleRef,
                   deadline_at: datetime, fence: int, *, immediate: bool, depth: int = 0) -> None:
@@ -745,6 +762,9 @@ class Engine:
         if not immediate:  # an immediate step is a rule, not a party missing a deadline
             work.end_step(False, deadline_at)
         data: dict[str, Any] = {"action": action, "missed_step": case.step}
+        basis = deadline_calendar(case.data)
+        if basis is not None:  # a working-day deadline: on which calendar data it stood
+            data["calendar"] = basis
         if action == ESCALATE:
             self._pause(work, deadline_at, restart_clock=True)
         elif isinstance(target, Go):
@@ -818,7 +838,7 @@ class Engine:
             return
         case = work.case
         remaining = case.paused_remaining_s
-        rule = self.rules.rule_for(case.platform, case.kind, step, started)
+        rule = self.rules.rule_for(case.platform, case.kind, step, started, shop=case.shop_id)
         due = None
         if rule is not None and due_override is not None:
             due = as_utc(due_override)
@@ -834,7 +854,7 @@ class Engine:
         ref = case.rule
         found = self.rules.get(ref) if ref is not None else None
         return found or self.rules.rule_for(case.platform, case.kind, case.step,
-                                            case.step_started_at)
+                                            case.step_started_at, shop=case.shop_id)
 
     # ---- reminders and notices -------------------------------------------------------------
 

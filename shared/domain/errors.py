@@ -36,13 +36,3 @@ class RuleFileError(DataFileError):
 class HolidayFileError(DataFileError):
     """A broken user holiday file."""
 
-
-class CalendarDataMissing(DomainError):
-    """Neither chinese_calendar nor the user holiday file knows this year's working days."""
-
-    def __init__(self, year: int) -> None:
-        self.year = year
-        super().__init__(
-            f"no working-day data for the year {year}: chinese_calendar does not cover it and "
-            f"the user holiday file has no [{year}] table; add one (see docs/rules.md)"
-        )

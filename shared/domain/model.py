@@ -140,6 +140,9 @@ class DeadlineSpec:
     fence: int  # the case.version this deadline belongs to
     rule: RuleRef
     deadline_at: datetime  # for a reminder, the deadline it warns about; else = due_at
+    # working-day deadlines: the calendar data they stand on, e.g. {"source": "estimated",
+    # "estimated": true} (shared.domain.calendar); None for fixed durations
+    calendar: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

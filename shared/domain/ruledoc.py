@@ -53,7 +53,7 @@ rebuilt (see "Event time" below), so it stays unapplied only while it truly does
 Malformed data (an unknown kind, a missing `visit_at`, an unknown intervention outcome)
 gives `invalid: <reason>`. A deadline whose fence (the case version it was set for) no
 longer matches gives `stale: <reason>`.
-The engine raises only for programming errors and for missing working-day data.
+The engine raises only for programming errors.
 
 Events every kind shares:
 
@@ -155,7 +155,8 @@ agreed visit slot). Durations: `30m`, `48h`, `10d`
 the action is taken in the same outcome that enters the step.
 
 Rule sets are TOML files in `shared/rules/` (format in `shared/domain/rules.py`), one file
-per set and version; `AFTERSALES_RULES` (a file or folder) replaces the shipped sets. The
+per set and version; `AFTERSALES_RULES` (a file or folder) is laid over them (see
+"Overlays" below). The
 set named like the event's `platform` applies when it has a rule for the (kind, step),
 else the `default` set, which must cover every step. Versions accumulate: the rule for a
 step is the one from the newest version effective (00:00 China time on its `effective`
@@ -193,8 +194,41 @@ workdays = [2027-02-06]               # make-up workdays, even Saturday/Sunday
 ```
 
 In a year the file lists, dates it does not list fall back to `chinese_calendar` if it
-knows the year, else to Monday..Friday. A year neither knows raises `CalendarDataMissing`
-naming the year: deadlines are never guessed.
+knows the year, else to Monday..Friday.
+
+### Years without official data: the estimated calendar
+
+The State Council publishes next year's schedule some time between late October and early
+December, so every December working-day deadlines reach into a year nobody knows yet. Such
+a year is never an error: its working days come from an **estimate**, the `holidays`
+package's Chinese statutory holidays at their expected dates (with its observed days),
+weekends off and **no make-up workdays**. (Asked about 2024–2026, that package agrees with
+`chinese_calendar` on every day; a unit test checks it.) Each year has a source: `library`
+(chinese_calendar), `file` (`AFTERSALES_HOLIDAYS`) or `estimated`.
+
+A working-day deadline records the data it stood on: the case keeps
+`data.calendar = {"source", "estimated", "estimated_years", "anchor", "workdays",
+"rule_due"}`, the deadline row `calendar_source`, and the decision it causes
+`data.calendar = {"source": "estimated", "estimated": true, "estimated_years": [2027]}`.
+`aftersales case show` marks such a deadline as estimated; the timer's gauge
+`aftersales_pending_deadlines_estimated` counts them.
+
+When official data arrives (a chinesecalendar upgrade, or the year added to the holiday
+file), every pending deadline counted on the estimate is counted again from the same start
+with the same number of working days: at the timer's start, or with
+`aftersales calendar recompute`. The step's deadline moves by the difference (a clock
+paused by an intervention keeps its shift), its reminders follow, the case's version
+advances, the acting party is told of the new deadline (`deadline.changed`, unless the
+platform acts), and the case's timeline gets a `calendar.recomputed` note (old and new
+deadline, old and new source). A deadline the platform set (`due_at`,
+`deadline.changed`) is never recounted. Restart every service with the new data: a
+service still running on the old data keeps estimating, and a later recompute catches
+what it wrote.
+
+`aftersales calendar status` shows each year from last year to next year with its source,
+its weekday days off and make-up workdays, and the pending deadlines on estimates by year.
+The alert `AftersalesHolidayDataRunningOut` fires from December 1st while next year has no
+official data.
 
 ## Money
 
@@ -206,6 +240,107 @@ Not modelled (yet): the after-sales window (a request at least 7 days after purc
 seed 000) needs the purchase date, and the general 24 h response target (seeds 000, 001)
 is an SLA figure, not an automatic decision; the 24 h reminder of `merchant_response`
 serves it.
+"""
+
+
+RULE_CHANGES = """\
+## Rule sets: overlays, platform sets, shop policies
+
+**Overlays.** The shipped sets (`shared/rules/`) are always loaded. `AFTERSALES_RULES`
+(a file or a folder of `*.toml`) is laid over them: a version of a new set, or a new
+version of a shipped set, is added; a version with the same set name and version as a
+shipped one replaces it (`aftersales rules list` marks it and names the shipped file it
+replaced). A shipped set is never dropped. `aftersales rules list [--json]` shows every
+set and version with its effective date, origin (shipped / user) and source;
+`aftersales rules check PATH` validates a file or folder as it would be laid over the
+shipped sets and prints `file:line: reason` (exit status 1) for the first error.
+
+**Platform sets and where their values come from.** Each rule says which of its values the
+platform published (`sourced = ["party", "duration", "on_timeout", "reminders"]`, the
+column "published by the platform" below); every other value is ours. `douyin` follows
+seed 001 (review within 1–3 working days: 3 wd; refund within 1–7 working days: 7 wd);
+`kuaishou` follows seed 004; `taobao`, `pinduoduo`, `jd` and `wechat` are our defaults
+(the seeds are silent on them), to be replaced by a sourced version when one is known.
+
+**Versions and running steps.** A step keeps the rule version in force when it began
+(seed 004: acts before a rule's effective date follow the rule of their time), unless the
+new version says `applies_to_running = true` in its `[ruleset]`: from its effective date
+it also governs the steps that began earlier and still run then. Such a step takes the
+new version's rule, counted from the step's start as any rule but due no earlier than the
+moment the version took effect; a step whose deadline had passed before keeps its
+version. The timer applies it at start and when such a version takes effect (checked
+each minute against the database clock); each step it moves gets a
+`rules.applied_to_running_step` note in its timeline and the acting party is told of
+the new deadline.
+
+**Set-wide options.** A `[ruleset]` may also say:
+
+- `rejection_needs_evidence = true`: a `merchant.rejected` without `evidence` does not fit
+  (`out_of_state: merchant.rejected without evidence ...`, recorded in the case's log);
+  the merchant's step and its deadline go on. `kuaishou` says so (seed 004: 商户需上传驳回
+  凭证).
+- `after_sales_window = "7d"`: a case opened later than this after `data.purchased_at`
+  (RFC 3339, on `case.opened`) is flagged, not refused (the platform accepted it):
+  `data.outside_window = {"window", "purchased_at", "late_by_s"}`, shown by
+  `aftersales case show`. `kuaishou` says 7 days (seed 000: 购买商品后7天内可以申请售后服务).
+
+An option holds from the version that says it on; a later version without it keeps it;
+a platform set that never says it takes the `default` set's.
+
+**Shop policies.** A shop may promise shorter deadlines than its platform (its own return
+policy). A shop policy is a file next to the rule sets, with a `[shop_policy]` table
+instead of `[ruleset]`:
+
+```toml
+[shop_policy]
+platform = "douyin"        # shop ids are per platform
+shop_id = "S1001"
+version = "2026-12-01"
+effective = 2026-12-01     # versioned like a rule set
+source = "店铺售后承诺"
+
+[[rule]]
+kind = "any"
+step = "merchant_response"
+duration = "24h"           # the platform says 3 wd
+reminders = ["2h"]         # optional; else the platform rule's that fit
+```
+
+The case's `shop_id` chooses it; for a step that began at `t`, the shop version effective
+at `t` shortens the platform rule in force at `t`. Who acts, the action on timeout and the
+anchor stay the platform's. Deadlines and decisions name it: `rule.set =
+"shop:douyin:S1001"`, `rule.version` the shop version, `rule.id` the platform rule it
+shortens (`douyin/2024-08-22/any.merchant_response`). A shop rule is **never looser** than
+the platform rule in force at any moment of the shop version's life: a looser one is
+refused at load (`file:line`), so a service does not start with it. Fixed durations compare
+by length, working days by count; a fixed duration of at most N days is never looser than
+N working days; a working-day count against a fixed platform duration is refused (a
+holiday can make it longer).
+
+## What-if: a proposed change against the open cases
+
+`aftersales rules what-if PATH [--json]` answers "what would this change do to the cases
+open right now?" before it is applied. `PATH` is a rule file or folder (laid over the rule
+sets in force, as `AFTERSALES_RULES` would be) or a holiday file (one table per year; it
+stands in for `AFTERSALES_HOLIDAYS`). It reads the open cases and their pending deadlines
+in one consistent snapshot (`REPEATABLE READ READ ONLY`, the database's `now()` as the
+moment) and changes nothing. For each open case with a pending deadline it compares the
+engine in force with the proposed one:
+
+- **pending deadlines that would move** (earlier, later, by how many days, the largest
+  move): a running step keeps the rule version in force when it began, so a rule change
+  moves a running deadline only through a version that applies to running steps (taking
+  effect within the next 7 days); a holiday file moves the deadlines counted on an
+  estimated calendar, exactly as `aftersales calendar recompute` would;
+- **automatic decisions in the next 24 hours and 7 days, before and after**, if nobody
+  acts: each engine fires the case's deadline, then the deadline of the step it leads to,
+  and so on (steps that begin later begin under the proposal, so a rule change shows
+  here), broken down by platform, kind, missed step and decision;
+- a few **example cases** whose outcome changes, with their decisions before and after.
+
+An integration test fills a database with simulated traffic and checks the output against
+a direct recomputation; `bench/whatif_bench.py` measures it on 100,000 open cases
+(`docs/benchmarks.md`).
 """
 
 
@@ -276,13 +411,16 @@ def _rule_tables(book: RuleBook) -> list[str]:
             if version.source:
                 out += [f"Source: {version.source}.", ""]
             out += ["| rule id | kind | step | who acts | deadline | on timeout | "
-                    "reminders before | note |", "|---|---|---|---|---|---|---|---|"]
+                    "reminders before | published by the platform | note |",
+                    "|---|---|---|---|---|---|---|---|---|"]
             for rule in version.rules:
                 reminders = ", ".join(r.text for r in rule.reminders) or "—"
+                sourced = ", ".join(rule.sourced) or "none (ours)"
                 out.append(
                     f"| `{rule.id}` | {rule.kind} | `{rule.step}` | {rule.party.value} | "
                     f"{_deadline_text(rule)} | `{rule.on_timeout}` → "
-                    f"`{DECISION_OF_ACTION[rule.on_timeout]}` | {reminders} | {rule.note} |"
+                    f"`{DECISION_OF_ACTION[rule.on_timeout]}` | {reminders} | {sourced} | "
+                    f"{rule.note} |"
                 )
             out.append("")
     return out
@@ -310,7 +448,7 @@ def render_rules_markdown(book: RuleBook) -> str:
         + [f"| `{a}` | `{d}` | {ACTION_EFFECTS[a]} |" for a, d in DECISION_OF_ACTION.items()]
     )
     prose = PROSE.replace("{outcomes}", outcomes).replace("{actions}", actions)
-    lines = [prose, *_flow_tables(), *_rule_tables(book),
+    lines = [prose, RULE_CHANGES, *_flow_tables(), *_rule_tables(book),
              *_effective_table(book)]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -159,6 +159,11 @@ class RefundCompleted(_Data):
     amount_fen: Int64 = Field(ge=0, le=10**12)
 
 
+class BuyerRated(_Data):
+    rating: int = Field(ge=1, le=5)
+    comment: Text = ""
+
+
 class NoData(_Data):
     pass
 
@@ -190,6 +195,7 @@ DATA_MODELS: dict[str, type[_Data]] = {
     "refund.completed": RefundCompleted,
     "deadline.changed": DeadlineChanged,
     "voucher.expired": NoData,
+    "buyer.rated": BuyerRated,
 }
 EVENT_TYPES = tuple(DATA_MODELS)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from domain_support import cst
 
-from shared.domain import CalendarDataMissing, HolidayFileError, WorkCalendar
+from shared.domain import HolidayFileError, WorkCalendar
 from shared.domain.durations import Duration
 
 
@@ -43,11 +43,6 @@ def test_working_days_use_the_china_local_date() -> None:
 def test_wd_duration_uses_the_calendar(calendar: WorkCalendar) -> None:
     assert Duration.parse("7wd").add_to(cst(2026, 9, 30, 10), calendar) == cst(2026, 10, 15, 10)
     assert Duration.parse("10d").add_to(cst(2026, 9, 30, 10), calendar) == cst(2026, 10, 10, 10)
-
-
-def test_year_without_data_raises_calendar_data_missing(calendar: WorkCalendar) -> None:
-    with pytest.raises(CalendarDataMissing, match="2031"):
-        calendar.is_workday(date(2031, 3, 3))
 
 
 def test_user_holiday_file_adds_a_year_and_wins(tmp_path: Path) -> None:

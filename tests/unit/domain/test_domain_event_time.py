@@ -272,7 +272,7 @@ def test_rejection_one_second_after_the_deadline_loses_whatever_the_timer_lag() 
         due = live.case.step_due_at
         if timer_first:
             live.tick(due)
-        rejected = make_event("merchant.rejected", due + timedelta(seconds=1), reason="no")
+        rejected = make_event("merchant.rejected", due + timedelta(seconds=1), reason="no", evidence=["https://img.example/proof.jpg"])
         out = live.arrive(rejected, due + timedelta(seconds=2))
         assert out is not None and out.problem is not None
         assert out.problem.startswith("out_of_state")
@@ -290,7 +290,9 @@ def test_rejection_exactly_at_the_deadline_is_in_time_even_after_the_timer_fired
     due = live.case.step_due_at
     live.tick(due)  # the timer decided first ...
     approval = next(iter(live.published))
-    out = live.arrive(make_event("merchant.rejected", due, reason="no"), due + timedelta(hours=1))
+    rejected = make_event("merchant.rejected", due, reason="no",
+                          evidence=["https://img.example/proof.jpg"])
+    out = live.arrive(rejected, due + timedelta(hours=1))
     # ... but the rejection happened at the deadline: in time, so the approval is withdrawn
     assert out is not None and out.rebuilt and out.verdicts
     superseded = [d for d in out.decisions if d.type == SUPERSEDED]

@@ -19,7 +19,7 @@ OPENED = cst(2026, 11, 2, 10)
 def test_an_act_exactly_at_its_deadline_is_in_time(driver: Driver) -> None:
     driver.open("refund_only", OPENED)
     due = driver.deadline.deadline_at
-    out = driver.send("merchant.rejected", due, reason="no")
+    out = driver.send("merchant.rejected", due, reason="no", evidence=["https://img.example/proof.jpg"])
     assert out.decisions == () and out.problem is None
     assert [(s.step, s.met) for s in out.steps] == [("merchant_response", True)]
     assert driver.step == "buyer_after_rejection"
@@ -30,7 +30,7 @@ def test_an_act_one_second_after_its_deadline_comes_after_the_automatic_action(
 ) -> None:
     driver.open("refund_only", OPENED)
     due = driver.deadline.deadline_at
-    out = driver.send("merchant.rejected", due + timedelta(seconds=1), reason="no")
+    out = driver.send("merchant.rejected", due + timedelta(seconds=1), reason="no", evidence=["https://img.example/proof.jpg"])
     assert out.applied and out.problem is not None
     assert out.problem.startswith("out_of_state: merchant.rejected does not fit")
     assert [d.type for d in out.decisions] == ["decision.auto_approved"]
@@ -195,7 +195,7 @@ def test_each_event_is_told_to_the_party_it_concerns(engine: Engine) -> None:
     heard |= _reach(engine, "refund_only", [
         ("intervention.requested", {"requested_by": "buyer"}),
         ("intervention.resolved", {"outcome": "refund"}), ("refund.completed", {})])
-    heard |= _reach(engine, "return_refund", [("merchant.rejected", {"reason": "no"}),
+    heard |= _reach(engine, "return_refund", [("merchant.rejected", {"reason": "no", "evidence": ["https://img.example/proof.jpg"]}),
                                               ("buyer.modified", {}), ("buyer.cancelled", {})])
     heard |= _reach(engine, "repair", [("merchant.refused_repair", {})])
     for type_, parties in heard.items():

@@ -42,7 +42,8 @@ def _book_folder(tmp_path: Path, **files: str) -> Path:
 
 def test_shipped_sets_load_with_kuaishou_versions() -> None:
     book = RuleBook.load(None)
-    assert book.set_names == ["default", "kuaishou"]
+    assert book.set_names == ["default", "douyin", "jd", "kuaishou", "pinduoduo", "taobao",
+                              "wechat"]
     assert [v.version for v in book.versions("kuaishou")] == ["2022-09-30", "2022-12-22"]
 
 
@@ -51,7 +52,7 @@ def test_platform_set_wins_and_default_fills_the_gaps() -> None:
     at = datetime(2026, 1, 1, tzinfo=UTC)
     exchange = book.rule_for("kuaishou", Kind.exchange, "merchant_response", at)
     refund = book.rule_for("kuaishou", Kind.refund_only, "merchant_response", at)
-    unknown_platform = book.rule_for("douyin", Kind.exchange, "merchant_response", at)
+    unknown_platform = book.rule_for("acmeshop", Kind.exchange, "merchant_response", at)
     assert exchange is not None and exchange.ref.set == "kuaishou"
     assert refund is not None and refund.ref == RuleRef("default", "1", "any.merchant_response")
     assert unknown_platform is not None and unknown_platform.ref.set == "default"
@@ -91,11 +92,32 @@ def test_a_case_keeps_the_version_of_its_step_across_a_later_version(tmp_path: P
     assert driver.deadline.rule.version == "v1"
 
 
-def test_a_file_replaces_the_shipped_sets(tmp_path: Path) -> None:
-    single = tmp_path / "default.toml"
-    shutil.copy(SHIPPED / "default.toml", single)
+def test_a_user_file_overlays_the_shipped_sets_without_dropping_any(tmp_path: Path) -> None:
+    shipped = RuleBook.load(None)
+    single = tmp_path / "acme.toml"
+    single.write_text(_set_file("acme", "v1", "2026-01-01", GOOD_RULE.format(duration="48h")))
     book = RuleBook.load(single)
-    assert book.set_names == ["default"]
+    assert set(book.set_names) == set(shipped.set_names) | {"acme"}
+    for name in shipped.set_names:  # every shipped version is still there, unchanged
+        assert book.versions(name) == shipped.versions(name)
+    (acme,) = book.versions("acme")
+    assert (acme.origin, acme.overrides) == ("user", "")
+
+
+def test_a_user_version_replaces_the_shipped_one_of_the_same_name_and_version(
+    tmp_path: Path,
+) -> None:
+    text = (SHIPPED / "kuaishou-2022-09-30.toml").read_text(encoding="utf-8")
+    (tmp_path / "k.toml").write_text(text.replace('duration = "48h"', 'duration = "36h"', 1))
+    book = RuleBook.load(tmp_path)
+    old, new = book.versions("kuaishou")
+    assert (new.version, new.origin, new.overrides) == (
+        "2022-12-22", "shipped", "")  # the other shipped version stays
+    assert (old.version, old.origin) == ("2022-09-30", "user")
+    assert old.overrides.endswith("kuaishou-2022-09-30.toml")
+    rule = book.rule_for("kuaishou", Kind.exchange, "merchant_response",
+                         datetime(2026, 1, 1, tzinfo=UTC))
+    assert rule is not None and rule.duration.text == "36h"
 
 
 def _error(tmp_path: Path, text: str) -> RuleFileError:
