@@ -89,6 +89,13 @@ if command -v rabbitmq-plugins >/dev/null && ! port_open 15692; then
   $SUDO rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null 2>&1 || true
 fi
 
+# The policy that keeps decisions no upstream queue is bound for (shared/broker_policy.py),
+# on the vhost of AFTERSALES_AMQP_URL (default /). Idempotent.
+if command -v rabbitmqctl >/dev/null; then
+  $SUDO .venv/bin/aftersales broker policy >/dev/null \
+    || say "could not apply the RabbitMQ policy: see aftersales broker policy --print"
+fi
+
 # --- promtool (alert rule tests) -------------------------------------------------------
 if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_case_show)
 
+    from services.ops.cli import register as register_ops
+
+    register_ops(sub, case_sub, _settings)
+
     schemas = sub.add_parser("schemas", help="write the event JSON Schemas")
     schemas.add_argument("--out", default="schemas/v1", help="folder (default schemas/v1)")
     schemas.set_defaults(func=cmd_schemas)

@@ -7,6 +7,7 @@ turns "no queue was bound" into an error instead of a silent drop.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -14,7 +15,9 @@ import dramatiq
 import pika
 import pika.exceptions
 
-from shared.amqp import AftersalesBroker, declare_topology
+from shared.amqp import DECISIONS_EXCHANGE, UNROUTED_QUEUE, AftersalesBroker, declare_topology
+
+log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
@@ -109,7 +112,7 @@ class BatchPublisher:
         self.queue_type = queue_type
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
-        self._returned: list[str] = []
+        self._returned: list[tuple[Any, pika.BasicProperties, bytes]] = []
         self._declared: set[str] = set()
 
     def _open(self) -> Any:
@@ -121,8 +124,7 @@ class BatchPublisher:
             channel = self._connection.channel()
             declare_topology(channel, self.queue_type)
             channel.add_on_return_callback(
-                lambda _ch, method, props, _body: self._returned.append(
-                    f"{method.exchange}/{method.routing_key}: {method.reply_text}"))
+                lambda _ch, method, props, body: self._returned.append((method, props, body)))
             channel.tx_select()
             self._channel = channel
         return self._channel
@@ -158,11 +160,40 @@ class BatchPublisher:
             channel.tx_commit()
             if self._connection is not None:
                 self._connection.process_data_events(0)  # deliver any basic.return
+            if self._returned:
+                self._keep_unrouted(channel)
         except (pika.exceptions.AMQPError, OSError):
             self.close()
             raise
-        if self._returned:
-            raise pika.exceptions.UnroutableError(list(self._returned))
+
+    def _keep_unrouted(self, channel: Any) -> None:
+        """Decisions that came back unrouted go to the unrouted queue, unchanged but for
+        an `x-unrouted-reason` header. Normally the alternate-exchange policy
+        (shared/broker_policy.py) routes them there itself and none come back; this is
+        for a broker without the policy. (Their receipt is already committed: a crash
+        right here would lose them, hence the policy.) Anything else that came back is
+        a bug in the topology: an error, as before."""
+        returned, self._returned = self._returned, []
+        others = [f"{m.exchange}/{m.routing_key}: {m.reply_text}" for m, _p, _b in returned
+                  if m.exchange != DECISIONS_EXCHANGE]
+        for method, props, body in returned:
+            if method.exchange != DECISIONS_EXCHANGE:
+                continue
+            headers = dict(props.headers or {})
+            headers.update({"x-unrouted-reason": method.reply_text,
+                            "x-original-exchange": method.exchange,
+                            "x-original-routing-key": method.routing_key})
+            props.headers = headers
+            channel.basic_publish(exchange="", routing_key=UNROUTED_QUEUE, body=body,
+                                  properties=props, mandatory=True)
+        channel.tx_commit()
+        kept = len(returned) - len(others)
+        if kept:
+            log.warning("%d decisions had no queue bound and no alternate exchange: kept "
+                        "in %s (apply the broker policy: aftersales broker policy)",
+                        kept, UNROUTED_QUEUE)
+        if others:
+            raise pika.exceptions.UnroutableError(others)
 
     def take(self, queue: str, handle: Callable[[list[bytes]], None], limit: int = 1000
              ) -> int:
