@@ -26,3 +26,34 @@ def register(sub: argparse._SubParsersAction, case_sub: argparse._SubParsersActi
         return apply_policy(settings(), args.print_only)
 
     policy.set_defaults(func=run_policy)
+
+    def with_settings(handler: Callable[[Settings, argparse.Namespace], int]
+                      ) -> Callable[[argparse.Namespace], int]:
+        return lambda args: handler(settings(), args)
+
+    from services.ops import held_cli
+
+    for kind, queue, what in (
+            ("rejected", "aftersales.events.rejected", "events intake refused"),
+            ("unrouted", "aftersales.decisions.unrouted", "decisions no queue was bound for")):
+        group = sub.add_parser(kind, help=f"{what} ({queue}): list, show, replay")
+        group.set_defaults(kind=kind)
+        actions = group.add_subparsers(dest=f"{kind}_command", required=True, metavar="ACTION")
+        listing = actions.add_parser("list", help="list without taking them off the queue")
+        held_cli.add_filters(listing)
+        listing.add_argument("--limit", type=int, default=10_000)
+        listing.add_argument("--json", action="store_true")
+        listing.set_defaults(func=with_settings(held_cli.cmd_list))
+        show = actions.add_parser("show", help="one message: headers and body")
+        show.add_argument("id")
+        show.add_argument("--json", action="store_true")
+        show.set_defaults(func=with_settings(held_cli.cmd_show))
+        again = actions.add_parser(
+            "replay", help="publish again (confirmed) and take off the queue once committed")
+        again.add_argument("ids", nargs="*", metavar="ID")
+        held_cli.add_filters(again)
+        again.add_argument("--all", action="store_true", help="every held message")
+        again.add_argument("--dry-run", action="store_true", help="only say what it would do")
+        again.add_argument("--yes", action="store_true", help="no confirmation question")
+        again.add_argument("--json", action="store_true")
+        again.set_defaults(func=with_settings(held_cli.cmd_replay))
