@@ -57,6 +57,7 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
         timeline.append({
             "at": _iso(e.received_at), "what": "event", "type": e.type, "event_id": e.event_id,
             "occurred_at": _iso(e.occurred_at), "outcome": e.outcome, "problem": e.problem,
+            **_ops_fields(e.body),
         })
     for d in decisions:
         timeline.append({
@@ -93,6 +94,14 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
     }
 
 
+def _ops_fields(body: dict[str, Any] | None) -> dict[str, Any]:
+    """Who did an ops action and why (services/ops/actions.py), for the timeline."""
+    data = (body or {}).get("data")
+    if not isinstance(data, dict) or data.get("source") != "ops":
+        return {}
+    return {"source": "ops", "by": data.get("by"), "reason": data.get("reason")}
+
+
 def render_text(doc: dict[str, Any]) -> str:
     lines = []
     case = doc["case"]
@@ -114,6 +123,8 @@ def render_text(doc: dict[str, Any]) -> str:
         when = _local(_dt(item["at"]))
         if item["what"] == "event":
             extra = f"  [{item['outcome']}]" + (f" {item['problem']}" if item["problem"] else "")
+            if item.get("source") == "ops":
+                extra += f"  ops, by {item['by']}: {item['reason']}"
             lines.append(f"  {when}  event        {item['type']}{extra}")
         elif item["what"] == "decision":
             rule = item["rule"] or {}

@@ -57,3 +57,30 @@ def register(sub: argparse._SubParsersAction, case_sub: argparse._SubParsersActi
         again.add_argument("--yes", action="store_true", help="no confirmation question")
         again.add_argument("--json", action="store_true")
         again.set_defaults(func=with_settings(held_cli.cmd_replay))
+
+    from services.ops import cases_cli
+
+    search = case_sub.add_parser("search", help="cases by shop, order, platform, kind, step...")
+    cases_cli.add_search_arguments(search)
+    search.set_defaults(func=with_settings(cases_cli.cmd_search))
+    explain = case_sub.add_parser(
+        "explain", help="why each pending deadline and automatic decision is what it is")
+    explain.add_argument("case_id")
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=with_settings(cases_cli.cmd_explain))
+
+    for action, what in (("pause", "pause the step's clock (an intervention by ops)"),
+                         ("resume", "resume the clock after an ops pause"),
+                         ("extend", "extend the step's deadline (a goodwill extension)")):
+        parser = case_sub.add_parser(action, help=what)
+        parser.add_argument("case_id")
+        parser.add_argument("--reason", required=True, help="why: recorded in the timeline")
+        parser.add_argument("--by", help="who (default: your login name)")
+        if action == "extend":
+            amount = parser.add_mutually_exclusive_group(required=True)
+            amount.add_argument("--hours", type=float, help="add this much to the deadline")
+            amount.add_argument("--until", help="the new deadline (ISO time)")
+        parser.add_argument("--wait", type=float, default=10.0,
+                            help="seconds to wait for intake's verdict (default 10)")
+        parser.add_argument("--json", action="store_true")
+        parser.set_defaults(func=with_settings(cases_cli.cmd_action), action=action)
