@@ -12,7 +12,7 @@ from sqlalchemy import select
 from shared.config import Settings
 from shared.db.models import CaseEventRow, CaseRow, DeadlineRow, DecisionRow, NotificationRow
 from shared.db.session import Database, make_engine
-from shared.logs import mask_pii
+from shared.notifications.masking import mask_address, mask_text
 
 LOCAL = ZoneInfo("Asia/Shanghai")
 
@@ -68,8 +68,9 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
     for n in notifications:
         timeline.append({
             "at": _iso(n.sent_at or n.created_at), "what": "notification", "type": n.reason,
-            "party": n.party, "channel": n.channel, "recipient": mask_pii(n.recipient),
-            "status": n.status, "attempts": n.attempts, "error": n.last_error,
+            "party": n.party, "channel": n.channel,
+            "recipient": mask_address(n.recipient, n.channel), "status": n.status,
+            "attempts": n.attempts, "error": mask_text(n.last_error) if n.last_error else None,
         })
     timeline.sort(key=lambda item: item["at"] or "")
     return {

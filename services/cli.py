@@ -43,7 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from services.runall import run_all
 
         return run_all()
-    _prepare_metrics_dir(settings, args.service)
+    if args.service != "console":  # the console serves no metrics
+        _prepare_metrics_dir(settings, args.service)
     from importlib import import_module
 
     main = import_module(f"services.{args.service}.main")
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_db_upgrade)
 
     run = sub.add_parser("run", help="run a service in the foreground")
-    run.add_argument("service", choices=[*SERVICES, "all"], help="which service; all = the four")
+    run.add_argument("service", choices=[*SERVICES, "all", "console"],
+                     help="which service; all = the four; console = the ops web console")
     run.set_defaults(func=cmd_run)
 
     pub = sub.add_parser("publish", help="publish events (JSON lines) as an upstream would")
