@@ -96,6 +96,12 @@ if command -v rabbitmqctl >/dev/null; then
     || say "could not apply the RabbitMQ policy: see aftersales broker policy --print"
 fi
 
+# --- Chromium (the console's browser tests) -----------------------------------------------
+# Debian's chromium, driven by Playwright; Playwright never downloads a browser of its own.
+if [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium
+fi
+
 # --- promtool (alert rule tests) -------------------------------------------------------
 if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 

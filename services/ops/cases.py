@@ -282,6 +282,9 @@ def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] |
             "rule": {**ref, "known": rule is not None}, "duration": _duration(rule),
             "data": dec.body.get("data"),
         }
+        setter = _deadline_setter(events, due)
+        if setter is not None:
+            item["override"] = setter
         if rule is not None and due and rule.duration.unit == "wd" and not rule.duration.is_zero:
             # counted back: the working days before the deadline that the rule spanned
             start = _workdays_back(engine, datetime.fromisoformat(due), rule.duration)
@@ -296,6 +299,28 @@ def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] |
         "pending_deadlines": deadlines, "automatic_decisions": past,
         "reminders_sent": [p for p in past if p["type"] == "reminder.due_soon"],
     }
+
+
+def _deadline_setter(events: list[CaseEventRow], due: str | None) -> dict[str, Any] | None:
+    """The event that set a past deadline itself (the platform's own `due_at`, or an ops
+    extension), if one did: its `due_at` is that very moment."""
+    if not due:
+        return None
+    moment = datetime.fromisoformat(due)
+    for e in reversed(events):
+        body = e.body or {}
+        stated = body.get("due_at")
+        if e.outcome != "applied" or not isinstance(stated, str):
+            continue
+        try:
+            same = as_utc(datetime.fromisoformat(stated)) == moment
+        except ValueError:
+            continue
+        if same:
+            data = body.get("data") or {}
+            return {"by": "ops" if data.get("source") == "ops" else "platform",
+                    "due_at": due, "event_id": e.event_id, "event_type": e.type}
+    return None
 
 
 def _workdays_back(engine: Engine, due: datetime, duration: Duration) -> datetime | None:

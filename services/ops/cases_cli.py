@@ -23,6 +23,8 @@ def local(value: str | None) -> str:
 def span(seconds: float | None) -> str:
     if seconds is None:
         return "ongoing"
+    if abs(seconds) < 60:
+        return f"{seconds:.1f}s" if seconds % 1 else f"{int(seconds)}s"
     seconds = int(seconds)
     sign = "-" if seconds < 0 else ""
     seconds = abs(seconds)

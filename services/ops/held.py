@@ -23,6 +23,7 @@ again) is not replayed again in a loop.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -43,6 +44,7 @@ from shared.amqp import (
     connection_parameters,
     declare_topology,
 )
+from shared.domain.timeutil import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,12 @@ def message_key(kind: HeldKind, method: Any, props: pika.BasicProperties, body: 
         held_at = datetime.fromtimestamp(stamp, UTC)
     elif isinstance(stamp, datetime):
         held_at = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    if held_at is None and kind is UNROUTED:  # through the alternate exchange: no header
+        try:
+            decided = json.loads(body).get("decided_at")
+            held_at = as_utc(datetime.fromisoformat(decided)) if decided else None
+        except (ValueError, AttributeError, TypeError):
+            held_at = None
     # Published straight to the queue (intake's copies, the relay's returns) the routing
     # key is the queue's name; the header has the original. Through the alternate
     # exchange the delivery keeps the original key.
