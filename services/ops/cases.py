@@ -201,11 +201,23 @@ def _deadline_source(case: CaseRow | None, events: list[CaseEventRow]) -> str:
     return "platform"
 
 
-def _row_flag(row: Any, *names: str) -> Any:
-    for name in names:
-        if hasattr(row, name):
-            return getattr(row, name)
-    return None
+def _estimated(row: Any = None, *docs: Any) -> bool | None:
+    """Whether a deadline was computed on an estimated calendar, where the deployment
+    records it: a deadline column or a decision field whose name says "estimated" (the
+    calendar work adds one). None: not recorded (the calendar's sources are shown)."""
+    found: bool | None = None
+    table = getattr(row, "__table__", None)
+    for column in getattr(table, "columns", ()):
+        if "estimated" in column.name:
+            value = getattr(row, column.key, None)
+            if value is not None:
+                found = bool(found) or bool(value)
+    for doc in docs:
+        if isinstance(doc, dict):
+            for key, value in doc.items():
+                if "estimated" in str(key) and isinstance(value, bool | int):
+                    found = bool(found) or bool(value)
+    return found
 
 
 def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] | None:
@@ -243,7 +255,7 @@ def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] |
             "duration": _duration(rule),
             "step_started_at": _iso(step_started),
             "deadline_source": source,
-            "calendar_estimated": _row_flag(d, "calendar_estimated", "estimated"),
+            "calendar_estimated": _estimated(d),
         }
         if rule is not None and step_started is not None and d.purpose == "deadline":
             anchor = step_started
@@ -281,6 +293,8 @@ def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] |
             if due else None,
             "rule": {**ref, "known": rule is not None}, "duration": _duration(rule),
             "data": dec.body.get("data"),
+            "calendar_estimated": _estimated(None, dec.body, dec.body.get("rule"),
+                                             dec.body.get("data")),
         }
         setter = _deadline_setter(events, due)
         if setter is not None:

@@ -226,7 +226,7 @@ class OwnRabbitMQ:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def own_rabbitmq() -> Iterator[OwnRabbitMQ]:
     node = OwnRabbitMQ()
     node.start()
@@ -237,9 +237,11 @@ def own_rabbitmq() -> Iterator[OwnRabbitMQ]:
 
 
 def hold_rejected(url: str, n: int) -> None:
-    """n messages in the rejected queue, as intake leaves them there."""
+    """n messages in the rejected queue, as intake leaves them there (and nothing else)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
+    for queue in (REJECTED_QUEUE, INTAKE_QUEUE):
+        channel.queue_delete(queue)
     declare_topology(channel)
     channel.confirm_delivery()
     for i in range(n):
@@ -263,21 +265,28 @@ def drain(url: str, queue: str) -> list[tuple[bytes, dict[str, Any]]]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("moment", ["before a commit", "after a commit"])
 def test_a_broker_restart_mid_replay_loses_and_duplicates_nothing(
-    own_rabbitmq: OwnRabbitMQ
+    own_rabbitmq: OwnRabbitMQ, moment: str
 ) -> None:
     url = own_rabbitmq.url
     hold_rejected(url, 350)
     restarted: list[int] = []
 
-    def restart_once(replayed_so_far: int) -> None:
-        # Between the batch's publishes+acks and its commit: the worst moment.
-        if replayed_so_far >= 100 and not restarted:
+    def before_commit(replayed_so_far: int) -> None:
+        # A batch published and acknowledged, not committed: the broker must drop both.
+        if moment == "before a commit" and replayed_so_far >= 100 and not restarted:
             restarted.append(replayed_so_far)
             own_rabbitmq.restart()
 
+    def progress(_message: Any) -> None:
+        # A batch committed: the broker must keep both its copies and its acks.
+        if moment == "after a commit" and not restarted:
+            restarted.append(1)
+            own_rabbitmq.restart()
+
     report = replay(url, REJECTED, Selection(everything=True), batch=50,
-                    before_commit=restart_once)
+                    before_commit=before_commit, progress=progress)
     assert restarted and report.reconnects >= 1
     assert len(report.replayed) == 350
     assert report.left_in_queue == 0
