@@ -10,10 +10,12 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
+import yaml
 
 from services.resolver.outbox import OutboxRelay
 from shared.amqp import DECISIONS_EXCHANGE, UNROUTED_QUEUE, declare_topology, make_broker
@@ -23,6 +25,7 @@ from shared.db.session import Database
 from shared.publisher import BatchPublisher
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ctl(*args: str) -> str:
@@ -84,8 +87,13 @@ def test_a_consumer_declares_the_exchange_as_documented(fresh: Any, amqp_url: st
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
-        # exactly docs/asyncapi.yaml: durable topic, no arguments (406 before the fix)
-        channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
+        # exactly as docs/asyncapi.yaml documents it (406 before the fix)
+        contract = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
+        documented = contract["channels"]["decisions"]["bindings"]["amqp"]["exchange"]
+        assert "arguments" not in documented
+        channel.exchange_declare(documented["name"], exchange_type=documented["type"],
+                                 durable=documented["durable"],
+                                 auto_delete=documented["autoDelete"])
         channel.queue_declare("upstream.orders", durable=True)
         channel.queue_bind("upstream.orders", DECISIONS_EXCHANGE, "decision.#")
         # and our own services' declaration still agrees with it afterwards
