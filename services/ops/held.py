@@ -295,11 +295,16 @@ def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool
     failing_since: float | None = None
     backoff = 0.2
     while True:
+        done_before = len(report.replayed)
         try:
+            if report.dry_run:
+                report.replayed.clear()  # a dry run starts its count over after a failure
             _replay_pass(amqp_url, kind, selection, report, progress, batch, before_commit)
             return report
         except (pika.exceptions.AMQPError, OSError) as exc:
             now = time.monotonic()
+            if len(report.replayed) > done_before:
+                failing_since = None  # it was getting on: count the outage from now
             failing_since = failing_since or now
             if now - failing_since > give_up_after:
                 raise
