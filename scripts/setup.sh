@@ -106,6 +106,19 @@ if ! ls /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1 
   apt_install faketime
 fi
 
+# The policy that keeps decisions no upstream queue is bound for (shared/broker_policy.py),
+# on the vhost of AFTERSALES_AMQP_URL (default /). Idempotent.
+if command -v rabbitmqctl >/dev/null; then
+  $SUDO .venv/bin/aftersales broker policy >/dev/null \
+    || say "could not apply the RabbitMQ policy: see aftersales broker policy --print"
+fi
+
+# --- Chromium (the console's browser tests) -----------------------------------------------
+# Debian's chromium, driven by Playwright; Playwright never downloads a browser of its own.
+if [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium
+fi
+
 # --- promtool (alert rule tests) -------------------------------------------------------
 if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 

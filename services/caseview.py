@@ -20,7 +20,7 @@ from shared.db.models import (
 )
 from shared.db.session import Database, make_engine
 from shared.domain.calendar import deadline_calendar
-from shared.logs import mask_pii
+from shared.notifications.masking import mask_address, mask_text
 
 LOCAL = ZoneInfo("Asia/Shanghai")
 
@@ -68,6 +68,7 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
         timeline.append({
             "at": _iso(e.received_at), "what": "event", "type": e.type, "event_id": e.event_id,
             "occurred_at": _iso(e.occurred_at), "outcome": e.outcome, "problem": e.problem,
+            **_ops_fields(e.body),
         })
     for d in decisions:
         timeline.append({
@@ -78,8 +79,9 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
     for n in notifications:
         timeline.append({
             "at": _iso(n.sent_at or n.created_at), "what": "notification", "type": n.reason,
-            "party": n.party, "channel": n.channel, "recipient": mask_pii(n.recipient),
-            "status": n.status, "attempts": n.attempts, "error": n.last_error,
+            "party": n.party, "channel": n.channel,
+            "recipient": mask_address(n.recipient, n.channel), "status": n.status,
+            "attempts": n.attempts, "error": mask_text(n.last_error) if n.last_error else None,
         })
     for note in notes:
         timeline.append({"at": _iso(note.at), "what": "note", "type": note.type,
@@ -110,6 +112,14 @@ def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
     }
 
 
+def _ops_fields(body: dict[str, Any] | None) -> dict[str, Any]:
+    """Who did an ops action and why (services/ops/actions.py), for the timeline."""
+    data = (body or {}).get("data")
+    if not isinstance(data, dict) or data.get("source") != "ops":
+        return {}
+    return {"source": "ops", "by": data.get("by"), "reason": data.get("reason")}
+
+
 def render_text(doc: dict[str, Any]) -> str:
     lines = []
     case = doc["case"]
@@ -135,6 +145,8 @@ def render_text(doc: dict[str, Any]) -> str:
         when = _local(_dt(item["at"]))
         if item["what"] == "event":
             extra = f"  [{item['outcome']}]" + (f" {item['problem']}" if item["problem"] else "")
+            if item.get("source") == "ops":
+                extra += f"  ops, by {item['by']}: {item['reason']}"
             lines.append(f"  {when}  event        {item['type']}{extra}")
         elif item["what"] == "decision":
             rule = item["rule"] or {}

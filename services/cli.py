@@ -43,7 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from services.runall import run_all
 
         return run_all()
-    _prepare_metrics_dir(settings, args.service)
+    if args.service != "console":  # the console serves no metrics
+        _prepare_metrics_dir(settings, args.service)
     from importlib import import_module
 
     main = import_module(f"services.{args.service}.main")
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_db_upgrade)
 
     run = sub.add_parser("run", help="run a service in the foreground")
-    run.add_argument("service", choices=[*SERVICES, "all"], help="which service; all = the four")
+    run.add_argument("service", choices=[*SERVICES, "all", "console"],
+                     help="which service; all = the four; console = the ops web console")
     run.set_defaults(func=cmd_run)
 
     pub = sub.add_parser("publish", help="publish events (JSON lines) as an upstream would")
@@ -111,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("case_id")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_case_show)
+
+    from services.ops.cli import register as register_ops
+
+    register_ops(sub, case_sub, _settings)
 
     schemas = sub.add_parser("schemas", help="write the event JSON Schemas")
     schemas.add_argument("--out", default="schemas/v1", help="folder (default schemas/v1)")

@@ -637,8 +637,7 @@ def _declare_async(channel: Any, queue_type: str, done: Callable[[], None]) -> N
                                          callback=cb),
         lambda cb: channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE, callback=cb),
         lambda cb: channel.exchange_declare(
-            DECISIONS_EXCHANGE, exchange_type="topic", durable=True,
-            arguments={"alternate-exchange": UNROUTED_EXCHANGE}, callback=cb),
+            DECISIONS_EXCHANGE, exchange_type="topic", durable=True, callback=cb),
         lambda cb: channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=args,
                                          callback=cb),
         lambda cb: channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#",

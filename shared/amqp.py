@@ -10,8 +10,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 EVENTS_EXCHANGE = "aftersales.events"
 DECISIONS_EXCHANGE = "aftersales.decisions"
-# Decisions published while no upstream queue is bound land here instead of being lost
-# (RabbitMQ alternate exchange); ops can inspect and shovel them.
+# Decisions published while no upstream queue is bound land here instead of being lost:
+# a broker *policy* (not an exchange argument, so upstream can declare the exchange as the
+# contract documents it) makes this the decisions exchange's alternate exchange
+# (shared/broker_policy.py); the outbox relay also keeps what comes back unrouted.
+# `aftersales unrouted list|show|replay` inspect and send them again.
 UNROUTED_EXCHANGE = "aftersales.decisions.unrouted"
 UNROUTED_QUEUE = "aftersales.decisions.unrouted"
 INTAKE_QUEUE = "aftersales.events.intake"
@@ -39,10 +42,9 @@ def declare_topology(channel: BlockingChannel, queue_type: str = "classic") -> N
     channel.exchange_declare(UNROUTED_EXCHANGE, exchange_type="fanout", durable=True)
     channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=args)
     channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE)
-    channel.exchange_declare(
-        DECISIONS_EXCHANGE, exchange_type="topic", durable=True,
-        arguments={"alternate-exchange": UNROUTED_EXCHANGE},
-    )
+    # Exactly as docs/asyncapi.yaml tells consumers to declare it (no arguments): any
+    # difference would make one side's declaration fail with 406.
+    channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
     channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=args)
     channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
     channel.queue_declare(REJECTED_QUEUE, durable=True, arguments=args)

@@ -146,6 +146,17 @@ class Settings(BaseSettings):
     db_keepalives_interval_seconds: int = Field(default=10, ge=1)
     db_keepalives_count: int = Field(default=3, ge=1)
 
+    # RabbitMQ's management HTTP API (e.g. http://127.0.0.1:15672): when set, the resolver
+    # applies the policy that keeps unrouted decisions (shared/broker_policy.py). The
+    # URL's user:password win over the AMQP URL's.
+    rabbitmq_management_url: str | None = None
+
+    # Ops console (`aftersales run console`). Beyond loopback it needs a login.
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=9110, ge=1, le=65535)
+    console_user: str | None = None
+    console_password: SecretStr | None = None
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, v: str) -> str:

@@ -15,6 +15,7 @@ costs one wait.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -22,7 +23,15 @@ import pika
 import pika.exceptions
 from pika.frame import Method
 
-from shared.amqp import AftersalesBroker, connection_parameters, declare_topology
+from shared.amqp import (
+    DECISIONS_EXCHANGE,
+    UNROUTED_QUEUE,
+    AftersalesBroker,
+    connection_parameters,
+    declare_topology,
+)
+
+log = logging.getLogger(__name__)
 
 Message = tuple[str, str, bytes, str, "dict[str, Any] | None"]
 
@@ -48,7 +57,7 @@ class ConfirmedBatchPublisher:
         self._next_tag = 1
         self._unconfirmed: set[int] = set()
         self._nacked = 0
-        self._returned: list[str] = []
+        self._returned: list[tuple[Any, pika.BasicProperties, bytes]] = []
         self._declared: set[str] = set()
 
     def _on_confirm(self, frame: Method) -> None:
@@ -59,8 +68,9 @@ class ConfirmedBatchPublisher:
         if isinstance(method, pika.spec.Basic.Nack):
             self._nacked += len(done)
 
-    def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
-        self._returned.append(f"{method.exchange}/{method.routing_key}: {method.reply_text}")
+    def _on_return(self, _channel: Any, method: Any, props: pika.BasicProperties,
+                   body: bytes) -> None:
+        self._returned.append((method, props, body))
 
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
@@ -100,23 +110,54 @@ class ConfirmedBatchPublisher:
             self._returned.clear()
             self._nacked = 0
             for exchange, routing_key, body, message_id, headers in messages:
-                channel.basic_publish(
-                    exchange=exchange, routing_key=routing_key, body=body,
-                    properties=pika.BasicProperties(
-                        delivery_mode=2, content_type="application/json",
-                        message_id=message_id, headers=headers or None),
-                    mandatory=True,
-                )
-                self._unconfirmed.add(self._next_tag)
-                self._next_tag += 1
+                self._publish(channel, exchange, routing_key, body, pika.BasicProperties(
+                    delivery_mode=2, content_type="application/json",
+                    message_id=message_id, headers=headers or None))
             self._wait(lambda: not self._unconfirmed, "publisher confirm")
+            if self._returned and not self._nacked:
+                self._keep_unrouted(channel)
         except (pika.exceptions.AMQPError, OSError):
             self.close()
             raise
         if self._nacked:
             raise NotConfirmed(f"RabbitMQ refused {self._nacked} messages (basic.nack)")
-        if self._returned:
-            raise pika.exceptions.UnroutableError(list(self._returned))
+
+    def _publish(self, channel: Any, exchange: str, routing_key: str, body: bytes,
+                 properties: pika.BasicProperties) -> None:
+        channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                              properties=properties, mandatory=True)
+        self._unconfirmed.add(self._next_tag)
+        self._next_tag += 1
+
+    def _keep_unrouted(self, channel: Any) -> None:
+        """Decisions that came back unrouted go to the unrouted queue, unchanged but for
+        an `x-unrouted-reason` header, confirmed like the batch. Normally the
+        alternate-exchange policy (shared/broker_policy.py) routes them there itself and
+        none come back; this is for a broker without the policy. Anything else that came
+        back is a bug in the topology: an error."""
+        returned, self._returned = self._returned, []
+        others = [f"{m.exchange}/{m.routing_key}: {m.reply_text}" for m, _p, _b in returned
+                  if m.exchange != DECISIONS_EXCHANGE]
+        kept = 0
+        for method, props, body in returned:
+            if method.exchange != DECISIONS_EXCHANGE:
+                continue
+            props.headers = {**(props.headers or {}),
+                             "x-unrouted-reason": method.reply_text,
+                             "x-original-exchange": method.exchange,
+                             "x-original-routing-key": method.routing_key}
+            self._publish(channel, "", UNROUTED_QUEUE, body, props)
+            kept += 1
+        self._wait(lambda: not self._unconfirmed, "publisher confirm")
+        if kept:
+            log.warning("%d decisions had no queue bound and no alternate exchange: kept "
+                        "in %s (apply the broker policy: aftersales broker policy)",
+                        kept, UNROUTED_QUEUE)
+        if self._returned:  # the unrouted queue itself is missing
+            others += [f"{m.exchange}/{m.routing_key}: {m.reply_text}"
+                       for m, _p, _b in self._returned]
+        if others:
+            raise pika.exceptions.UnroutableError(others)
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:

@@ -15,6 +15,7 @@ from services.resolver.resolve import Resolver
 from shared import metrics
 from shared.amqp import make_broker
 from shared.bootstrap import build_database, build_domain, build_health, build_policy, ops_contacts
+from shared.broker_policy import ensure_at_start
 from shared.config import Settings
 from shared.confirms import ConfirmedBatchPublisher
 from shared.logs import setup_logging
@@ -66,6 +67,7 @@ def run(settings: Settings) -> int:
     setup_logging("resolver", settings.log_level)
     build_domain(settings)
     build_policy(settings)
+    ensure_at_start(settings.rabbitmq_management_url, settings.amqp_url)
     server = metrics.start_metrics_server(
         settings.metrics_port_for("resolver"), "resolver", addr=settings.metrics_bind)
     log.info("resolver: metrics on :%s", server.port)

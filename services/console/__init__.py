@@ -1,0 +1,1 @@
+"""The ops web console (`aftersales run console`)."""
