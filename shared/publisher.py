@@ -115,9 +115,10 @@ class BatchPublisher:
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             self.close()
-            from shared.amqp import connection_parameters
+            from shared.amqp import connection_parameters_list
 
-            self._connection = pika.BlockingConnection(connection_parameters(self.amqp_url))
+            self._connection = pika.BlockingConnection(
+                connection_parameters_list(self.amqp_url))
             channel = self._connection.channel()
             declare_topology(channel, self.queue_type)
             channel.add_on_return_callback(

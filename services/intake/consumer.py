@@ -19,7 +19,12 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import DBAPIError
 
 from services.intake.processor import BatchResult, IntakeProcessor
-from shared.amqp import INTAKE_QUEUE, REJECTED_QUEUE, connection_parameters, declare_topology
+from shared.amqp import (
+    INTAKE_QUEUE,
+    REJECTED_QUEUE,
+    connection_parameters_list,
+    declare_topology,
+)
 from shared.schemas.events import Rejection
 
 log = logging.getLogger(__name__)
@@ -76,7 +81,8 @@ class IntakeConsumer:
                 backoff = min(backoff * 2, 10.0)
 
     def _run_connection(self) -> None:
-        connection = pika.BlockingConnection(connection_parameters(self.amqp_url))
+        # Any node of the list: after losing one, the next connection goes to another.
+        connection = pika.BlockingConnection(connection_parameters_list(self.amqp_url))
         try:
             channel = connection.channel()
             declare_topology(channel, self.queue_type)
