@@ -31,7 +31,7 @@ def test_urls_are_split_on_commas_with_blanks_and_empty_parts_dropped() -> None:
 
 @pytest.mark.parametrize("value", ["", " , ", "amqp://a/%2F,http://b/", "redis://x"])
 def test_a_bad_list_is_refused(value: str) -> None:
-    with pytest.raises(ValueError, match="AMQP URL|amqp://"):
+    with pytest.raises(ValueError, match=r"AMQP URL|amqp://"):
         split_amqp_urls(value)
 
 
