@@ -21,6 +21,7 @@ from pathlib import Path
 SBIN = Path(os.environ.get("AFTERSALES_TEST_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin"))
 USER, PASSWORD = "aftersales", "aftersales-cluster-test"  # a throwaway, local-only user
 VHOST = "aftersales"
+PARTITION_COOKIE = "aft18partition"
 
 # What the deploy files use too: the minority side of a partition pauses (closes its
 # client connections, so clients move to the majority) instead of serving stale state.
@@ -176,24 +177,22 @@ class RabbitCluster:
         self._spawn(node)
         self._await_startup(node)
 
-    def partition(self, node: Node, seconds: float) -> None:
-        """Cut `node` off from the others' Erlang distribution for `seconds`, then heal.
-
-        No firewall (the loopback is shared): the node's cookie is changed, so the others
-        can no longer connect to it nor it to them, and the existing links are dropped.
+    def cut_off(self, node: Node) -> None:
+        """Cut `node` off from the others' Erlang distribution (a network partition), until
+        `heal`. No firewall (the loopback is shared): the node's cookie is changed, so the
+        others can no longer connect to it nor it to them, and its links are dropped.
         RabbitMQ sees a partition; with pause_minority the cut-off node pauses (closes its
         listeners and client connections) until it sees the majority again."""
-        cookie = (self.home / ".erlang.cookie").read_text().strip()
         others = [n for n in self.nodes if n is not node]
         cut = ", ".join(f"erlang:disconnect_node('{n.name}')" for n in others)
-        self.ctl(node, "eval", f"erlang:set_cookie(node(), 'aft18partition'), {cut}, ok.")
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        # Heal: the CLI must now present the node's changed cookie.
+        self.ctl(node, "eval", f"erlang:set_cookie(node(), '{PARTITION_COOKIE}'), {cut}, ok.")
+
+    def heal(self, node: Node) -> None:
+        cookie = (self.home / ".erlang.cookie").read_text().strip()
+        # The CLI must now present the node's changed cookie.
         proc = subprocess.run(
             [str(SBIN / "rabbitmqctl"), "-q", "-n", node.name, "--erlang-cookie",
-             "aft18partition", "eval", f"erlang:set_cookie(node(), '{cookie}'), ok."],
+             PARTITION_COOKIE, "eval", f"erlang:set_cookie(node(), '{cookie}'), ok."],
             env=self._env(node), capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise ClusterError(f"healing the partition of {node.name}: {proc.stderr[-300:]}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -29,7 +30,9 @@ from shared.db.models import CaseEventRow, DeadlineRow, DecisionRow
 from shared.db.persist import DECISION_NAMESPACE
 from shared.db.session import Database
 from shared.domain import decision_key
+from tests.cluster.rabbit_cluster import Node
 from tests.conftest import wait_for
+from tests.harness import System, process_group_members
 
 TAP_QUEUE = "test.cluster.decision-tap"
 MARKER_PREFIX = "cluster-marker-"
@@ -58,17 +61,26 @@ def connect(amqp_urls: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(connection_parameters_list(amqp_urls))
 
 
+@dataclass
+class Published:
+    count: int = 0  # messages confirmed: bodies[:count]
+    republished_chunks: int = 0  # chunks published again after their node went away
+
+
 def publish_paced(amqp_urls: str, bodies: list[bytes], rate: float,
-                  sent: list[float] | None = None, give_up_after: float = 180) -> int:
+                  stop: threading.Event | None = None, give_up_after: float = 180
+                  ) -> Published:
     """Publish as an upstream system does: paced, confirmed, to any node of the list; a
     chunk not confirmed (its node went away) is published again on another node (intake
-    dedups by event_id). Returns how many chunks had to be published again."""
+    dedups by event_id). Ends with `bodies` or when `stop` is set."""
     chunk = max(1, int(rate / 10))
     started = time.monotonic()
-    again = 0
+    result = Published()
     connection: pika.BlockingConnection | None = None
     channel: Any = None
     for i in range(0, len(bodies), chunk):
+        if stop is not None and stop.is_set():
+            break
         # Pacing the offered load (a rate, not a condition to wait for).
         time.sleep(max(0.0, started + i / rate - time.monotonic()))
         deadline = time.monotonic() + give_up_after
@@ -83,8 +95,7 @@ def publish_paced(amqp_urls: str, bodies: list[bytes], rate: float,
                     channel.basic_publish(EVENTS_EXCHANGE, "sim", body,
                                           pika.BasicProperties(delivery_mode=2),
                                           mandatory=True)
-                if sent is not None:
-                    sent.append(time.monotonic())
+                result.count = min(len(bodies), i + chunk)
                 break
             except (pika.exceptions.AMQPError, OSError):
                 if connection is not None and connection.is_open:
@@ -93,13 +104,65 @@ def publish_paced(amqp_urls: str, bodies: list[bytes], rate: float,
                     except (pika.exceptions.AMQPError, OSError):
                         pass
                 channel = None
-                again += 1
+                result.republished_chunks += 1
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)  # the node is going away: the next connect picks another
     if connection is not None and connection.is_open:
         connection.close()
-    return again
+    return result
+
+
+def client_nodes(system: System, nodes: list[Node]) -> dict[str, set[str]]:
+    """For each running service copy, the broker nodes its processes hold established
+    AMQP connections to (from the kernel's socket table: what the processes really do,
+    not what they log)."""
+    port_to_node = {node.port: node.name for node in nodes}
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    by_pid: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        peer_port = int(fields[3].rsplit(":", 1)[1])
+        if peer_port not in port_to_node:
+            continue
+        for pid in re.findall(r"pid=(\d+)", line):
+            by_pid.setdefault(int(pid), set()).add(port_to_node[peer_port])
+    result: dict[str, set[str]] = {}
+    for name, proc in system.procs.items():
+        connected: set[str] = set()
+        for pid, _comm in process_group_members(proc.pid):
+            connected |= by_pid.get(pid, set())
+        result[name] = connected
+    return result
+
+
+def await_clients_moved(system: System, nodes: list[Node], lost: Node,
+                        before: dict[str, set[str]], timeout: float = 120
+                        ) -> dict[str, set[str]]:
+    """Wait until no service copy is connected to the `lost` node, and every copy that was
+    connected before (`before`) is connected to another node: each found one by itself.
+    (A timer connects only when it has something to hand over: an idle one may have no
+    connection at all.)"""
+
+    last: dict[str, set[str]] = {}
+
+    def moved() -> dict[str, set[str]] | None:
+        last.clear()
+        last.update(client_nodes(system, nodes))
+        ok = all(lost.name not in names and (names or not before.get(name))
+                 for name, names in last.items())
+        return last if ok else None
+
+    try:
+        return wait_for(moved, timeout=timeout, interval=0.2,
+                        what=f"every service copy connected to a node other than {lost.name}")
+    except AssertionError as exc:
+        stuck = {name: sorted(names) for name, names in last.items()
+                 if lost.name in names or (not names and before.get(name))}
+        raise AssertionError(f"{exc}; not moved: {stuck}") from None
 
 
 class ClusterTap:
@@ -210,11 +273,22 @@ def event_ids_logged(db: Database) -> set[str]:
         return set()
 
 
+@dataclass
+class Settled:
+    """The database at one moment once everything due had been done: the deadlines fired
+    and the decisions made by then (later ones, of deadlines coming due since, are not
+    judged: they may still be on their way)."""
+
+    cutoff: datetime
+    fired: list[Any]
+    decision_ids: set[str]
+
+
 def await_quiet(db: Database, good_ids: set[str], tap: ClusterTap, timeout: float = 300
-                ) -> datetime:
+                ) -> Settled:
     """Wait until every event is in a case log, every deadline due so far has fired,
-    every decision is on the wire and no notification is waiting to be handed over or
-    sent. Returns the cut-off used for "due so far"."""
+    every decision made so far is on the wire and no notification is waiting to be
+    handed over or sent."""
     wait_for(lambda: event_ids_logged(db) >= good_ids, timeout=timeout,
              what="every accepted event in a case log")
     cutoff = datetime.now(UTC)
@@ -226,7 +300,9 @@ def await_quiet(db: Database, good_ids: set[str], tap: ClusterTap, timeout: floa
                 DeadlineRow.due_at <= cutoff)).scalar_one())
 
     wait_for(lambda: overdue() == 0, timeout=timeout, what="every due deadline fired")
-    with db.transaction() as s:
+    with db.transaction() as s:  # one snapshot: the decisions of exactly these deadlines
+        fired = list(s.execute(select(DeadlineRow).where(DeadlineRow.status == "fired")
+                               ).scalars().all())
         decision_ids = set(s.execute(select(DecisionRow.decision_id)).scalars())
     wait_for(lambda: set(tap.decisions()) >= decision_ids, timeout=timeout,
              what="every decision on the wire")
@@ -239,16 +315,17 @@ def await_quiet(db: Database, good_ids: set[str], tap: ClusterTap, timeout: floa
 
     wait_for(lambda: unsettled() == 0, timeout=timeout,
              what="every notification sent (or deferred by a rate limit)")
-    return cutoff
+    return Settled(cutoff, fired, decision_ids)
 
 
-def judge(db: Database, good_ids: set[str], wire: Counter[str], notifier_log: str
-          ) -> Judgement:
+def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str],
+          notifier_log: str) -> Judgement:
+    """`wire`: every copy on the tap, taken after `settled` (so it holds all of its
+    decisions, and perhaps some made since)."""
     logged = event_ids_logged(db)
+    fired, decision_ids = settled.fired, settled.decision_ids
     with db.transaction() as s:
-        fired = s.execute(select(DeadlineRow).where(DeadlineRow.status == "fired")
-                          ).scalars().all()
-        decision_ids = set(s.execute(select(DecisionRow.decision_id)).scalars())
+        all_decisions = set(s.execute(select(DecisionRow.decision_id)).scalars())
         sent_rows = int(s.execute(text(
             "SELECT count(*) FROM notifications WHERE status = 'sent'")).scalar_one())
     # Each fired deadline's decision, computed from the deadline row as the resolver does.
@@ -268,10 +345,11 @@ def judge(db: Database, good_ids: set[str], wire: Counter[str], notifier_log: st
         decisions=len(decision_ids),
         lost_decisions=len(not_decided | not_published),
         duplicated_decisions=sum(n - 1 for n in wire.values() if n > 1),
-        wrong_decisions=len(set(wire) - decision_ids),
+        wrong_decisions=len(set(wire) - all_decisions),
         notifications_sent=sum(sends.values()),
         duplicated_notifications=sum(n - 1 for n in sends.values() if n > 1),
-        details={"sent_rows": sent_rows, "not_decided": sorted(not_decided)[:5],
+        details={"sent_rows": sent_rows, "send_lines": notifier_log.count("sent via "),
+                 "not_decided": sorted(not_decided)[:5],
                  "not_published": sorted(not_published)[:5],
                  "repeated": [k for k, n in wire.items() if n > 1][:5]},
     )

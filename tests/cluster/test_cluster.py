@@ -43,7 +43,10 @@ from tests.cluster.rabbit_cluster import VHOST, RabbitCluster
 from tests.cluster.scenario import (
     TAP_QUEUE,
     ClusterTap,
+    Published,
+    await_clients_moved,
     await_quiet,
+    client_nodes,
     judge,
     publish_paced,
     service_env,
@@ -54,8 +57,8 @@ from tests.harness import System
 pytestmark = pytest.mark.cluster
 
 COPIES = 2
-MESSAGES = 3000
-RATE = 50.0  # offered events per second: the traffic lasts about a minute
+RATE = 50.0  # offered events per second, from before the first fault until after the last
+MESSAGES = int(RATE * 600)  # more than enough: publishing stops once the faults are done
 SERVICES = ("intake", "timer", "resolver", "notifier")
 
 
@@ -102,9 +105,9 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
                        late_merchant_share=0.4, late_buyer_share=0.3, duplicate_share=0.05,
                        malformed_share=0.0, run_id=f"cl{uuid.uuid4().hex[:6]}")
     messages = list(generate(config, MESSAGES, seed=seed, start=datetime.now(UTC)))
-    good_ids = {m.event["event_id"] for m in messages if m.event is not None}
 
     kills: Counter[str] = Counter()
+    moved_copies = 0  # service copies connected to a lost node that moved to another
     node_losses: Counter[str] = Counter()
     timeline: list[str] = []
     started = time.monotonic()
@@ -113,9 +116,10 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
         timeline.append(f"{time.monotonic() - started:.0f}s {what}")
 
     with ClusterTap(cluster.urls()) as tap:
-        republished: list[int] = []
-        publisher = threading.Thread(target=lambda: republished.append(publish_paced(
-            cluster.urls(), [m.body for m in messages], RATE)))
+        published: list[Published] = []
+        stop_traffic = threading.Event()
+        publisher = threading.Thread(target=lambda: published.append(publish_paced(
+            cluster.urls(), [m.body for m in messages], RATE, stop_traffic)))
         publisher.start()
         faults = ["stop", "kill -9", "partition", "timer", "resolver"]
         rng.shuffle(faults)
@@ -127,26 +131,42 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
                 kills[fault] += 1
                 note(f"killed {victim}")
                 continue
-            node = rng.choice(cluster.nodes)
-            note(f"{fault} {node.name}")
+            # The node most service copies are connected to (ties: at random).
+            before = client_nodes(services, cluster.nodes)
+            on_node = Counter(n for names in before.values() for n in names)
+            node = max(rng.sample(cluster.nodes, len(cluster.nodes)),
+                       key=lambda n: on_node[n.name])
+            note(f"{fault} {node.name} ({on_node[node.name]} copies on it)")
             if fault == "partition":
-                cluster.partition(node, rng.uniform(6.0, 12.0))
+                cluster.cut_off(node)
             else:
                 (cluster.stop_node if fault == "stop" else cluster.kill_node)(node)
-                time.sleep(rng.uniform(2.0, 6.0))  # how long the node stays down
+            # While it is away, every copy finds another node by itself.
+            after = await_clients_moved(services, cluster.nodes, node, before)
+            moved_copies += sum(1 for name, names in before.items()
+                                if node.name in names and after.get(name))
+            note(f"clients moved off {node.name}")
+            time.sleep(rng.uniform(1.0, 4.0))  # how much longer the node stays away
+            if fault == "partition":
+                cluster.heal(node)
+            else:
                 cluster.start_node(node)
             node_losses[fault] += 1
             cluster.await_healthy()  # back, caught up: another node may go
             note(f"{node.name} back")
+        time.sleep(rng.uniform(1.0, 3.0))  # traffic goes on a little after the last fault
+        stop_traffic.set()
         publisher.join(600)
-        assert not publisher.is_alive(), "the publisher did not finish"
+        assert published, "the publisher failed (see its traceback above)"
         note("traffic published")
-        await_quiet(db, good_ids, tap)
+        good_ids = {m.event["event_id"] for m in messages[:published[0].count]
+                    if m.event is not None}
+        settled = await_quiet(db, good_ids, tap)
         wire = tap.catch_up()
         note("quiet")
         redelivered_to_tap = tap.redelivered
 
-    result = judge(db, good_ids, wire, services.log("notifier"))
+    result = judge(db, good_ids, settled, wire, services.log("notifier"))
     types = _queue_types(cluster)
     ours = {INTAKE_QUEUE, REJECTED_QUEUE, UNROUTED_QUEUE, OUTBOX_LEDGER_QUEUE, TAP_QUEUE} | {
         f"{q}{suffix}" for q in (RESOLVER_QUEUE, NOTIFIER_QUEUE) for suffix in ("", ".DQ", ".XQ")}
@@ -155,10 +175,10 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
     connections_lost = sum(services.log(s).count("Unexpected connection close detected")
                            for s in SERVICES)
     print(f"\n[cluster report] seed={seed} nodes={len(cluster.nodes)} copies={COPIES} "
-          f"messages={len(messages)} events={result.events} "
-          f"republished_chunks={republished[0] if republished else '?'} "
+          f"messages={published[0].count} events={result.events} "
+          f"republished_chunks={published[0].republished_chunks} "
           f"kills={dict(kills)} node_losses={dict(node_losses)} "
-          f"client_connections_lost={connections_lost} "
+          f"client_connections_lost={connections_lost} copies_moved={moved_copies} "
           f"deadlines_fired={result.deadlines_fired} decisions={result.decisions} "
           f"decisions_on_wire={sum(wire.values())} tap_redeliveries={redelivered_to_tap} "
           f"notifications_sent={result.notifications_sent} "
@@ -178,7 +198,8 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
     assert kills == Counter({"timer": 1, "resolver": 1})
     # One copy of each left, and it did the rest alone.
     assert sorted(n.split(".")[0] for n in survivors) == ["resolver", "timer"], survivors
-    assert connections_lost > 0, "no service connection was hit by the node losses"
+    assert connections_lost > 0 and moved_copies > 0, \
+        "no service connection was hit by the node losses"
     # The traffic exercised what it should have: deadlines fired, notifications went out.
     assert result.deadlines_fired > 100
     assert result.notifications_sent > 0
