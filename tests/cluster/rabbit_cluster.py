@@ -152,6 +152,13 @@ class RabbitCluster:
         self.ctl(first, "add_vhost", VHOST)
         self.ctl(first, "set_permissions", "-p", VHOST, USER, ".*", ".*", ".*")
 
+    def reset_vhost(self) -> None:
+        """An empty vhost again (queues declared with another type would clash)."""
+        first = self.nodes[0]
+        self.ctl(first, "delete_vhost", VHOST)
+        self.ctl(first, "add_vhost", VHOST)
+        self.ctl(first, "set_permissions", "-p", VHOST, USER, ".*", ".*", ".*")
+
     def running_nodes(self, via: Node) -> list[str]:
         out = self.ctl(via, "eval", "rabbit_nodes:all_running().")
         return [part.strip(" []'\n") for part in out.strip().strip("[]").split(",")

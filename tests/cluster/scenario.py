@@ -68,8 +68,8 @@ class Published:
 
 
 def publish_paced(amqp_urls: str, bodies: list[bytes], rate: float,
-                  stop: threading.Event | None = None, give_up_after: float = 180
-                  ) -> Published:
+                  stop: threading.Event | None = None, give_up_after: float = 180,
+                  queue_type: str = "quorum") -> Published:
     """Publish as an upstream system does: paced, confirmed, to any node of the list; a
     chunk not confirmed (its node went away) is published again on another node (intake
     dedups by event_id). Ends with `bodies` or when `stop` is set."""
@@ -89,7 +89,7 @@ def publish_paced(amqp_urls: str, bodies: list[bytes], rate: float,
                 if channel is None or not channel.is_open:
                     connection = connect(amqp_urls)
                     channel = connection.channel()
-                    declare_topology(channel, "quorum")
+                    declare_topology(channel, queue_type)
                     channel.confirm_delivery()
                 for body in bodies[i:i + chunk]:
                     channel.basic_publish(EVENTS_EXCHANGE, "sim", body,
@@ -326,8 +326,8 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
     fired, decision_ids = settled.fired, settled.decision_ids
     with db.transaction() as s:
         all_decisions = set(s.execute(select(DecisionRow.decision_id)).scalars())
-        sent_rows = int(s.execute(text(
-            "SELECT count(*) FROM notifications WHERE status = 'sent'")).scalar_one())
+        sent_keys = set(s.execute(text(
+            "SELECT dedup_key FROM notifications WHERE status = 'sent'")).scalars())
     # Each fired deadline's decision, computed from the deadline row as the resolver does.
     expected = {
         str(uuid.uuid5(DECISION_NAMESPACE, decision_key(
@@ -348,7 +348,8 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
         wrong_decisions=len(set(wire) - all_decisions),
         notifications_sent=sum(sends.values()),
         duplicated_notifications=sum(n - 1 for n in sends.values() if n > 1),
-        details={"sent_rows": sent_rows, "send_lines": notifier_log.count("sent via "),
+        details={"sent_rows": len(sent_keys), "send_lines": notifier_log.count("sent via "),
+                 "sent_without_a_send_line": sorted(sent_keys - set(sends))[:5],
                  "not_decided": sorted(not_decided)[:5],
                  "not_published": sorted(not_published)[:5],
                  "repeated": [k for k, n in wire.items() if n > 1][:5]},
