@@ -59,7 +59,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from services.publish import publish_file
 
     settings = _settings()
-    count = publish_file(settings.amqp_url, args.file)
+    count = publish_file(settings.amqp_url, args.file, settings.queue_type)
     print(f"published {count} events with confirms", file=sys.stderr)
     return 0
 

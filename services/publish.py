@@ -10,7 +10,7 @@ from typing import IO
 
 import pika
 
-from shared.amqp import EVENTS_EXCHANGE, connection_parameters, declare_topology
+from shared.amqp import EVENTS_EXCHANGE, connection_parameters_list, declare_topology
 
 
 def routing_key_for(line: bytes) -> str:
@@ -29,11 +29,11 @@ def _lines(stream: IO[bytes]) -> Iterator[bytes]:
             yield line
 
 
-def publish_lines(amqp_url: str, lines: Iterable[bytes]) -> int:
-    connection = pika.BlockingConnection(connection_parameters(amqp_url))
+def publish_lines(amqp_url: str, lines: Iterable[bytes], queue_type: str = "classic") -> int:
+    connection = pika.BlockingConnection(connection_parameters_list(amqp_url))
     try:
         channel = connection.channel()
-        declare_topology(channel)
+        declare_topology(channel, queue_type)
         channel.confirm_delivery()  # basic_publish now returns only once RabbitMQ has it
         count = 0
         for line in lines:
@@ -52,9 +52,9 @@ def publish_lines(amqp_url: str, lines: Iterable[bytes]) -> int:
         connection.close()
 
 
-def publish_file(amqp_url: str, path: str) -> int:
+def publish_file(amqp_url: str, path: str, queue_type: str = "classic") -> int:
     """Every line is published as it is: validating is intake's job, as in production."""
     if path == "-":
-        return publish_lines(amqp_url, _lines(sys.stdin.buffer))
+        return publish_lines(amqp_url, _lines(sys.stdin.buffer), queue_type)
     with open(path, "rb") as stream:
-        return publish_lines(amqp_url, _lines(stream))
+        return publish_lines(amqp_url, _lines(stream), queue_type)

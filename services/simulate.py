@@ -515,11 +515,11 @@ class ConfirmedStreamPublisher:
     def run(self, feed: Callable[[int], list[Message] | None]) -> None:
         import pika
 
-        from shared.amqp import connection_parameters
+        from shared.amqp import connection_parameters_list
 
         self._feed = feed
         self._conn = pika.SelectConnection(
-            connection_parameters(self.amqp_url),
+            connection_parameters_list(self.amqp_url)[0],  # a random node of the list
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=lambda _c, reason: self._conn.ioloop.stop(),
@@ -625,9 +625,11 @@ def _declare_async(channel: Any, queue_type: str, done: Callable[[], None]) -> N
         UNROUTED_EXCHANGE,
         UNROUTED_QUEUE,
         queue_arguments,
+        work_queue_arguments,
     )
 
     args = queue_arguments(queue_type)
+    intake_args = work_queue_arguments(queue_type, REJECTED_QUEUE)  # as declare_topology
     steps: list[Callable[[Callable[[Any], None]], None]] = [
         lambda cb: channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic",
                                             durable=True, callback=cb),
@@ -638,7 +640,7 @@ def _declare_async(channel: Any, queue_type: str, done: Callable[[], None]) -> N
         lambda cb: channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE, callback=cb),
         lambda cb: channel.exchange_declare(
             DECISIONS_EXCHANGE, exchange_type="topic", durable=True, callback=cb),
-        lambda cb: channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=args,
+        lambda cb: channel.queue_declare(INTAKE_QUEUE, durable=True, arguments=intake_args,
                                          callback=cb),
         lambda cb: channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#",
                                       callback=cb),

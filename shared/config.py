@@ -21,6 +21,8 @@ DEFAULT_METRICS_PORTS = {"intake": 9101, "timer": 9102, "resolver": 9103, "notif
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AFTERSALES_", extra="ignore")
 
+    # One AMQP URL, or several separated by commas (one per node of a RabbitMQ cluster):
+    # connections try them in turn and move to another node when theirs goes away.
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     database_url: str = "postgresql+psycopg://127.0.0.1/aftersales"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -160,9 +162,7 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, v: str) -> str:
-        if not v.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        return v
+        return ",".join(split_amqp_urls(v))  # each URL checked, blanks dropped
 
     @field_validator("database_url")
     @classmethod
@@ -201,6 +201,19 @@ class Settings(BaseSettings):
 
     def metrics_port_for(self, service: str) -> int:
         return self.metrics_port or DEFAULT_METRICS_PORTS[service]
+
+
+def split_amqp_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated AMQP URL list (a single URL is a list of one).
+    A comma inside a URL (in a password) must be written %2C."""
+    urls = [part.strip() for part in value.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("no AMQP URL given")
+    for number, url in enumerate(urls, 1):
+        if not url.startswith(("amqp://", "amqps://")):
+            where = f"URL {number} of {len(urls)}" if len(urls) > 1 else "the URL"
+            raise ValueError(f"must start with amqp:// or amqps:// ({where} does not)")
+    return urls
 
 
 def load_settings() -> Settings:

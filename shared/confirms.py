@@ -27,7 +27,7 @@ from shared.amqp import (
     DECISIONS_EXCHANGE,
     UNROUTED_QUEUE,
     AftersalesBroker,
-    connection_parameters,
+    connection_parameters_list,
     declare_topology,
 )
 
@@ -75,7 +75,7 @@ class ConfirmedBatchPublisher:
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             self.close()
-            self._connection = pika.BlockingConnection(connection_parameters(self.amqp_url))
+            self._connection = pika.BlockingConnection(connection_parameters_list(self.amqp_url))
             blocking = self._connection.channel()
             declare_topology(blocking, self.queue_type)
             channel = blocking._impl  # the asynchronous channel the blocking one drives

@@ -116,11 +116,12 @@ def amqp_check(amqp_url: str) -> Check:
     def check() -> None:
         import pika
 
-        from shared.amqp import connection_parameters
+        from shared.amqp import connection_parameters_list
 
-        params = connection_parameters(amqp_url)
-        params.socket_timeout = 3
-        params.blocked_connection_timeout = 3
+        params = connection_parameters_list(amqp_url)  # ready if any node answers
+        for node in params:
+            node.socket_timeout = 3
+            node.blocked_connection_timeout = 3
         pika.BlockingConnection(params).close()
 
     return check

@@ -92,5 +92,3 @@ class RecordingPublisher:
             self.fail_next -= 1
             raise ConnectionError("fake broker down")
         self.actor_calls.append((queue_name, actor_name, args))
-
-

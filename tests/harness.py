@@ -30,12 +30,18 @@ def free_port() -> int:
 
 
 class System:
-    """The four services, each its own process group, on the test's database and vhost."""
+    """The four services, each its own process group, on the test's database and vhost.
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    With `copies` > 1, each service runs that many times as separate processes (as
+    separate pods would), named "timer.1", "timer.2"... each with its own metrics port;
+    `log("timer")` reads all the copies' logs."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, copies: int = 1) -> None:
         self.env = env
         self.log_dir = log_dir
-        self.ports = {name: free_port() for name in ("intake", "timer", "resolver", "notifier")}
+        self.ports = {name if copies == 1 else f"{name}.{i}": free_port()
+                      for name in ("intake", "timer", "resolver", "notifier")
+                      for i in range(1, copies + 1)}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: dict[str, int] = {}
         # Extra environment for one service only (e.g. libfaketime on the resolver).
@@ -52,7 +58,7 @@ class System:
                    "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics"),
                    **self.service_env.get(service, {})}
             self.procs[service] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "run", service],
+                [sys.executable, "-m", "services.cli", "run", service.split(".")[0]],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill the whole tree at once
             )

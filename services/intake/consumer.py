@@ -29,7 +29,7 @@ from shared.amqp import (
     EVENTS_EXCHANGE,
     INTAKE_QUEUE,
     REJECTED_QUEUE,
-    connection_parameters,
+    connection_parameters_list,
     declare_topology,
 )
 from shared.db.session import is_infrastructure
@@ -100,7 +100,8 @@ class IntakeConsumer:
                 backoff = min(backoff * 2, 10.0)
 
     def _run_connection(self) -> None:
-        connection = pika.BlockingConnection(connection_parameters(self.amqp_url))
+        # Any node of the list: after losing one, the next connection goes to another.
+        connection = pika.BlockingConnection(connection_parameters_list(self.amqp_url))
         try:
             channel = connection.channel()
             declare_topology(channel, self.queue_type)

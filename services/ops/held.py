@@ -41,7 +41,7 @@ from shared.amqp import (
     EVENTS_EXCHANGE,
     REJECTED_QUEUE,
     UNROUTED_QUEUE,
-    connection_parameters,
+    connection_parameters_list,
     declare_topology,
 )
 from shared.domain.timeutil import as_utc
@@ -213,7 +213,7 @@ class Selection:
 
 
 def _connect(amqp_url: str) -> tuple[pika.BlockingConnection, Any]:
-    connection = pika.BlockingConnection(connection_parameters(amqp_url))
+    connection = pika.BlockingConnection(connection_parameters_list(amqp_url))
     channel = connection.channel()
     declare_topology(channel)
     return connection, channel

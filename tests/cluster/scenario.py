@@ -1,0 +1,356 @@
+"""Pieces of the cluster scenario shared by the cluster test and the cluster benchmark:
+the services' settings for a cluster, paced publishing to any node, a decision tap on a
+quorum queue, and the end-of-run judgement (lost, duplicated)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+import pika.exceptions
+from sqlalchemy import select, text
+
+from shared.amqp import (
+    DECISIONS_EXCHANGE,
+    EVENTS_EXCHANGE,
+    connection_parameters_list,
+    declare_topology,
+    queue_arguments,
+)
+from shared.db.models import CaseEventRow, DeadlineRow, DecisionRow
+from shared.db.persist import DECISION_NAMESPACE
+from shared.db.session import Database
+from shared.domain import decision_key
+from tests.cluster.rabbit_cluster import Node
+from tests.conftest import wait_for
+from tests.harness import System, process_group_members
+
+TAP_QUEUE = "test.cluster.decision-tap"
+MARKER_PREFIX = "cluster-marker-"
+
+
+def service_env(database_url: str, amqp_urls: str, redis_prefix: str) -> dict[str, str]:
+    """Settings of every service copy: the node list, quorum queues, quick pick-up of
+    what a fault left behind, notifications sent at any hour."""
+    return {
+        "AFTERSALES_DATABASE_URL": database_url,
+        "AFTERSALES_AMQP_URL": amqp_urls,
+        "AFTERSALES_QUEUE_TYPE": "quorum",
+        "AFTERSALES_REDIS_PREFIX": redis_prefix,
+        "AFTERSALES_EMAIL_TRANSPORT": "log",
+        "AFTERSALES_QUIET_HOURS": "off",
+        "AFTERSALES_TIMER_POLL_SECONDS": "0.1",
+        "AFTERSALES_OUTBOX_POLL_SECONDS": "0.1",
+        # A deadline dispatched into a message a fault lost is sent again after this.
+        "AFTERSALES_TIMER_REDISPATCH_SECONDS": "10",
+        "AFTERSALES_WORKER_THREADS": "2",
+        "AFTERSALES_LOG_LEVEL": "INFO",
+    }
+
+
+def connect(amqp_urls: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(connection_parameters_list(amqp_urls))
+
+
+@dataclass
+class Published:
+    count: int = 0  # messages confirmed: bodies[:count]
+    republished_chunks: int = 0  # chunks published again after their node went away
+
+
+def publish_paced(amqp_urls: str, bodies: list[bytes], rate: float,
+                  stop: threading.Event | None = None, give_up_after: float = 180,
+                  queue_type: str = "quorum") -> Published:
+    """Publish as an upstream system does: paced, confirmed, to any node of the list; a
+    chunk not confirmed (its node went away) is published again on another node (intake
+    dedups by event_id). Ends with `bodies` or when `stop` is set."""
+    chunk = max(1, int(rate / 10))
+    started = time.monotonic()
+    result = Published()
+    connection: pika.BlockingConnection | None = None
+    channel: Any = None
+    for i in range(0, len(bodies), chunk):
+        if stop is not None and stop.is_set():
+            break
+        # Pacing the offered load (a rate, not a condition to wait for).
+        time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        deadline = time.monotonic() + give_up_after
+        while True:
+            try:
+                if channel is None or not channel.is_open:
+                    connection = connect(amqp_urls)
+                    channel = connection.channel()
+                    declare_topology(channel, queue_type)
+                    channel.confirm_delivery()
+                for body in bodies[i:i + chunk]:
+                    channel.basic_publish(EVENTS_EXCHANGE, "sim", body,
+                                          pika.BasicProperties(delivery_mode=2),
+                                          mandatory=True)
+                result.count = min(len(bodies), i + chunk)
+                break
+            except (pika.exceptions.AMQPError, OSError):
+                if connection is not None and connection.is_open:
+                    try:
+                        connection.close()
+                    except (pika.exceptions.AMQPError, OSError):
+                        pass
+                channel = None
+                result.republished_chunks += 1
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the node is going away: the next connect picks another
+    if connection is not None and connection.is_open:
+        connection.close()
+    return result
+
+
+def client_nodes(system: System, nodes: list[Node]) -> dict[str, set[str]]:
+    """For each running service copy, the broker nodes its processes hold established
+    AMQP connections to (from the kernel's socket table: what the processes really do,
+    not what they log)."""
+    port_to_node = {node.port: node.name for node in nodes}
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    by_pid: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        peer_port = int(fields[3].rsplit(":", 1)[1])
+        if peer_port not in port_to_node:
+            continue
+        for pid in re.findall(r"pid=(\d+)", line):
+            by_pid.setdefault(int(pid), set()).add(port_to_node[peer_port])
+    result: dict[str, set[str]] = {}
+    for name, proc in system.procs.items():
+        connected: set[str] = set()
+        for pid, _comm in process_group_members(proc.pid):
+            connected |= by_pid.get(pid, set())
+        result[name] = connected
+    return result
+
+
+def await_clients_moved(system: System, nodes: list[Node], lost: Node,
+                        before: dict[str, set[str]], timeout: float = 120
+                        ) -> dict[str, set[str]]:
+    """Wait until no service copy is connected to the `lost` node, and every copy that was
+    connected before (`before`) is connected to another node: each found one by itself.
+    (A timer connects only when it has something to hand over: an idle one may have no
+    connection at all.)"""
+
+    last: dict[str, set[str]] = {}
+
+    def moved() -> dict[str, set[str]] | None:
+        last.clear()
+        last.update(client_nodes(system, nodes))
+        ok = all(lost.name not in names and (names or not before.get(name))
+                 for name, names in last.items())
+        return last if ok else None
+
+    try:
+        return wait_for(moved, timeout=timeout, interval=0.2,
+                        what=f"every service copy connected to a node other than {lost.name}")
+    except AssertionError as exc:
+        stuck = {name: sorted(names) for name, names in last.items()
+                 if lost.name in names or (not names and before.get(name))}
+        raise AssertionError(f"{exc}; not moved: {stuck}") from None
+
+
+class ClusterTap:
+    """Collects everything published to `aftersales.decisions`, through a quorum queue
+    of its own (it survives the loss of any one node), from whichever node answers.
+
+    A message given back by RabbitMQ after the tap's connection broke (flagged
+    `redelivered`) is counted only if the tap never saw it: only a second *publish* of
+    a decision counts as a duplicate."""
+
+    def __init__(self, amqp_urls: str) -> None:
+        self.amqp_urls = amqp_urls
+        self.counts: Counter[str] = Counter()  # decision_id -> copies published
+        self.redelivered = 0
+        self.reconnects = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ClusterTap:
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("decision tap did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection = connect(self.amqp_urls)
+                channel = connection.channel()
+                declare_topology(channel, "quorum")
+                if not self._ready.is_set():
+                    channel.queue_delete(TAP_QUEUE)  # a fresh tap sees only what comes next
+                channel.queue_declare(TAP_QUEUE, durable=True,
+                                      arguments=queue_arguments("quorum"))
+                channel.queue_bind(TAP_QUEUE, DECISIONS_EXCHANGE, "#")
+                channel.basic_qos(prefetch_count=500)
+                self._ready.set()
+                for method, _props, body in channel.consume(TAP_QUEUE, inactivity_timeout=0.1):
+                    if self._stop.is_set():
+                        break
+                    if method is None:
+                        continue
+                    decision_id = str(json.loads(body).get("decision_id"))
+                    with self._lock:
+                        if method.redelivered and self.counts[decision_id]:
+                            self.redelivered += 1
+                        else:
+                            self.counts[decision_id] += 1
+                    channel.basic_ack(method.delivery_tag)
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                self.reconnects += 1
+                time.sleep(0.2)
+
+    def decisions(self) -> Counter[str]:
+        with self._lock:
+            return Counter({k: v for k, v in self.counts.items()
+                            if not k.startswith(MARKER_PREFIX)})
+
+    def catch_up(self, timeout: float = 120) -> Counter[str]:
+        """Everything published so far: a marker published now arrives after it all."""
+        marker = f"{MARKER_PREFIX}{uuid.uuid4()}"
+        connection = connect(self.amqp_urls)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(DECISIONS_EXCHANGE, "test.marker",
+                                  json.dumps({"decision_id": marker}).encode(),
+                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
+        finally:
+            connection.close()
+
+        def seen() -> bool:
+            with self._lock:
+                return self.counts[marker] > 0
+
+        wait_for(seen, timeout=timeout, what="the tap to catch up with the exchange")
+        return self.decisions()
+
+
+@dataclass
+class Judgement:
+    """What the run did to the events, deadlines, decisions and notifications."""
+
+    events: int
+    lost_events: int
+    deadlines_fired: int
+    decisions: int  # in the database
+    lost_decisions: int  # a fired deadline without its decision, or not on the wire
+    duplicated_decisions: int  # extra copies on the wire
+    wrong_decisions: int  # on the wire, but not a decision of the database
+    notifications_sent: int
+    duplicated_notifications: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def event_ids_logged(db: Database) -> set[str]:
+    try:
+        with db.transaction() as s:
+            return set(s.execute(select(CaseEventRow.event_id)).scalars())
+    except Exception:
+        return set()
+
+
+@dataclass
+class Settled:
+    """The database at one moment once everything due had been done: the deadlines fired
+    and the decisions made by then (later ones, of deadlines coming due since, are not
+    judged: they may still be on their way)."""
+
+    cutoff: datetime
+    fired: list[Any]
+    decision_ids: set[str]
+
+
+def await_quiet(db: Database, good_ids: set[str], tap: ClusterTap, timeout: float = 300
+                ) -> Settled:
+    """Wait until every event is in a case log, every deadline due so far has fired,
+    every decision made so far is on the wire and no notification is waiting to be
+    handed over or sent."""
+    wait_for(lambda: event_ids_logged(db) >= good_ids, timeout=timeout,
+             what="every accepted event in a case log")
+    cutoff = datetime.now(UTC)
+
+    def overdue() -> int:
+        with db.transaction() as s:
+            return int(s.execute(select(text("count(*)")).select_from(DeadlineRow).where(
+                DeadlineRow.status.in_(("pending", "dispatched")),
+                DeadlineRow.due_at <= cutoff)).scalar_one())
+
+    wait_for(lambda: overdue() == 0, timeout=timeout, what="every due deadline fired")
+    with db.transaction() as s:  # one snapshot: the decisions of exactly these deadlines
+        fired = list(s.execute(select(DeadlineRow).where(DeadlineRow.status == "fired")
+                               ).scalars().all())
+        decision_ids = set(s.execute(select(DecisionRow.decision_id)).scalars())
+    wait_for(lambda: set(tap.decisions()) >= decision_ids, timeout=timeout,
+             what="every decision on the wire")
+
+    def unsettled() -> int:
+        with db.transaction() as s:
+            return int(s.execute(text(
+                "SELECT count(*) FROM notifications WHERE status IN "
+                "('new', 'queued', 'sending')")).scalar_one())
+
+    wait_for(lambda: unsettled() == 0, timeout=timeout,
+             what="every notification sent (or deferred by a rate limit)")
+    return Settled(cutoff, fired, decision_ids)
+
+
+def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str],
+          notifier_log: str) -> Judgement:
+    """`wire`: every copy on the tap, taken after `settled` (so it holds all of its
+    decisions, and perhaps some made since)."""
+    logged = event_ids_logged(db)
+    fired, decision_ids = settled.fired, settled.decision_ids
+    with db.transaction() as s:
+        all_decisions = set(s.execute(select(DecisionRow.decision_id)).scalars())
+        sent_keys = set(s.execute(text(
+            "SELECT dedup_key FROM notifications WHERE status = 'sent'")).scalars())
+    # Each fired deadline's decision, computed from the deadline row as the resolver does.
+    expected = {
+        str(uuid.uuid5(DECISION_NAMESPACE, decision_key(
+            d.case_id, d.step, d.fence, d.purpose, d.deadline_at,
+            d.due_at if d.purpose == "reminder" else None)))
+        for d in fired
+    }
+    not_decided = expected - decision_ids
+    not_published = decision_ids - set(wire)
+    sends = Counter(re.findall(r"sent via \w+ id=\S* key=(\w+)", notifier_log))
+    return Judgement(
+        events=len(good_ids),
+        lost_events=len(good_ids - logged),
+        deadlines_fired=len(fired),
+        decisions=len(decision_ids),
+        lost_decisions=len(not_decided | not_published),
+        duplicated_decisions=sum(n - 1 for n in wire.values() if n > 1),
+        wrong_decisions=len(set(wire) - all_decisions),
+        notifications_sent=sum(sends.values()),
+        duplicated_notifications=sum(n - 1 for n in sends.values() if n > 1),
+        details={"sent_rows": len(sent_keys), "send_lines": notifier_log.count("sent via "),
+                 "sent_without_a_send_line": sorted(sent_keys - set(sends))[:5],
+                 "not_decided": sorted(not_decided)[:5],
+                 "not_published": sorted(not_published)[:5],
+                 "repeated": [k for k, n in wire.items() if n > 1][:5]},
+    )

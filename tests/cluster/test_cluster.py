@@ -1,0 +1,205 @@
+"""The system on a three-node RabbitMQ cluster, with quorum queues and two copies of each
+service, under faults (issue 18).
+
+Starts three RabbitMQ nodes of its own on this machine, runs intake, timer, resolver and
+notifier twice each as processes against the node list, and publishes simulated traffic
+while, at random moments: one node is stopped and started again, one is killed with
+`kill -9` and started again, one is cut off from the others (a network partition:
+its Erlang cookie is changed and its links dropped; no firewall on the shared loopback),
+one timer and one resolver are killed for good. Then it checks what a user would:
+- every accepted event is in its case log once;
+- every due deadline fired and made exactly one decision, which reached a queue bound to
+  `aftersales.decisions` exactly once;
+- no notification was sent twice;
+- every queue of the system is a quorum queue.
+A `[cluster report]` line with the counts is printed before the assertions.
+Fails, never skips, when the cluster cannot be started.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.simulate import SimConfig, generate
+from shared.amqp import (
+    INTAKE_QUEUE,
+    NOTIFIER_QUEUE,
+    OUTBOX_LEDGER_QUEUE,
+    REJECTED_QUEUE,
+    RESOLVER_QUEUE,
+    UNROUTED_QUEUE,
+)
+from shared.db.session import Database
+from tests.cluster.rabbit_cluster import VHOST, RabbitCluster
+from tests.cluster.scenario import (
+    TAP_QUEUE,
+    ClusterTap,
+    Published,
+    await_clients_moved,
+    await_quiet,
+    client_nodes,
+    judge,
+    publish_paced,
+    service_env,
+)
+from tests.conftest import wait_for
+from tests.harness import System
+
+pytestmark = pytest.mark.cluster
+
+COPIES = 2
+RATE = 50.0  # offered events per second, from before the first fault until after the last
+MESSAGES = int(RATE * 600)  # more than enough: publishing stops once the faults are done
+SERVICES = ("intake", "timer", "resolver", "notifier")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RabbitCluster]:
+    cluster = RabbitCluster(tmp_path / "rabbitmq")
+    try:
+        cluster.start()  # raises ClusterError: the test fails, it does not skip
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def services(cluster: RabbitCluster, database_url: str, db: Database, redis_prefix: str,
+             tmp_path: Path) -> Iterator[System]:
+    log_dir = tmp_path / "services"
+    log_dir.mkdir()
+    system = System(service_env(database_url, cluster.urls(), redis_prefix), log_dir,
+                    copies=COPIES)
+    system.start(*system.ports)
+    try:
+        for name in system.ports:
+            wait_for(lambda n=name: system.metrics_ready(n), timeout=120,
+                     what=f"{name} to serve metrics")
+        yield system
+    finally:
+        system.stop()
+
+
+def _queue_types(cluster: RabbitCluster) -> dict[str, str]:
+    out = cluster.ctl(cluster.nodes[0], "list_queues", "-p", VHOST, "--no-table-headers",
+                      "name", "type")
+    return dict(line.split("\t")[:2] for line in out.strip().splitlines())
+
+
+@pytest.mark.timeout(900)
+def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
+    cluster: RabbitCluster, services: System, db: Database
+) -> None:
+    seed = random.randrange(1_000_000)
+    rng = random.Random(seed)
+    config = SimConfig(rate=RATE, duration=None, count=MESSAGES, deadline_seconds=8,
+                       late_merchant_share=0.4, late_buyer_share=0.3, duplicate_share=0.05,
+                       malformed_share=0.0, run_id=f"cl{uuid.uuid4().hex[:6]}")
+    messages = list(generate(config, MESSAGES, seed=seed, start=datetime.now(UTC)))
+
+    kills: Counter[str] = Counter()
+    moved_copies = 0  # service copies connected to a lost node that moved to another
+    node_losses: Counter[str] = Counter()
+    timeline: list[str] = []
+    started = time.monotonic()
+
+    def note(what: str) -> None:
+        timeline.append(f"{time.monotonic() - started:.0f}s {what}")
+
+    with ClusterTap(cluster.urls()) as tap:
+        published: list[Published] = []
+        stop_traffic = threading.Event()
+        publisher = threading.Thread(target=lambda: published.append(publish_paced(
+            cluster.urls(), [m.body for m in messages], RATE, stop_traffic)))
+        publisher.start()
+        faults = ["stop", "kill -9", "partition", "timer", "resolver"]
+        rng.shuffle(faults)
+        for fault in faults:
+            time.sleep(rng.uniform(1.0, 5.0))  # a random moment, not a condition to await
+            if fault in ("timer", "resolver"):
+                victim = f"{fault}.{rng.randint(1, COPIES)}"
+                services.kill(victim)  # for good: the other copy carries on alone
+                kills[fault] += 1
+                note(f"killed {victim}")
+                continue
+            # The node most service copies are connected to (ties: at random).
+            before = client_nodes(services, cluster.nodes)
+            on_node = Counter(n for names in before.values() for n in names)
+            node = max(rng.sample(cluster.nodes, len(cluster.nodes)),
+                       key=lambda n: on_node[n.name])
+            note(f"{fault} {node.name} ({on_node[node.name]} copies on it)")
+            if fault == "partition":
+                cluster.cut_off(node)
+            else:
+                (cluster.stop_node if fault == "stop" else cluster.kill_node)(node)
+            # While it is away, every copy finds another node by itself.
+            after = await_clients_moved(services, cluster.nodes, node, before)
+            moved_copies += sum(1 for name, names in before.items()
+                                if node.name in names and after.get(name))
+            note(f"clients moved off {node.name}")
+            time.sleep(rng.uniform(1.0, 4.0))  # how much longer the node stays away
+            if fault == "partition":
+                cluster.heal(node)
+            else:
+                cluster.start_node(node)
+            node_losses[fault] += 1
+            cluster.await_healthy()  # back, caught up: another node may go
+            note(f"{node.name} back")
+        time.sleep(rng.uniform(1.0, 3.0))  # traffic goes on a little after the last fault
+        stop_traffic.set()
+        publisher.join(600)
+        assert published, "the publisher failed (see its traceback above)"
+        note("traffic published")
+        good_ids = {m.event["event_id"] for m in messages[:published[0].count]
+                    if m.event is not None}
+        settled = await_quiet(db, good_ids, tap)
+        wire = tap.catch_up()
+        note("quiet")
+        redelivered_to_tap = tap.redelivered
+
+    result = judge(db, good_ids, settled, wire, services.log("notifier"))
+    types = _queue_types(cluster)
+    ours = {INTAKE_QUEUE, REJECTED_QUEUE, UNROUTED_QUEUE, OUTBOX_LEDGER_QUEUE, TAP_QUEUE} | {
+        f"{q}{suffix}" for q in (RESOLVER_QUEUE, NOTIFIER_QUEUE) for suffix in ("", ".DQ", ".XQ")}
+    survivors = [n for n in services.procs if n.split(".")[0] in ("timer", "resolver")]
+    # Connections of the services that a node loss broke (each then went to another node).
+    connections_lost = sum(services.log(s).count("Unexpected connection close detected")
+                           for s in SERVICES)
+    print(f"\n[cluster report] seed={seed} nodes={len(cluster.nodes)} copies={COPIES} "
+          f"messages={published[0].count} events={result.events} "
+          f"republished_chunks={published[0].republished_chunks} "
+          f"kills={dict(kills)} node_losses={dict(node_losses)} "
+          f"client_connections_lost={connections_lost} copies_moved={moved_copies} "
+          f"deadlines_fired={result.deadlines_fired} decisions={result.decisions} "
+          f"decisions_on_wire={sum(wire.values())} tap_redeliveries={redelivered_to_tap} "
+          f"notifications_sent={result.notifications_sent} "
+          f"lost_events={result.lost_events} lost_decisions={result.lost_decisions} "
+          f"duplicated_decisions={result.duplicated_decisions} "
+          f"wrong_decisions={result.wrong_decisions} "
+          f"duplicated_notifications={result.duplicated_notifications} "
+          f"queue_types={sorted(set(types.values()))} details={result.details}")
+    print("[cluster timeline] " + "; ".join(timeline))
+    assert result.lost_events == 0
+    assert result.lost_decisions == 0
+    assert result.duplicated_decisions == 0
+    assert result.wrong_decisions == 0
+    assert result.duplicated_notifications == 0
+    assert set(types) == ours and set(types.values()) == {"quorum"}, types
+    assert node_losses == Counter({"stop": 1, "kill -9": 1, "partition": 1})
+    assert kills == Counter({"timer": 1, "resolver": 1})
+    # One copy of each left, and it did the rest alone.
+    assert sorted(n.split(".")[0] for n in survivors) == ["resolver", "timer"], survivors
+    assert connections_lost > 0 and moved_copies > 0, \
+        "no service connection was hit by the node losses"
+    # The traffic exercised what it should have: deadlines fired, notifications went out.
+    assert result.deadlines_fired > 100
+    assert result.notifications_sent > 0
