@@ -89,6 +89,13 @@ if command -v rabbitmq-plugins >/dev/null && ! port_open 15692; then
   $SUDO rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null 2>&1 || true
 fi
 
+# The rejected queue's bounds (max length, max bytes, TTL): an operator policy, so it
+# also reaches queues that deployments declared before it existed.
+if command -v rabbitmqctl >/dev/null && [ "${AFTERSALES_SKIP_POLICIES:-}" != 1 ]; then
+  RABBITMQCTL="$SUDO rabbitmqctl" deploy/rabbitmq/policies.sh "${AFTERSALES_RABBITMQ_VHOST:-/}" \
+    || say "could not set the RabbitMQ policies (deploy/rabbitmq/policies.sh): set them by hand"
+fi
+
 # --- promtool (alert rule tests) -------------------------------------------------------
 if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 
