@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH_DIR))
 
 import e2e_bench as e2e  # noqa: E402
+import pika  # noqa: E402
 import psycopg  # noqa: E402
 import timer_bench as tb  # noqa: E402
 from sqlalchemy import text  # noqa: E402
@@ -152,8 +153,8 @@ LOAD_FINISHED = [
     f"""INSERT INTO case_events (event_id, case_id, type, occurred_at, received_at, outcome,
                                  case_version, body)
         SELECT 'h' || g || '-' || e.i, cid, e.type,
-               closed_at - interval '40 hours' + make_interval(hours => e.offset_h),
-               closed_at - interval '40 hours' + make_interval(hours => e.offset_h),
+               closed_at - interval '40 hours' + e.offset_h * interval '1 hour',
+               closed_at - interval '40 hours' + e.offset_h * interval '1 hour',
                'applied', e.version,
                e.body || jsonb_build_object('event_id', 'h' || g || '-' || e.i,
                                             'case_id', cid, 'order_id', oid)
@@ -162,8 +163,8 @@ LOAD_FINISHED = [
     f"""INSERT INTO deadlines (case_id, step, purpose, action, party, due_at, deadline_at,
                                fence, rule_set, rule_version, rule_id, status, created_at)
         SELECT cid, d.step, d.purpose, d.action, d.party,
-               closed_at - interval '40 hours' + make_interval(hours => d.offset_h),
-               closed_at - interval '40 hours' + make_interval(hours => d.offset_h),
+               closed_at - interval '40 hours' + d.offset_h * interval '1 hour',
+               closed_at - interval '40 hours' + d.offset_h * interval '1 hour',
                d.fence, d.rule_set, d.rule_version, d.rule_id, 'cancelled',
                closed_at - interval '40 hours'
         FROM ({FINISHED_TIMES}) t CROSS JOIN jsonb_to_recordset(%(deadlines)s::jsonb)
@@ -181,8 +182,8 @@ LOAD_FINISHED = [
                CASE WHEN n.channel = 'sms' THEN '13' || lpad((g %% 1000000000)::text, 9, '0')
                     ELSE 'u' || g || '@example.com' END,
                n.template, n.params, 'sent', 1,
-               closed_at - interval '40 hours' + make_interval(hours => n.offset_h),
-               closed_at - interval '40 hours' + make_interval(hours => n.offset_h)
+               closed_at - interval '40 hours' + n.offset_h * interval '1 hour',
+               closed_at - interval '40 hours' + n.offset_h * interval '1 hour'
         FROM ({FINISHED_TIMES}) t CROSS JOIN jsonb_to_recordset(%(notes)s::jsonb)
              AS n(i int, reason text, party text, channel text, template text, params jsonb,
                   offset_h float8)""",
@@ -192,7 +193,7 @@ LOAD_OPEN = [
     f"""INSERT INTO cases ({CASE_COLS})
         SELECT cid, 'kuaishou', 'S' || (g %% 5000), oid, %(kind)s, 'open', %(step)s,
                %(version)s, %(rule_set)s, %(rule_version)s,
-               now() + make_interval(days => 1 + (g %% 20)), opened_at, NULL, opened_at,
+               now() + make_interval(days => (1 + g %% 20)::int), opened_at, NULL, opened_at,
                %(snapshot)s::jsonb || jsonb_build_object('case_id', cid, 'order_id', oid)
         FROM ({OPEN_TIMES}) t""",
     f"""INSERT INTO case_events (event_id, case_id, type, occurred_at, received_at, outcome,
@@ -367,9 +368,31 @@ def case_show(url: str, groups: dict[str, list[str]], cli_env: dict[str, str]
     return out
 
 
+def forget_run(box: tb.Sandbox, history: bool) -> None:
+    """Remove what a round added (simulator cases, timer stream rows, catch-up cases), so
+    every round sees the same database: empty, or the history alone."""
+    tables = ("outbox", "notifications", "decisions", "deadlines", "case_events", "cases")
+    # The catch-up counts decisions on this queue: none of an earlier phase may be there.
+    conn_amqp = pika.BlockingConnection(pika.URLParameters(box.amqp_url))
+    try:
+        conn_amqp.channel().queue_delete("bench.decisions.tap")
+    finally:
+        conn_amqp.close()
+    with box.connect() as conn:
+        if not history:
+            conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+            return
+        conn.execute("TRUNCATE outbox")
+        for table in tables[1:]:
+            conn.execute(f"DELETE FROM {table} WHERE case_id NOT LIKE 'H%%'")
+        for table in tables[1:]:
+            conn.execute(f"VACUUM ANALYZE {table}")
+
+
 def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan,
             history: bool) -> dict[str, Any]:
     """Every measurement on one database."""
+    forget_run(box, history)
     result: dict[str, Any] = {}
     db = e2e.Db(box.sa_url)
     try:
@@ -442,10 +465,17 @@ def dig(d: Any, path: tuple[str, ...]) -> Any:
     return d
 
 
+def figure(rounds: list[dict[str, Any]], path: tuple[str, ...]) -> float | None:
+    """The median over the rounds (the machine's load varies from one to the next)."""
+    values = [v for v in (dig(r, path) for r in rounds) if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
 def compare(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, path, higher_better in FIGURES:
-        empty, hist = dig(result.get("empty"), path), dig(result.get("history"), path)
+        empty = figure(result.get("empty", []), path)
+        hist = figure(result.get("history", []), path)
         within = None
         if isinstance(empty, (int, float)) and isinstance(hist, (int, float)) and empty:
             # "Within 10 %": no more than 10 % worse (slower, later) than on the empty one.
@@ -456,7 +486,7 @@ def compare(result: dict[str, Any]) -> list[dict[str, Any]]:
                      and empty else None,
                      "within_10pct": within})
     for group in ("finished a year back", "open from the history"):
-        value = dig(result.get("history"), ("case_show", group, "p99_ms"))
+        value = figure(result.get("history", []), ("case_show", group, "p99_ms"))
         rows.append({"figure": f"case show p99 ms ({group})", "empty": None, "history": value,
                      "history_over_empty": None, "within_10pct": None})
     return rows
@@ -466,12 +496,14 @@ def show(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return f"{v:,.3f}" if v < 10 else f"{v:,.0f}"
+        if v >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.1f}" if v >= 10 else f"{v:.3f}".rstrip("0").rstrip(".")
     return str(v)
 
 
 def result_line(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    parts = [f"RESULT history scale={result['scale']:g}",
+    parts = [f"RESULT history scale={result['scale']:g} rounds={result['rounds']}",
              f"finished={result['sizes']['finished']}", f"open={result['sizes']['open']}"]
     for row in rows:
         key = KEYS.get(row["figure"])
@@ -493,6 +525,9 @@ def main() -> int:
                          "open cases); e.g. 0.05")
     ap.add_argument("--quick", action="store_true", help="shorter measuring phases")
     ap.add_argument("--latency-rate", type=float, default=500.0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each database this many times, in the order empty, "
+                         "history, history, empty, ...; figures are medians (default 1)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     if not 0 < args.scale <= 1:
@@ -506,6 +541,7 @@ def main() -> int:
                    catchup=3000 if args.quick else 10000, catchup_timeout=300)
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(), "scale": args.scale,
+        "rounds": args.rounds,
         "sizes": {"finished": args.finished, "open": args.open,
                   "latency_seconds": args.latency_seconds, "throughput_events": args.events,
                   "lateness_stream": f"{plan.stream_rate:.0f}/s for {plan.stream_seconds:.0f} s",
@@ -521,9 +557,13 @@ def main() -> int:
         log(f"loading {args.finished:,} finished and {args.open:,} open cases")
         with boxes["history"].connect() as conn:
             result["history_load"] = load_history(conn, args.finished, args.open)
-        for label, box in boxes.items():
-            log(f"measuring on the {label} database")
-            result[label] = measure(box, label, args, plan, history=label == "history")
+        order = [("empty", "history") if r % 2 == 0 else ("history", "empty")
+                 for r in range(args.rounds)]
+        for r, labels in enumerate(order):
+            for label in labels:
+                log(f"round {r + 1}/{args.rounds}: measuring on the {label} database")
+                result.setdefault(label, []).append(measure(
+                    boxes[label], label, args, plan, history=label == "history"))
     finally:
         for svc in list(tb.RUNNING):
             svc.stop()
