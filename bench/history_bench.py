@@ -244,26 +244,68 @@ def _params(kind: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def load_history(conn: psycopg.Connection[Any], finished: int, open_: int) -> dict[str, Any]:
+def postgres_started(box: tb.Sandbox, timeout: float = 300) -> datetime:
+    """When PostgreSQL last started, waiting for it if it is restarting: other work on a
+    shared machine (fault tests) restarts it now and then."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with box.connect() as conn:
+                row = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+                assert row is not None
+                return row[0]  # type: ignore[no-any-return]
+        except psycopg.OperationalError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(2)
+
+
+def broker_up(box: tb.Sandbox, timeout: float = 300) -> None:
+    """Wait for RabbitMQ (restarted now and then by other work on a shared machine)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            pika.BlockingConnection(pika.URLParameters(box.amqp_url)).close()
+            return
+        except pika.exceptions.AMQPError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(2)
+
+
+def load_history(box: tb.Sandbox, finished: int, open_: int) -> dict[str, Any]:
+    """Chunk by chunk, one transaction each; a chunk cut off by a PostgreSQL restart was
+    rolled back and is loaded again."""
     t0 = time.perf_counter()
-    conn.execute("SET synchronous_commit = off")  # a bulk load; the run does not need it
     shapes = templates()
     for name, count, statements, params in (
             ("finished", finished, LOAD_FINISHED, _params(shapes["finished"])),
             ("open", open_, LOAD_OPEN, _params(shapes["open"]))):
         for lo in range(1, count + 1, CHUNK):
             hi = min(count, lo + CHUNK - 1)
-            with conn.transaction():
-                for sql in statements:
-                    conn.execute(sql, {**params, "lo": lo, "hi": hi})
+            for attempt in range(5):
+                try:
+                    with box.connect() as conn, conn.transaction():
+                        conn.execute("SET LOCAL synchronous_commit = off")  # a bulk load
+                        for sql in statements:
+                            conn.execute(sql, {**params, "lo": lo, "hi": hi})
+                    break
+                except psycopg.OperationalError as exc:
+                    log(f"chunk {lo:,}-{hi:,} cut off ({exc}); again (attempt {attempt + 2})")
+                    postgres_started(box)
+            else:
+                raise RuntimeError("PostgreSQL kept restarting during the load")
             log(f"loaded {name} cases {hi:,}/{count:,} ({time.perf_counter() - t0:.0f} s)")
     loaded_s = time.perf_counter() - t0
+    postgres_started(box)
+    conn = box.connect()
     for table in ("cases", "case_events", "deadlines", "decisions", "notifications"):
         conn.execute(f"VACUUM ANALYZE {table}")
     rows = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[index]
             for t in ("cases", "case_events", "deadlines", "decisions", "notifications")}
     size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))"
                         ).fetchone()[0]  # type: ignore[index]
+    conn.close()
     log(f"history loaded in {loaded_s:.0f} s (+{time.perf_counter() - t0 - loaded_s:.0f} s "
         f"vacuum analyze): {rows}, database {size}")
     return {"finished_cases": finished, "open_cases": open_, "rows": rows,
@@ -438,6 +480,30 @@ def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan
     return result
 
 
+def measure_undisturbed(box: tb.Sandbox, label: str, args: argparse.Namespace,
+                        plan: tb.Plan, history: bool, attempts: int = 8) -> dict[str, Any]:
+    """`measure`, again from the start if PostgreSQL restarted meanwhile (its start time
+    changed) or a phase failed on a lost connection: figures from a disturbed run would
+    measure the restart, not the history."""
+    for attempt in range(1, attempts + 1):
+        broker_up(box)
+        started = postgres_started(box)
+        try:
+            result = measure(box, label, args, plan, history)
+        except Exception as exc:
+            log(f"{label}: attempt {attempt} failed ({type(exc).__name__}: {exc}"[:300] + ")")
+            for svc in list(tb.RUNNING):
+                svc.stop()
+            time.sleep(10)  # let a restart that is under way finish before waiting for it
+            continue
+        if postgres_started(box) == started:
+            result["attempt"] = attempt
+            return result
+        log(f"{label}: PostgreSQL restarted during attempt {attempt} (other work on the "
+            "machine): measuring again")
+    raise RuntimeError(f"{label}: no undisturbed measurement in {attempts} attempts")
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -555,14 +621,13 @@ def main() -> int:
         for box in boxes.values():
             box.create()
         log(f"loading {args.finished:,} finished and {args.open:,} open cases")
-        with boxes["history"].connect() as conn:
-            result["history_load"] = load_history(conn, args.finished, args.open)
+        result["history_load"] = load_history(boxes["history"], args.finished, args.open)
         order = [("empty", "history") if r % 2 == 0 else ("history", "empty")
                  for r in range(args.rounds)]
         for r, labels in enumerate(order):
             for label in labels:
                 log(f"round {r + 1}/{args.rounds}: measuring on the {label} database")
-                result.setdefault(label, []).append(measure(
+                result.setdefault(label, []).append(measure_undisturbed(
                     boxes[label], label, args, plan, history=label == "history"))
     finally:
         for svc in list(tb.RUNNING):
