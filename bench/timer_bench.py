@@ -119,8 +119,8 @@ class Plan:
 class Sandbox:
     """A database and a vhost of the bench's own, removed at the end whatever happens."""
 
-    def __init__(self) -> None:
-        tag = f"{os.getpid()}"
+    def __init__(self, tag: str | None = None) -> None:
+        tag = tag or f"{os.getpid()}"
         self.db_name = f"aftersales_bench_{tag}"
         self.vhost = f"aftersales-bench-{tag}"
         base = PG_ADMIN.rsplit("/", 1)[0]
@@ -128,7 +128,8 @@ class Sandbox:
         self.sa_url = self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
         self.amqp_url = f"amqp://guest:guest@{AMQP_HOST}/{quote(self.vhost, safe='')}"
         self.tmp = Path(tempfile.mkdtemp(prefix="aftersales-bench-"))
-        self.logs = ROOT / "bench-results" / "timer-logs"
+        self.logs = ROOT / "bench-results" / ("timer-logs" if tag == f"{os.getpid()}"
+                                              else f"timer-logs-{tag}")
         self.created_db = False
         self.created_vhost = False
 
@@ -541,12 +542,15 @@ def template_case() -> tuple[dict[str, Any], Any]:
     return outcome.case.to_dict(), deadline
 
 
-def load_overdue_cases(conn: psycopg.Connection[Any], count: int) -> float:
+def load_overdue_cases(conn: psycopg.Connection[Any], count: int, fresh: bool = True
+                       ) -> float:
     """`count` open cases (copies of one domain-opened case, each with its own ids) and
-    their overdue deadline, as `OutcomeWriter` would have written them."""
+    their overdue deadline, as `OutcomeWriter` would have written them. `fresh` empties
+    the tables first (not on a database loaded with history)."""
     t = time.perf_counter()
-    conn.execute("TRUNCATE outbox, notifications, decisions, deadlines, case_events, cases "
-                 "RESTART IDENTITY")
+    if fresh:
+        conn.execute("TRUNCATE outbox, notifications, decisions, deadlines, case_events, cases "
+                     "RESTART IDENTITY")
     snapshot, d = template_case()
     conn.execute(
         """INSERT INTO cases (case_id, platform, shop_id, order_id, kind, status, step, version,
@@ -578,10 +582,10 @@ def load_overdue_cases(conn: psycopg.Connection[Any], count: int) -> float:
     return time.perf_counter() - t
 
 
-def ours_catchup(box: Sandbox, plan: Plan) -> dict[str, Any]:
+def ours_catchup(box: Sandbox, plan: Plan, fresh: bool = True) -> dict[str, Any]:
     n = plan.catchup
     with box.connect() as conn:
-        secs = load_overdue_cases(conn, n)
+        secs = load_overdue_cases(conn, n, fresh)
     log(f"catch-up: {n:,} open cases with an overdue deadline loaded in {secs:.1f}s")
 
     # Decisions as upstream sees them: a queue of our own bound to aftersales.decisions.

@@ -119,6 +119,13 @@ if [ ! -x /usr/bin/chromium ]; then
   apt_install chromium
 fi
 
+# The rejected queue's bounds (max length, max bytes, TTL): an operator policy, so it
+# also reaches queues that deployments declared before it existed.
+if command -v rabbitmqctl >/dev/null && [ "${AFTERSALES_SKIP_POLICIES:-}" != 1 ]; then
+  RABBITMQCTL="$SUDO rabbitmqctl" deploy/rabbitmq/policies.sh "${AFTERSALES_RABBITMQ_VHOST:-/}" \
+    || say "could not set the RabbitMQ policies (deploy/rabbitmq/policies.sh): set them by hand"
+fi
+
 # --- promtool (alert rule tests) -------------------------------------------------------
 if [ -x scripts/install_prometheus.sh ]; then scripts/install_prometheus.sh; fi
 

@@ -85,6 +85,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return int(run_simulation(_settings(), args))
 
 
+def cmd_retention_run(args: argparse.Namespace) -> int:
+    from services.retention import run_command
+
+    return run_command(_settings(), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aftersales",
@@ -117,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     from services.ops.cli import register as register_ops
 
     register_ops(sub, case_sub, _settings)
+    retention = sub.add_parser("retention", help="archive and remove finished cases")
+    retention_sub = retention.add_subparsers(dest="retention_command", required=True,
+                                             metavar="ACTION")
+    retention_run = retention_sub.add_parser(
+        "run", help="archive, then remove, closed cases past AFTERSALES_RETENTION_DAYS")
+    from services.retention import add_arguments as add_retention_arguments
+
+    add_retention_arguments(retention_run)
+    retention_run.set_defaults(func=cmd_retention_run)
 
     schemas = sub.add_parser("schemas", help="write the event JSON Schemas")
     schemas.add_argument("--out", default="schemas/v1", help="folder (default schemas/v1)")

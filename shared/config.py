@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -159,6 +166,19 @@ class Settings(BaseSettings):
     console_user: str | None = None
     console_password: SecretStr | None = None
 
+    # Retention (`aftersales retention run`, docs/design.md "Retention"): a closed case and
+    # everything it caused is archived and removed this many days after it closed; parked
+    # events whose case never opened, this many days after they were received.
+    retention_days: int = Field(default=400, ge=1, le=36_500)
+    # How long an event id is remembered, in days after its case closed (after it was
+    # received, for an event whose case never opened). Unset = the retention. Never shorter
+    # than the retention; if longer, retention keeps the id alone (no body) until then.
+    dedup_window_days: int | None = Field(default=None, ge=1, le=36_500)
+    # Cases per retention transaction: small, so locks are held for milliseconds.
+    retention_batch: int = Field(default=500, ge=1, le=10_000)
+    # Where retention writes its archive (gzip'd JSON lines); required to remove anything.
+    archive_dir: Path | None = None
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, v: str) -> str:
@@ -198,6 +218,21 @@ class Settings(BaseSettings):
                 f"intake_prefetch x broker_max_message_bytes = {held} bytes exceeds "
                 f"intake_max_buffered_bytes ({self.intake_max_buffered_bytes})")
         return self
+
+    @field_validator("dedup_window_days")
+    @classmethod
+    def _dedup_covers_retention(cls, v: int | None, info: ValidationInfo) -> int | None:
+        retention = info.data.get("retention_days")
+        if v is not None and retention is not None and v < retention:
+            raise ValueError(
+                f"must be at least AFTERSALES_RETENTION_DAYS ({retention}): an event id is "
+                "remembered as long as its case is kept")
+        return v
+
+    @property
+    def dedup_window(self) -> int:
+        """Days an event id is remembered after its case closed (>= retention_days)."""
+        return self.dedup_window_days or self.retention_days
 
     def metrics_port_for(self, service: str) -> int:
         return self.metrics_port or DEFAULT_METRICS_PORTS[service]

@@ -69,6 +69,9 @@ class CaseRow(Base):
         Index("ix_cases_order_id", "order_id"),
         Index("ix_cases_open_kind_step", "kind", "step", postgresql_where=text("status = 'open'")),
         Index("ix_cases_open_opened_at", "opened_at", postgresql_where=text("status = 'open'")),
+        # Retention walks closed cases past their time in closing order (keyset).
+        Index("ix_cases_closed_at", "closed_at", "case_id",
+              postgresql_where=text("status <> 'open'")),
     )
 
 
@@ -92,12 +95,17 @@ class CaseEventRow(Base):
     # event_id with other content is a conflict, not a duplicate. Null for rows from
     # before it was kept.
     body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Set by retention on an event kept only for dedup (outcome `retired`, body emptied)
+    # when the dedup window outlasts the retention: the id is forgotten after this.
+    forget_after: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_case_events_case_id", "case_id", "occurred_at"),
         Index(
             "ix_case_events_parked", "case_id", postgresql_where=text("outcome = 'parked'")
         ),
+        Index("ix_case_events_forget_after", "forget_after",
+              postgresql_where=text("forget_after IS NOT NULL")),
     )
 
 
@@ -163,6 +171,8 @@ class DeadlineRow(Base):
             "case_id",
             postgresql_where=text("status = 'pending' AND calendar_source = 'estimated'"),
         ),
+        # Retention removes a closed case's finished deadlines by case.
+        Index("ix_deadlines_case_id", "case_id"),
     )
 
 

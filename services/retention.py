@@ -1,0 +1,62 @@
+"""`aftersales retention run [--dry-run] [--batch N]`: archive and remove closed cases (and
+parked events) past their retention (`shared/db/retention.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import Settings
+from shared.db.retention import Archive, RetentionPolicy, plan_retention, run_retention
+from shared.db.session import Database, make_engine
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only count what would be archived and removed")
+    parser.add_argument("--batch", type=int, default=None, metavar="N",
+                        help="cases per transaction (default AFTERSALES_RETENTION_BATCH)")
+    parser.add_argument("--max-batches", type=int, default=None, metavar="N",
+                        help="stop after N batches (default: until nothing is left)")
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    batch = args.batch if args.batch is not None else settings.retention_batch
+    if batch < 1:
+        print("aftersales: --batch must be at least 1", file=sys.stderr)
+        return 2
+    policy = RetentionPolicy(settings.retention_days, settings.dedup_window, batch)
+    if not args.dry_run and settings.archive_dir is None:
+        print("aftersales: bad setting: AFTERSALES_ARCHIVE_DIR: not set (retention archives "
+              "every row before removing it)", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url, pool_size=1)
+    db = Database(engine)
+    try:
+        if args.dry_run:
+            plan = plan_retention(db, policy)
+            print(f"retention {policy.retention_days} days, dedup window "
+                  f"{policy.dedup_window_days} days (dry run: nothing changed)")
+            print(f"  closed cases past retention: {plan.cases_due} "
+                  f"({plan.cases_held_back} held back by unfinished work)")
+            print(f"  parked events past retention: {plan.parked_events_due}")
+            print(f"  dedup-only event ids to forget: {plan.ids_to_forget}")
+            return 0
+        assert settings.archive_dir is not None
+        report = run_retention(db, policy, Archive(settings.archive_dir),
+                               max_batches=args.max_batches)
+    finally:
+        engine.dispose()
+    print(f"retention run {report.run_id}: {report.cases} cases and "
+          f"{report.parked_events} parked events archived and removed in "
+          f"{report.batches} batches")
+    for table in sorted(report.rows):
+        print(f"  {table}: {report.rows[table]} rows")
+    if report.retired_events:
+        print(f"  {report.retired_events} event ids kept for dedup until their window ends")
+    print(f"  {report.forgotten_ids} dedup-only event ids forgotten; "
+          f"{report.held_back} cases held back by unfinished work; "
+          f"{report.busy} busy (next run)")
+    if report.files:
+        print(f"  archive: {report.files[0].parent} ({len(report.files)} files)")
+    return 0
