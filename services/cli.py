@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_db_upgrade)
 
     run = sub.add_parser("run", help="run a service in the foreground")
-    run.add_argument("service", choices=[*SERVICES, "all"], help="which service; all = the four")
+    run.add_argument("service", choices=[*SERVICES, "gateway", "all"],
+                     help="which service; all = the four and the gateway")
     run.set_defaults(func=cmd_run)
 
     pub = sub.add_parser("publish", help="publish events (JSON lines) as an upstream would")

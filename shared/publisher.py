@@ -7,7 +7,7 @@ turns "no queue was bound" into an error instead of a silent drop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import dramatiq
@@ -102,15 +102,17 @@ class BatchPublisher:
     Dramatiq queues ("" exchange) are declared through the Dramatiq broker first, so they
     get exactly the arguments Dramatiq's workers expect."""
 
-    def __init__(self, amqp_url: str, broker: AftersalesBroker, queue_type: str = "classic"
-                 ) -> None:
+    def __init__(self, amqp_url: str, broker: AftersalesBroker, queue_type: str = "classic",
+                 topology_queues: Iterable[str] = ()) -> None:
         self.amqp_url = amqp_url
         self.broker = broker
         self.queue_type = queue_type
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._returned: list[str] = []
-        self._declared: set[str] = set()
+        # Queues `declare_topology` declares (e.g. aftersales.events.rejected): published to
+        # through the default exchange, but not Dramatiq's to declare.
+        self._declared: set[str] = set(topology_queues)
 
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:

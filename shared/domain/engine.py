@@ -103,6 +103,15 @@ def decision_key(case_id: str, step: str, fence: int, purpose: str, deadline_at:
     return key if remind_at is None else f"{key}:{remind_at.isoformat()}"
 
 
+# The resolution of a case the platform closed itself (e.g. Douyin's auto-close on timeout).
+PLATFORM_CLOSED = "closed_by_platform"
+
+
+def _by_platform(event: Event) -> bool:
+    """The event says the platform itself took the action (data.actor = "platform")."""
+    return event.data.get("actor") == Party.platform.value
+
+
 def _whole_fen(value: object) -> bool:
     return type(value) is int and value >= 0
 
@@ -302,7 +311,8 @@ class Engine:
             return problem
         work = _Work(case, now)
         self._record_facts(work, event, at)
-        met = case.step_due_at is None or at <= case.step_due_at
+        # The platform taking the step's action itself (its own timer) means the party missed it.
+        met = (case.step_due_at is None or at <= case.step_due_at) and not _by_platform(event)
         if isinstance(target, Go):
             if target.step != case.step:  # re-entering a step restarts it, it did not end
                 work.end_step(met, at)
@@ -353,6 +363,12 @@ class Engine:
             return f"out_of_state: buyer.cancelled in step {case.step}: the refund is under way"
         work = _Work(case, now)
         self._record_facts(work, event, at)
+        if _by_platform(event):
+            # The platform closed it on its own timeout: the party missed the step; the
+            # platform has told both sides already, "buyer cancelled" would be wrong.
+            work.end_step(False, at)
+            work.close(PLATFORM_CLOSED, at)
+            return work
         # no StepResult: the step was neither met nor missed by the party who had to act
         work.close("cancelled", at)
         self._notify_event(work, event)
@@ -406,6 +422,10 @@ class Engine:
             return "out_of_state: deadline.changed while the clock is paused (intervention)"
         if self._rule_of(case) is None:
             return f"out_of_state: deadline.changed: step {case.step} has no deadline"
+        step = event.data.get("step")
+        if step is not None and step != case.step:
+            return (f"out_of_state: deadline.changed for step {step}, but the case is in "
+                    f"step {case.step}")
         work = _Work(case, now)
         work.case = replace(work.case, step_due_at=as_utc(event.due_at),
                             data={**work.case.data, "deadline_source": "platform"})

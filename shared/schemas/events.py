@@ -93,6 +93,11 @@ class NoData(_Data):
     pass
 
 
+class DeadlineChanged(_Data):
+    # The step the platform's new deadline is for; absent: the case's current step.
+    step: Id | None = None
+
+
 DATA_MODELS: dict[str, type[_Data]] = {
     "case.opened": CaseOpened,
     "merchant.approved": NoData,
@@ -111,7 +116,7 @@ DATA_MODELS: dict[str, type[_Data]] = {
     "intervention.requested": NoData,
     "intervention.resolved": InterventionResolved,
     "refund.completed": RefundCompleted,
-    "deadline.changed": NoData,
+    "deadline.changed": DeadlineChanged,
     "voucher.expired": NoData,
 }
 EVENT_TYPES = tuple(DATA_MODELS)
