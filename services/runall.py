@@ -1,4 +1,5 @@
-"""`aftersales run all`: the four services for local use, Procfile-style (honcho)."""
+"""`aftersales run all`: the four services and the platform gateway for local use,
+Procfile-style (honcho)."""
 
 from __future__ import annotations
 

@@ -26,8 +26,13 @@ def run(settings: Settings) -> int:
         raise ConfigError(f"AFTERSALES_GATEWAY_MAPPINGS: {exc}") from None
     forwarder = Forwarder(settings.amqp_url, settings.queue_type)
     app = build_app(gateway, mappings, forwarder)
+    enabled = gateway.enabled_platforms()
     log.info("gateway on http://%s:%d (platforms: %s)", gateway.gateway_bind,
-             gateway.gateway_port, ", ".join(gateway.enabled_platforms()))
+             gateway.gateway_port, ", ".join(enabled) or "none")
+    if not enabled:
+        # `aftersales run all` starts the gateway too; without keys it only answers 404.
+        log.warning("no platform keys set (AFTERSALES_DOUYIN_APP_KEY/_APP_SECRET, ...): "
+                    "every platform endpoint answers 404 until they are")
     try:
         # One process: the gateway keeps no state, so more copies (behind the ingress) are
         # how it scales. SIGTERM lets requests in flight finish first.
