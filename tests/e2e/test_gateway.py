@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,8 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from services.caseview import case_document
+from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from tests.conftest import wait_for
 from tests.harness import ROOT, DecisionTap, System, free_port, rejected_messages
@@ -287,6 +291,29 @@ def test_bad_input_gets_a_verdict_and_the_gateway_lives_on(gateway: Gateway, bod
     assert gateway.healthy()
 
 
+def test_bad_input_to_kuaishou_and_taobao_gets_a_verdict(gateway: Gateway) -> None:
+    for body in (b"", b"%%%", b"QUJDRA==", b"\x00" * 100, kuaishou_body(
+            "kwaishop_aftersales_addRefund", "x", {"refundId": [1]}, app_key="intruder")):
+        answer = gateway.post("kuaishou", body)
+        assert answer.status_code == 401 and answer.json()["result"] == 0
+    stamp = now()
+    for body, status in ((b"{not json", 400), (b"42", 400), (b'"text"', 400),
+                         (b"[" * 50_000, 400)):
+        answer = gateway.post("taobao", body, params=taobao_query(body, stamp))
+        assert answer.status_code == status, body[:20]
+        assert answer.json()["response"]["flag"] == "failure"
+    body = b"[]"
+    assert gateway.post("taobao", body, params={"app_key": "12345678"}).status_code == 401
+    assert gateway.healthy()
+
+
+def test_health_and_readiness(gateway: Gateway) -> None:
+    assert httpx.get(f"{gateway.url}/healthz", timeout=5).text == "ok\n"
+    assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+    assert httpx.post(f"{gateway.url}/platforms/pinduoduo/messages", content=b"[]",
+                      timeout=5).status_code == 404
+
+
 def test_metrics_count_per_platform_and_verdict_without_ids(gateway: Gateway) -> None:
     send_douyin(gateway, douyin_message("213", "dy-ignored", {"aftersale_id": 1}))
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
@@ -371,12 +398,17 @@ def _send_partially(port: int, body: bytes, headers: dict[str, str]) -> socket.s
 
 
 def test_gateway_killed_mid_batch_the_platforms_retry_takes_each_message_once(
-        gateway: Gateway, db: Database) -> None:
-    """SIGKILL the gateway in the middle of batches (mid-upload, and while it maps and
-    publishes); the platform retries each batch until it gets its success body. In effect
-    every message is taken once: one case per message, each event recorded once."""
-    rounds, per_batch = 3, 150
-    report = {"answered_before_the_kill": 0, "cases_opened_before_the_retry": 0}
+        gateway: Gateway, system: System, db: Database) -> None:
+    """SIGKILL the gateway in the middle of batches: once mid-upload, then at random moments
+    after it took the request (mapping, publishing, or just after the broker took the batch
+    but before the platform heard back). The platform retries each batch until it gets its
+    success body. In effect every message is taken once: one case and one applied event per
+    message; what the broker took before a kill comes again and intake drops it as a
+    duplicate."""
+    rng = random.Random(20)
+    rounds, per_batch = 6, 400
+    report = {"answered_before_the_kill": 0, "retries": 0}
+    duplicates_before = _intake_duplicates(system)
     all_ids: list[int] = []
     for round_ in range(rounds):
         ids = [96000 + round_ * 1000 + i for i in range(per_batch)]
@@ -389,39 +421,76 @@ def test_gateway_killed_mid_batch_the_platforms_retry_takes_each_message_once(
             gateway.kill()
             sock.close()
         else:
-            # the whole batch is sent; the kill lands while it is being mapped/published
-            # or just after the broker took it, before the platform got its answer
             done: list[int] = []
             sender = threading.Thread(target=_post_status,
                                       args=(gateway, body, headers, done), daemon=True)
             sender.start()
             wait_for(lambda: _request_started(gateway), timeout=10, interval=0.002,
                      what="the gateway to take the request")
+            time.sleep(rng.uniform(0, 0.08))  # the fault's moment, not a wait for a condition
             gateway.kill()
             sender.join(30)
-            if done and done[0] == 200:
+            if done == [200]:
                 report["answered_before_the_kill"] += 1
-                gateway.start()
-                continue  # the answer got out before the kill: nothing to retry
         gateway.start()
-        # informative only: a batch the broker took before the kill may still be in intake
-        report["cases_opened_before_the_retry"] += _cases_opened(db, ids)
-        answer = gateway.post("douyin", body, headers)  # the platform's retry
-        assert answer.status_code == 200 and answer.json() == DOUYIN_OK
-    wait_for(lambda: _cases_opened(db, all_ids) == len(all_ids), timeout=120,
-             what="every message's case")
+        if round_ == 0 or done != [200]:
+            report["retries"] += 1
+            answer = gateway.post("douyin", body, headers)  # the platform's retry
+            assert answer.status_code == 200 and answer.json() == DOUYIN_OK
+    # a marker after every retry: once intake has it, it has had everything before it
+    assert send_douyin(gateway, douyin_message("200", "dy-kill-marker", douyin_data(
+        96999, status=6))).json() == DOUYIN_OK
+    wait_for(lambda: case_state(db, "douyin-96999")[0] is not None, timeout=120,
+             what="the marker after the retries")
+    assert _cases_opened(db, all_ids) == len(all_ids)
     with db.transaction() as s:
-        from sqlalchemy import func, select
-
-        from shared.db.models import CaseEventRow
         rows = s.execute(
-            select(CaseEventRow.event_id, func.count())
+            select(CaseEventRow.event_id, CaseEventRow.outcome, func.count())
             .where(CaseEventRow.event_id.like("douyin-dy-kill-%"))
-            .where(CaseEventRow.outcome == "applied")
-            .group_by(CaseEventRow.event_id)).all()
-    assert len(rows) == len(all_ids) and {n for _id, n in rows} == {1}
+            .group_by(CaseEventRow.event_id, CaseEventRow.outcome)).all()
+    assert sorted(r[0] for r in rows if r[0] != "douyin-dy-kill-marker") == sorted(
+        f"douyin-dy-kill-{a}" for a in all_ids)
+    assert {(outcome, n) for _id, outcome, n in rows} == {("applied", 1)}
+    report["duplicates_dropped_by_intake"] = _intake_duplicates(system) - duplicates_before
     print(f"[fault report] gateway killed mid-batch: {rounds} rounds of {per_batch} messages, "
           f"{report}; every message taken once")
+
+
+def test_copies_of_the_gateway_take_the_same_batch_once(
+        gateway: Gateway, system: System, db: Database,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stateless: a second copy takes requests too, and the platform's retry landing on the
+    other copy at the same time is deduplicated by the message ids."""
+    other = Gateway(system.env, tmp_path_factory.mktemp("gateway-copy"))
+    other.start()
+    try:
+        ids = [97000 + i for i in range(50)]
+        body = douyin_body(*[douyin_message("200", f"dy-copy-{a}", douyin_data(a, status=6))
+                             for a in ids])
+        answers: list[int] = []
+        senders = [threading.Thread(target=_post_status, args=(g, body, douyin_headers(body),
+                                                              answers))
+                   for g in (gateway, other)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(60)
+        assert answers == [200, 200]
+        wait_for(lambda: _cases_opened(db, ids) == len(ids), timeout=60,
+                 what="every case of the batch")
+        assert send_douyin(other, douyin_message("200", "dy-copy-marker", douyin_data(
+            97999, status=6))).json() == DOUYIN_OK
+        wait_for(lambda: case_state(db, "douyin-97999")[0] is not None, timeout=60,
+                 what="the marker after both copies' batches")
+        with db.transaction() as s:
+            counts = s.execute(
+                select(CaseEventRow.outcome, func.count())
+                .where(CaseEventRow.event_id.like("douyin-dy-copy-%"))
+                .where(CaseEventRow.event_id != "douyin-dy-copy-marker")
+                .group_by(CaseEventRow.outcome)).all()
+        assert dict(counts) == {"applied": len(ids)}
+    finally:
+        other.kill(signal.SIGTERM)
 
 
 def _post_status(gateway: Gateway, body: bytes, headers: dict[str, str],
@@ -440,10 +509,16 @@ def _request_started(gateway: Gateway) -> bool:
     return bool(out.strip())
 
 
-def _cases_opened(db: Database, ids: list[int]) -> int:
-    from sqlalchemy import func, select
+def _intake_duplicates(system: System) -> float:
+    total = 0.0
+    for line in system.metrics("intake").splitlines():
+        if (line.startswith("aftersales_events_received_total{")
+                and 'outcome="duplicate"' in line and 'platform="douyin"' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
-    from shared.db.models import CaseRow
+
+def _cases_opened(db: Database, ids: list[int]) -> int:
     names = [f"douyin-{a}" for a in ids]
     with db.transaction() as s:
         return int(s.execute(select(func.count()).select_from(CaseRow)
