@@ -96,19 +96,17 @@ def build_app(settings: GatewaySettings, mappings: Mapping[str, PlatformMapping]
     def secret(value: Any) -> str:
         return value.get_secret_value() if value is not None else ""
 
-    def unpack(platform: str, request: Request, body: bytes
-               ) -> platforms.Unpacked | platforms.Refusal:
+    def unpack(platform: str, headers: Mapping[str, str], params: Mapping[str, str],
+               body: bytes) -> platforms.Unpacked | platforms.Refusal:
         mapping = mappings[platform]
         limit = settings.gateway_max_messages
         if platform == "douyin":
-            refusal = platforms.douyin_verify(request.headers, body,
-                                              settings.douyin_app_key or "",
+            refusal = platforms.douyin_verify(headers, body, settings.douyin_app_key or "",
                                               secret(settings.douyin_app_secret))
             return refusal or platforms.douyin_unpack(body, mapping, limit)
         if platform == "kuaishou":
             return platforms.kuaishou_unpack(body, secret(settings.kuaishou_msg_secret),
                                              settings.kuaishou_app_key or "", mapping)
-        params = dict(request.query_params)
         refusal = platforms.taobao_verify(params, body, settings.taobao_app_key or "",
                                           secret(settings.taobao_app_secret),
                                           clock().astimezone(mapping.timezone), mapping)
@@ -122,35 +120,25 @@ def build_app(settings: GatewaySettings, mappings: Mapping[str, PlatformMapping]
                    "x-rejected-at": int(time.time())}
         return ("", REJECTED_QUEUE, raw, f"{platform}-{message_id}", headers)
 
-    async def messages(request: Request) -> Response:
-        platform = request.path_params["platform"]
-        if platform not in ANSWERS:
-            return PlainTextResponse("unknown platform\n", status_code=404)
+    def handle(platform: str, headers: Mapping[str, str], params: Mapping[str, str],
+               body: bytes) -> tuple[int, dict[str, Any]]:
+        """Check, map, publish: runs in a worker thread (hashing, decrypting, validating
+        and the broker's round trip stay off the event loop)."""
         answer = ANSWERS[platform]
-        if platform not in enabled:
-            _count_request(platform, "not_configured")
-            return JSONResponse(answer.fail("platform not configured"), status_code=404)
-        try:
-            body = await read_body(request, settings.gateway_max_body_bytes)
-        except BodyTooLarge as exc:
-            _count_request(platform, "too_large")
-            return JSONResponse(answer.fail(str(exc)), status_code=413)
-        except ClientDisconnect:
-            _count_request(platform, "bad_request")
-            return Response(status_code=400)
         received_at = clock()
-        unpacked = unpack(platform, request, body)
+        unpacked = unpack(platform, headers, params, body)
         if isinstance(unpacked, platforms.Refusal):
             _count_request(platform, unpacked.reason)
             log.info("%s: refused (%d %s): %s", platform, unpacked.status, unpacked.reason,
                      unpacked.detail)
-            return JSONResponse(answer.fail(unpacked.detail), status_code=unpacked.status)
+            return unpacked.status, answer.fail(unpacked.detail)
         mapping = mappings[platform]
         outbound: list[OutboundMessage] = []
         verdicts: list[str] = []
         for raw, message_id, detail in unpacked.malformed:
             outbound.append(rejected(platform, raw, message_id, MALFORMED, detail))
             verdicts.append("malformed")
+            log.info("%s: malformed message %s kept for ops: %s", platform, message_id, detail)
         for message in unpacked.messages:
             verdict = _map(mapping, message, received_at)
             if isinstance(verdict, Mapped):
@@ -170,16 +158,36 @@ def build_app(settings: GatewaySettings, mappings: Mapping[str, PlatformMapping]
             else:
                 verdicts.append("ignored")
         try:
-            await to_thread.run_sync(forwarder.forward, outbound)
+            forwarder.forward(outbound)
         except Exception as exc:  # the broker is away: the platform will retry
             log.warning("%s: could not publish %d message(s): %s", platform, len(outbound),
                         exc)
             _count_request(platform, "broker_unavailable")
-            return JSONResponse(answer.fail("temporarily unavailable"), status_code=503)
+            return 503, answer.fail("temporarily unavailable")
         for verdict_name in verdicts:
             metrics.record_gateway_message(platform, verdict_name)
         _count_request(platform, "ok")
-        return JSONResponse(answer.ok())
+        return 200, answer.ok()
+
+    async def messages(request: Request) -> Response:
+        platform = request.path_params["platform"]
+        if platform not in ANSWERS:
+            return PlainTextResponse("unknown platform\n", status_code=404)
+        answer = ANSWERS[platform]
+        if platform not in enabled:
+            _count_request(platform, "not_configured")
+            return JSONResponse(answer.fail("platform not configured"), status_code=404)
+        try:
+            body = await read_body(request, settings.gateway_max_body_bytes)
+        except BodyTooLarge as exc:
+            _count_request(platform, "too_large")
+            return JSONResponse(answer.fail(str(exc)), status_code=413)
+        except ClientDisconnect:
+            _count_request(platform, "bad_request")
+            return Response(status_code=400)
+        status, payload = await to_thread.run_sync(
+            handle, platform, dict(request.headers), dict(request.query_params), body)
+        return JSONResponse(payload, status_code=status)
 
     async def health(_request: Request) -> Response:
         return PlainTextResponse("ok\n")

@@ -21,6 +21,9 @@ class GatewaySettings(BaseSettings):
     # A request larger than this is refused before it is read whole (413).
     gateway_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     gateway_max_messages: int = Field(default=1000, ge=1, le=100_000)
+    # Requests handled at once; beyond it uvicorn answers 503 and the platform retries
+    # (bounds the memory that bodies in flight take).
+    gateway_max_concurrency: int = Field(default=64, ge=1, le=10_000)
     # A folder with douyin.toml, kuaishou.toml and taobao.toml replacing the shipped ones.
     gateway_mappings: Path | None = None
 

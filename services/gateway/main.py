@@ -38,6 +38,7 @@ def run(settings: Settings) -> int:
         # how it scales. SIGTERM lets requests in flight finish first.
         uvicorn.run(app, host=gateway.gateway_bind, port=gateway.gateway_port,
                     log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                    limit_concurrency=gateway.gateway_max_concurrency,
                     server_header=False)
     finally:
         forwarder.close()

@@ -305,7 +305,8 @@ def map_message(mapping: PlatformMapping, message: PlatformMessage,
     occurred = occurred or received_at.astimezone(mapping.timezone)
     actor = _actor(mapping, rule, message)
     events: list[Accepted] = []
-    for index, event_type in enumerate(rule.events_for(kind)):
+    types = rule.events_for(kind)
+    for index, event_type in enumerate(types):
         data = _data_for(event_type, rule, message, kind, mapping)
         if isinstance(data, str):
             return Unmapped(message, f"{rule.key}: {data}")
@@ -324,7 +325,9 @@ def map_message(mapping: PlatformMapping, message: PlatformMessage,
             "case_id": f"{mapping.case_prefix}{message.case_ref}",
             "data": data,
         }
-        if message.due_at is not None:
+        if message.due_at is not None and index == len(types) - 1:
+            # the platform's deadline is for the state after the message: the step the
+            # last of its events enters
             doc["due_at"] = message.due_at.isoformat()
         checked = parse_event(json.dumps(doc, ensure_ascii=False).encode(), MAX_EVENT_BYTES)
         if not isinstance(checked, Accepted):

@@ -260,3 +260,15 @@ def test_a_wrong_mapping_file_is_refused_naming_the_problem(tmp_path: Path, chan
     path.write_text(text.replace(change, broken, 1), encoding="utf-8")
     with pytest.raises(MappingError, match=complaint):
         load_mapping(path)
+
+
+def test_a_message_of_several_events_gives_its_deadline_to_the_step_it_ends_in() -> None:
+    end = datetime(2026, 11, 29, 10, 0, tzinfo=CHINA)
+    unpacked = kuaishou(kuaishou_body("kwaishop_aftersales_updateRefund", "ev9",
+                                      kuaishou_info(502, status=50, handling_way=1,
+                                                    end_time=end)))
+    assert isinstance(unpacked, platforms.Unpacked)
+    received, approved = events_of(map_message(MAPPINGS["kuaishou"], unpacked.messages[0], NOW))
+    assert (received["type"], approved["type"]) == ("merchant.received", "merchant.approved")
+    assert "due_at" not in received and approved["due_at"] == "2026-11-29T10:00:00+08:00"
+    assert approved["event_id"] == "kuaishou-ev9-2"
