@@ -322,6 +322,30 @@ def test_metrics_count_per_platform_and_verdict_without_ids(gateway: Gateway) ->
     assert "81001" not in text and "dy-" not in text
 
 
+def test_douyin_arbitration_pauses_the_clock_and_its_result_decides(gateway: Gateway,
+                                                                    db: Database) -> None:
+    ids = {"aftersale_id": 86001, "aftersale_status": 27, "aftersale_type": 1,
+           "p_id": 4900000000000086001, "s_id": 1, "shop_id": 1234567, "arbitrate_id": "A1"}
+    assert send_douyin(
+        gateway,
+        douyin_message("200", "dy-arb-200", douyin_data(86001, status=6, type_=1)),
+        douyin_message("204", "dy-arb-204", douyin_data(86001, status=27, type_=1)),
+        douyin_message("212", "dy-arb-212", {**ids, "arbitrate_status": 1}),
+    ).json() == DOUYIN_OK
+    wait_for(lambda: case_state(db, "douyin-86001")[0] == "intervention", timeout=30,
+             what="the arbitration to pause the case")
+    assert case(db, "douyin-86001")["pending_deadlines"] == []  # the clock is paused
+    assert send_douyin(
+        gateway,
+        douyin_message("213", "dy-arb-213", {**ids, "arbitrate_status": 4}),
+        douyin_message("216", "dy-arb-216", {**ids, "arbitrate_status": 2,
+                                             "arbitrate_conclusion": 1}),
+    ).json() == DOUYIN_OK
+    # the buyer is upheld after a refused refund: the refund goes ahead
+    wait_for(lambda: case_state(db, "douyin-86001")[0] == "refund_pending", timeout=30,
+             what="the arbitration result")
+
+
 # ---- Kuaishou -----------------------------------------------------------------------------------
 
 def test_kuaishou_journey(gateway: Gateway, db: Database) -> None:
@@ -344,6 +368,23 @@ def test_kuaishou_journey(gateway: Gateway, db: Database) -> None:
     assert case_state(db, "kuaishou-91001") == ("closed", "refunded")
     forged = kuaishou_body(*steps[0][:3], app_key="someone-else")
     assert gateway.post("kuaishou", forged).status_code == 401
+
+
+def test_kuaishou_platform_deadline_is_the_one_our_timer_fires(
+        gateway: Gateway, db: Database, amqp_url: str) -> None:
+    end = now() + timedelta(seconds=3)
+    with DecisionTap(amqp_url) as tap:
+        answer = gateway.post("kuaishou", kuaishou_body(
+            "kwaishop_aftersales_addRefund", "ks-late-1",
+            kuaishou_info(91002, status=11, handling_way=3, end_time=end)))
+        assert answer.json() == {"result": 1}
+        got = wait_for(lambda: [d for d in tap.snapshot() if d["case_id"] == "kuaishou-91002"],
+                       timeout=60, what="our decision at the platform's endTime")
+    assert [d["type"] for d in got] == ["decision.auto_approved"]
+    assert got[0]["due_at"] == datetime.fromtimestamp(
+        int(end.timestamp() * 1000) / 1000, UTC).isoformat()
+    assert datetime.fromisoformat(got[0]["decided_at"]) >= datetime.fromisoformat(
+        got[0]["due_at"])
 
 
 # ---- Taobao -------------------------------------------------------------------------------------
