@@ -103,15 +103,6 @@ def decision_key(case_id: str, step: str, fence: int, purpose: str, deadline_at:
     return key if remind_at is None else f"{key}:{remind_at.isoformat()}"
 
 
-# The resolution of a case the platform closed itself (e.g. Douyin's auto-close on timeout).
-PLATFORM_CLOSED = "closed_by_platform"
-
-
-def _by_platform(event: Event) -> bool:
-    """The event says the platform itself took the action (data.actor = "platform")."""
-    return event.data.get("actor") == Party.platform.value
-
-
 def _whole_fen(value: object) -> bool:
     return type(value) is int and value >= 0
 
@@ -312,7 +303,8 @@ class Engine:
         work = _Work(case, now)
         self._record_facts(work, event, at)
         # The platform taking the step's action itself (its own timer) means the party missed it.
-        met = (case.step_due_at is None or at <= case.step_due_at) and not _by_platform(event)
+        met = (case.step_due_at is None or at <= case.step_due_at) \
+            and not self._by_platform(event)
         if isinstance(target, Go):
             if target.step != case.step:  # re-entering a step restarts it, it did not end
                 work.end_step(met, at)
@@ -358,16 +350,24 @@ class Engine:
 
     # ---- events every flow shares -----------------------------------------------------------
 
+    # The resolution of a case the platform closed itself (e.g. Douyin's auto-close on timeout).
+    PLATFORM_CLOSED = "closed_by_platform"
+
+    @staticmethod
+    def _by_platform(event: Event) -> bool:
+        """The event says the platform itself took the action (data.actor = "platform")."""
+        return event.data.get("actor") == Party.platform.value
+
     def _cancel(self, case: Case, event: Event, at: datetime, now: datetime) -> _Work | str:
         if case.step in NOT_CANCELLABLE:
             return f"out_of_state: buyer.cancelled in step {case.step}: the refund is under way"
         work = _Work(case, now)
         self._record_facts(work, event, at)
-        if _by_platform(event):
+        if self._by_platform(event):
             # The platform closed it on its own timeout: the party missed the step; the
             # platform has told both sides already, "buyer cancelled" would be wrong.
             work.end_step(False, at)
-            work.close(PLATFORM_CLOSED, at)
+            work.close(self.PLATFORM_CLOSED, at)
             return work
         # no StepResult: the step was neither met nor missed by the party who had to act
         work.close("cancelled", at)
@@ -418,14 +418,19 @@ class Engine:
                          now: datetime) -> _Work | str:
         if event.due_at is None:
             return "invalid: deadline.changed needs due_at"
+        # A platform deadline belongs to its step: one naming another step, or (without a
+        # step) one issued before the current step began, never moves this step.
+        for_step = event.data.get("step")
+        if for_step is not None and for_step != case.step:
+            return (f"out_of_state: deadline.changed is for step {for_step}; the case is in "
+                    f"{case.step}")
+        if for_step is None and as_utc(event.occurred_at) < case.step_started_at:
+            return (f"out_of_state: deadline.changed happened before step {case.step} "
+                    "began (it was for an earlier step)")
         if case.step == INTERVENTION:
             return "out_of_state: deadline.changed while the clock is paused (intervention)"
         if self._rule_of(case) is None:
             return f"out_of_state: deadline.changed: step {case.step} has no deadline"
-        step = event.data.get("step")
-        if step is not None and step != case.step:
-            return (f"out_of_state: deadline.changed for step {step}, but the case is in "
-                    f"step {case.step}")
         work = _Work(case, now)
         work.case = replace(work.case, step_due_at=as_utc(event.due_at),
                             data={**work.case.data, "deadline_source": "platform"})

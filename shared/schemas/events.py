@@ -94,7 +94,8 @@ class NoData(_Data):
 
 
 class DeadlineChanged(_Data):
-    # The step the platform's new deadline is for; absent: the case's current step.
+    # the step the platform's deadline is for; without it, the change applies only to the
+    # step the case was in when the change happened (docs/design.md "Event time")
     step: Id | None = None
 
 
