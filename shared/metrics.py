@@ -199,6 +199,18 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         ("channel", "outcome"), ("notifier",),
     ),
     MetricSpec(
+        "GATEWAY_REQUESTS", "counter", "aftersales_gateway_requests",
+        "Platform push requests to the gateway, by platform and outcome (ok, bad_signature, "
+        "bad_request, too_large, not_configured, broker_unavailable).",
+        ("platform", "outcome"), ("gateway",),
+    ),
+    MetricSpec(
+        "GATEWAY_MESSAGES", "counter", "aftersales_gateway_messages",
+        "Platform messages in accepted requests, by platform and verdict (forwarded, "
+        "unmapped and malformed: kept in aftersales.events.rejected, ignored).",
+        ("platform", "verdict"), ("gateway",),
+    ),
+    MetricSpec(
         "ACTOR_MESSAGES", "counter", "aftersales_actor_messages",
         "Dramatiq messages processed, by actor and outcome (ok, error, retry, skipped).",
         ("service", "actor", "outcome"), SERVICES,
@@ -242,18 +254,6 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         "INTAKE_BATCH_SECONDS", "histogram", "aftersales_intake_batch_seconds",
         "Time to process and commit one batch of inbound events.",
         (), ("intake",), FAST_BUCKETS,
-    ),
-    MetricSpec(
-        "GATEWAY_REQUESTS", "counter", "aftersales_gateway_requests",
-        "Platform push requests to the gateway, by platform and outcome (ok, bad_signature, "
-        "bad_request, too_large, not_configured, broker_unavailable).",
-        ("platform", "outcome"), ("gateway",),
-    ),
-    MetricSpec(
-        "GATEWAY_MESSAGES", "counter", "aftersales_gateway_messages",
-        "Platform messages in accepted requests, by platform and verdict (forwarded, "
-        "unmapped and malformed: kept in aftersales.events.rejected, ignored).",
-        ("platform", "verdict"), ("gateway",),
     ),
     MetricSpec(
         "BUILD_INFO", "gauge", "aftersales_build_info",

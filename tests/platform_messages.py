@@ -32,11 +32,13 @@ GATEWAY_ENV = {
 
 def douyin_data(aftersale_id: int, *, status: int, type_: int = 1, amount: int = 4990,
                 **extra: Any) -> dict[str, Any]:
-    """The common `data` fields of tags 200-208 (doudian SDK message structs)."""
+    """The common `data` fields of tags 200-208 (doudian SDK message structs; their
+    `update_time` is a Go time.Time, RFC 3339 in JSON)."""
     return {"aftersale_id": aftersale_id, "aftersale_status": status, "aftersale_type": type_,
             "p_id": 4900000000000000000 + aftersale_id, "s_id": 4900000000000000001,
             "shop_id": 1234567, "reason_code": 3, "refund_amount": amount,
-            "refund_post_amount": 0, "refund_voucher_num": 0, **extra}
+            "refund_post_amount": 0, "refund_voucher_num": 0,
+            "update_time": datetime.now(CHINA).isoformat(timespec="seconds"), **extra}
 
 
 def douyin_message(tag: str, msg_id: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class PlatformMapping:
     event_prefix: str
     timezone: ZoneInfo
     time_format: str
+    fallback_time: str | None  # the data field to use when the rule's own time is missing
     platform_action_markers: tuple[str, ...]
     kinds: Mapping[str, str]
     steps: Mapping[str, str]
@@ -195,6 +196,7 @@ def load_mapping(path: Path) -> PlatformMapping:
         case_prefix=str(doc.get("case_prefix", "")),
         event_prefix=str(doc.get("event_prefix", "")),
         timezone=zone, time_format=time_format,
+        fallback_time=doc.get("fallback_time"),
         platform_action_markers=tuple(doc.get("platform_action_markers", ())),
         kinds=kinds, steps=steps,
         messages={str(k): _rule(str(k), v, path) for k, v in messages.items()},
@@ -214,6 +216,15 @@ def platform_time(value: Any, time_format: str, zone: ZoneInfo) -> datetime | No
     if value is None or isinstance(value, bool):
         return None
     try:
+        if isinstance(value, str) and not value.strip().isdigit():
+            # whatever the platform's usual format: RFC 3339 (Go's time.Time), or
+            # "yyyy-MM-dd HH:mm:ss" in the platform's zone
+            text = value.strip()
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                moment = datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+            return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
         if time_format == "local_text":
             if not isinstance(value, str):
                 return None
@@ -299,10 +310,13 @@ def map_message(mapping: PlatformMapping, message: PlatformMessage,
         return Unmapped(message, f"{rule.key}: missing {', '.join(missing)}")
     kind = mapping.kinds.get(message.kind_code or "")
     occurred = None
-    if rule.time_field:
-        occurred = platform_time(message.data.get(rule.time_field), mapping.time_format,
-                                 mapping.timezone)
-    occurred = occurred or received_at.astimezone(mapping.timezone)
+    for name in (rule.time_field, mapping.fallback_time):
+        if name and occurred is None:
+            occurred = platform_time(message.data.get(name), mapping.time_format,
+                                     mapping.timezone)
+    # Without any time in the message, when the gateway received it. A retry of such a
+    # message then differs from the first delivery in occurred_at (see docs/platforms.md).
+    occurred = (occurred or received_at).astimezone(mapping.timezone)
     actor = _actor(mapping, rule, message)
     events: list[Accepted] = []
     types = rule.events_for(kind)

@@ -272,3 +272,21 @@ def test_a_message_of_several_events_gives_its_deadline_to_the_step_it_ends_in()
     assert (received["type"], approved["type"]) == ("merchant.received", "merchant.approved")
     assert "due_at" not in received and approved["due_at"] == "2026-11-29T10:00:00+08:00"
     assert approved["event_id"] == "kuaishou-ev9-2"
+
+
+def test_a_message_without_its_own_time_field_takes_update_time_deterministically() -> None:
+    data = douyin_data(4, status=7, type_=0)
+    data["update_time"] = "2026-11-22T09:45:00+08:00"
+    body = douyin_body(douyin_message("202", "t1", data))
+    unpacked = platforms.douyin_unpack(body, MAPPINGS["douyin"], 100)
+    assert isinstance(unpacked, platforms.Unpacked)
+    first, retry = (map_message(MAPPINGS["douyin"], unpacked.messages[0], at)
+                    for at in (NOW, NOW + timedelta(minutes=5)))
+    assert events_of(first)[0]["occurred_at"] == "2026-11-22T09:45:00+08:00"
+    assert events_of(first) == events_of(retry)  # a retry is the same event, not a conflict
+    del data["update_time"]  # no time at all: when the gateway received it
+    [timeless] = douyin(douyin_message("202", "t3", data))
+    assert events_of(timeless)[0]["occurred_at"] == "2026-11-22T10:00:00+08:00"
+    local = douyin_data(5, status=7, type_=0, update_time="2026-11-22 09:45:00")
+    assert events_of(douyin(douyin_message("202", "t2", local))[0])[0][
+        "occurred_at"] == "2026-11-22T09:45:00+08:00"
