@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_db_upgrade)
 
     run = sub.add_parser("run", help="run a service in the foreground")
-    run.add_argument("service", choices=[*SERVICES, "all", "console"],
-                     help="which service; all = the four; console = the ops web console")
+    run.add_argument("service", choices=[*SERVICES, "gateway", "all", "console"],
+                     help="which service; all = the four and the gateway; console = the ops "
+                          "web console")
     run.set_defaults(func=cmd_run)
 
     pub = sub.add_parser("publish", help="publish events (JSON lines) as an upstream would")

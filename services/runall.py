@@ -1,4 +1,5 @@
-"""`aftersales run all`: the four services for local use, Procfile-style (honcho)."""
+"""`aftersales run all`: the four services and the platform gateway for local use,
+Procfile-style (honcho)."""
 
 from __future__ import annotations
 
@@ -13,5 +14,6 @@ def run_all() -> int:
     manager = Manager()
     for service in SERVICES:
         manager.add_process(service, f"{sys.executable} -m services.cli run {service}")
+    manager.add_process("gateway", f"{sys.executable} -m services.cli run gateway")
     manager.loop()
     return int(manager.returncode or 0)

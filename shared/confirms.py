@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import pika
@@ -47,7 +48,7 @@ class ConfirmedBatchPublisher:
     arguments its workers expect."""
 
     def __init__(self, amqp_url: str, broker: AftersalesBroker, queue_type: str = "classic",
-                 confirm_timeout: float = 30.0) -> None:
+                 confirm_timeout: float = 30.0, topology_queues: Iterable[str] = ()) -> None:
         self.amqp_url = amqp_url
         self.broker = broker
         self.queue_type = queue_type
@@ -58,7 +59,9 @@ class ConfirmedBatchPublisher:
         self._unconfirmed: set[int] = set()
         self._nacked = 0
         self._returned: list[tuple[Any, pika.BasicProperties, bytes]] = []
-        self._declared: set[str] = set()
+        # Queues `declare_topology` declares (e.g. aftersales.events.rejected): published to
+        # through the default exchange, but not Dramatiq's to declare.
+        self._declared: set[str] = set(topology_queues)
 
     def _on_confirm(self, frame: Method) -> None:
         method = frame.method

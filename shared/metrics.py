@@ -206,6 +206,18 @@ _SPECS: Final[tuple[MetricSpec, ...]] = (
         ("channel", "outcome"), ("notifier",),
     ),
     MetricSpec(
+        "GATEWAY_REQUESTS", "counter", "aftersales_gateway_requests",
+        "Platform push requests to the gateway, by platform and outcome (ok, bad_signature, "
+        "bad_request, too_large, not_configured, broker_unavailable).",
+        ("platform", "outcome"), ("gateway",),
+    ),
+    MetricSpec(
+        "GATEWAY_MESSAGES", "counter", "aftersales_gateway_messages",
+        "Platform messages in accepted requests, by platform and verdict (forwarded, "
+        "unmapped and malformed: kept in aftersales.events.rejected, ignored).",
+        ("platform", "verdict"), ("gateway",),
+    ),
+    MetricSpec(
         "ACTOR_MESSAGES", "counter", "aftersales_actor_messages",
         "Dramatiq messages processed, by actor and outcome (ok, error, retry, skipped).",
         ("service", "actor", "outcome"), SERVICES,
@@ -434,6 +446,27 @@ def record_event_received(type_: str | None, outcome: str, platform: str | None)
 
 def record_event_rejected(reason: str) -> None:
     _counter("EVENTS_REJECTED").labels(reason=_check(reason, REJECT_REASONS, "reason")).inc()
+
+
+GATEWAY_PLATFORMS: Final = frozenset({"douyin", "kuaishou", "taobao"})
+GATEWAY_OUTCOMES: Final = frozenset(
+    {"ok", "bad_signature", "bad_request", "too_large", "not_configured", "broker_unavailable"}
+)
+GATEWAY_VERDICTS: Final = frozenset({"forwarded", "unmapped", "malformed", "ignored"})
+
+
+def record_gateway_request(platform: str, outcome: str) -> None:
+    _counter("GATEWAY_REQUESTS").labels(
+        platform=_check(platform, GATEWAY_PLATFORMS, "platform"),
+        outcome=_check(outcome, GATEWAY_OUTCOMES, "outcome"),
+    ).inc()
+
+
+def record_gateway_message(platform: str, verdict: str) -> None:
+    _counter("GATEWAY_MESSAGES").labels(
+        platform=_check(platform, GATEWAY_PLATFORMS, "platform"),
+        verdict=_check(verdict, GATEWAY_VERDICTS, "verdict"),
+    ).inc()
 
 
 def record_notification(channel: str, outcome: str) -> None:

@@ -586,7 +586,9 @@ class Engine:
             return problem
         work = _Work(case, now)
         self._record_facts(work, event, at)
-        met = case.step_due_at is None or at <= case.step_due_at
+        # The platform taking the step's action itself (its own timer) means the party missed it.
+        met = (case.step_due_at is None or at <= case.step_due_at) \
+            and not self._by_platform(event)
         if isinstance(target, Go):
             if target.step != case.step:  # re-entering a step restarts it, it did not end
                 work.end_step(met, at)
@@ -635,11 +637,25 @@ class Engine:
 
     # ---- events every flow shares -----------------------------------------------------------
 
+    # The resolution of a case the platform closed itself (e.g. Douyin's auto-close on timeout).
+    PLATFORM_CLOSED = "closed_by_platform"
+
+    @staticmethod
+    def _by_platform(event: Event) -> bool:
+        """The event says the platform itself took the action (data.actor = "platform")."""
+        return event.data.get("actor") == Party.platform.value
+
     def _cancel(self, case: Case, event: Event, at: datetime, now: datetime) -> _Work | str:
         if case.step in NOT_CANCELLABLE:
             return f"out_of_state: buyer.cancelled in step {case.step}: the refund is under way"
         work = _Work(case, now)
         self._record_facts(work, event, at)
+        if self._by_platform(event):
+            # The platform closed it on its own timeout: the party missed the step; the
+            # platform has told both sides already, "buyer cancelled" would be wrong.
+            work.end_step(False, at)
+            work.close(self.PLATFORM_CLOSED, at)
+            return work
         # no StepResult: the step was neither met nor missed by the party who had to act
         work.close("cancelled", at)
         self._notify_event(work, event)
