@@ -323,8 +323,9 @@ BACKLOG_SPECS: Final[tuple[MetricSpec, ...]] = (
                "Notifications not yet sent (queued or deferred), by channel.",
                ("channel",), ("timer",)),
     MetricSpec("", "gauge", "aftersales_calendar_covered_until_timestamp_seconds",
-               "End of the last day with holiday data (chinese_calendar or the user file): "
-               "working-day deadlines past it cannot be computed.", (), ("timer",)),
+               "End of the last day with official holiday data (chinese_calendar or the user "
+               "file): working-day deadlines past it are counted on an estimate.", (),
+               ("timer",)),
     MetricSpec("", "gauge", "aftersales_pending_deadlines_estimated",
                "Pending deadlines counted in working days on an estimated calendar (a year "
                "without official holiday data); recounted when the data arrives.",

@@ -107,13 +107,18 @@ def recount_estimated_deadlines(settings: Settings, db: Database) -> None:
             log.info("%s", line)
 
 
+def recount_then_watch(settings: Settings, db: Database) -> None:
+    recount_estimated_deadlines(settings, db)
+    watch_running_switches(settings, db, threading.Event())
+
+
 def run(settings: Settings) -> int:
     setup_logging("timer", settings.log_level)
     db = build_database(settings, pool_size=1)
     covered_until = calendar_coverage(settings)
-    recount_estimated_deadlines(settings, db)
-    threading.Thread(target=watch_running_switches, args=(settings, db, threading.Event()),
-                     name="rule-switches", daemon=True).start()
+    # Beside the firing, not before it: a long recount must not hold back due deadlines.
+    threading.Thread(target=recount_then_watch, args=(settings, db), name="recounts",
+                     daemon=True).start()
     server = metrics.start_metrics_server(
         settings.metrics_port_for("timer"), "timer", addr=settings.metrics_bind,
         collectors=[metrics.BacklogCollector(PeriodicBacklog(

@@ -88,11 +88,9 @@ def estimated_gauge(system: System) -> float | None:
 
 
 def test_estimated_deadline_then_official_data_moves_it(
-    services: System, database_url: str, amqp_url: str, tmp_path: Path
+    services: System, db: Database, amqp_url: str, tmp_path: Path
 ) -> None:
-    from shared.db.session import make_engine
-
-    db = Database(make_engine(database_url, pool_size=1))
+    # `db` starts from empty tables: the counts below are this test's cases only
     publish_events(amqp_url, refund_case("CAL-1"))
     row = wait_for(lambda: pending_deadline(db, "CAL-1"), timeout=60,
                    what="CAL-1's refund deadline")
@@ -146,4 +144,3 @@ def test_estimated_deadline_then_official_data_moves_it(
         datetime(2027, 1, 2, 10, tzinfo=SH), "file")
     # nothing left to recount: a second run changes nothing
     assert "recounted on official data: 0" in aftersales(services, "calendar", "recompute").stdout
-    db.engine.dispose()

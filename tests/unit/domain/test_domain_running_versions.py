@@ -89,3 +89,21 @@ def test_what_if_shows_the_move_of_a_running_step(tmp_path: Path) -> None:
     assert compared.shift_seconds == -timedelta(days=1).total_seconds()
     assert compared.after[0].at == cst(2026, 6, 1, 12)
     assert compared.before[0].at == cst(2026, 6, 2, 12)
+
+
+def test_what_if_text_names_the_moves_the_decisions_and_an_example(tmp_path: Path) -> None:
+    from services.whatif import render
+    from shared.domain.whatif import WhatIfReport
+
+    current, proposed = _engine(tmp_path, applies=False), _engine(tmp_path, applies=True)
+    driver = _running_case(current, (2026, 5, 31, 12))
+    assert driver.case is not None
+    now = cst(2026, 5, 31, 13)
+    report = WhatIfReport(now=now, open_cases=1)
+    report.add(compare_case(current, proposed, driver.case, driver.deadline, now))
+    text = render(report, "v2.toml", "rules")
+    assert "pending deadlines that would move: 1 (earlier 1, later 0, unchanged 0)" in text
+    assert "-1 day(s): 1" in text and "at most 24.0 h earlier" in text
+    assert "next 24h: 0 -> 1" in text and "next 7d: 1 -> 1" in text
+    assert "acme       exchange        merchant_response" in text
+    assert "AS1 (acme exchange, merchant_response)" in text
