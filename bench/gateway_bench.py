@@ -8,7 +8,8 @@ Uses its own RabbitMQ vhost (dropped at the end); no database (the gateway has n
 Phases:
 
   baseline  the same events, built the same way, published straight to aftersales.events
-            with the project's BatchPublisher, B per transaction, one connection
+            with the gateway's own publisher (services/gateway/forward.py), B per batch,
+            one connection
             -> events/s: what the broker takes from one publisher
   gateway   N Douyin messages in signed batches of B, C clients posting at once; each
             request returns once RabbitMQ has its batch -> messages/s, and request
@@ -40,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from services.gateway.forward import Forwarder  # noqa: E402
 from services.gateway.mapping import load_mappings, map_message  # noqa: E402
 from services.gateway.platforms import Unpacked, douyin_unpack  # noqa: E402
-from shared.amqp import EVENTS_EXCHANGE, REJECTED_QUEUE, make_broker  # noqa: E402
-from shared.publisher import BatchPublisher  # noqa: E402
+from shared.amqp import EVENTS_EXCHANGE  # noqa: E402
 from tests.platform_messages import (  # noqa: E402
     GATEWAY_ENV,
     douyin_body,
@@ -91,8 +92,7 @@ def batches(count: int, size: int, run: str) -> list[bytes]:
 def baseline(amqp_url: str, bodies: list[bytes]) -> float:
     """Map each batch as the gateway does, then publish it directly: events/s."""
     mapping = load_mappings()["douyin"]
-    publisher = BatchPublisher(amqp_url, make_broker(amqp_url, middleware=[]),
-                               topology_queues=(REJECTED_QUEUE,))
+    publisher = Forwarder(amqp_url)
     now = datetime.now(UTC)
     started = time.perf_counter()
     sent = 0
@@ -106,7 +106,7 @@ def baseline(amqp_url: str, bodies: list[bytes]) -> float:
                 messages.append((EVENTS_EXCHANGE, event.event.type,
                                  json.dumps(event.body, ensure_ascii=False).encode(),
                                  event.event.event_id, None))
-        publisher.publish_batch(messages)
+        publisher.forward(messages)
         sent += len(messages)
     elapsed = time.perf_counter() - started
     publisher.close()
@@ -202,8 +202,8 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     (out / "gateway.json").write_text(json.dumps(result, indent=2))
     print(f"{'phase':<10} {'rate':>12}  detail")
-    print(f"{'baseline':<10} {result['baseline_events_per_s']:>10}/s  map + BatchPublisher, "
-          f"{args.batch} per transaction, one connection")
+    print(f"{'baseline':<10} {result['baseline_events_per_s']:>10}/s  map + the gateway's "
+          f"publisher, {args.batch} per batch, one connection")
     print(f"{'gateway':<10} {result['gateway_messages_per_s']:>10}/s  {args.clients} clients, "
           f"{args.batch} per request; latency p50/p95/p99 "
           f"{result['request_latency_ms']['p50']}/{result['request_latency_ms']['p95']}/"
