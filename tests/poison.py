@@ -206,7 +206,7 @@ def weird_headers(rng: random.Random) -> dict[str, Any]:
     if choice == 3:
         return {"price": Decimal("12.34"), "when": datetime(2026, 11, 22, 10, 0)}
     if choice == 4:
-        return {"blob": b"\xff\x00\xfe", "trace": "abc"}
+        return {"blob": b"\xff\x00\xfe", "trace": "abc", "at": RawTimestamp(2**63 - 1)}
     return {"x-death": [{"count": 1, "queue": "elsewhere"}], "cc": ["aftersales.events.intake"]}
 
 
@@ -232,10 +232,18 @@ def poison_flood(count: int, seed: int, now: datetime, prefix: str) -> list[Mess
 _pika_encode_value = amqp_data.encode_value
 
 
+class RawTimestamp(int):
+    """An AMQP timestamp header given as its 64-bit number (any value another client may
+    send, also one beyond what a datetime holds)."""
+
+
 def _encode_value_with_doubles(pieces: list[bytes], value: Any) -> int:
     """pika cannot encode a float header; a Java client sends it as an AMQP double."""
     if isinstance(value, float):
         pieces.append(struct.pack(">cd", b"d", value))
+        return 9
+    if isinstance(value, RawTimestamp):
+        pieces.append(struct.pack(">cQ", b"T", int(value)))
         return 9
     return _pika_encode_value(pieces, value)
 

@@ -14,7 +14,7 @@ import decimal
 import struct
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -40,12 +40,20 @@ _pika_decode_value = amqp_data.decode_value
 def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
     """pika 1.x decodes AMQP `double` and `float` field values into integers (0.5 becomes
     0; 1e300 becomes an integer that no longer fits the 64 bits it must be encoded in
-    again). Decode them as floats; everything else as pika does."""
+    again): decode them as floats. A `timestamp` beyond what a datetime holds made pika's
+    decoder raise inside the connection: the connection dropped, the message came back,
+    forever; keep such a timestamp as its number. Everything else as pika does."""
     kind = encoded[offset:offset + 1]
     if kind == b"d":
         return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
     if kind == b"f":
         return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    if kind == b"T":
+        seconds = struct.unpack_from(">Q", encoded, offset + 1)[0]
+        try:
+            return datetime.fromtimestamp(seconds, UTC), offset + 9
+        except (OverflowError, OSError, ValueError):
+            return seconds, offset + 9
     return _pika_decode_value(encoded, offset)
 
 
