@@ -63,10 +63,6 @@ UPDATE_EVENT = (
 )
 
 
-# An event read back from the case log passed the limits once; check only its types again.
-STORED_EVENT_LIMITS = Limits(max_bytes=10**9, max_depth=64)
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -296,8 +292,7 @@ class _Batch:
         waiting = sorted(self.parked.pop(case_id, []),
                          key=lambda item: str(item[1].get("occurred_at", "")))
         for event_id, body in waiting:
-            parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(),
-                                 limits=STORED_EVENT_LIMITS)
+            parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
             case = self.cases.get(case_id)
             if isinstance(parsed, Rejection):
                 # Stored before the contract was this strict: kept, with what is wrong.
