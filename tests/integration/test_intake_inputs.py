@@ -51,9 +51,10 @@ def intake(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFa
     with intake_service(database_url, amqp_url, tmp_path_factory.mktemp("intake"),
                         intake_parked_max_seconds=str(PARKED_MAX_SECONDS),
                         intake_parked_sweep_seconds="0.5") as system:
-        yield Intake(system, worker_pids(system))
-        # No input ended (or restarted) a worker.
-        assert worker_pids(system) == wait_for(lambda: worker_pids(system), what="pids")
+        intake = Intake(system, worker_pids(system))
+        yield intake
+        # No input of the whole module ended (or restarted) a worker.
+        assert worker_pids(system) == intake.pids
         assert "exited with" not in system.log("intake")
 
 
