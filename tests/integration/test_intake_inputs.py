@@ -23,6 +23,7 @@ from tests.conftest import wait_for
 from tests.harness import System, rejected_messages
 from tests.intake_service import intake_service, metric_sum, worker_pids
 from tests.poison import (
+    DeepTable,
     Ids,
     Message,
     RawTimestamp,
@@ -196,6 +197,9 @@ def test_headers_pika_cannot_encode_never_wedge_the_consumer(
         # dropped; the message came back and dropped it again, forever.
         (Message(b"{}", {"at": RawTimestamp(2**63 - 1), "ok": RawTimestamp(1764000000)}),
          "schema", "event_id"),
+        # A table nested 2,000 levels deep: pika's decoder hit the recursion limit inside
+        # the connection, with the same endless redelivery.
+        (Message(b"null", {"deep": DeepTable(2000), "trace": "t"}), "schema", "JSON object"),
     ]
     got = _run(intake, db, amqp_url, ids, messages)
     headers = {body: h for body, h in got}
@@ -204,6 +208,7 @@ def test_headers_pika_cannot_encode_never_wedge_the_consumer(
     assert headers[b"[1]"]["nested"] == {"weight": "1.25", "list": ["0.5", "a"]}
     assert headers[b"{}"]["at"] == 2**63 - 1  # its number, as an integer
     assert headers[b"{}"]["ok"] == datetime.fromtimestamp(1764000000, UTC)
+    assert headers[b"null"]["trace"] == "t" and isinstance(headers[b"null"]["deep"], dict)
 
 
 def test_same_event_id_with_other_content_is_a_conflict_not_a_duplicate(
