@@ -32,7 +32,9 @@ def intake_service(database_url: str, amqp_url: str, log_dir: Path, **settings: 
     system.start("intake")
     try:
         wait_for(lambda: system.metrics_ready("intake"), timeout=60, what="intake's metrics")
-        wait_for(lambda: worker_pids(system), timeout=60, what="intake's worker processes")
+        workers = int(settings.get("worker_processes", "1"))
+        wait_for(lambda: len(worker_pids(system)) == workers, timeout=60,
+                 what="every intake worker process started")
         yield system
     finally:
         system.stop()

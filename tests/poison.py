@@ -196,7 +196,7 @@ def noise(rng: random.Random, ids: Ids, now: datetime) -> Message:
 
 def weird_headers(rng: random.Random) -> dict[str, Any]:
     """Headers a careless or foreign producer sends."""
-    choice = rng.randrange(6)
+    choice = rng.randrange(7)
     if choice == 0:  # routing headers: a copy carrying them would be routed elsewhere
         return {"CC": ["aftersales.events.intake"], "BCC": ["aftersales.events.intake"]}
     if choice == 1:  # a Java client's double
@@ -206,7 +206,9 @@ def weird_headers(rng: random.Random) -> dict[str, Any]:
     if choice == 3:
         return {"price": Decimal("12.34"), "when": datetime(2026, 11, 22, 10, 0)}
     if choice == 4:
-        return {"blob": b"\xff\x00\xfe", "trace": "abc"}
+        return {"blob": b"\xff\x00\xfe", "trace": "abc", "at": RawTimestamp(2**63 - 1)}
+    if choice == 5:
+        return {"deep": DeepTable(2000), "trace": "abc"}
     return {"x-death": [{"count": 1, "queue": "elsewhere"}], "cc": ["aftersales.events.intake"]}
 
 
@@ -232,10 +234,34 @@ def poison_flood(count: int, seed: int, now: datetime, prefix: str) -> list[Mess
 _pika_encode_value = amqp_data.encode_value
 
 
+class RawTimestamp(int):
+    """An AMQP timestamp header given as its 64-bit number (any value another client may
+    send, also one beyond what a datetime holds)."""
+
+
+class DeepTable(int):
+    """A header table nested this many levels deep ({"a": {"a": ...}})."""
+
+
+def _nested_table_bytes(depth: int) -> bytes:
+    inner = struct.pack(">I", 0)
+    for _ in range(depth):
+        entry = b"\x01aF" + inner
+        inner = struct.pack(">I", len(entry)) + entry
+    return b"F" + inner
+
+
 def _encode_value_with_doubles(pieces: list[bytes], value: Any) -> int:
     """pika cannot encode a float header; a Java client sends it as an AMQP double."""
     if isinstance(value, float):
         pieces.append(struct.pack(">cd", b"d", value))
+        return 9
+    if isinstance(value, DeepTable):
+        raw = _nested_table_bytes(int(value))
+        pieces.append(raw)
+        return len(raw)
+    if isinstance(value, RawTimestamp):
+        pieces.append(struct.pack(">cQ", b"T", int(value)))
         return 9
     return _pika_encode_value(pieces, value)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import decimal
 import struct
+import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -35,17 +36,39 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 _pika_decode_value = amqp_data.decode_value
+# pika decodes nested tables recursively: a header nested some hundreds of levels deep
+# raised RecursionError inside the connection (dropped, redelivered, forever).
+MAX_DECODE_NESTING = 16
+_decoding = threading.local()
 
 
 def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
     """pika 1.x decodes AMQP `double` and `float` field values into integers (0.5 becomes
     0; 1e300 becomes an integer that no longer fits the 64 bits it must be encoded in
-    again). Decode them as floats; everything else as pika does."""
+    again): decode them as floats. A `timestamp` beyond what a datetime holds, or tables
+    nested too deep, made pika's decoder raise inside the connection: the connection
+    dropped, the message came back, forever. Keep such a timestamp as its number, and
+    tables deeper than MAX_DECODE_NESTING as a placeholder. Everything else as pika does."""
     kind = encoded[offset:offset + 1]
     if kind == b"d":
         return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
     if kind == b"f":
         return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    if kind in (b"F", b"A"):  # a table or an array: length-prefixed, so it can be skipped
+        if getattr(_decoding, "depth", 0) >= MAX_DECODE_NESTING:
+            length = struct.unpack_from(">I", encoded, offset + 1)[0]
+            return "(nested too deep)", offset + 5 + length
+        _decoding.depth = getattr(_decoding, "depth", 0) + 1
+        try:
+            return _pika_decode_value(encoded, offset)
+        finally:
+            _decoding.depth -= 1
+    if kind == b"T":
+        seconds = struct.unpack_from(">Q", encoded, offset + 1)[0]
+        try:
+            return datetime.fromtimestamp(seconds, UTC), offset + 9
+        except (OverflowError, OSError, ValueError):
+            return seconds, offset + 9
     return _pika_decode_value(encoded, offset)
 
 

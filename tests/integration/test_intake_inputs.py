@@ -22,7 +22,17 @@ from shared.db.session import Database
 from tests.conftest import wait_for
 from tests.harness import System, rejected_messages
 from tests.intake_service import intake_service, metric_sum, worker_pids
-from tests.poison import Ids, Message, encode, follow_up, nested, opened, publish_messages
+from tests.poison import (
+    DeepTable,
+    Ids,
+    Message,
+    RawTimestamp,
+    encode,
+    follow_up,
+    nested,
+    opened,
+    publish_messages,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +52,10 @@ def intake(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFa
     with intake_service(database_url, amqp_url, tmp_path_factory.mktemp("intake"),
                         intake_parked_max_seconds=str(PARKED_MAX_SECONDS),
                         intake_parked_sweep_seconds="0.5") as system:
-        yield Intake(system, worker_pids(system))
-        # No input ended (or restarted) a worker.
-        assert worker_pids(system) == wait_for(lambda: worker_pids(system), what="pids")
+        intake = Intake(system, worker_pids(system))
+        yield intake
+        # No input of the whole module ended (or restarted) a worker.
+        assert worker_pids(system) == intake.pids
         assert "exited with" not in system.log("intake")
 
 
@@ -182,12 +193,22 @@ def test_headers_pika_cannot_encode_never_wedge_the_consumer(
         (Message(b"\xff\xfe", {"score": 0.5, "big": 1e300, "n": 3}), "not_utf8", "UTF-8"),
         (Message(b"[1]", {"nested": {"weight": 1.25, "list": [0.5, "a"]}}), "schema",
          "JSON object"),
+        # A timestamp no datetime holds: pika's decoder raised inside the connection, which
+        # dropped; the message came back and dropped it again, forever.
+        (Message(b"{}", {"at": RawTimestamp(2**63 - 1), "ok": RawTimestamp(1764000000)}),
+         "schema", "event_id"),
+        # A table nested 2,000 levels deep: pika's decoder hit the recursion limit inside
+        # the connection, with the same endless redelivery.
+        (Message(b"null", {"deep": DeepTable(2000), "trace": "t"}), "schema", "JSON object"),
     ]
     got = _run(intake, db, amqp_url, ids, messages)
     headers = {body: h for body, h in got}
     assert headers[b"\xff\xfe"]["score"] == "0.5" and headers[b"\xff\xfe"]["n"] == 3
     assert headers[b"\xff\xfe"]["big"] == "1e+300"
     assert headers[b"[1]"]["nested"] == {"weight": "1.25", "list": ["0.5", "a"]}
+    assert headers[b"{}"]["at"] == 2**63 - 1  # its number, as an integer
+    assert headers[b"{}"]["ok"] == datetime.fromtimestamp(1764000000, UTC)
+    assert headers[b"null"]["trace"] == "t" and isinstance(headers[b"null"]["deep"], dict)
 
 
 def test_same_event_id_with_other_content_is_a_conflict_not_a_duplicate(
