@@ -97,7 +97,8 @@ def test_a_paused_step_and_its_pause_are_explained(
     db: Database, processor: IntakeProcessor, engine: Engine
 ) -> None:
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=10)
-    apply(processor, opened("AS-PAUSE", t0),
+    # kuaishou: 48 calendar hours for the merchant (douyin counts working days)
+    apply(processor, opened("AS-PAUSE", t0, platform="kuaishou"),
           ev("p", "intervention.requested", "AS-PAUSE", t0 + timedelta(hours=2),
              data={"source": "ops", "by": "alice", "reason": "buyer sent proof by phone"}),
           ev("r", "intervention.resolved", "AS-PAUSE", t0 + timedelta(hours=5),
@@ -120,7 +121,7 @@ def test_a_platform_override_is_explained(
 ) -> None:
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     platform_due = t0 + timedelta(hours=20)
-    apply(processor, opened("AS-OVR", t0, due_at=platform_due.isoformat()))
+    apply(processor, opened("AS-OVR", t0, platform="kuaishou", due_at=platform_due.isoformat()))
     doc = explain_case(db, engine, "AS-OVR")
     assert doc is not None
     deadline = next(d for d in doc["pending_deadlines"] if d["purpose"] == "deadline")

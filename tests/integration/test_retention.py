@@ -150,7 +150,7 @@ def test_removes_exactly_what_is_past_its_time_and_archives_it_first(
     # the parked event.
     assert report.batches == 4
     assert report.rows == {"cases": 4, "case_events": 9, "deadlines": 4, "decisions": 4,
-                           "notifications": 4}
+                           "notifications": 4, "case_event_conflicts": 0, "case_notes": 0}
 
     again = run_retention(db, policy, Archive(archive_dir))  # nothing left to do
     assert (again.cases, again.parked_events, again.files) == (0, 0, [])

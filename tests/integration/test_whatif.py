@@ -22,6 +22,7 @@ from shared.db.models import CaseRow, DeadlineRow
 from shared.db.session import Database
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, RuleRef, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
+from shared.schemas.events import Limits
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +57,10 @@ on_timeout = "auto_close"
 def _fill(db: Database) -> None:
     """Simulated cases, opened over 8 hours from 40 hours ago (rule deadlines, no
     platform due_at), plus one case whose 7 working days reach into 2027."""
+    # EST-1 happens in late December: a plausible-time window wide enough to take it
     intake = IntakeProcessor(db, Engine(RuleBook.load(None), WorkCalendar(None)),
                              NotificationPolicy.load(None), {"emails": [], "phones": []},
-                             64 * 1024)
+                             64 * 1024, limits=Limits(max_future=timedelta(days=60)))
     start = datetime.now(UTC) - timedelta(hours=40)
     config = SimConfig(run_id="whatif", malformed_share=0.0, think_seconds=30.0)
     bodies = [m.body for m in generate(config, 1500, seed=11, start=start, rate=0.05)]

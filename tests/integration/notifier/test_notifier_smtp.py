@@ -245,7 +245,7 @@ def test_policy_to_mailbox_end_to_end(plain_server: int, handler: RecordingHandl
         "reason": "decision.auto_refunded", "case_id": "AS20261122009",
         "step": "merchant_receive_refund", "party": "merchant",
         "due_at": datetime(2026, 11, 30, 2, 0, tzinfo=UTC), "urgent": False,
-        "params": {"refund_fen": 9990},
+        "params": {"refund_fen": 9990, "kind": "return_refund", "action": "auto_refund"},
     }
     contacts = {"buyer": {"email": "buyer@example.com"}}
     (req,) = policy.expand(notice, contacts, OpsContacts())
@@ -260,7 +260,8 @@ def test_policy_to_mailbox_end_to_end(plain_server: int, handler: RecordingHandl
         "您的售后单 AS20261122009 已由平台支持退款"
     )
     body = payload_text(msg)
-    assert "已由平台支持退款 ¥99.90，款项将原路退回" in body
+    # what happened for this kind, and which step was missed (not the step the case is in)
+    assert "（退货退款）：“确认收货并退款”环节按平台规则到期，系统已支持买家退款" in body
     assert msg["Message-ID"] == f"<{req.dedup_key}@shop.example>"
 
 
