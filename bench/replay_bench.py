@@ -9,7 +9,7 @@ Uses its own vhost, deleted at the end. Phases:
   baseline  N messages published to aftersales.events with a confirm each, as
             `aftersales publish` does: the broker's confirmed-publish rate here
   list      the N messages of aftersales.events.rejected listed without being taken
-  replay    all N replayed (publish + ack per message, one AMQP transaction per 100)
+  replay    all N replayed (publish, wait for its confirm, ack; one message at a time)
 Prints messages/s for each.
 """
 
@@ -78,7 +78,7 @@ def main() -> None:
         print(f"{n} messages of {args.bytes} bytes")
         print(f"  baseline: publish with a confirm each  {n / baseline:8.0f} msg/s")
         print(f"  list (basic.get, nothing taken)        {n / listed:8.0f} msg/s")
-        print(f"  replay (publish + ack, tx per 100)     {n / replayed:8.0f} msg/s")
+        print(f"  replay (publish, confirm, then ack)    {n / replayed:8.0f} msg/s")
     finally:
         ctl("delete_vhost", vhost)
 

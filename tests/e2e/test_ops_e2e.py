@@ -54,7 +54,7 @@ def pending_deadline(db: Database, case_id: str) -> datetime | None:
 def test_an_ops_pause_holds_the_deadline_until_resumed_and_extend_moves_it(
     system: System, db: Database, amqp_url: str
 ) -> None:
-    publish_events(amqp_url, [opened("AS-E2E-PAUSE", due_in=25), opened("AS-E2E-EXT", 3600)])
+    publish_events(amqp_url, [opened("AS-E2E-PAUSE", due_in=15), opened("AS-E2E-EXT", 3600)])
     wait_for(lambda: pending_deadline(db, "AS-E2E-PAUSE") and
              pending_deadline(db, "AS-E2E-EXT"), what="both cases open")
     first_due = pending_deadline(db, "AS-E2E-PAUSE")
