@@ -75,7 +75,7 @@ def apply_with_rabbitmqctl(amqp_url: str) -> None:
     if ctl is None:
         raise FileNotFoundError("rabbitmqctl is not on this machine")
     subprocess.run([ctl, "-q", *rabbitmqctl_args(vhost_of(amqp_url))], check=True,  # noqa: S603
-                   capture_output=True, timeout=60)
+                   capture_output=True, text=True, timeout=60)
 
 
 def ensure_at_start(management_url: str | None, amqp_url: str) -> bool:

@@ -121,9 +121,9 @@ def calendar_days(engine: Engine, start: datetime, end: datetime) -> dict[str, A
 
 def _day_source(engine: Engine, day: date) -> str:
     calendar = engine.calendar
-    source_of = getattr(calendar, "source_of", None)  # a richer calendar may say itself
-    if callable(source_of):
-        return str(source_of(day))
+    year_source = getattr(calendar, "year_source", None)  # library | file | estimated
+    if callable(year_source):
+        return str(year_source(day.year))
     if day in getattr(calendar, "_user_holidays", ()) or day in getattr(
             calendar, "_user_workdays", ()):
         return "holiday file"
@@ -203,9 +203,17 @@ def _deadline_source(case: CaseRow | None, events: list[CaseEventRow]) -> str:
 
 def _estimated(row: Any = None, *docs: Any) -> bool | None:
     """Whether a deadline was computed on an estimated calendar, where the deployment
-    records it: a deadline column or a decision field whose name says "estimated" (the
-    calendar work adds one). None: not recorded (the calendar's sources are shown)."""
+    records it: the deadline's `calendar_source`, a `calendar` record
+    ({"source": "estimated", "estimated": true}), or any field whose name says
+    "estimated". None: not recorded (the calendar's sources are shown)."""
     found: bool | None = None
+    source = getattr(row, "calendar_source", None)
+    if source is not None:
+        found = source == "estimated"
+    for doc in docs:
+        record = doc.get("calendar") if isinstance(doc, dict) else None
+        if isinstance(record, dict) and record.get("source") is not None:
+            found = bool(found) or record.get("source") == "estimated"
     table = getattr(row, "__table__", None)
     for column in getattr(table, "columns", ()):
         if "estimated" in column.name:
@@ -255,7 +263,8 @@ def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] |
             "duration": _duration(rule),
             "step_started_at": _iso(step_started),
             "deadline_source": source,
-            "calendar_estimated": _estimated(d),
+            "calendar_source": getattr(d, "calendar_source", None),
+            "calendar_estimated": _estimated(d, data),
         }
         if rule is not None and step_started is not None and d.purpose == "deadline":
             anchor = step_started

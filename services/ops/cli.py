@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction, case_sub: argparse._SubParsersActi
         show.add_argument("--json", action="store_true")
         show.set_defaults(func=with_settings(held_cli.cmd_show))
         again = actions.add_parser(
-            "replay", help="publish again (confirmed) and take off the queue once committed")
+            "replay", help="publish again and take off the queue once RabbitMQ confirmed the copy")
         again.add_argument("ids", nargs="*", metavar="ID")
         held_cli.add_filters(again)
         again.add_argument("--all", action="store_true", help="every held message")

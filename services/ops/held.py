@@ -10,14 +10,18 @@ at its old place in a classic queue, so the order stays; the message is marked
 clients hold unacknowledged at that moment are not seen; nothing else consumes these
 queues.
 
-Replay publishes the original body with its non-routing headers, and acknowledges the held
-copy, in one AMQP transaction per batch: once `tx.commit` returns, RabbitMQ has the
-published copy (persistent, on its durable queue) and has dropped the held one; if the
-connection fails first, neither happened and the batch is done again after reconnecting.
-(A publisher confirm would not cover the acknowledgement: an ack lost in a broker restart
-after a confirmed publish would leave the message to be replayed twice.) Each replayed copy
-carries `x-replay-run`, so a copy that comes back during the same run (intake refusing it
-again) is not replayed again in a loop.
+Replay publishes the original body with its non-routing headers and waits for RabbitMQ's
+publisher confirm (persistent, on a durable queue); only then is the held message
+acknowledged, so nothing leaves the held queue before its copy is safe. A broker failure
+before the confirm leaves the held message in place: after reconnecting it is replayed
+then. A failure after the confirm and before the broker saw the ack (the ack is sent at
+once, so this is the time of one round trip) leaves both: that one message is replayed
+twice, with the same body, `event_id` or `decision_id`, which intake and upstream
+deduplicate. (An AMQP transaction around publish and ack would not close that window:
+RabbitMQ does not promise a transaction atomic across queues, so a broker crash during
+`tx.commit` could apply the ack and lose the copy.) Each copy carries `x-replay-run` and
+`x-replay-of`, so a copy that comes back during the same run (intake refusing it again) is
+not replayed again in a loop.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,7 +59,6 @@ DROPPED_HEADERS = {"cc", "bcc", "x-death", "x-first-death-exchange", "x-first-de
                    "x-last-death-reason", "x-delivery-count", "x-rejected-at",
                    "x-replay-run", "x-replay-of"}
 DROPPED_PREFIXES = ("x-reject-", "x-original-", "x-unrouted-")
-REPLAY_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,7 @@ class ReplayReport:
     dry_run: bool
     run_id: str
     replayed: list[HeldMessage] = field(default_factory=list)
-    # came back unroutable from the target exchange: put back where they were held
+    # not taken by the target exchange (no queue bound, or nacked): still held
     returned: list[str] = field(default_factory=list)
     reconnects: int = 0
     left_in_queue: int = 0
@@ -281,14 +284,13 @@ Progress = Callable[[HeldMessage], None]
 
 
 def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool = False,
-           progress: Progress | None = None, batch: int = REPLAY_BATCH,
-           give_up_after: float = 120.0, before_commit: Callable[[int], None] | None = None
-           ) -> ReplayReport:
+           progress: Progress | None = None, give_up_after: float = 120.0,
+           before_ack: Callable[[int], None] | None = None) -> ReplayReport:
     """Replay every held message `selection` matches (see the module's docstring).
-    Reconnects after a broker failure for up to `give_up_after` seconds in a row, then
-    raises; what was committed before stays done and is in the report's log lines.
-    `before_commit(n)` is called before each commit with the number replayed so far (tests
-    use it to restart the broker mid-replay)."""
+    Reconnects after a broker failure for up to `give_up_after` seconds without progress,
+    then raises; what was replayed before stays done (each one was printed).
+    `before_ack(n)` runs between a copy's confirm and the held message's ack, with the
+    number replayed so far (tests restart the broker there)."""
     if selection.empty:
         raise ValueError("nothing selected: give ids, a filter, or all")
     report = ReplayReport(kind.name, dry_run, uuid.uuid4().hex[:12])
@@ -299,7 +301,7 @@ def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool
         try:
             if report.dry_run:
                 report.replayed.clear()  # a dry run starts its count over after a failure
-            _replay_pass(amqp_url, kind, selection, report, progress, batch, before_commit)
+            _replay_pass(amqp_url, kind, selection, report, progress, before_ack)
             return report
         except (pika.exceptions.AMQPError, OSError) as exc:
             now = time.monotonic()
@@ -316,17 +318,12 @@ def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool
 
 
 def _replay_pass(amqp_url: str, kind: HeldKind, selection: Selection, report: ReplayReport,
-                 progress: Progress | None, batch: int,
-                 before_commit: Callable[[int], None] | None) -> None:
+                 progress: Progress | None, before_ack: Callable[[int], None] | None) -> None:
     connection, channel = _connect(amqp_url)
     try:
-        returned: list[tuple[Any, pika.BasicProperties, bytes]] = []
-        channel.add_on_return_callback(
-            lambda _ch, method, props, body: returned.append((method, props, body)))
         if not report.dry_run:
-            channel.tx_select()
+            channel.confirm_delivery()
         total = depth(channel, kind.queue)
-        pending: list[tuple[int, HeldMessage]] = []
         seen = 0
         while seen < total:  # only what was there when this pass began
             method, props, body = channel.basic_get(kind.queue, auto_ack=False)
@@ -336,38 +333,31 @@ def _replay_pass(amqp_url: str, kind: HeldKind, selection: Selection, report: Re
             message = message_key(kind, method, props, body)
             if _text(message.headers.get("x-replay-run")) == report.run_id:
                 continue  # our own replay, refused again meanwhile: not in a loop
-            if not selection.matches(message):
+            if not selection.matches(message) or message.id in report.returned:
                 continue
-            pending.append((method.delivery_tag, message))
-            if len(pending) >= batch:
-                _commit(connection, channel, kind, report, pending, returned, progress,
-                        before_commit)
-                pending = []
-        if pending:
-            _commit(connection, channel, kind, report, pending, returned, progress,
-                    before_commit)
+            if not report.dry_run and not _send_again(
+                    connection, channel, kind, report, method.delivery_tag, message,
+                    before_ack):
+                continue
+            report.replayed.append(message)
+            if progress:
+                progress(message)
     finally:
         if connection.is_open:
             connection.close()  # what was not replayed goes back, in its place
     report.left_in_queue = depths(amqp_url)[kind.name]
 
 
-def _commit(connection: pika.BlockingConnection, channel: Any, kind: HeldKind,
-            report: ReplayReport, pending: Iterable[tuple[int, HeldMessage]],
-            returned: list[tuple[Any, pika.BasicProperties, bytes]],
-            progress: Progress | None, before_commit: Callable[[int], None] | None) -> None:
-    pending = list(pending)
-    if report.dry_run:
-        for _tag, message in pending:
-            report.replayed.append(message)
-            if progress:
-                progress(message)
-        return
-    for tag, message in pending:
-        headers = message.replay_headers()
-        headers["x-replay-run"] = report.run_id
-        headers["x-replay-of"] = message.id
-        props = message.properties
+def _send_again(connection: pika.BlockingConnection, channel: Any, kind: HeldKind,
+                report: ReplayReport, tag: int, message: HeldMessage,
+                before_ack: Callable[[int], None] | None) -> bool:
+    """Publish the copy and wait for RabbitMQ's confirm; only then take the held message
+    off its queue. False if the broker would not route it (it stays held)."""
+    headers = message.replay_headers()
+    headers["x-replay-run"] = report.run_id
+    headers["x-replay-of"] = message.id
+    props = message.properties
+    try:
         channel.basic_publish(
             exchange=kind.target_exchange,
             routing_key=message.routing_key or "replayed",
@@ -376,32 +366,17 @@ def _commit(connection: pika.BlockingConnection, channel: Any, kind: HeldKind,
                 content_type=props.content_type or "application/json",
                 content_encoding=props.content_encoding, message_id=props.message_id,
                 timestamp=props.timestamp, correlation_id=props.correlation_id,
-                type=props.type, app_id=props.app_id, delivery_mode=2,
-                headers=headers),
-            mandatory=True)
-        channel.basic_ack(tag)
-    if before_commit:
-        before_commit(len(report.replayed))
-    returned.clear()
-    channel.tx_commit()
-    connection.process_data_events(0)  # deliver any basic.return of this batch
-    if returned:
-        # Nothing was bound for them (no alternate exchange either): the held copies go
-        # back where they were, unchanged, in a second commit.
-        held = {message.id: message for _tag, message in pending}
-        for _method, props, _body in returned:
-            original = held.pop(_text((props.headers or {}).get("x-replay-of")) or "", None)
-            if original is None:
-                continue
-            channel.basic_publish("", kind.queue, original.body, original.properties,
-                                  mandatory=True)
-            report.returned.append(original.id)
-        channel.tx_commit()
-        log.warning("replay: %d messages could not be routed from %s; put back in %s",
-                    len(returned), kind.target_exchange, kind.queue)
-    for _tag, message in pending:
-        if message.id in report.returned:
-            continue
-        report.replayed.append(message)
-        if progress:
-            progress(message)
+                type=props.type, app_id=props.app_id, delivery_mode=2, headers=headers),
+            mandatory=True)  # in confirm mode: returns once confirmed, raises if not
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+        # No queue was bound (and no alternate exchange), or the broker refused it: the
+        # held message stays where it is, unacknowledged until this pass ends.
+        report.returned.append(message.id)
+        log.warning("replay: %s was not taken by %s (%s); it stays in %s", message.id,
+                    kind.target_exchange, type(exc).__name__, kind.queue)
+        return False
+    if before_ack:
+        before_ack(len(report.replayed))
+    channel.basic_ack(tag)
+    connection.process_data_events(0)  # the ack leaves now, not with the next request
+    return True

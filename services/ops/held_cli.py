@@ -107,7 +107,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(report.document(), ensure_ascii=False))
     else:
         for ident in report.returned:
-            print(f"not routed {ident}: back in {kind.queue}")
+            print(f"not taken by {kind.target_exchange}: {ident} stays in {kind.queue}")
         print(f"{verb} {len(report.replayed)} of {kind.queue} to {kind.target_exchange}"
               f" (run {report.run_id}); {report.left_in_queue} left in the queue"
               + (f"; reconnected {report.reconnects} times" if report.reconnects else ""))
