@@ -4,6 +4,7 @@ process on the test's database and vhost, intake running beside it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -90,7 +91,7 @@ def processor(db: Database) -> IntakeProcessor:
                            max_event_bytes=1024)
 
 
-def opened(case: str, at: datetime, shop: str = "SHOP-1", platform: str = "douyin",
+def opened(case: str, at: datetime, shop: str = "SHOP-1", platform: str = "kuaishou",
            pad: int = 0, kind: str = "exchange") -> dict[str, Any]:
     return {"event_id": f"{case}-open", "type": "case.opened", "occurred_at": at.isoformat(),
             "platform": platform, "shop_id": shop, "order_id": f"O-{case}", "case_id": case,
@@ -196,7 +197,8 @@ def test_a_replay_from_the_rejected_page_puts_messages_back_through_intake(
     big = [opened(f"AS-RP-{n}", now, pad=1500) for n in range(3)]  # over intake's limit
     publish_events(amqp_url, [*big, b"{still broken"])
     wait_for(lambda: depth(amqp, REJECTED_QUEUE) == 4, what="4 rejected messages")
-    processor.max_event_bytes = 64 * 1024  # upstream fixed: now they fit
+    # upstream fixed: now they fit
+    processor.limits = dataclasses.replace(processor.limits, max_bytes=64 * 1024)
 
     page.goto(console + "/held/rejected?reason=oversized")
     assert page.locator("#held tr").count() == 1 + 3

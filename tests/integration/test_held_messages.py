@@ -6,6 +6,7 @@ restarted)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -110,7 +111,7 @@ def test_rejected_messages_are_listed_shown_and_replayed(
     assert json.loads(shown.stdout)["headers"]["x-reject-reason"] == "oversized"
 
     # Upstream is fixed (here: the limit is raised); the held events can go through.
-    processor.max_event_bytes = 64 * 1024
+    processor.limits = dataclasses.replace(processor.limits, max_bytes=64 * 1024)
 
     dry = aftersales(amqp_url, "rejected", "replay", "--all", "--dry-run")
     assert dry.returncode == 0 and "would replay 6" in dry.stdout
