@@ -31,6 +31,16 @@ class NotConfirmed(pika.exceptions.AMQPError):
     """RabbitMQ refused (nack) or did not confirm a message in time: publish again."""
 
 
+class PartlyConfirmed(Exception):
+    """The batch failed part-way (the broker went away); `confirmed` are the positions in
+    the batch RabbitMQ had confirmed before: those need not be published again."""
+
+    def __init__(self, cause: BaseException, confirmed: list[int]) -> None:
+        super().__init__(f"{len(confirmed)} confirmed before: {cause!r}")
+        self.cause = cause
+        self.confirmed = confirmed
+
+
 class ConfirmedBatchPublisher:
     """(exchange, routing_key, body, message_id, headers) batches, each returned from only
     when RabbitMQ confirmed every message (`mandatory`: an unroutable one is an error).
@@ -47,6 +57,7 @@ class ConfirmedBatchPublisher:
         self._channel: Any = None  # pika.channel.Channel (asynchronous) under the blocking one
         self._next_tag = 1
         self._unconfirmed: set[int] = set()
+        self._acked: set[int] = set()
         self._nacked = 0
         self._returned: list[str] = []
         self._declared: set[str] = set()
@@ -58,6 +69,8 @@ class ConfirmedBatchPublisher:
         self._unconfirmed -= done
         if isinstance(method, pika.spec.Basic.Nack):
             self._nacked += len(done)
+        else:
+            self._acked |= done
 
     def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
         self._returned.append(f"{method.exchange}/{method.routing_key}: {method.reply_text}")
@@ -89,8 +102,10 @@ class ConfirmedBatchPublisher:
             self._connection.process_data_events(time_limit=min(left, 1.0))
 
     def publish_batch(self, messages: list[Message]) -> None:
-        """All confirmed, or an exception (some may have reached RabbitMQ: publish the
-        batch again)."""
+        """All confirmed, or an exception: `PartlyConfirmed` when the connection failed
+        with some of the batch confirmed (the others may or may not have reached
+        RabbitMQ: publish them again), else nothing of the batch is known to be there."""
+        first_tag = 0
         try:
             for exchange, routing_key, _b, _m, _h in messages:
                 if exchange == "" and routing_key not in self._declared:
@@ -99,6 +114,8 @@ class ConfirmedBatchPublisher:
             channel = self._open()
             self._returned.clear()
             self._nacked = 0
+            self._acked.clear()
+            first_tag = self._next_tag
             for exchange, routing_key, body, message_id, headers in messages:
                 channel.basic_publish(
                     exchange=exchange, routing_key=routing_key, body=body,
@@ -110,8 +127,11 @@ class ConfirmedBatchPublisher:
                 self._unconfirmed.add(self._next_tag)
                 self._next_tag += 1
             self._wait(lambda: not self._unconfirmed, "publisher confirm")
-        except (pika.exceptions.AMQPError, OSError):
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            confirmed = sorted(t - first_tag for t in self._acked) if first_tag else []
             self.close()
+            if confirmed:
+                raise PartlyConfirmed(exc, confirmed) from exc
             raise
         if self._nacked:
             raise NotConfirmed(f"RabbitMQ refused {self._nacked} messages (basic.nack)")
@@ -127,3 +147,4 @@ class ConfirmedBatchPublisher:
         self._connection = None
         self._channel = None
         self._unconfirmed.clear()
+        self._acked.clear()
