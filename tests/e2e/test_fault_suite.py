@@ -263,7 +263,7 @@ def test_simulated_traffic_survives_kills_restarts_and_poison(
         wait_for(lambda: overdue() == 0, timeout=300, what="every due deadline fired")
         with db.transaction() as s:
             recorded = {e: (o, at) for e, o, at in s.execute(text(
-                "SELECT event_id, outcome, received_at FROM case_events")).tuples()}
+                "SELECT event_id, outcome, received_at FROM case_events"))}
         # When each event reached intake (the case log's received_at, on the database
         # clock that decides due-ness) and how late deadlines were decided around each
         # moment (from the decisions on the wire): the prediction follows the events in
