@@ -71,6 +71,10 @@ class ConfirmedBatchPublisher:
             self._nacked += len(done)
         else:
             self._acked |= done
+        if not self._unconfirmed and self._connection is not None:
+            # The blocking connection does not count frames handled by the channel
+            # underneath as events; a callback of its own ends its wait at once.
+            self._connection.add_callback_threadsafe(lambda: None)
 
     def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
         self._returned.append(f"{method.exchange}/{method.routing_key}: {method.reply_text}")
@@ -99,7 +103,13 @@ class ConfirmedBatchPublisher:
             left = give_up - time.monotonic()
             if left <= 0:
                 raise NotConfirmed(f"no {what} from RabbitMQ in {self.confirm_timeout}s")
-            self._connection.process_data_events(time_limit=min(left, 1.0))
+            # Returns as soon as frames arrived (with a time limit it would wait all of
+            # it); the timer bounds the wait when nothing comes.
+            wake = self._connection.call_later(min(left, 1.0), lambda: None)
+            try:
+                self._connection.process_data_events(time_limit=None)
+            finally:
+                self._connection.remove_timeout(wake)
 
     def publish_batch(self, messages: list[Message]) -> None:
         """All confirmed, or an exception: `PartlyConfirmed` when the connection failed
