@@ -41,6 +41,16 @@ class NotConfirmed(pika.exceptions.AMQPError):
     """RabbitMQ refused (nack) or did not confirm a message in time: publish again."""
 
 
+class PartlyConfirmed(Exception):
+    """The batch failed part-way (the broker went away); `confirmed` are the positions in
+    the batch RabbitMQ had confirmed before: those need not be published again."""
+
+    def __init__(self, cause: BaseException, confirmed: list[int]) -> None:
+        super().__init__(f"{len(confirmed)} confirmed before: {cause!r}")
+        self.cause = cause
+        self.confirmed = confirmed
+
+
 class ConfirmedBatchPublisher:
     """(exchange, routing_key, body, message_id, headers) batches, each returned from only
     when RabbitMQ confirmed every message (`mandatory`: an unroutable one is an error).
@@ -57,8 +67,10 @@ class ConfirmedBatchPublisher:
         self._channel: Any = None  # pika.channel.Channel (asynchronous) under the blocking one
         self._next_tag = 1
         self._unconfirmed: set[int] = set()
+        self._acked: set[int] = set()
         self._nacked = 0
         self._returned: list[tuple[Any, pika.BasicProperties, bytes]] = []
+        self._returned_ids: set[str] = set()  # message ids that came back in this batch
         # Queues `declare_topology` declares (e.g. aftersales.events.rejected): published to
         # through the default exchange, but not Dramatiq's to declare.
         self._declared: set[str] = set(topology_queues)
@@ -70,10 +82,17 @@ class ConfirmedBatchPublisher:
         self._unconfirmed -= done
         if isinstance(method, pika.spec.Basic.Nack):
             self._nacked += len(done)
+        else:
+            self._acked |= done
+        if not self._unconfirmed and self._connection is not None:
+            # The blocking connection does not count frames handled by the channel
+            # underneath as events; a callback of its own ends its wait at once.
+            self._connection.add_callback_threadsafe(lambda: None)
 
     def _on_return(self, _channel: Any, method: Any, props: pika.BasicProperties,
                    body: bytes) -> None:
         self._returned.append((method, props, body))
+        self._returned_ids.add(props.message_id)
 
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
@@ -99,11 +118,19 @@ class ConfirmedBatchPublisher:
             left = give_up - time.monotonic()
             if left <= 0:
                 raise NotConfirmed(f"no {what} from RabbitMQ in {self.confirm_timeout}s")
-            self._connection.process_data_events(time_limit=min(left, 1.0))
+            # Returns as soon as frames arrived (with a time limit it would wait all of
+            # it); the timer bounds the wait when nothing comes.
+            wake = self._connection.call_later(min(left, 1.0), lambda: None)
+            try:
+                self._connection.process_data_events(time_limit=None)
+            finally:
+                self._connection.remove_timeout(wake)
 
     def publish_batch(self, messages: list[Message]) -> None:
-        """All confirmed, or an exception (some may have reached RabbitMQ: publish the
-        batch again)."""
+        """All confirmed, or an exception: `PartlyConfirmed` when the connection failed
+        with some of the batch confirmed (the others may or may not have reached
+        RabbitMQ: publish them again), else nothing of the batch is known to be there."""
+        first_tag = 0
         try:
             for exchange, routing_key, _b, _m, _h in messages:
                 if exchange == "" and routing_key not in self._declared:
@@ -111,7 +138,10 @@ class ConfirmedBatchPublisher:
                     self._declared.add(routing_key)
             channel = self._open()
             self._returned.clear()
+            self._returned_ids.clear()
             self._nacked = 0
+            self._acked.clear()
+            first_tag = self._next_tag
             for exchange, routing_key, body, message_id, headers in messages:
                 self._publish(channel, exchange, routing_key, body, pika.BasicProperties(
                     delivery_mode=2, content_type="application/json",
@@ -119,8 +149,16 @@ class ConfirmedBatchPublisher:
             self._wait(lambda: not self._unconfirmed, "publisher confirm")
             if self._returned and not self._nacked:
                 self._keep_unrouted(channel)
-        except (pika.exceptions.AMQPError, OSError):
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            # Confirmed and not returned unrouted: a returned message is confirmed too,
+            # but it is only safe once it is in the unrouted queue.
+            confirmed = sorted(
+                t - first_tag for t in self._acked
+                if 0 <= t - first_tag < len(messages)
+                and messages[t - first_tag][3] not in self._returned_ids) if first_tag else []
             self.close()
+            if confirmed:
+                raise PartlyConfirmed(exc, confirmed) from exc
             raise
         if self._nacked:
             raise NotConfirmed(f"RabbitMQ refused {self._nacked} messages (basic.nack)")
@@ -171,3 +209,4 @@ class ConfirmedBatchPublisher:
         self._connection = None
         self._channel = None
         self._unconfirmed.clear()
+        self._acked.clear()

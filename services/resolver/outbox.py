@@ -30,6 +30,7 @@ from typing import Protocol
 
 from sqlalchemy import Connection, text
 
+from shared.confirms import PartlyConfirmed
 from shared.db.session import Database
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,23 @@ class OutboxRelay:
         self.publisher.close()
 
     def _publish_batch(self, conn: Connection) -> list[str]:
+        partly: PartlyConfirmed | None = None
         with conn.begin():
             rows = conn.execute(CLAIM, {"after": self._after, "limit": self.batch}).all()
             if rows:
-                self.publisher.publish_batch(
-                    [(row.exchange, row.routing_key, bytes(row.body), row.message_id,
-                      row.headers or None) for row in rows])
-                # Every message confirmed: only now may the rows go.
-                conn.execute(DELETE, {"ids": [row.id for row in rows]})
+                try:
+                    self.publisher.publish_batch(
+                        [(row.exchange, row.routing_key, bytes(row.body), row.message_id,
+                          row.headers or None) for row in rows])
+                except PartlyConfirmed as exc:
+                    # The broker went away mid-batch: what it confirmed is there; only the
+                    # rest is published again (fewer repeats on the wire).
+                    partly = exc
+                    conn.execute(DELETE, {"ids": [rows[i].id for i in exc.confirmed]})
+                else:
+                    # Every message confirmed: only now may the rows go.
+                    conn.execute(DELETE, {"ids": [row.id for row in rows]})
+        if partly is not None:
+            raise partly.cause
         self._after = rows[-1].id if len(rows) == self.batch else 0
         return [row.routing_key for row in rows]

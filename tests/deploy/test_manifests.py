@@ -102,6 +102,10 @@ def test_compose_binds_to_loopback_and_takes_passwords_from_the_environment(
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${")
     assert "--requirepass" in compose["services"]["redis"]["command"]
+    for service in SERVICES:  # Docker's SIGKILL comes after the service's own grace
+        svc = compose["services"][service]
+        grace = float(svc["environment"]["AFTERSALES_SHUTDOWN_GRACE_SECONDS"])
+        assert float(svc["stop_grace_period"].rstrip("s")) > grace, service
     # No password written in the file: every one is an environment reference.
     text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     for name, svc in compose["services"].items():

@@ -32,7 +32,6 @@ pytestmark = pytest.mark.e2e
 
 COUNT_QUEUE = "test.outbox-kill.count"
 KILLS = 3
-DECISIONS = 3000
 
 
 @pytest.fixture
@@ -101,10 +100,13 @@ def test_kill_9_of_rabbitmq_during_the_relays_publishes_loses_no_decision(
     publisher = WatchedPublisher(node.url)
     relay = OutboxRelay(db, publisher, batch=200)
     stop = threading.Event()
+    writing = threading.Event()
+    writing.set()
     expected: list[str] = []
+    relay_rounds = [0]  # relay_once calls that went through
 
     def write() -> None:  # the resolvers: decisions keep coming while the broker dies
-        for start in range(0, DECISIONS, 50):
+        while writing.is_set():
             ids = [str(uuid.uuid4()) for _ in range(50)]
             with db.transaction() as s:
                 s.add_all([OutboxRow(
@@ -112,13 +114,14 @@ def test_kill_9_of_rabbitmq_during_the_relays_publishes_loses_no_decision(
                     message_id=i, body=json.dumps({"decision_id": i}).encode(), headers={})
                     for i in ids])
             expected.extend(ids)
-            time.sleep(0.01 if start % 500 else 0.3)
+            time.sleep(0.05)  # a steady stream, not a condition to await
 
     def run_relay() -> None:
         while not stop.is_set():
             try:
                 if len(relay.relay_once()) < relay.batch:
                     time.sleep(0.02)
+                relay_rounds[0] += 1
             except Exception:  # the broker is away: as the poll loop does, try again
                 time.sleep(0.2)
 
@@ -134,12 +137,14 @@ def test_kill_9_of_rabbitmq_during_the_relays_publishes_loses_no_decision(
             kills_in_flight += publisher.in_flight.is_set()
             node.kill9()
             node.start()
-            done = publisher.batches
-            wait_for(lambda d=done: publisher.batches > d, timeout=60,
-                     what="the relay publishing again after the restart")
-        writer.join(120)
+            done = relay_rounds[0]
+            wait_for(lambda d=done: relay_rounds[0] > d, timeout=60,
+                     what="the relay working again after the restart")
+        writing.clear()
+        writer.join(60)
         wait_for(lambda: outbox_size(db) == 0, timeout=120, what="the outbox to drain")
     finally:
+        writing.clear()
         stop.set()
         relayer.join(30)
         relay.close()
@@ -150,7 +155,7 @@ def test_kill_9_of_rabbitmq_during_the_relays_publishes_loses_no_decision(
           f"kills={KILLS}, kills_with_batch_in_flight={kills_in_flight}, "
           f"batches_failed={publisher.failed_in_flight}, on_wire={len(seen)}, "
           f"lost={lost}, duplicates={len(seen) - len(counts)}")
-    assert len(expected) == DECISIONS
+    assert len(expected) >= 1000
     assert kills_in_flight == KILLS, "a kill missed the relay's work: the test proved nothing"
     assert publisher.failed_in_flight >= 1
     assert lost == 0

@@ -1,0 +1,31 @@
+"""Every database session the services open has a statement and a lock timeout and TCP
+keepalives, from the settings."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from shared.bootstrap import build_database
+from shared.config import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_sessions_carry_timeouts_and_keepalives(database_url: str) -> None:
+    settings = Settings(database_url=database_url, db_statement_timeout_ms=1234,
+                        db_lock_timeout_ms=567, db_keepalives_idle_seconds=42)
+    db = build_database(settings, pool_size=1)
+    try:
+        with db.transaction() as s:
+            assert s.execute(text("SHOW statement_timeout")).scalar_one() == "1234ms"
+            assert s.execute(text("SHOW lock_timeout")).scalar_one() == "567ms"
+            # The client side of the TCP connection: libpq's keepalive parameters.
+            info = s.connection().connection.dbapi_connection.info  # type: ignore[union-attr]
+            params = info.get_parameters()
+            assert params.get("keepalives") == "1"
+            assert params.get("keepalives_idle") == "42"
+            with pytest.raises(Exception, match="statement timeout"):
+                s.execute(text("SELECT pg_sleep(3)"))
+    finally:
+        db.engine.dispose()
