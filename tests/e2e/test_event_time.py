@@ -133,7 +133,7 @@ def test_a_rejection_one_second_late_loses_even_before_the_timer_fires(
         publish_events(amqp_url, [
             opened("ET-B1", due - timedelta(hours=1), "refund_only", due_at=due),
             event("ET-B1-no", "merchant.rejected", "ET-B1", due + timedelta(seconds=1),
-                  data={"reason": "不同意"}),
+                  data={"reason": "不同意", "evidence": ["https://img.example/no.jpg"]}),
         ])
         got = wait_for(lambda: decisions_for(tap, "ET-B1"), timeout=60,
                        what="the automatic approval")
@@ -187,7 +187,9 @@ def test_a_late_fact_supersedes_a_published_decision_end_to_end(
         assert approval["type"] == "decision.auto_approved"
         # the merchant had rejected in time; the event reaches us only now
         publish_events(amqp_url, [event("ET-D1-no", "merchant.rejected", "ET-D1",
-                                        t0 + timedelta(seconds=1), data={"reason": "缺货"})])
+                                        t0 + timedelta(seconds=1),
+                                        data={"reason": "缺货",
+                                              "evidence": ["https://img.example/no.jpg"]})])
         withdrawn = wait_for(
             lambda: [d for d in decisions_for(tap, "ET-D1")
                      if d["type"] == "decision.superseded"],
