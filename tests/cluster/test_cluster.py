@@ -171,6 +171,11 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
                     if m.event is not None}
         settled = await_quiet(db, good_ids, tap)
         wire = tap.catch_up()
+        # The nodes that came back caught up: the busiest queues' replicas are in step.
+        busiest = (INTAKE_QUEUE, RESOLVER_QUEUE, NOTIFIER_QUEUE, TAP_QUEUE)
+        wait_for(lambda: all(cluster.replicas_in_step(q) for q in busiest), timeout=180,
+                 interval=1.0, what="every replica of the busiest queues in step")
+        note("replicas in step")
         note("quiet")
         redelivered_to_tap = tap.redelivered
 
