@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 
 from shared.amqp import DECISIONS_EXCHANGE, UNROUTED_EXCHANGE
+from shared.config import split_amqp_urls
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ POLICY_DEFINITION: dict[str, Any] = {"alternate-exchange": UNROUTED_EXCHANGE}
 
 
 def vhost_of(amqp_url: str) -> str:
-    path = urlsplit(amqp_url).path
+    path = urlsplit(split_amqp_urls(amqp_url)[0]).path  # every node of a list: one vhost
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def credentials_of(amqp_url: str) -> tuple[str, str]:
-    parts = urlsplit(amqp_url)
+    parts = urlsplit(split_amqp_urls(amqp_url)[0])
     return unquote(parts.username or "guest"), unquote(parts.password or "guest")
 
 

@@ -227,6 +227,18 @@ class RabbitCluster:
                 raise ClusterError(f"cluster not healthy after {timeout:.0f}s: {problem}")
             time.sleep(1.0)
 
+    def replicas_in_step(self, queue: str) -> bool:
+        """Every replica of a quorum queue is a leader or follower and has the same log
+        (a node that came back has caught up with the others)."""
+        import json
+
+        out = self.ctl(self.nodes[0], "quorum_status", queue, "-p", VHOST, "--formatter",
+                       "json", tool="rabbitmq-queues")
+        members = json.loads(out)
+        return len(members) == len(self.nodes) and all(
+            m["Raft State"] in ("leader", "follower") for m in members) and len(
+            {(m["Log Index"], m["Commit Index"]) for m in members}) == 1
+
     # URLs and clean-up ----------------------------------------------------------------
     def urls(self, nodes: list[Node] | None = None) -> str:
         """The comma-separated AMQP URL list the services are given."""

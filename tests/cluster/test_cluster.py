@@ -3,15 +3,18 @@ service, under faults (issue 18).
 
 Starts three RabbitMQ nodes of its own on this machine, runs intake, timer, resolver and
 notifier twice each as processes against the node list, and publishes simulated traffic
-while, at random moments: one node is stopped and started again, one is killed with
-`kill -9` and started again, one is cut off from the others (a network partition:
-its Erlang cookie is changed and its links dropped; no firewall on the shared loopback),
-one timer and one resolver are killed for good. Then it checks what a user would:
+from before the first fault to after the last while, at random moments and in a random
+order: one node is stopped and started again, one is killed with `kill -9` and started
+again, one is cut off from the others (a network partition: its Erlang cookie is changed
+and its links dropped; no firewall on the shared loopback), and one timer and one resolver
+are killed for good. Each node that goes is the one most service copies are connected to;
+while it is away, every copy must connect to another node by itself (seen in the kernel's
+socket table), and it comes back only then. At the end it checks what a user would:
 - every accepted event is in its case log once;
 - every due deadline fired and made exactly one decision, which reached a queue bound to
   `aftersales.decisions` exactly once;
 - no notification was sent twice;
-- every queue of the system is a quorum queue.
+- every queue of the system is a quorum queue with a replica on each node.
 A `[cluster report]` line with the counts is printed before the assertions.
 Fails, never skips, when the cluster cannot be started.
 """
@@ -89,10 +92,15 @@ def services(cluster: RabbitCluster, database_url: str, db: Database, redis_pref
         system.stop()
 
 
-def _queue_types(cluster: RabbitCluster) -> dict[str, str]:
+def _queues(cluster: RabbitCluster) -> dict[str, tuple[str, int]]:
+    """Every queue of the vhost: its type and on how many nodes it has a replica."""
     out = cluster.ctl(cluster.nodes[0], "list_queues", "-p", VHOST, "--no-table-headers",
-                      "name", "type")
-    return dict(line.split("\t")[:2] for line in out.strip().splitlines())
+                      "name", "type", "members")
+    queues = {}
+    for line in out.strip().splitlines():
+        name, kind, members = line.split("\t")[:3]
+        queues[name] = (kind, sum(members.count(n.name) for n in cluster.nodes))
+    return queues
 
 
 @pytest.mark.timeout(900)
@@ -163,11 +171,16 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
                     if m.event is not None}
         settled = await_quiet(db, good_ids, tap)
         wire = tap.catch_up()
+        # The nodes that came back caught up: the busiest queues' replicas are in step.
+        busiest = (INTAKE_QUEUE, RESOLVER_QUEUE, NOTIFIER_QUEUE, TAP_QUEUE)
+        wait_for(lambda: all(cluster.replicas_in_step(q) for q in busiest), timeout=180,
+                 interval=1.0, what="every replica of the busiest queues in step")
+        note("replicas in step")
         note("quiet")
         redelivered_to_tap = tap.redelivered
 
-    result = judge(db, good_ids, settled, wire, services.log("notifier"))
-    types = _queue_types(cluster)
+    result = judge(db, good_ids, settled, wire, lambda: services.log("notifier"))
+    queues = _queues(cluster)
     ours = {INTAKE_QUEUE, REJECTED_QUEUE, UNROUTED_QUEUE, OUTBOX_LEDGER_QUEUE, TAP_QUEUE} | {
         f"{q}{suffix}" for q in (RESOLVER_QUEUE, NOTIFIER_QUEUE) for suffix in ("", ".DQ", ".XQ")}
     survivors = [n for n in services.procs if n.split(".")[0] in ("timer", "resolver")]
@@ -186,14 +199,17 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
           f"duplicated_decisions={result.duplicated_decisions} "
           f"wrong_decisions={result.wrong_decisions} "
           f"duplicated_notifications={result.duplicated_notifications} "
-          f"queue_types={sorted(set(types.values()))} details={result.details}")
+          f"lost_notifications={result.lost_notifications} "
+          f"queues(type, replicas)={sorted(set(queues.values()))} details={result.details}")
     print("[cluster timeline] " + "; ".join(timeline))
     assert result.lost_events == 0
     assert result.lost_decisions == 0
     assert result.duplicated_decisions == 0
     assert result.wrong_decisions == 0
     assert result.duplicated_notifications == 0
-    assert set(types) == ours and set(types.values()) == {"quorum"}, types
+    assert result.lost_notifications == 0
+    # Every queue is a quorum queue with a replica on each node.
+    assert set(queues) == ours and set(queues.values()) == {("quorum", 3)}, queues
     assert node_losses == Counter({"stop": 1, "kill -9": 1, "partition": 1})
     assert kills == Counter({"timer": 1, "resolver": 1})
     # One copy of each left, and it did the rest alone.
