@@ -120,19 +120,8 @@ def calendar_days(engine: Engine, start: datetime, end: datetime) -> dict[str, A
 
 
 def _day_source(engine: Engine, day: date) -> str:
-    calendar = engine.calendar
-    year_source = getattr(calendar, "year_source", None)  # library | file | estimated
-    if callable(year_source):
-        return str(year_source(day.year))
-    if day in getattr(calendar, "_user_holidays", ()) or day in getattr(
-            calendar, "_user_workdays", ()):
-        return "holiday file"
-    try:
-        chinese_calendar.is_workday(day)
-        return "chinesecalendar"
-    except NotImplementedError:
-        return "holiday file (weekdays)" if day.year in getattr(calendar, "_user_years", ()) \
-            else "none"
+    """library (chinesecalendar) | file (AFTERSALES_HOLIDAYS) | estimated"""
+    return str(engine.calendar.year_source(day.year))
 
 
 def _holiday_name(day: date) -> str:
