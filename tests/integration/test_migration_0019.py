@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, text
 
 from shared.db.migrate import alembic_config, upgrade
@@ -42,7 +43,11 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def test_0019_keeps_every_row_and_builds_valid_indexes(database: tuple[str, Engine]) -> None:
     url, engine = database
-    upgrade(url, "0002")
+    # The revision before 0019, whatever the migrations are chained after (0002 today).
+    previous = ScriptDirectory.from_config(alembic_config(url)).get_revision("0019")
+    assert previous is not None
+    before_0019 = str(previous.down_revision)
+    upgrade(url, before_0019)
     with engine.begin() as conn:
         conn.execute(text("""
             INSERT INTO cases (case_id, platform, shop_id, order_id, kind, status, step,
@@ -62,7 +67,7 @@ def test_0019_keeps_every_row_and_builds_valid_indexes(database: tuple[str, Engi
                    'r', '1', 'id' FROM generate_series(1, 5000) g"""))
     before = counts(engine)
 
-    upgrade(url)
+    upgrade(url, "0019")
     assert counts(engine) == before
     with engine.connect() as conn:
         valid = dict(conn.execute(text(
@@ -73,7 +78,7 @@ def test_0019_keeps_every_row_and_builds_valid_indexes(database: tuple[str, Engi
             "SELECT count(*) FROM case_events WHERE forget_after IS NOT NULL")).scalar() == 0
     assert valid == dict.fromkeys(NEW_INDEXES, True)
 
-    command.downgrade(alembic_config(url), "0002")
+    command.downgrade(alembic_config(url), before_0019)
     assert counts(engine) == before
-    upgrade(url)  # and up again
+    upgrade(url, "0019")  # and up again
     assert counts(engine) == before
