@@ -659,6 +659,10 @@ def result_line(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return " ".join(parts).replace(",", "")
 
 
+def save(path: str, result: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+
+
 def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -712,12 +716,24 @@ def main() -> int:
                 log(f"round {r + 1}/{args.rounds}: measuring on the {label} database")
                 result.setdefault(label, []).append(measure_undisturbed(
                     boxes[label], label, args, plan, history=label == "history"))
+                save(args.out, result)  # what is measured so far survives a later failure
         if args.retention_days:
-            broker_up(boxes["history"])
-            started = postgres_started(boxes["history"])
-            result["retention"] = retention_under_traffic(boxes["history"], args)
-            result["retention"]["postgres_restarted"] = (
-                postgres_started(boxes["history"]) != started)
+            for attempt in range(1, 4):
+                broker_up(boxes["history"])
+                started = postgres_started(boxes["history"])
+                try:
+                    result["retention"] = retention_under_traffic(boxes["history"], args)
+                except Exception as exc:  # a restart by other work: the rest still counts
+                    log(f"retention: attempt {attempt} failed ({type(exc).__name__})")
+                    result["retention_failures"] = attempt
+                    for svc in list(tb.RUNNING):
+                        svc.stop()
+                    time.sleep(10)
+                    continue
+                result["retention"]["attempt"] = attempt
+                result["retention"]["postgres_restarted"] = (
+                    postgres_started(boxes["history"]) != started)
+                break
     finally:
         for svc in list(tb.RUNNING):
             svc.stop()
@@ -746,7 +762,7 @@ def main() -> int:
     print(f"\nhistory: {load['rows']} rows, database {load['database_size']}, loaded in "
           f"{load['load_seconds']} s; load average at end {os.getloadavg()}")
     result["result_line"] = result_line(result, rows)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+    save(args.out, result)
     log(f"wrote {args.out}")
     print(result["result_line"], flush=True)
     return 0
