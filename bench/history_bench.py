@@ -26,6 +26,9 @@ Then the same measurements on each database, the empty one first:
   lateness    the real timer with a stream of deadlines coming due (timer_bench)
   catch-up    overdue deadlines on open cases, real timer + resolver: decisions/s
               (timer_bench)
+and at the end, on the history database, retention of its oldest month (--retention-days)
+while intake takes the latency phase's traffic: cases/s archived and removed, and intake's
+latency meanwhile.
 Prints a table, a final `RESULT` line (each figure as empty/history) and writes
 bench-results/history.json. The target: every history figure within 10 % of the empty one.
 """
@@ -480,6 +483,78 @@ def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan
     return result
 
 
+def retention_under_traffic(box: tb.Sandbox, args: argparse.Namespace) -> dict[str, Any]:
+    """`aftersales retention run` on the history's oldest month while intake takes traffic
+    at the latency phase's rate: cases archived and removed per second, and intake's
+    latency meanwhile (beside the same phase without retention, measured before)."""
+    from shared.db.retention import Archive, RetentionPolicy, run_retention
+    from shared.db.session import Database, make_engine
+
+    forget_run(box, history=True)
+    folder = ROOT / "bench-results" / f"history-archive-{os.getpid()}"
+    policy = RetentionPolicy(args.retention_days, args.retention_days, 500)
+    out: dict[str, Any] = {"retention_days": args.retention_days, "batch": policy.batch}
+    db = e2e.Db(box.sa_url)
+    engine = make_engine(box.sa_url, pool_size=1)
+    try:
+        due = int(db.scalar("SELECT count(*) FROM cases WHERE status <> 'open' AND "
+                            "closed_at < now() - make_interval(days => :d)",
+                            d=args.retention_days))
+        with e2e.smtp_sink() as (smtp_port, _sink_pid):
+            services = e2e.Services(e2e.service_settings(box.sa_url, box.amqp_url, smtp_port))
+            try:
+                for service in e2e.SERVICES:
+                    extra = {"AFTERSALES_WORKER_PROCESSES": "2",
+                             "AFTERSALES_INTAKE_BATCH": "200",
+                             "AFTERSALES_INTAKE_PREFETCH": "400"} if service == "intake" else None
+                    services.start(service, extra)
+                if services.failed:
+                    raise RuntimeError(f"services did not start: {services.failed}")
+                done: dict[str, Any] = {}
+
+                def retain() -> None:
+                    t = time.monotonic()
+                    done["report"] = run_retention(Database(engine), policy, Archive(folder))
+                    done["seconds"] = time.monotonic() - t
+                    done["ended"] = time.monotonic()
+
+                log(f"retention: {due:,} cases closed more than {args.retention_days} days "
+                    f"ago, while intake takes {args.latency_rate:.0f} events/s")
+                worker = threading.Thread(target=retain, daemon=True)
+                started = time.monotonic()
+                worker.start()
+                out["latency_during"] = e2e.phase_latency(
+                    db, box.amqp_url, args.latency_rate, args.latency_seconds)
+                out["latency_during"].pop("timeline_second_count_p50ms_maxms", None)
+                latency_end = time.monotonic()
+                worker.join(3600)
+            finally:
+                services.stop_all()
+        report = done["report"]
+        files = list(folder.rglob("*.jsonl.gz"))
+        out |= {
+            "cases_due": due, "cases_removed": report.cases, "rows": report.rows,
+            "held_back": report.held_back, "busy": report.busy, "batches": report.batches,
+            "seconds": round(done["seconds"], 1),
+            "cases_per_s": round(report.cases / done["seconds"], 1) if done["seconds"] else None,
+            "archive_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
+            "archive_files": len(files),
+            # How much of the latency window had retention running.
+            "overlap_share": round(min(1.0, (min(done["ended"], latency_end) - started)
+                                       / max(1e-9, latency_end - started)), 2),
+        }
+        log(f"retention: {report.cases:,} cases in {done['seconds']:.0f} s "
+            f"({out['cases_per_s']} /s), archive {out['archive_mib']} MiB; intake p99 "
+            f"meanwhile {out['latency_during'].get('p99_ms')} ms")
+    finally:
+        engine.dispose()
+        db.engine.dispose()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def measure_undisturbed(box: tb.Sandbox, label: str, args: argparse.Namespace,
                         plan: tb.Plan, history: bool, attempts: int = 8) -> dict[str, Any]:
     """`measure`, again from the start if PostgreSQL restarted meanwhile (its start time
@@ -577,7 +652,15 @@ def result_line(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             parts.append(f"{key}={show(row['empty'])}/{show(row['history'])}")
     judged = [r["within_10pct"] for r in rows if r["within_10pct"] is not None]
     parts.append(f"within_10pct={sum(judged)}/{len(judged)}")
+    ret = result.get("retention")
+    if ret:
+        parts.append(f"retention_cases_per_s={show(ret['cases_per_s'])}")
+        parts.append(f"intake_p99_ms_during_retention={show(ret['latency_during']['p99_ms'])}")
     return " ".join(parts).replace(",", "")
+
+
+def save(path: str, result: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
 
 
 def _interrupted(signum: int, frame: Any) -> None:
@@ -591,6 +674,10 @@ def main() -> int:
                          "open cases); e.g. 0.05")
     ap.add_argument("--quick", action="store_true", help="shorter measuring phases")
     ap.add_argument("--latency-rate", type=float, default=500.0)
+    ap.add_argument("--retention-days", type=int, default=335,
+                    help="at the end, run retention with this many days on the history "
+                         "database (335: its oldest month) while intake takes traffic; "
+                         "0 = skip")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure each database this many times, in the order empty, "
                          "history, history, empty, ...; figures are medians (default 1)")
@@ -629,6 +716,24 @@ def main() -> int:
                 log(f"round {r + 1}/{args.rounds}: measuring on the {label} database")
                 result.setdefault(label, []).append(measure_undisturbed(
                     boxes[label], label, args, plan, history=label == "history"))
+                save(args.out, result)  # what is measured so far survives a later failure
+        if args.retention_days:
+            for attempt in range(1, 4):
+                broker_up(boxes["history"])
+                started = postgres_started(boxes["history"])
+                try:
+                    result["retention"] = retention_under_traffic(boxes["history"], args)
+                except Exception as exc:  # a restart by other work: the rest still counts
+                    log(f"retention: attempt {attempt} failed ({type(exc).__name__})")
+                    result["retention_failures"] = attempt
+                    for svc in list(tb.RUNNING):
+                        svc.stop()
+                    time.sleep(10)
+                    continue
+                result["retention"]["attempt"] = attempt
+                result["retention"]["postgres_restarted"] = (
+                    postgres_started(boxes["history"]) != started)
+                break
     finally:
         for svc in list(tb.RUNNING):
             svc.stop()
@@ -643,11 +748,21 @@ def main() -> int:
         print(f"{row['figure']:<44} | {show(row['empty']):>10} | {show(row['history']):>10} "
               f"| {show(row['history_over_empty']):>5} | "
               f"{'' if row['within_10pct'] is None else ('yes' if row['within_10pct'] else 'NO')}")
+    ret = result.get("retention")
+    if ret:
+        during = ret["latency_during"]
+        print(f"\nretention ({ret['retention_days']} days, batch {ret['batch']}) on the "
+              f"history while intake takes {during['offered_rate']:.0f} events/s: "
+              f"{ret['cases_removed']:,} of {ret['cases_due']:,} cases archived and removed "
+              f"in {ret['seconds']} s ({ret['cases_per_s']} cases/s), archive "
+              f"{ret['archive_mib']} MiB; intake p50/p99 meanwhile {during['p50_ms']}/"
+              f"{during['p99_ms']} ms (retention ran through {ret['overlap_share']:.0%} "
+              "of that window)")
     load = result["history_load"]
     print(f"\nhistory: {load['rows']} rows, database {load['database_size']}, loaded in "
           f"{load['load_seconds']} s; load average at end {os.getloadavg()}")
     result["result_line"] = result_line(result, rows)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+    save(args.out, result)
     log(f"wrote {args.out}")
     print(result["result_line"], flush=True)
     return 0
