@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, timedelta
+from pathlib import Path
 
 import pytest
-from domain_support import Driver, cst, make_event
+from domain_support import Driver, cst, default_engine, make_event
 
 from shared.domain import Engine, facts_of
 from shared.domain.engine import EVENT_AUDIENCE, decision_key, fact_order
@@ -230,3 +231,92 @@ def test_an_unapplied_event_still_moves_the_fact_time(driver: Driver) -> None:
     assert facts_of(out.case) == facts_of(before)
     assert out.case.data["facts_until"] == late.astimezone(UTC).isoformat()
     assert driver.engine.needs_replay(out.case, make_event("merchant.approved", late))
+
+
+# ---- resume, case snapshots, calendars and rule files (mutation gaps) -------------------
+
+def test_resume_restores_the_rule_of_the_interrupted_step(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    assert driver.case is not None
+    rule = (driver.case.rule_set, driver.case.rule_version, driver.case.rule_id)
+    driver.send("intervention.requested", OPENED + timedelta(hours=1), requested_by="buyer")
+    assert driver.case.rule_set == "" and driver.case.rule_id is None
+    driver.send("intervention.resolved", OPENED + timedelta(hours=5), outcome="resume")
+    assert (driver.case.rule_set, driver.case.rule_version, driver.case.rule_id) == rule
+    assert rule == ("kuaishou", "2022-09-30", "exchange.merchant_response")
+
+
+def test_resume_after_an_escalation_takes_the_platform_due_at(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    driver.send("buyer.shipped", OPENED + timedelta(hours=2))
+    driver.send("merchant.received", OPENED + timedelta(hours=3))
+    driver.send("merchant.inspected", OPENED + timedelta(hours=4), passed=True)
+    driver.fire()  # merchant_reship escalates
+    assert driver.step == "intervention"
+    platform_due = OPENED + timedelta(days=9)
+    driver.send("intervention.resolved", OPENED + timedelta(days=5), outcome="resume",
+                due_at=platform_due)
+    assert driver.step == "merchant_reship"
+    assert driver.case is not None and driver.case.step_due_at == platform_due
+    assert driver.case.step_started_at == OPENED + timedelta(days=5)  # a fresh clock
+
+
+def test_a_case_snapshot_round_trips_with_typed_fields(driver: Driver) -> None:
+    from shared.domain import Case, Kind
+
+    driver.open("exchange", OPENED)
+    assert driver.case is not None
+    again = Case.from_dict(driver.case.to_dict())
+    assert again == driver.case
+    assert type(again.kind) is Kind and again.step_started_at.tzinfo is not None
+    assert again.contacts == {"buyer": {"phone": "13800000000"},
+                              "merchant": {"email": "shop@example.com"}}
+
+
+def test_seconds_to_resolution_only_for_the_change_that_closed() -> None:
+    from shared.domain import seconds_to_resolution
+
+    d = Driver(default_engine())
+    d.open("refund_only", OPENED)
+    opened_case = d.case
+    d.send("buyer.cancelled", OPENED + timedelta(hours=3))
+    closed = d.case
+    assert opened_case is not None and closed is not None
+    assert seconds_to_resolution(opened_case, closed) == 3 * 3600
+    assert seconds_to_resolution(None, closed) == 3 * 3600
+    assert seconds_to_resolution(closed, closed) is None
+    assert seconds_to_resolution(None, opened_case) is None
+
+
+def test_the_calendar_says_how_far_it_knows(tmp_path: Path) -> None:
+    from datetime import date
+
+    import chinese_calendar
+
+    from shared.domain import WorkCalendar
+
+    last = date.today().year
+    while True:
+        try:
+            chinese_calendar.is_workday(date(last + 1, 1, 1))
+        except NotImplementedError:
+            break
+        last += 1
+    assert WorkCalendar().covered_until() == date(last, 12, 31)
+    holidays = tmp_path / "holidays.toml"
+    holidays.write_text(f"[{last + 1}]\nholidays = [{last + 1}-01-01]\n", encoding="utf-8")
+    assert WorkCalendar(holidays).covered_until() == date(last + 1, 12, 31)
+    assert WorkCalendar(holidays).holiday_file == holidays
+
+
+def test_key_line_looks_only_inside_the_block() -> None:
+    from shared.domain.tomlfiles import header_lines, key_line
+
+    text = "a = 1\n[[rule]]\nid = 'x'\nstep = 's'\n[[rule]]\nid = 'y'\nstep = 't'\n"
+    assert header_lines(text, "[[rule]]") == [2, 5]
+    assert key_line(text, "step") == 4
+    assert key_line(text, "step", 5) == 7
+    assert key_line(text, "step", 2, 4) is None  # the end line is outside
+    assert key_line(text, "id", 3, 6) == 3  # the start line is inside
+    assert key_line(text, "missing") is None
