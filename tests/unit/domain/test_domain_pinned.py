@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from domain_support import Driver, cst, default_engine, make_event
 
-from shared.domain import Engine, facts_of
+from shared.domain import Engine, decision_id, facts_of
 from shared.domain.engine import EVENT_AUDIENCE, decision_key, fact_order
 
 OPENED = cst(2026, 11, 2, 10)
@@ -320,3 +320,96 @@ def test_key_line_looks_only_inside_the_block() -> None:
     assert key_line(text, "step", 2, 4) is None  # the end line is outside
     assert key_line(text, "id", 3, 6) == 3  # the start line is inside
     assert key_line(text, "missing") is None
+
+
+# ---- replay: what a superseded decision says, and decisions reached again --------------
+
+
+
+def test_a_superseded_decision_names_the_one_it_withdraws(engine: Engine) -> None:
+    opening = make_event("case.opened", OPENED, kind="refund_only", amount_fen=500)
+    opened = engine.apply(None, opening, OPENED)
+    assert opened.case is not None and opened.deadlines
+    spec = next(s for s in opened.deadlines if s.purpose == "deadline")
+    fired = engine.fire(opened.case, spec, spec.due_at + timedelta(minutes=3))
+    approval = fired.decisions[0]
+    assert fired.case is not None
+    late = make_event("merchant.rejected", OPENED + timedelta(hours=1), reason="no")
+    now = spec.due_at + timedelta(hours=1)
+    out = engine.replay(fired.case, [opening, late], now, arrived=[late.event_id])
+    (withdrawn,) = out.decisions
+    assert withdrawn.type == "decision.superseded" and withdrawn.case_id == "AS1"
+    assert withdrawn.step == approval.step == "merchant_response"
+    assert withdrawn.rule == approval.rule and withdrawn.due_at == approval.due_at
+    assert withdrawn.decided_at == now
+    assert withdrawn.key == f"{approval.key}:superseded"
+    assert withdrawn.data == {
+        "supersedes": decision_id(approval.key),
+        "superseded_type": "decision.auto_approved",
+        "reason": withdrawn.data["reason"],
+        "late_facts": [{"event_id": late.event_id, "type": "merchant.rejected",
+                        "occurred_at": late.occurred_at.astimezone(UTC).isoformat()}],
+        "case_step": "buyer_after_rejection",
+    }
+    assert withdrawn.data["reason"].startswith("late_fact: ")
+    assert out.verdicts == {opening.event_id: None, late.event_id: None}
+    # the rejection is news (the buyer hears of it), the approval's notice is not repeated
+    assert sorted((n.reason, n.party) for n in out.notices) == [
+        ("decision.superseded", "merchant"), ("decision.superseded", "ops"),
+        ("merchant.rejected", "buyer")]
+    notice = next(n for n in out.notices if n.reason == "decision.superseded")
+    assert notice.step == "merchant_response" and notice.due_at == approval.due_at
+    assert notice.params["next_step"] == "buyer_after_rejection"
+    assert out.case is not None and out.case.version == fired.case.version + 1
+    assert out.case.data["withdrawn"] == {approval.key: 1}
+    assert out.case.data["decided"] == {}
+
+
+def test_a_withdrawn_decision_reached_again_is_published_under_a_new_id(
+    engine: Engine,
+) -> None:
+    opening = make_event("case.opened", OPENED, kind="refund_only", amount_fen=500)
+    opened = engine.apply(None, opening, OPENED)
+    assert opened.case is not None and opened.deadlines
+    spec = next(s for s in opened.deadlines if s.purpose == "deadline")
+    fired = engine.fire(opened.case, spec, spec.due_at)
+    assert fired.case is not None
+    key = fired.decisions[0].key
+    now = spec.due_at + timedelta(hours=1)
+    # a modification in time restarts the merchant's step: the approval is withdrawn
+    modified = make_event("buyer.modified", OPENED + timedelta(hours=1))
+    first = engine.replay(fired.case, [opening, modified], now, arrived=[modified.event_id])
+    assert first.case is not None
+    assert [d.type for d in first.decisions] == ["decision.superseded"]
+    # the platform then puts the step's deadline back where it was: reached again
+    back = make_event("deadline.changed", OPENED + timedelta(hours=2),
+                      due_at=spec.deadline_at, step="merchant_response")
+    again = engine.replay(first.case, [opening, modified, back], now,
+                          arrived=[back.event_id])
+    assert again.case is not None
+    assert [d.key for d in again.decisions] == [f"{key}:again:1"]
+    assert again.case.data["decided"][key]["id"] == decision_id(f"{key}:again:1")
+    # and withdrawn a second time, the withdrawal names the id it was published with
+    late = make_event("merchant.rejected", OPENED + timedelta(hours=3), reason="no")
+    third = engine.replay(again.case, [opening, modified, back, late], now,
+                          arrived=[late.event_id])
+    (withdrawn,) = third.decisions
+    assert withdrawn.data["supersedes"] == decision_id(f"{key}:again:1")
+    assert withdrawn.key == f"{key}:superseded:1"
+    assert third.case is not None and third.case.data["withdrawn"] == {key: 2}
+
+
+def test_a_deadline_change_naming_the_step_applies_even_if_issued_before_it(
+    driver: Driver,
+) -> None:
+    driver.open("exchange", OPENED)
+    approved = OPENED + timedelta(hours=2)
+    driver.send("merchant.approved", approved)
+    new_due = approved + timedelta(days=3)
+    out = driver.send("deadline.changed", approved + timedelta(minutes=1), due_at=new_due,
+                      step="buyer_return_shipping")
+    assert out.problem is None and driver.case is not None
+    assert driver.case.step_due_at == new_due
+    # without a step, exactly at the step's start is within the step
+    at_start = driver.send("deadline.changed", approved, due_at=new_due + timedelta(days=1))
+    assert at_start.problem is None
