@@ -413,3 +413,78 @@ def test_a_deadline_change_naming_the_step_applies_even_if_issued_before_it(
     # without a step, exactly at the step's start is within the step
     at_start = driver.send("deadline.changed", approved, due_at=new_due + timedelta(days=1))
     assert at_start.problem is None
+
+
+# ---- rule files: every refusal names its line and reason ---------------------------------
+
+RULE_A = """[[rule]]
+id = "return_refund.merchant_response"
+kind = "return_refund"
+step = "merchant_response"
+party = "merchant"
+duration = "48h"
+on_timeout = "auto_approve"
+reminders = ["1h"]
+"""
+RULE_B = RULE_A.replace("return_refund", "exchange")
+HEADER = '[ruleset]\nname = "acme"\nversion = "v1"\neffective = 2026-01-01\n'
+
+
+def _refusal(tmp_path: Path, text: str) -> tuple[int | None, str]:
+    import shutil
+
+    from shared.domain import RuleBook, RuleFileError
+
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[3] / "shared" / "rules" / "default.toml",
+                folder / "default.toml")
+    (folder / "acme.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(RuleFileError) as info:
+        RuleBook.load(folder)
+    assert info.value.path.endswith("acme.toml")
+    return info.value.line, str(info.value)
+
+
+def _line_of(text: str, needle: str, nth: int = 0) -> int:
+    return [i for i, line in enumerate(text.splitlines(), 1) if line.startswith(needle)][nth]
+
+
+@pytest.mark.parametrize(("text", "needle", "nth", "reason"), [
+    ("extra = 1\n" + HEADER + RULE_A, "extra", 0, "unknown top-level keys ['extra']"),
+    (HEADER.replace('version = "v1"\n', 'version = "v1"\nowner = "x"\n') + RULE_A,
+     "owner", 0, "unknown key 'owner' in [ruleset]"),
+    (HEADER.replace('name = "acme"', 'name = ""') + RULE_A, "name", 0,
+     "[ruleset] name must be a non-empty string"),
+    (HEADER + RULE_A + RULE_B.replace('reminders = ["1h"]', 'reminders = "1h"'),
+     "reminders", 1, "reminders must be a list"),
+    (HEADER + RULE_A + RULE_B.replace('id = "exchange.merchant_response"',
+                                      'id = "return_refund.merchant_response"'),
+     "id", 1, "duplicate rule id 'return_refund.merchant_response'"),
+    (HEADER + RULE_A + RULE_B.replace('kind = "exchange"', 'kind = "return_refund"'),
+     "step", 1, "a second rule for kind return_refund, step merchant_response"),
+    (HEADER + RULE_A + RULE_B.replace('party = "merchant"\n', ''), "[[rule]]", 1,
+     "rule is missing ['party']"),
+    (HEADER + RULE_A + RULE_B + 'colour = "red"\n', "colour", 0,
+     "unknown key 'colour' in rule 'exchange.merchant_response'"),
+])
+def test_each_rule_file_refusal_names_the_line(tmp_path: Path, text: str, needle: str,
+                                               nth: int, reason: str) -> None:
+    line, message = _refusal(tmp_path, text)
+    key = needle if needle == "[[rule]]" else f"{needle} ="
+    assert line == _line_of(text, key, nth), message
+    assert reason in message
+
+
+def test_a_second_rule_for_a_step_is_refused_on_its_step_line(tmp_path: Path) -> None:
+    text = HEADER + RULE_A + RULE_B.replace('kind = "exchange"', 'kind = "return_refund"')
+    line, _message = _refusal(tmp_path, text)
+    assert line is not None and line > _line_of(text, "[[rule]]", 1)
+
+
+def test_no_rule_files_is_refused(tmp_path: Path) -> None:
+    from shared.domain import RuleBook, RuleFileError
+
+    with pytest.raises(RuleFileError, match="no rule files") as info:
+        RuleBook.load(tmp_path)
+    assert info.value.path == str(tmp_path)
