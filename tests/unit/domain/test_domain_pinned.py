@@ -488,3 +488,15 @@ def test_no_rule_files_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuleFileError, match="no rule files") as info:
         RuleBook.load(tmp_path)
     assert info.value.path == str(tmp_path)
+
+
+def test_pro_rata_refuses_a_zero_whole_and_a_negative_total() -> None:
+    from shared.domain.money import pro_rata_fen
+
+    with pytest.raises(ValueError, match="whole must be positive, got 0"):
+        pro_rata_fen(100, 0, 0)
+    with pytest.raises(ValueError, match="total_fen must not be negative, got -1"):
+        pro_rata_fen(-1, 1, 2)
+    with pytest.raises(ValueError, match=r"part must be within 0\.\.2, got 3"):
+        pro_rata_fen(100, 3, 2)
+    assert pro_rata_fen(0, 0, 1) == 0
