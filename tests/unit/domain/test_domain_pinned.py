@@ -500,3 +500,147 @@ def test_pro_rata_refuses_a_zero_whole_and_a_negative_total() -> None:
     with pytest.raises(ValueError, match=r"part must be within 0\.\.2, got 3"):
         pro_rata_fen(100, 3, 2)
     assert pro_rata_fen(0, 0, 1) == 0
+
+
+# ---- what decisions, reminders and their notices carry, in full --------------------------
+
+def test_a_reminder_decision_and_notice_in_full(driver: Driver) -> None:
+    from shared.domain import RuleRef
+
+    driver.open("exchange", OPENED)
+    reminder = driver.reminders[0]  # 24 h before
+    now = reminder.due_at + timedelta(minutes=1)
+    assert driver.case is not None
+    out = driver.engine.fire(driver.case, reminder, now)
+    (decision,) = out.decisions
+    rule = RuleRef("kuaishou", "2022-09-30", "exchange.merchant_response")
+    assert (decision.type, decision.case_id, decision.step, decision.rule) == (
+        "reminder.due_soon", "AS1", "merchant_response", rule)
+    assert decision.due_at == reminder.deadline_at and decision.decided_at == now
+    assert decision.data == {"remind_at": reminder.due_at.isoformat(), "lead_s": 24 * 3600,
+                             "action_on_timeout": "auto_approve"}
+    assert decision.key == (f"AS1:merchant_response:reminder:"
+                            f"{reminder.deadline_at.isoformat()}:{reminder.due_at.isoformat()}")
+    (notice,) = out.notices
+    assert (notice.reason, notice.party, notice.due_at, notice.urgent) == (
+        "reminder.due_soon", "merchant", reminder.deadline_at, False)
+    assert notice.params["action_on_timeout"] == "auto_approve"
+    assert out.case == driver.case and out.deadlines is None
+
+
+def test_a_platform_step_reminder_goes_to_ops_and_a_short_one_is_urgent(
+    driver: Driver,
+) -> None:
+    driver.open("refund_only", OPENED)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    assert driver.step == "refund_pending" and driver.case is not None
+    spec = replace(driver.deadline, purpose="reminder", action="remind",
+                   due_at=driver.deadline.deadline_at - timedelta(hours=12))
+    out = driver.engine.fire(driver.case, spec, spec.due_at)
+    assert [(n.party, n.urgent) for n in out.notices] == [("ops", True)]
+    longer = replace(spec, due_at=spec.deadline_at - timedelta(hours=12, seconds=1))
+    out = driver.engine.fire(driver.case, longer, longer.due_at)
+    assert [(n.party, n.urgent) for n in out.notices] == [("ops", False)]
+
+
+def test_an_automatic_close_decision_and_its_notice_in_full(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    spec = driver.deadline
+    now = spec.due_at + timedelta(minutes=2)
+    assert driver.case is not None
+    out = driver.engine.fire(driver.case, spec, now)
+    (decision,) = out.decisions
+    assert decision.type == "decision.auto_closed" and decision.case_id == "AS1"
+    assert decision.data == {"action": "auto_close", "missed_step": "buyer_return_shipping",
+                             "resolution": "auto_closed", "next_step": "closed"}
+    assert decision.key == f"AS1:buyer_return_shipping:deadline:{spec.deadline_at.isoformat()}"
+    (notice,) = out.notices
+    assert (notice.reason, notice.party, notice.step, notice.due_at, notice.urgent) == (
+        "decision.auto_closed", "buyer", "buyer_return_shipping", spec.deadline_at, False)
+    assert {k: notice.params[k] for k in (
+        "kind", "step", "missed_step", "missed_party", "action", "decision_key", "next_step",
+        "next_party", "next_due_at", "resolution", "order_id", "shop_id", "amount_fen")} == {
+        "kind": "exchange", "step": "buyer_return_shipping",
+        "missed_step": "buyer_return_shipping", "missed_party": "buyer",
+        "action": "auto_close", "decision_key": decision.key, "next_step": "closed",
+        "next_party": None, "next_due_at": None, "resolution": "auto_closed",
+        "order_id": "O1", "shop_id": "S1", "amount_fen": 10000}
+    assert out.case is not None
+    assert out.case.data["decided"][decision.key] == {
+        "id": decision_id(decision.key), "type": "decision.auto_closed",
+        "step": "buyer_return_shipping", "party": "buyer",
+        "due_at": spec.deadline_at.isoformat(),
+        "rule": ["kuaishou", "2022-09-30", "exchange.buyer_return_shipping"]}
+    assert out.case.closed_at == spec.deadline_at
+    assert out.case.data["closed_at_step"] == "buyer_return_shipping"
+
+
+def test_an_automatic_refund_names_the_amount_and_who_acts_next(driver: Driver) -> None:
+    driver.open("return_refund", OPENED, amount_fen=7300)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    driver.send("buyer.shipped", OPENED + timedelta(hours=2))
+    driver.send("merchant.received", OPENED + timedelta(hours=3))
+    out = driver.fire()
+    (decision,) = out.decisions
+    assert decision.data == {"action": "auto_refund", "missed_step": "merchant_inspection",
+                             "next_step": "refund_pending", "refund_fen": 7300}
+    (notice,) = out.notices
+    assert notice.params["next_party"] == "platform"
+    assert driver.case is not None
+    assert notice.params["next_due_at"] == driver.case.step_due_at.isoformat()
+
+
+def test_the_superseded_notice_carries_what_the_templates_need(engine: Engine) -> None:
+    opening = make_event("case.opened", OPENED, kind="refund_only", amount_fen=500)
+    opened = engine.apply(None, opening, OPENED)
+    assert opened.case is not None and opened.deadlines
+    spec = next(s for s in opened.deadlines if s.purpose == "deadline")
+    fired = engine.fire(opened.case, spec, spec.due_at)
+    assert fired.case is not None
+    late = make_event("merchant.rejected", OPENED + timedelta(hours=1), reason="no")
+    out = engine.replay(fired.case, [opening, late], spec.due_at, arrived=[late.event_id])
+    assert out.case is not None
+    notices = [n for n in out.notices if n.reason == "decision.superseded"]
+    assert [n.party for n in notices] == ["ops", "merchant"]
+    for notice in notices:
+        assert notice.case_id == "AS1" and notice.urgent is False
+        assert notice.step == "merchant_response" and notice.due_at == spec.deadline_at
+        assert notice.params == {
+            "kind": "refund_only", "step": "merchant_response",
+            "missed_step": "merchant_response", "next_step": "buyer_after_rejection",
+            "next_due_at": out.case.step_due_at.isoformat() if out.case.step_due_at else None,
+            "superseded_type": "decision.auto_approved", "order_id": "O1", "shop_id": "S1",
+            "amount_fen": 500, "refund_fen": None,
+            "supersedes": decision_id(fired.decisions[0].key),
+            "due_at_local": "2026-11-04 10:00"}
+
+
+def test_replay_fires_a_deadline_exactly_at_the_timers_horizon(engine: Engine) -> None:
+    opening = make_event("case.opened", OPENED, kind="refund_only", amount_fen=500)
+    opened = engine.apply(None, opening, OPENED)
+    assert opened.case is not None and opened.deadlines
+    spec = next(s for s in opened.deadlines if s.purpose == "deadline")
+    fired = engine.fire(opened.case, spec, spec.due_at)
+    assert fired.case is not None
+    # a late fact that changes nothing about that deadline: it stays decided, not re-sent
+    note = make_event("intervention.requested", spec.deadline_at + timedelta(hours=1))
+    seen = engine.replay(fired.case, [opening, note], spec.due_at, arrived=[note.event_id])
+    assert seen.case is not None and seen.decisions == ()
+    assert seen.case.data["decided"] == fired.case.data["decided"]
+    assert seen.case.data["timer_until"] == spec.deadline_at.isoformat()
+    assert seen.rebuilt and seen.applied
+
+
+def test_replay_judges_early_events_as_the_case_opens(engine: Engine) -> None:
+    fits = make_event("merchant.approved", OPENED - timedelta(minutes=5))
+    misfit = make_event("buyer.confirmed", OPENED - timedelta(minutes=4))
+    opening = make_event("case.opened", OPENED, kind="exchange", amount_fen=500)
+    out = engine.replay(None, [fits, misfit, opening], OPENED,
+                        arrived=[fits.event_id, misfit.event_id, opening.event_id])
+    assert out.case is not None and out.case.step == "buyer_return_shipping"
+    assert out.verdicts[fits.event_id] is None and out.verdicts[opening.event_id] is None
+    assert (out.verdicts[misfit.event_id] or "").startswith("out_of_state")
+    assert sorted(n.reason for n in out.notices) == ["case.opened", "merchant.approved"]
+    quiet = engine.replay(None, [fits, opening], OPENED, arrived=[])
+    assert quiet.notices == ()  # nothing is news
