@@ -644,3 +644,93 @@ def test_replay_judges_early_events_as_the_case_opens(engine: Engine) -> None:
     assert sorted(n.reason for n in out.notices) == ["case.opened", "merchant.approved"]
     quiet = engine.replay(None, [fits, opening], OPENED, arrived=[])
     assert quiet.notices == ()  # nothing is news
+
+
+# ---- closing, interventions, visits, vouchers: the state in full -------------------------
+
+def test_a_closed_case_keeps_no_clock_and_no_rule(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    at = OPENED + timedelta(hours=2)
+    driver.send("buyer.cancelled", at)
+    case = driver.case
+    assert case is not None
+    assert (case.status, case.step, case.resolution, case.closed_at) == (
+        "closed", "closed", "cancelled", at)
+    assert case.step_started_at == at and case.step_due_at is None
+    assert case.paused_remaining_s is None
+    assert (case.rule_set, case.rule_version, case.rule_id) == ("", "", None)
+    assert case.data["closed_at_step"] == "merchant_response"
+
+
+def test_a_closed_paused_case_drops_the_paused_clock(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("intervention.requested", OPENED + timedelta(hours=1))
+    assert driver.case is not None and driver.case.paused_remaining_s is not None
+    driver.send("intervention.resolved", OPENED + timedelta(hours=2), outcome="merchant")
+    case = driver.case
+    assert case.resolution == "merchant_upheld" and case.paused_remaining_s is None
+    assert "interrupted" not in case.data
+    assert case.data["closed_at_step"] == "intervention"
+
+
+def test_the_end_of_an_intervention_is_a_step_the_platform_met(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("intervention.requested", OPENED + timedelta(hours=1))
+    out = driver.send("intervention.resolved", OPENED + timedelta(hours=4), outcome="refund")
+    assert [(s.step, s.party, s.met, s.seconds) for s in out.steps] == [
+        ("intervention", "platform", True, 3 * 3600.0)]
+    assert driver.step == "refund_pending" and driver.case is not None
+    assert "interrupted" not in driver.case.data
+
+
+def test_entering_a_step_records_its_rule(driver: Driver) -> None:
+    driver.open("exchange", OPENED)
+    driver.send("merchant.approved", OPENED + timedelta(hours=1))
+    case = driver.case
+    assert case is not None
+    assert (case.rule_set, case.rule_version, case.rule_id) == (
+        "kuaishou", "2022-09-30", "exchange.buyer_return_shipping")
+    assert "rejected_at_step" not in case.data
+
+
+def test_a_rejection_after_a_rejection_keeps_where_it_was_rejected(driver: Driver) -> None:
+    driver.open("return_refund", OPENED)
+    driver.send("merchant.rejected", OPENED + timedelta(hours=1), reason="no")
+    assert driver.case is not None
+    assert driver.case.data["rejected_at_step"] == "merchant_response"
+
+
+def test_a_scheduled_visit_records_its_slot(driver: Driver) -> None:
+    driver.open("onsite_repair", OPENED)
+    driver.send("repair.scheduled", OPENED + timedelta(hours=1),
+                visit_at="2026-11-04T14:00:00+08:00", visit_until="2026-11-04T16:00:00+08:00")
+    case = driver.case
+    assert case is not None
+    assert case.data["visit_at"] == "2026-11-04T06:00:00+00:00"
+    assert case.data["visit_until"] == "2026-11-04T08:00:00+00:00"
+    assert driver.due_local() == cst(2026, 11, 4, 18)  # slot end + the set's 2 h grace
+    # a slot that ends before it starts is read as the start
+    driver.send("repair.scheduled", OPENED + timedelta(hours=2),
+                visit_at="2026-11-05T14:00:00+08:00", visit_until="2026-11-05T10:00:00+08:00")
+    assert driver.case is not None
+    assert driver.case.data["visit_until"] == "2026-11-05T06:00:00+00:00"
+
+
+@pytest.mark.parametrize(("kwargs", "refund"), [
+    ({}, 9000), ({"used_fen": 0}, 9000), ({"used_fen": 9000}, 0), ({"used_fen": 1}, 8999),
+    ({"total_count": 3}, 9000), ({"used_count": 0}, 9000), ({"used_count": 1}, 0),
+    ({"total_count": 3, "used_count": 1}, 6000), ({"total_count": 3, "used_count": 3}, 0),
+])
+def test_voucher_refunds_by_count_or_value(kwargs: dict[str, int], refund: int) -> None:
+    from shared.domain.money import voucher_refund_fen
+
+    assert voucher_refund_fen(9000, **kwargs) == refund
+
+
+@pytest.mark.parametrize("kwargs", [{"used_fen": -1}, {"used_fen": 9001},
+                                    {"used_count": 2}, {"total_count": 1, "used_count": 2}])
+def test_voucher_refunds_refuse_impossible_use(kwargs: dict[str, int]) -> None:
+    from shared.domain.money import voucher_refund_fen
+
+    with pytest.raises(ValueError, match="must be within"):
+        voucher_refund_fen(9000, **kwargs)
