@@ -734,3 +734,72 @@ def test_voucher_refunds_refuse_impossible_use(kwargs: dict[str, int]) -> None:
 
     with pytest.raises(ValueError, match="must be within"):
         voucher_refund_fen(9000, **kwargs)
+
+
+def test_more_rule_file_refusals_name_their_line(tmp_path: Path) -> None:
+    cases = [
+        (HEADER.replace("effective = 2026-01-01", 'effective = "soon"') + RULE_A,
+         "effective =", 0, "[ruleset] effective must be a date like 2022-09-30"),
+        (HEADER + RULE_A + RULE_B.replace('reminders = ["1h"]', 'reminders = ["1h", "2wd"]'),
+         "reminders =", 1, "reminder offsets"),
+        (HEADER + RULE_A + RULE_B + 'name = "x"\n', "name =", 1,
+         "unknown key 'name' in rule 'exchange.merchant_response'"),
+    ]
+    for n, (text, key, nth, reason) in enumerate(cases):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        line, message = _refusal(folder, text)
+        assert line == _line_of(text, key, nth), message
+        assert reason in message
+
+
+def test_rule_files_without_a_default_set_are_refused(tmp_path: Path) -> None:
+    from shared.domain import RuleBook, RuleFileError
+
+    (tmp_path / "acme.toml").write_text(HEADER + RULE_A, encoding="utf-8")
+    with pytest.raises(RuleFileError, match='no rule set named "default"') as info:
+        RuleBook.load(tmp_path)
+    assert info.value.path == str(tmp_path) and info.value.line is None
+
+
+def test_a_platform_decision_tells_the_buyer_without_urgency(driver: Driver) -> None:
+    out = driver.open("voucher_refund", OPENED, amount_fen=3000)
+    decision_notices = [n for n in out.notices if n.reason == "decision.auto_approved"]
+    assert [(n.party, n.urgent) for n in decision_notices] == [("buyer", False)]
+
+
+def test_the_timer_reaching_a_withdrawn_decision_publishes_it_anew(driver: Driver) -> None:
+    driver.open("refund_only", OPENED)
+    assert driver.case is not None
+    spec = driver.deadline
+    key = decision_key("AS1", "merchant_response", 0, "deadline", spec.deadline_at)
+    withdrawn = replace(driver.case, data={**driver.case.data, "withdrawn": {key: 2}})
+    out = driver.engine.fire(withdrawn, spec, spec.due_at)
+    assert [d.key for d in out.decisions] == [f"{key}:again:2"]
+    assert out.case is not None
+    assert out.case.data["decided"][key]["id"] == decision_id(f"{key}:again:2")
+
+
+def test_a_withdrawn_buyer_decision_tells_ops_and_the_buyer(engine: Engine) -> None:
+    opening = make_event("case.opened", OPENED, kind="exchange", amount_fen=500)
+    approved = make_event("merchant.approved", OPENED + timedelta(hours=1))
+    case = engine.apply(None, opening, OPENED).case
+    assert case is not None
+    out = engine.apply(case, approved, approved.occurred_at)
+    assert out.case is not None and out.deadlines
+    spec = next(s for s in out.deadlines if s.purpose == "deadline")
+    closed = engine.fire(out.case, spec, spec.due_at)
+    assert closed.case is not None and closed.case.resolution == "auto_closed"
+    shipped = make_event("buyer.shipped", OPENED + timedelta(days=2), tracking_no="SF1")
+    rebuilt = engine.replay(closed.case, [opening, approved, shipped], spec.due_at,
+                            arrived=[shipped.event_id])
+    assert rebuilt.problem is None and rebuilt.steps != ()
+    assert [(s.step, s.met) for s in rebuilt.steps] == [("buyer_return_shipping", True)]
+    assert sorted(n.party for n in rebuilt.notices if n.reason == "decision.superseded") == [
+        "buyer", "ops"]
+    late_misfit = make_event("buyer.confirmed", OPENED + timedelta(days=3))
+    assert rebuilt.case is not None
+    again = engine.replay(rebuilt.case, [opening, approved, shipped, late_misfit],
+                          spec.due_at, arrived=[late_misfit.event_id])
+    assert (again.problem or "").startswith("out_of_state")
+    assert again.decisions == () and again.steps == ()
