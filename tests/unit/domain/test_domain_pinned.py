@@ -803,3 +803,66 @@ def test_a_withdrawn_buyer_decision_tells_ops_and_the_buyer(engine: Engine) -> N
                           spec.due_at, arrived=[late_misfit.event_id])
     assert (again.problem or "").startswith("out_of_state")
     assert again.decisions == () and again.steps == ()
+
+
+# ---- small value objects ------------------------------------------------------------------
+
+def test_data_file_errors_carry_path_line_and_reason() -> None:
+    from shared.domain import CalendarDataMissing, RuleFileError
+
+    with_line = RuleFileError("r.toml", 3, "bad")
+    assert (with_line.path, with_line.line, with_line.reason, str(with_line)) == (
+        "r.toml", 3, "bad", "r.toml:3: bad")
+    without = RuleFileError(Path("r.toml"), None, "bad")
+    assert str(without) == "r.toml: bad" and without.line is None
+    missing = CalendarDataMissing(2031)
+    assert missing.year == 2031 and "2031" in str(missing)
+
+
+def test_durations_parse_units_and_refuse_the_rest() -> None:
+    from datetime import timedelta as td
+
+    from shared.domain.durations import Duration
+
+    assert Duration.parse(" 30m ").as_timedelta() == td(minutes=30)
+    assert Duration.parse("2h").as_timedelta() == td(hours=2)
+    assert Duration.parse("3d").as_timedelta() == td(days=3)
+    with pytest.raises(ValueError, match="working days have no fixed length"):
+        Duration.parse("7wd").as_timedelta()
+    for bad in ("7", "h", "1.5h", 48):
+        with pytest.raises(ValueError, match="bad duration"):
+            Duration.parse(bad)  # type: ignore[arg-type]
+
+
+def test_times_come_out_in_utc() -> None:
+    from datetime import datetime as dt
+
+    from shared.domain.timeutil import as_utc, parse_moment
+
+    moment = parse_moment(dt(2026, 11, 2, 10, tzinfo=cst(2026, 1, 1).tzinfo))
+    assert moment is not None and moment.utcoffset() == timedelta(0) and moment.hour == 2
+    assert as_utc(dt(2026, 11, 2, 10)).tzinfo == UTC  # naive = China time
+    assert as_utc(dt(2026, 11, 2, 10)).hour == 2
+
+
+def test_a_case_snapshot_is_plain_json(driver: Driver) -> None:
+    import json
+
+    driver.open("exchange", OPENED)
+    assert driver.case is not None
+    snapshot = driver.case.to_dict()
+    assert json.loads(json.dumps(snapshot)) == snapshot
+    assert type(snapshot["contacts"]) is dict and type(snapshot["data"]) is dict
+    assert snapshot["contacts"] is not driver.case.contacts
+    assert snapshot["data"]["evidence"] == ["https://img/1.jpg"]
+    again = type(driver.case).from_dict(snapshot)
+    assert again.contacts == driver.case.contacts and again.contacts is not snapshot["contacts"]
+
+
+def test_an_unreadable_holiday_file_names_itself(tmp_path: Path) -> None:
+    from shared.domain import HolidayFileError, WorkCalendar
+
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(HolidayFileError, match="cannot read") as info:
+        WorkCalendar(missing)
+    assert info.value.path == str(missing) and info.value.line is None
