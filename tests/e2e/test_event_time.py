@@ -123,6 +123,8 @@ def test_a_shipment_that_arrives_before_the_earlier_approval_counts(
     row = case_row(db, "ET-A1")
     assert row.step == "return_in_transit" and row.status == "open"
     assert row.snapshot["data"]["return_tracking_no"] == "SF1"
+    wait_for(lambda: _counter(system, "aftersales_cases_rebuilt_total") >= 1, timeout=30,
+             what="aftersales_cases_rebuilt_total")
 
 
 def test_a_rejection_one_second_late_loses_even_before_the_timer_fires(
@@ -166,6 +168,12 @@ def test_a_stale_deadline_change_never_moves_the_buyers_deadline(
     row = case_row(db, "ET-C1")
     assert row.step == "buyer_return_shipping"
     assert row.step_due_at == approved_at + timedelta(days=10)
+
+
+def _counter(system: System, name: str) -> float:
+    found = re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", system.metrics("intake"),
+                       re.M)
+    return sum(float(v) for v in found)
 
 
 def _superseded_metric(system: System) -> float:

@@ -220,8 +220,10 @@ def test_settings_choose_the_provider_and_delivery_retries_throttling(
     sms = build_channels(cfg, policy)["sms"]
     notice = {"reason": "decision.auto_approved", "case_id": "AS9", "step": "merchant_response",
               "party": "merchant", "due_at": "2026-11-24T10:00:00+08:00", "urgent": False,
-              "params": {"refund_fen": 1234, "kind": "refund_only",
-                         "action": "auto_approve"}}
+              "params": {"refund_fen": 1234, "kind": "refund_only", "action": "auto_approve",
+                         "missed_party": "merchant", "missed_step": "merchant_response",
+                         "next_step": "refund_pending", "next_party": "platform",
+                         "next_due_at": "2026-12-03T10:00:00+08:00"}}
     contacts = {"buyer": {"phone": "13812345678"}, "merchant": {"phone": "13800000001"}}
     reqs = policy.expand(notice, contacts, OpsContacts())
     now = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
@@ -235,6 +237,6 @@ def test_settings_choose_the_provider_and_delivery_retries_throttling(
     assert results["merchant"].error_kind == "throttled"
     (sent,) = fake_aliyun.requests
     assert json.loads(sent["TemplateParam"]) == {
-        "case_id": "AS9", "kind": "仅退款", "why": "“处理售后申请”环节按平台规则到期",
-        "what": "自动同意退款申请", "next": "请留意后续进度"}
+        "case_id": "AS9", "kind": "仅退款", "why": "商家未在11月24日 10:00前处理售后申请",
+        "what": "自动同意退款申请，退款¥12.34", "next": "下一步：平台需在12月3日 10:00前完成退款"}
     assert sent["OutId"] == next(r.dedup_key for r in reqs if r.party == "buyer")

@@ -243,9 +243,12 @@ def test_policy_to_mailbox_end_to_end(plain_server: int, handler: RecordingHandl
     policy = NotificationPolicy.load()
     notice = {
         "reason": "decision.auto_refunded", "case_id": "AS20261122009",
-        "step": "merchant_receive_refund", "party": "merchant",
+        "step": "merchant_inspection", "party": "merchant",
         "due_at": datetime(2026, 11, 30, 2, 0, tzinfo=UTC), "urgent": False,
-        "params": {"refund_fen": 9990, "kind": "return_refund", "action": "auto_refund"},
+        "params": {"refund_fen": 9990, "kind": "return_refund", "action": "auto_refund",
+                   "missed_party": "merchant", "missed_step": "merchant_inspection",
+                   "next_step": "refund_pending", "next_party": "platform",
+                   "next_due_at": "2026-12-09T02:00:00+00:00"},
     }
     contacts = {"buyer": {"email": "buyer@example.com"}}
     (req,) = policy.expand(notice, contacts, OpsContacts())
@@ -260,8 +263,9 @@ def test_policy_to_mailbox_end_to_end(plain_server: int, handler: RecordingHandl
         "您的售后单 AS20261122009 已由平台支持退款"
     )
     body = payload_text(msg)
-    # what happened for this kind, and which step was missed (not the step the case is in)
-    assert "（退货退款）：“确认收货并退款”环节按平台规则到期，系统已支持买家退款" in body
+    assert ("商家未在 11月30日 10:00 前验货，系统已支持买家退款，退款 ¥99.90。"
+            in body), body
+    assert "下一步：平台需在 12月9日 10:00 前完成退款。" in body
     assert msg["Message-ID"] == f"<{req.dedup_key}@shop.example>"
 
 
