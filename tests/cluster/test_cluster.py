@@ -179,7 +179,7 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
         pushed: list[Pushed] = []
         pusher = threading.Thread(target=lambda: pushed.append(push_douyin_paced(
             gateways, config.run_id, PUSH_BATCHES_PER_SECOND, PUSH_BATCH, stop_traffic,
-            first_aftersale_id=rng.randrange(10**9, 2 * 10**9))))
+            first_aftersale_id=rng.randrange(10**9, 2 * 10**9))), daemon=True)
         pusher.start()
         faults = ["stop", "kill -9", "partition", "timer", "resolver", "gateway"]
         rng.shuffle(faults)
