@@ -383,12 +383,13 @@ class Pushed:
 
 def push_douyin_paced(gateways: list[Gateway], run_id: str, batches_per_second: float,
                       per_batch: int, stop: threading.Event, first_aftersale_id: int,
-                      give_up_after: float = 180) -> Pushed:
+                      give_up_after: float = 180, result: Pushed | None = None) -> Pushed:
     """Push batches of signed Douyin messages (refund requests, tag 200) as the platform
     does, spread over the gateway copies, until `stop` is set. A batch not answered with
     the success body is sent again (through the other copy, as the platform's load
-    balancer would) until it is; every message keeps its msg_id, so intake applies it once."""
-    result = Pushed()
+    balancer would) until it is; every message keeps its msg_id, so intake applies it once.
+    `result` (if given) is filled in as it goes, for other threads to watch."""
+    result = Pushed() if result is None else result
     started = time.monotonic()
     number = 0
     while not stop.is_set():

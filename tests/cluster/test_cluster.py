@@ -9,10 +9,10 @@ before the first fault to after the last while, at random moments and in a rando
 order: one node is stopped and started again, one is killed with `kill -9` and started
 again, one is cut off from the others (a network partition: its Erlang cookie is changed
 and its links dropped; no firewall on the shared loopback), and one timer and one resolver
-are killed for good, and one gateway is killed and started again. Each node that goes is
-the one most service copies are connected to; while it is away, every copy must connect to
-another node by itself (seen in the kernel's socket table), and it comes back only then.
-At the end it checks what a user would:
+are killed for good, and one gateway is killed (and started again once a batch has had
+to go again). Each node that goes is the one most service copies are connected to; while
+it is away, every copy must connect to another node by itself (seen in the kernel's socket
+table), and it comes back only then. At the end it checks what a user would:
 - every accepted event is in its case log once; each Douyin message applied exactly once;
 - every due deadline fired and made exactly one decision, which reached a queue bound to
   `aftersales.decisions` exactly once;
@@ -177,9 +177,11 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
             cluster.urls(), [m.body for m in messages], RATE, stop_traffic)))
         publisher.start()
         pushed: list[Pushed] = []
+        pushing = Pushed()  # filled in as the pushes go
         pusher = threading.Thread(target=lambda: pushed.append(push_douyin_paced(
             gateways, config.run_id, PUSH_BATCHES_PER_SECOND, PUSH_BATCH, stop_traffic,
-            first_aftersale_id=rng.randrange(10**9, 2 * 10**9))), daemon=True)
+            first_aftersale_id=rng.randrange(10**9, 2 * 10**9), result=pushing)),
+            daemon=True)
         pusher.start()
         faults = ["stop", "kill -9", "partition", "timer", "resolver", "gateway"]
         rng.shuffle(faults)
@@ -189,9 +191,13 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
                 # Killed mid-traffic and started again: the platform's batches that it
                 # did not answer go again (to the other copy, or to it once it is back).
                 victim_gateway = gateways[rng.randrange(COPIES)]
+                retries_before = pushing.retries
                 victim_gateway.kill()
                 kills[fault] += 1
                 note(f"killed gateway on port {victim_gateway.port}")
+                # Down until the platform noticed: a batch to it failed and went again.
+                wait_for(lambda r=retries_before: pushing.retries > r, timeout=60,
+                         interval=0.1, what="a Douyin batch sent again after the kill")
                 victim_gateway.start()
                 note("gateway back")
                 continue
