@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pika
 
 from shared.amqp import DECISIONS_EXCHANGE, EVENTS_EXCHANGE, REJECTED_QUEUE, declare_topology
 from tests.conftest import wait_for
+from tests.platform_messages import GATEWAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +117,108 @@ class System:
             return True
         except OSError:
             return False
+
+
+class Gateway:
+    """`aftersales run gateway` as its own process group on a free port."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, **GATEWAY_ENV,
+                    "AFTERSALES_GATEWAY_PORT": str(self.port),
+                    "AFTERSALES_METRICS_DIR": str(log_dir / "gateway-metrics")}
+        self.log_dir = log_dir
+        self.starts = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.log_dir / f"gateway.{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", "gateway"], cwd=ROOT, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.healthy, timeout=60, what="the gateway to answer /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.log_dir.glob("gateway.*.log")))
+
+    def post(self, platform: str, body: bytes, headers: dict[str, str] | None = None,
+             params: dict[str, str] | None = None) -> httpx.Response:
+        return httpx.post(f"{self.url}/platforms/{platform}/messages", content=body,
+                          headers=headers or {}, params=params, timeout=60)
+
+    def deliver(self, platform: str, body: bytes, headers: dict[str, str] | None = None,
+                params: dict[str, str] | None = None) -> httpx.Response:
+        """As the platform delivers: sent again while the gateway answers 503 (RabbitMQ
+        away for a moment: other test sessions on this machine restart it)."""
+        answers: list[httpx.Response] = []
+
+        def taken() -> bool:
+            answers.append(self.post(platform, body, headers, params))
+            return answers[-1].status_code != 503
+
+        wait_for(taken, timeout=120, interval=0.5, what=f"{platform}: an answer other than 503")
+        return answers[-1]
+
+
+class Console:
+    """`aftersales run console` as its own process group on a free port."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "console") -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, "AFTERSALES_CONSOLE_PORT": str(self.port)}
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", "console"], cwd=ROOT, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.healthy, timeout=60, what="the console to answer /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def get(self, path: str = "/") -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
 
 
 def publish_events(amqp_url: str, events: Iterable[dict[str, Any] | bytes],

@@ -51,6 +51,7 @@ class ConsoleConfig:
     user: str | None = None  # Basic login, if set
     password: str | None = None
     action_wait_seconds: float = 10.0
+    queue_type: str = "classic"  # AFTERSALES_QUEUE_TYPE, to declare the queues alike
 
 
 def local(value: str | datetime | None) -> str:
@@ -122,7 +123,8 @@ def build_app(config: ConsoleConfig) -> Starlette:
         return form
 
     def home(request: Request) -> Response:
-        return page(request, "overview.j2", data=overview(config.db, config.amqp_url))
+        return page(request, "overview.j2", data=overview(config.db, config.amqp_url,
+                                                          queue_type=config.queue_type))
 
     def cases(request: Request) -> Response:
         q = {k: request.query_params.get(k) or None for k in CASE_FILTERS}
@@ -177,13 +179,15 @@ def build_app(config: ConsoleConfig) -> Starlette:
             selection = held_selection(q)
         except ValueError as exc:
             return page(request, "missing.j2", status_code=400, what=f"since: {exc}")
-        found, total = list_held(config.amqp_url, kind, selection, limit=500)
+        found, total = list_held(config.amqp_url, kind, selection, limit=500,
+                                 queue_type=config.queue_type)
         return page(request, "held.j2", kind=kind, q=q, found=found, total=total,
                     query=urlencode({k: v for k, v in q.items() if v}))
 
     def held_message(request: Request) -> Response:
         kind = KINDS.get(request.path_params["kind"])
-        message = find_held(config.amqp_url, kind, request.path_params["id"]) if kind else None
+        message = find_held(config.amqp_url, kind, request.path_params["id"],
+                            config.queue_type) if kind else None
         if kind is None or message is None:
             return page(request, "missing.j2", status_code=404, what="no such message")
         return page(request, "held_message.j2", kind=kind, m=message.document())
@@ -203,10 +207,11 @@ def build_app(config: ConsoleConfig) -> Starlette:
         selection = Selection(ids=ids, reason=base.reason, routing_key=base.routing_key,
                               since=base.since, everything=everything)
         if form.get("confirm") != "yes":
-            found, _total = list_held(config.amqp_url, kind, selection, limit=10_000)
+            found, _total = list_held(config.amqp_url, kind, selection, limit=10_000,
+                                        queue_type=config.queue_type)
             return page(request, "replay_confirm.j2", kind=kind, found=found, q=q,
                         ids=sorted(ids), everything=everything)
-        report = replay(config.amqp_url, kind, selection)
+        report = replay(config.amqp_url, kind, selection, queue_type=config.queue_type)
         return page(request, "replay_done.j2", kind=kind, report=report)
 
     def healthz(_request: Request) -> Response:

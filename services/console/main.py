@@ -38,7 +38,8 @@ def config_from(settings: Settings) -> ConsoleConfig:
             "AFTERSALES_CONSOLE_USER and AFTERSALES_CONSOLE_PASSWORD")
     return ConsoleConfig(db=build_database(settings, pool_size=4),
                          engine=build_domain(settings), amqp_url=settings.amqp_url,
-                         user=settings.console_user, password=password)
+                         user=settings.console_user, password=password,
+                         queue_type=settings.queue_type)
 
 
 def run(settings: Settings) -> int:

@@ -215,10 +215,13 @@ class Selection:
         return True
 
 
-def _connect(amqp_url: str) -> tuple[pika.BlockingConnection, Any]:
+def _connect(amqp_url: str, queue_type: str = "classic"
+             ) -> tuple[pika.BlockingConnection, Any]:
     connection = pika.BlockingConnection(connection_parameters_list(amqp_url))
     channel = connection.channel()
-    declare_topology(channel)
+    # Declared as the services declare them: another queue type (or its arguments)
+    # than the queues have would be refused (406).
+    declare_topology(channel, queue_type)
     return connection, channel
 
 
@@ -226,9 +229,9 @@ def depth(channel: Any, queue: str) -> int:
     return int(channel.queue_declare(queue, passive=True).method.message_count)
 
 
-def depths(amqp_url: str) -> dict[str, int]:
+def depths(amqp_url: str, queue_type: str = "classic") -> dict[str, int]:
     """Messages waiting in each held queue."""
-    connection, channel = _connect(amqp_url)
+    connection, channel = _connect(amqp_url, queue_type)
     try:
         return {kind.name: depth(channel, kind.queue) for kind in KINDS.values()}
     finally:
@@ -236,10 +239,11 @@ def depths(amqp_url: str) -> dict[str, int]:
 
 
 def list_held(amqp_url: str, kind: HeldKind, selection: Selection | None = None,
-              limit: int = 10_000) -> tuple[list[HeldMessage], int]:
+              limit: int = 10_000, queue_type: str = "classic"
+              ) -> tuple[list[HeldMessage], int]:
     """The held messages that match, in queue order, and how many the queue holds. Takes
     none of them: the channel closes without acknowledging."""
-    connection, channel = _connect(amqp_url)
+    connection, channel = _connect(amqp_url, queue_type)
     try:
         total = depth(channel, kind.queue)
         found: list[HeldMessage] = []
@@ -257,8 +261,10 @@ def list_held(amqp_url: str, kind: HeldKind, selection: Selection | None = None,
         connection.close()  # gives every message back, in its place
 
 
-def find_held(amqp_url: str, kind: HeldKind, ident: str) -> HeldMessage | None:
-    found, _ = list_held(amqp_url, kind, Selection(ids=frozenset({ident})), limit=1)
+def find_held(amqp_url: str, kind: HeldKind, ident: str, queue_type: str = "classic"
+              ) -> HeldMessage | None:
+    found, _ = list_held(amqp_url, kind, Selection(ids=frozenset({ident})), limit=1,
+                         queue_type=queue_type)
     return found[0] if found else None
 
 
@@ -285,7 +291,8 @@ Progress = Callable[[HeldMessage], None]
 
 def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool = False,
            progress: Progress | None = None, give_up_after: float = 120.0,
-           before_ack: Callable[[int], None] | None = None) -> ReplayReport:
+           before_ack: Callable[[int], None] | None = None,
+           queue_type: str = "classic") -> ReplayReport:
     """Replay every held message `selection` matches (see the module's docstring).
     Reconnects after a broker failure for up to `give_up_after` seconds without progress,
     then raises; what was replayed before stays done (each one was printed).
@@ -301,7 +308,7 @@ def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool
         try:
             if report.dry_run:
                 report.replayed.clear()  # a dry run starts its count over after a failure
-            _replay_pass(amqp_url, kind, selection, report, progress, before_ack)
+            _replay_pass(amqp_url, kind, selection, report, progress, before_ack, queue_type)
             return report
         except (pika.exceptions.AMQPError, OSError) as exc:
             now = time.monotonic()
@@ -318,8 +325,9 @@ def replay(amqp_url: str, kind: HeldKind, selection: Selection, *, dry_run: bool
 
 
 def _replay_pass(amqp_url: str, kind: HeldKind, selection: Selection, report: ReplayReport,
-                 progress: Progress | None, before_ack: Callable[[int], None] | None) -> None:
-    connection, channel = _connect(amqp_url)
+                 progress: Progress | None, before_ack: Callable[[int], None] | None,
+                 queue_type: str = "classic") -> None:
+    connection, channel = _connect(amqp_url, queue_type)
     try:
         if not report.dry_run:
             channel.confirm_delivery()
@@ -345,7 +353,7 @@ def _replay_pass(amqp_url: str, kind: HeldKind, selection: Selection, report: Re
     finally:
         if connection.is_open:
             connection.close()  # what was not replayed goes back, in its place
-    report.left_in_queue = depths(amqp_url)[kind.name]
+    report.left_in_queue = depths(amqp_url, queue_type)[kind.name]
 
 
 def _send_again(connection: pika.BlockingConnection, channel: Any, kind: HeldKind,

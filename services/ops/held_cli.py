@@ -42,7 +42,8 @@ def _line(message: HeldMessage) -> str:
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     kind = KINDS[args.kind]
-    found, total = list_held(settings.amqp_url, kind, _selection(args), limit=args.limit)
+    found, total = list_held(settings.amqp_url, kind, _selection(args), limit=args.limit,
+                             queue_type=settings.queue_type)
     if args.json:
         print(json.dumps({"queue": kind.queue, "in_queue": total,
                           "messages": [m.summary() for m in found]}, ensure_ascii=False))
@@ -56,7 +57,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     kind = KINDS[args.kind]
-    message = find_held(settings.amqp_url, kind, args.id)
+    message = find_held(settings.amqp_url, kind, args.id, settings.queue_type)
     if message is None:
         print(f"aftersales: no message {args.id} in {kind.queue}", file=sys.stderr)
         return 1
@@ -81,7 +82,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         print("aftersales: say which: IDs, --reason/--key/--since, or --all", file=sys.stderr)
         return 2
     if not args.dry_run and not args.yes and not args.ids:
-        found, _ = list_held(settings.amqp_url, kind, selection)
+        found, _ = list_held(settings.amqp_url, kind, selection,
+                             queue_type=settings.queue_type)
         print(f"{len(found)} messages of {kind.queue} match:", file=sys.stderr)
         for message in found[:20]:
             print("  " + _line(message), file=sys.stderr)
@@ -102,7 +104,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                   f"{message.routing_key or 'replayed'}", flush=True)
 
     report = replay(settings.amqp_url, kind, selection, dry_run=args.dry_run,
-                    progress=progress)
+                    progress=progress, queue_type=settings.queue_type)
     if args.json:
         print(json.dumps(report.document(), ensure_ascii=False))
     else:

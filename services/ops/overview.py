@@ -42,7 +42,8 @@ RECENT = text("""
 NOW = text("SELECT now()")
 
 
-def overview(db: Database, amqp_url: str, recent: int = 20) -> dict[str, Any]:
+def overview(db: Database, amqp_url: str, recent: int = 20, queue_type: str = "classic"
+             ) -> dict[str, Any]:
     with db.transaction() as s:
         now = s.execute(NOW).scalar_one()
         backlog = [dict(r._mapping) for r in s.execute(BACKLOG)]
@@ -51,7 +52,7 @@ def overview(db: Database, amqp_url: str, recent: int = 20) -> dict[str, Any]:
         decisions = [dict(r._mapping) for r in s.execute(RECENT, {"limit": recent})]
     held: dict[str, int] | None
     try:
-        held = depths(amqp_url)
+        held = depths(amqp_url, queue_type)
     except (pika.exceptions.AMQPError, OSError) as exc:
         log.warning("console: RabbitMQ unreachable for the held counts: %s", exc)
         held = None

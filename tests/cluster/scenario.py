@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pika
 import pika.exceptions
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from shared.amqp import (
     DECISIONS_EXCHANGE,
@@ -34,7 +35,8 @@ from shared.domain import decision_key
 from shared.logs import mask_pii
 from tests.cluster.rabbit_cluster import Node
 from tests.conftest import wait_for
-from tests.harness import System, process_group_members
+from tests.harness import Gateway, System, process_group_members
+from tests.platform_messages import douyin_body, douyin_data, douyin_headers, douyin_message
 
 TAP_QUEUE = "test.cluster.decision-tap"
 MARKER_PREFIX = "cluster-marker-"
@@ -364,3 +366,70 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
                  "not_published": sorted(not_published)[:5],
                  "repeated": [k for k, n in wire.items() if n > 1][:5]},
     )
+
+
+DOUYIN_OK = {"code": 0, "msg": "success"}
+
+
+@dataclass
+class Pushed:
+    """What the platform pushed through the gateways and was answered with success."""
+
+    msg_ids: list[str] = field(default_factory=list)
+    batches: int = 0
+    retries: int = 0  # requests sent again after an answer other than the success body
+    failed_answers: Counter[str] = field(default_factory=Counter)  # why each retry was needed
+
+
+def push_douyin_paced(gateways: list[Gateway], run_id: str, batches_per_second: float,
+                      per_batch: int, stop: threading.Event, first_aftersale_id: int,
+                      give_up_after: float = 180, result: Pushed | None = None) -> Pushed:
+    """Push batches of signed Douyin messages (refund requests, tag 200) as the platform
+    does, spread over the gateway copies, until `stop` is set. A batch not answered with
+    the success body is sent again (through the other copy, as the platform's load
+    balancer would) until it is; every message keeps its msg_id, so intake applies it once.
+    `result` (if given) is filled in as it goes, for other threads to watch."""
+    result = Pushed() if result is None else result
+    started = time.monotonic()
+    number = 0
+    while not stop.is_set():
+        # Pacing the offered load (a rate, not a condition to wait for).
+        time.sleep(max(0.0, started + result.batches / batches_per_second - time.monotonic()))
+        msg_ids = [f"{run_id}-{number + i}" for i in range(per_batch)]
+        body = douyin_body(*[douyin_message("200", msg_id, douyin_data(
+            first_aftersale_id + number + i, status=6, type_=1,
+            apply_time=int(datetime.now(UTC).timestamp())))
+            for i, msg_id in enumerate(msg_ids)])
+        headers = douyin_headers(body)
+        target = result.batches
+        deadline = time.monotonic() + give_up_after
+        while True:
+            gateway = gateways[target % len(gateways)]
+            try:
+                answer = gateway.post("douyin", body, headers)
+                if answer.status_code == 200 and answer.json() == DOUYIN_OK:
+                    break
+                why = str(answer.status_code)
+            except (httpx.HTTPError, ValueError) as exc:
+                why = type(exc).__name__
+            result.retries += 1
+            result.failed_answers[why] += 1
+            if time.monotonic() > deadline:
+                raise AssertionError(f"batch {msg_ids[0]}.. not taken in {give_up_after}s "
+                                     f"(answers: {dict(result.failed_answers)})")
+            target += 1
+            time.sleep(0.5)  # the platform's retry interval
+        result.msg_ids += msg_ids
+        result.batches += 1
+        number += per_batch
+    return result
+
+
+def gateway_event_counts(db: Database, run_id: str) -> Counter[tuple[str, str]]:
+    """(event_id, outcome) -> rows in the case logs, for the events pushed in this run."""
+    with db.transaction() as s:
+        rows = s.execute(
+            select(CaseEventRow.event_id, CaseEventRow.outcome, func.count())
+            .where(CaseEventRow.event_id.like(f"douyin-{run_id}-%"))
+            .group_by(CaseEventRow.event_id, CaseEventRow.outcome)).all()
+    return Counter({(event_id, outcome): int(n) for event_id, outcome, n in rows})

@@ -1,20 +1,25 @@
 """The system on a three-node RabbitMQ cluster, with quorum queues and two copies of each
 service, under faults (issue 18).
 
-Starts three RabbitMQ nodes of its own on this machine, runs intake, timer, resolver and
-notifier twice each as processes against the node list, and publishes simulated traffic
-from before the first fault to after the last while, at random moments and in a random
+Starts three RabbitMQ nodes of its own on this machine, runs intake, timer, resolver,
+notifier and the platform gateway twice each and the ops console once as processes against
+the node list, and publishes simulated traffic (and pushes signed Douyin batches through
+both gateway copies, sent again as the platform does until it gets the success body) from
+before the first fault to after the last while, at random moments and in a random
 order: one node is stopped and started again, one is killed with `kill -9` and started
 again, one is cut off from the others (a network partition: its Erlang cookie is changed
 and its links dropped; no firewall on the shared loopback), and one timer and one resolver
-are killed for good. Each node that goes is the one most service copies are connected to;
-while it is away, every copy must connect to another node by itself (seen in the kernel's
-socket table), and it comes back only then. At the end it checks what a user would:
-- every accepted event is in its case log once;
+are killed for good, and one gateway is killed (and started again once a batch has had
+to go again). Each node that goes is the one most service copies are connected to; while
+it is away, every copy must connect to another node by itself (seen in the kernel's socket
+table), and it comes back only then. At the end it checks what a user would:
+- every accepted event is in its case log once; each Douyin message applied exactly once;
 - every due deadline fired and made exactly one decision, which reached a queue bound to
   `aftersales.decisions` exactly once;
 - no notification was sent twice;
-- every queue of the system is a quorum queue with a replica on each node.
+- every queue of the system is a quorum queue with a replica on each node;
+- the console's overview answers, with the held counts read from the cluster, after the
+  faults and at the end.
 A `[cluster report]` line with the counts is printed before the assertions.
 Fails, never skips, when the cluster cannot be started.
 """
@@ -22,6 +27,7 @@ Fails, never skips, when the cluster cannot be started.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 import uuid
@@ -47,15 +53,18 @@ from tests.cluster.scenario import (
     TAP_QUEUE,
     ClusterTap,
     Published,
+    Pushed,
     await_clients_moved,
     await_quiet,
     client_nodes,
+    gateway_event_counts,
     judge,
     publish_paced,
+    push_douyin_paced,
     service_env,
 )
 from tests.conftest import wait_for
-from tests.harness import System
+from tests.harness import Console, Gateway, System
 
 pytestmark = pytest.mark.cluster
 
@@ -63,6 +72,9 @@ COPIES = 2
 RATE = 50.0  # offered events per second, from before the first fault until after the last
 MESSAGES = int(RATE * 600)  # more than enough: publishing stops once the faults are done
 SERVICES = ("intake", "timer", "resolver", "notifier")
+# Douyin pushes through the gateway copies, alongside the simulated traffic.
+PUSH_BATCHES_PER_SECOND = 2.0
+PUSH_BATCH = 8
 
 
 @pytest.fixture
@@ -92,6 +104,40 @@ def services(cluster: RabbitCluster, database_url: str, db: Database, redis_pref
         system.stop()
 
 
+@pytest.fixture
+def gateways(cluster: RabbitCluster, services: System, tmp_path: Path) -> Iterator[list[Gateway]]:
+    """Two copies of the platform gateway against the node list (as behind an ingress)."""
+    copies: list[Gateway] = []
+    try:
+        for i in range(1, COPIES + 1):
+            log_dir = tmp_path / f"gateway.{i}"
+            log_dir.mkdir()
+            copies.append(Gateway(services.env, log_dir))
+            copies[-1].start()
+        yield copies
+    finally:
+        for gateway in copies:
+            if gateway.proc is not None:
+                gateway.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def console(services: System, tmp_path: Path) -> Iterator[Console]:
+    """The ops console against the node list."""
+    console = Console(services.env, tmp_path)
+    try:
+        console.start()
+        yield console
+    finally:
+        console.stop()
+
+
+def _console_overview_ok(console: Console) -> bool:
+    """The overview answers, with the held counts read from the cluster."""
+    page = console.get("/")
+    return page.status_code == 200 and 'id="rejected"' in page.text
+
+
 def _queues(cluster: RabbitCluster) -> dict[str, tuple[str, int]]:
     """Every queue of the vhost: its type and on how many nodes it has a replica."""
     out = cluster.ctl(cluster.nodes[0], "list_queues", "-p", VHOST, "--no-table-headers",
@@ -105,7 +151,8 @@ def _queues(cluster: RabbitCluster) -> dict[str, tuple[str, int]]:
 
 @pytest.mark.timeout(900)
 def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
-    cluster: RabbitCluster, services: System, db: Database
+    cluster: RabbitCluster, services: System, gateways: list[Gateway], console: Console,
+    db: Database
 ) -> None:
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)
@@ -129,10 +176,31 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
         publisher = threading.Thread(target=lambda: published.append(publish_paced(
             cluster.urls(), [m.body for m in messages], RATE, stop_traffic)))
         publisher.start()
-        faults = ["stop", "kill -9", "partition", "timer", "resolver"]
+        pushed: list[Pushed] = []
+        pushing = Pushed()  # filled in as the pushes go
+        pusher = threading.Thread(target=lambda: pushed.append(push_douyin_paced(
+            gateways, config.run_id, PUSH_BATCHES_PER_SECOND, PUSH_BATCH, stop_traffic,
+            first_aftersale_id=rng.randrange(10**9, 2 * 10**9), result=pushing)),
+            daemon=True)
+        pusher.start()
+        faults = ["stop", "kill -9", "partition", "timer", "resolver", "gateway"]
         rng.shuffle(faults)
         for fault in faults:
             time.sleep(rng.uniform(1.0, 5.0))  # a random moment, not a condition to await
+            if fault == "gateway":
+                # Killed mid-traffic and started again: the platform's batches that it
+                # did not answer go again (to the other copy, or to it once it is back).
+                victim_gateway = gateways[rng.randrange(COPIES)]
+                retries_before = pushing.retries
+                victim_gateway.kill()
+                kills[fault] += 1
+                note(f"killed gateway on port {victim_gateway.port}")
+                # Down until the platform noticed: a batch to it failed and went again.
+                wait_for(lambda r=retries_before: pushing.retries > r, timeout=60,
+                         interval=0.1, what="a Douyin batch sent again after the kill")
+                victim_gateway.start()
+                note("gateway back")
+                continue
             if fault in ("timer", "resolver"):
                 victim = f"{fault}.{rng.randint(1, COPIES)}"
                 services.kill(victim)  # for good: the other copy carries on alone
@@ -165,10 +233,14 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
         time.sleep(rng.uniform(1.0, 3.0))  # traffic goes on a little after the last fault
         stop_traffic.set()
         publisher.join(600)
+        pusher.join(600)
         assert published, "the publisher failed (see its traceback above)"
+        assert pushed, "the Douyin pushes failed (see the traceback above)"
         note("traffic published")
+        console_ok_after_faults = _console_overview_ok(console)
+        pushed_ids = {f"douyin-{msg_id}" for msg_id in pushed[0].msg_ids}
         good_ids = {m.event["event_id"] for m in messages[:published[0].count]
-                    if m.event is not None}
+                    if m.event is not None} | pushed_ids
         settled = await_quiet(db, good_ids, tap)
         wire = tap.catch_up()
         # The nodes that came back caught up: the busiest queues' replicas are in step.
@@ -180,6 +252,10 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
         redelivered_to_tap = tap.redelivered
 
     result = judge(db, good_ids, settled, wire, lambda: services.log("notifier"))
+    gateway_rows = gateway_event_counts(db, config.run_id)
+    gateway_applied = {event_id for (event_id, outcome), n in gateway_rows.items()
+                       if outcome == "applied" and n == 1}
+    console_ok_at_end = _console_overview_ok(console)
     queues = _queues(cluster)
     ours = {INTAKE_QUEUE, REJECTED_QUEUE, UNROUTED_QUEUE, OUTBOX_LEDGER_QUEUE, TAP_QUEUE} | {
         f"{q}{suffix}" for q in (RESOLVER_QUEUE, NOTIFIER_QUEUE) for suffix in ("", ".DQ", ".XQ")}
@@ -195,6 +271,10 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
           f"deadlines_fired={result.deadlines_fired} decisions={result.decisions} "
           f"decisions_on_wire={sum(wire.values())} tap_redeliveries={redelivered_to_tap} "
           f"notifications_sent={result.notifications_sent} "
+          f"gateway_messages_sent={len(pushed_ids)} gateway_batches={pushed[0].batches} "
+          f"gateway_applied={len(gateway_applied)} gateway_retries={pushed[0].retries} "
+          f"gateway_failed_answers={dict(pushed[0].failed_answers)} "
+          f"console_overview_ok=({console_ok_after_faults}, {console_ok_at_end}) "
           f"lost_events={result.lost_events} lost_decisions={result.lost_decisions} "
           f"duplicated_decisions={result.duplicated_decisions} "
           f"wrong_decisions={result.wrong_decisions} "
@@ -208,10 +288,15 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
     assert result.wrong_decisions == 0
     assert result.duplicated_notifications == 0
     assert result.lost_notifications == 0
+    # Each message pushed through the gateways applied exactly once, nothing else logged.
+    assert gateway_applied == pushed_ids and set(gateway_rows) == {
+        (event_id, "applied") for event_id in pushed_ids}, gateway_rows - Counter(
+        {(event_id, "applied"): 1 for event_id in pushed_ids})
+    assert console_ok_after_faults and console_ok_at_end, "the console's overview failed"
     # Every queue is a quorum queue with a replica on each node.
     assert set(queues) == ours and set(queues.values()) == {("quorum", 3)}, queues
     assert node_losses == Counter({"stop": 1, "kill -9": 1, "partition": 1})
-    assert kills == Counter({"timer": 1, "resolver": 1})
+    assert kills == Counter({"timer": 1, "resolver": 1, "gateway": 1})
     # One copy of each left, and it did the rest alone.
     assert sorted(n.split(".")[0] for n in survivors) == ["resolver", "timer"], survivors
     assert connections_lost > 0 and moved_copies > 0, \
@@ -219,3 +304,5 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
     # The traffic exercised what it should have: deadlines fired, notifications went out.
     assert result.deadlines_fired > 100
     assert result.notifications_sent > 0
+    assert len(pushed_ids) > 100
+    assert pushed[0].retries > 0, "no Douyin batch had to be sent again"

@@ -4,17 +4,14 @@ timer, resolver and notifier: messages built from the platforms' documented fiel
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,9 +22,8 @@ from services.caseview import case_document
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from tests.conftest import wait_for
-from tests.harness import ROOT, DecisionTap, System, free_port, rejected_messages
+from tests.harness import DecisionTap, Gateway, System, rejected_messages
 from tests.platform_messages import (
-    GATEWAY_ENV,
     china_text,
     douyin_body,
     douyin_data,
@@ -41,68 +37,6 @@ from tests.platform_messages import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-class Gateway:
-    """`aftersales run gateway` as its own process group on a free port."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.port = free_port()
-        self.env = {**os.environ, **env, **GATEWAY_ENV,
-                    "AFTERSALES_GATEWAY_PORT": str(self.port),
-                    "AFTERSALES_METRICS_DIR": str(log_dir / "gateway-metrics")}
-        self.log_dir = log_dir
-        self.starts = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.log_dir / f"gateway.{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "gateway"], cwd=ROOT, env=self.env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self.healthy, timeout=60, what="the gateway to answer /healthz")
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-        self.proc = None
-
-    def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace")
-                         for p in sorted(self.log_dir.glob("gateway.*.log")))
-
-    def post(self, platform: str, body: bytes, headers: dict[str, str] | None = None,
-             params: dict[str, str] | None = None) -> httpx.Response:
-        return httpx.post(f"{self.url}/platforms/{platform}/messages", content=body,
-                          headers=headers or {}, params=params, timeout=60)
-
-    def deliver(self, platform: str, body: bytes, headers: dict[str, str] | None = None,
-                params: dict[str, str] | None = None) -> httpx.Response:
-        """As the platform delivers: sent again while the gateway answers 503 (RabbitMQ
-        away for a moment: other test sessions on this machine restart it)."""
-        answers: list[httpx.Response] = []
-
-        def taken() -> bool:
-            answers.append(self.post(platform, body, headers, params))
-            return answers[-1].status_code != 503
-
-        wait_for(taken, timeout=120, interval=0.5, what=f"{platform}: an answer other than 503")
-        return answers[-1]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ from urllib.parse import quote
 
 import dramatiq
 import pika
+import pika.exceptions
 import pytest
 
+from services.ops.held import KINDS, depths, list_held
 from shared.amqp import (
     DELIVERY_LIMIT,
     EVENTS_EXCHANGE,
@@ -141,3 +143,23 @@ def test_a_poison_event_ends_in_the_rejected_queue(quorum_url: str) -> None:
     assert DELIVERY_LIMIT <= deliveries <= DELIVERY_LIMIT + 1
     assert rejected == body
     assert (props.headers or {})["x-first-death-reason"] == "delivery_limit"
+
+
+def test_the_ops_tools_read_held_queues_of_quorum_mode(quorum_url: str) -> None:
+    """`aftersales rejected|unrouted` and the console declare the queues as the services
+    do: in quorum mode a classic declaration would be refused (406) and the console would
+    show RabbitMQ as unreachable."""
+    connection = pika.BlockingConnection(pika.URLParameters(quorum_url))
+    try:
+        channel = connection.channel()
+        declare_topology(channel, "quorum")
+        channel.confirm_delivery()
+        channel.basic_publish("", REJECTED_QUEUE, b'{"not": "an event"}', pika.BasicProperties(
+            delivery_mode=2, headers={"x-reject-reason": "invalid_event"}), mandatory=True)
+    finally:
+        connection.close()
+    assert depths(quorum_url, "quorum") == {"rejected": 1, "unrouted": 0}
+    found, total = list_held(quorum_url, KINDS["rejected"], queue_type="quorum")
+    assert total == 1 and [m.reason for m in found] == ["invalid_event"]
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        depths(quorum_url)  # declared as classic queues
