@@ -14,7 +14,7 @@ from shared.config import split_amqp_urls
 from tests.cluster.rabbit_cluster import NODE_CONFIG, VHOST
 from tests.cluster.test_cluster import COPIES
 
-SERVICES = ("intake", "timer", "resolver", "notifier")
+SERVICES = ("intake", "timer", "resolver", "notifier", "gateway")  # two copies of each
 PARTITION_HANDLING = next(line for line in NODE_CONFIG.splitlines()
                           if line.startswith("cluster_partition_handling"))
 NODES = 3  # the cluster test's RabbitCluster default

@@ -48,7 +48,7 @@ def test_kustomization_lists_every_manifest_but_no_secret(yaml_mod: ModuleType) 
 
 def test_deployments(yaml_mod: ModuleType) -> None:
     deployments = {d["metadata"]["name"]: d for d in _of_kind(yaml_mod, "Deployment")}
-    assert set(deployments) == {f"aftersales-{s}" for s in SERVICES}
+    assert set(deployments) == {f"aftersales-{s}" for s in (*SERVICES, "gateway")}
     for service, port in SERVICES.items():
         dep = deployments[f"aftersales-{service}"]
         spec = dep["spec"]
@@ -75,6 +75,26 @@ def test_deployments(yaml_mod: ModuleType) -> None:
         selector = spec["selector"]["matchLabels"]
         labels = spec["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items()
+
+
+def test_the_gateway_runs_two_stateless_copies_behind_one_port(yaml_mod: ModuleType) -> None:
+    deployments = {d["metadata"]["name"]: d for d in _of_kind(yaml_mod, "Deployment")}
+    spec = deployments["aftersales-gateway"]["spec"]
+    assert spec["replicas"] >= 2
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["run", "gateway"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env == {"AFTERSALES_GATEWAY_PORT": "9105", "AFTERSALES_GATEWAY_BIND": "0.0.0.0"}
+    assert [p["containerPort"] for p in container["ports"]] == [9105]
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"]["path"] == path, probe
+    grace = float(_config(yaml_mod)["AFTERSALES_SHUTDOWN_GRACE_SECONDS"])
+    assert 0 < pod["terminationGracePeriodSeconds"] - grace <= 10
+    services = {d["metadata"]["name"]: d for d in _of_kind(yaml_mod, "Service")}
+    assert [p["port"] for p in services["aftersales-gateway"]["spec"]["ports"]] == [9105]
+    pdbs = {d["metadata"]["name"] for d in _of_kind(yaml_mod, "PodDisruptionBudget")}
+    assert "aftersales-gateway" in pdbs
 
 
 def _config(yaml_mod: ModuleType) -> dict[str, str]:
@@ -147,7 +167,7 @@ def test_kustomize_builds() -> None:
         [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("kind: Deployment") == 4
+    assert proc.stdout.count("kind: Deployment") == 5  # the four services and the gateway
 
 
 def test_compose_file(yaml_mod: ModuleType) -> None:
