@@ -300,10 +300,11 @@ def test_kuaishou_journey(gateway: Gateway, db: Database) -> None:
     steps = [
         ("kwaishop_aftersales_addRefund", "ks-j-1", kuaishou_info(
             91001, status=10, handling_way=10, end_time=end), "merchant_response"),
+        # each update a minute after the one before, as the platform's updateTime says
         ("kwaishop_aftersales_updateRefund", "ks-j-2", kuaishou_info(
-            91001, status=50, handling_way=10), "refund_pending"),
+            91001, status=50, handling_way=10, updateTime=1795000060000), "refund_pending"),
         ("kwaishop_aftersales_updateRefund", "ks-j-3", kuaishou_info(
-            91001, status=60, handling_way=10), "closed"),
+            91001, status=60, handling_way=10, updateTime=1795000120000), "closed"),
     ]
     for event, event_id, info, step in steps:
         answer = gateway.deliver("kuaishou", kuaishou_body(event, event_id, info))
