@@ -56,6 +56,20 @@ def _json(raw: bytes | str, what: str) -> Any:
         raise ValueError(f"{what} is not JSON: {exc}"[:300]) from None
 
 
+def _embedded_object(value: Any, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The platforms put a message's payload in a string field holding a JSON object:
+    (the object, None) or (None, what is wrong)."""
+    if not isinstance(value, str):
+        return None, f"{what} must be a JSON object encoded as a string"
+    try:
+        parsed = _json(value, what)
+    except ValueError as exc:
+        return None, str(exc)
+    if not isinstance(parsed, dict):
+        return None, f"{what} must encode a JSON object"
+    return parsed, None
+
+
 def _ident(value: Any) -> str | None:
     """An id as the platforms send them (number or string) as text; None if unusable."""
     if isinstance(value, bool):
@@ -155,16 +169,8 @@ def douyin_unpack(body: bytes, mapping: PlatformMapping, max_messages: int
             problem = "msg_id is missing or not an id"
         elif not isinstance(element.get("tag"), (str, int)) or isinstance(element["tag"], bool):
             problem = "tag is missing"
-        elif not isinstance(element.get("data"), str):
-            problem = "data must be a JSON object encoded as a string"
         else:
-            try:
-                data = _json(element["data"], "data")
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                if not isinstance(data, dict):
-                    problem = "data must encode a JSON object"
+            data, problem = _embedded_object(element.get("data"), "data")
         if problem is not None:
             out.malformed.append((raw, msg_id, problem))
             continue
@@ -239,16 +245,8 @@ def kuaishou_unpack(body: bytes, msg_secret: str, app_key: str, mapping: Platfor
         problem = "eventId is missing or not an id"
     elif not isinstance(envelope.get("event"), str):
         problem = "event is missing"
-    elif not isinstance(info, str):
-        problem = "info must be a JSON object encoded as a string"
     else:
-        try:
-            info = _json(info, "info")
-        except ValueError as exc:
-            problem = str(exc)
-        else:
-            if not isinstance(info, dict):
-                problem = "info must encode a JSON object"
+        info, problem = _embedded_object(info, "info")
     if problem is not None:
         out.malformed.append((raw, message_id, problem))
         return out
@@ -333,16 +331,8 @@ def taobao_unpack(body: bytes, mapping: PlatformMapping, max_messages: int
             problem = "a message must be a JSON object"
         elif not isinstance(element.get("topic"), str):
             problem = "topic is missing"
-        elif not isinstance(content, str):
-            problem = "content must be a JSON object encoded as a string"
         else:
-            try:
-                content = _json(content, "content")
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                if not isinstance(content, dict):
-                    problem = "content must encode a JSON object"
+            content, problem = _embedded_object(content, "content")
         refund = element.get("refund") if isinstance(element, dict) else None
         if problem is None and refund is not None and not isinstance(refund, dict):
             problem = "refund must be a JSON object"
