@@ -63,6 +63,20 @@ def case_state(db: Database, case_id: str) -> tuple[str | None, str | None]:
     return doc.get("step"), doc.get("resolution")
 
 
+def unix_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def explain_case(db: Database, system: System, gateway: Gateway, case_id: str) -> str:
+    """What a person would look at when a case does not move: the case as `case show`
+    sees it and the last lines of each service's log."""
+    tails = {name: "\n".join(system.log(name).splitlines()[-15:])
+             for name in ("intake", "timer", "resolver")}
+    tails["gateway"] = "\n".join(gateway.log().splitlines()[-15:])
+    logs = "\n".join(f"--- {name}\n{tail}" for name, tail in tails.items())
+    return f"case {case_id}: {json.dumps(case(db, case_id), default=str, indent=1)}\n{logs}"
+
+
 def events_seen(db: Database, case_id: str) -> list[tuple[str, str]]:
     return [(e["event_id"], e["outcome"]) for e in case(db, case_id).get("timeline", [])
             if e["what"] == "event"]
@@ -295,22 +309,27 @@ def test_douyin_arbitration_pauses_the_clock_and_its_result_decides(gateway: Gat
 
 # ---- Kuaishou -----------------------------------------------------------------------------------
 
-def test_kuaishou_journey(gateway: Gateway, db: Database) -> None:
+def test_kuaishou_journey(gateway: Gateway, system: System, db: Database) -> None:
     end = (now() + timedelta(hours=5)).replace(microsecond=0)
+    created = now() - timedelta(minutes=5)
     steps = [
         ("kwaishop_aftersales_addRefund", "ks-j-1", kuaishou_info(
-            91001, status=10, handling_way=10, end_time=end), "merchant_response"),
+            91001, status=10, handling_way=10, end_time=end, createTime=unix_ms(created),
+            updateTime=unix_ms(created)), "merchant_response"),
         # each update a minute after the one before, as the platform's updateTime says
         ("kwaishop_aftersales_updateRefund", "ks-j-2", kuaishou_info(
-            91001, status=50, handling_way=10, updateTime=1795000060000), "refund_pending"),
+            91001, status=50, handling_way=10, createTime=unix_ms(created),
+            updateTime=unix_ms(created + timedelta(minutes=1))), "refund_pending"),
         ("kwaishop_aftersales_updateRefund", "ks-j-3", kuaishou_info(
-            91001, status=60, handling_way=10, updateTime=1795000120000), "closed"),
+            91001, status=60, handling_way=10, createTime=unix_ms(created),
+            updateTime=unix_ms(created + timedelta(minutes=2))), "closed"),
     ]
     for event, event_id, info, step in steps:
         answer = gateway.deliver("kuaishou", kuaishou_body(event, event_id, info))
         assert answer.status_code == 200 and answer.json() == {"result": 1}
         wait_for(lambda s=step: case_state(db, "kuaishou-91001")[0] == s, timeout=30,
-                 what=f"the Kuaishou case to reach {step}")
+                 what=f"the Kuaishou case to reach {step}",
+                 explain=lambda: explain_case(db, system, gateway, "kuaishou-91001"))
         if step == "merchant_response":  # the platform's endTime is the deadline
             assert case(db, "kuaishou-91001")["case"]["step_due_at"] == end.isoformat()
     assert case_state(db, "kuaishou-91001") == ("closed", "refunded")
