@@ -35,10 +35,10 @@ from zoneinfo import ZoneInfo
 
 from services.notifier.channels.base import Channel
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from services.notifier.ratelimit import (
     InMemoryRateLimiter,
@@ -274,14 +274,14 @@ def send_now(
     """Step 4: hand a message that `decide_many` cleared to its channel; classify a failure."""
     try:
         result = channel.send(message, request.dedup_key)
-    except NotifierError as exc:
+    except SendError as exc:
         return _retry_or_fail(exc, attempt, now, retry, rng, _LogContext(request))
     except Exception as exc:
         # An adapter bug or an unexpected library error: treat as transient (capped), so
         # it shows up as retries and then a recorded failure instead of a stuck message.
         log.exception("unexpected error from %s channel %s", channel.name, _LogContext(request))
         return _retry_or_fail(
-            TransientError(f"{type(exc).__name__}: {exc}"), attempt, now, retry, rng,
+            TransientSendError(f"{type(exc).__name__}: {exc}"), attempt, now, retry, rng,
             _LogContext(request)
         )
     log.info("sent via %s id=%s %s", result.provider, result.provider_id, _LogContext(request))
@@ -323,7 +323,7 @@ def _quiet_or_render(
 
 
 def _retry_or_fail(
-    exc: NotifierError,
+    exc: SendError,
     attempt: int,
     now: datetime,
     retry: RetryPolicy,
@@ -335,7 +335,7 @@ def _retry_or_fail(
     # Servers quote the address back ("550 <a@b.c>: unknown user"): mask before it is
     # logged or stored.
     error = mask_text(str(exc))
-    if isinstance(exc, PermanentError):
+    if isinstance(exc, PermanentSendError):
         log.error("failed (permanent) %s: %s", ctx, error)
         return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
     if isinstance(exc, ThrottledError):
@@ -345,7 +345,7 @@ def _retry_or_fail(
         at = now + timedelta(seconds=retry.throttle_wait_s(exc.retry_after, rng))
         log.warning("throttled, retry at %s %s: %s", at.isoformat(), ctx, error)
         return DeliveryResult("retry", retry_at=at, error=error, error_kind=kind, attempted=True)
-    if isinstance(exc, TransientError) and exc.maybe_sent and not retry.retry_ambiguous:
+    if isinstance(exc, TransientSendError) and exc.maybe_sent and not retry.retry_ambiguous:
         log.error("failed (may have been delivered; not retried) %s: %s", ctx, error)
         return DeliveryResult("failed", error=error, error_kind="ambiguous", attempted=True)
     if retry.max_attempts is not None and attempt >= retry.max_attempts:

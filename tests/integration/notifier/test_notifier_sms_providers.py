@@ -18,10 +18,10 @@ from services.notifier.channels import aliyun as aliyun_mod
 from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.delivery import InMemoryRateLimiter, QuietHours, decide_and_send
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from shared.notifications.policy import NotificationPolicy, OpsContacts, RenderedMessage
 
@@ -38,7 +38,7 @@ SMS = RenderedMessage(
 )
 KEY = "0123456789abcdef0123456789abcdef"
 
-ErrType = type[NotifierError]
+ErrType = type[SendError]
 
 
 def to(phone: str) -> RenderedMessage:
@@ -83,7 +83,7 @@ def test_aliyun_valid_signature_is_accepted(fake_aliyun: FakeAliyun) -> None:
 
 
 def test_aliyun_wrong_secret_is_rejected_as_permanent(fake_aliyun: FakeAliyun) -> None:
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         aliyun_channel(fake_aliyun.url, secret="not-the-secret").send(SMS, KEY)
     assert err.value.code == "SignatureDoesNotMatch"
     assert fake_aliyun.requests == []
@@ -108,9 +108,9 @@ def test_aliyun_tampered_request_is_rejected(fake_aliyun: FakeAliyun) -> None:
     "phone,kind,code",
     [
         ("13800000001", ThrottledError, "isv.BUSINESS_LIMIT_CONTROL"),
-        ("13800000002", PermanentError, "isv.MOBILE_NUMBER_ILLEGAL"),
-        ("13800000003", TransientError, "ServiceUnavailable"),
-        ("13800000004", TransientError, "isp.SYSTEM_ERROR"),
+        ("13800000002", PermanentSendError, "isv.MOBILE_NUMBER_ILLEGAL"),
+        ("13800000003", TransientSendError, "ServiceUnavailable"),
+        ("13800000004", TransientSendError, "isp.SYSTEM_ERROR"),
     ],
 )
 def test_aliyun_answers_are_classified(fake_aliyun: FakeAliyun, phone: str, kind: ErrType,
@@ -125,7 +125,7 @@ def test_aliyun_answers_are_classified(fake_aliyun: FakeAliyun, phone: str, kind
 def test_aliyun_unreachable_is_transient() -> None:
     with FakeAliyun({}) as server:
         url = server.url
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientSendError):
         aliyun_channel(url).send(SMS, KEY)
 
 
@@ -162,7 +162,7 @@ def test_tencent_valid_signature_is_accepted(fake_tencent: FakeTencent) -> None:
 
 
 def test_tencent_wrong_key_is_rejected_as_permanent(fake_tencent: FakeTencent) -> None:
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         tencent_channel(fake_tencent.url, key="not-the-key").send(SMS, KEY)
     assert err.value.code == "AuthFailure.SignatureFailure"
     assert fake_tencent.requests == []
@@ -180,7 +180,7 @@ def test_tencent_tampered_body_is_rejected(fake_tencent: FakeTencent) -> None:
 def test_tencent_stale_timestamp_is_rejected(fake_tencent: FakeTencent) -> None:
     old = TencentSmsChannel(SECRET_ID, SECRET_KEY, APP_ID, "售后服务", endpoint=fake_tencent.url,
                             clock=lambda: datetime(2020, 1, 1, tzinfo=UTC))
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         old.send(SMS, KEY)
     assert err.value.code == "AuthFailure.SignatureExpire"
 
@@ -189,8 +189,8 @@ def test_tencent_stale_timestamp_is_rejected(fake_tencent: FakeTencent) -> None:
     "phone,kind,code",
     [
         ("13800000001", ThrottledError, "LimitExceeded.PhoneNumberDailyLimit"),
-        ("13800000002", PermanentError, "InvalidParameterValue.IncorrectPhoneNumber"),
-        ("13800000003", TransientError, "InternalError.Timeout"),
+        ("13800000002", PermanentSendError, "InvalidParameterValue.IncorrectPhoneNumber"),
+        ("13800000003", TransientSendError, "InternalError.Timeout"),
         ("13800000004", ThrottledError, "LimitExceeded.PhoneNumberThirtySecondLimit"),
     ],
 )

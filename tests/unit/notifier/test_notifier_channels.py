@@ -26,10 +26,10 @@ from services.notifier.channels import (
 from services.notifier.channels.base import e164_phone, national_phone
 from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from shared.errors import ConfigError
 from shared.notifications.policy import NotificationPolicy, RenderedMessage
@@ -42,7 +42,7 @@ SMS = RenderedMessage(
     template_param={"case_id": "AS1", "what": "退款¥12.34"},
 )
 
-ErrType = type[NotifierError]
+ErrType = type[SendError]
 
 
 # ---- Aliyun -------------------------------------------------------------------------------
@@ -116,13 +116,13 @@ def test_aliyun_request_has_every_parameter_and_a_valid_signature() -> None:
     [
         (200, "isv.BUSINESS_LIMIT_CONTROL", "触发小时级流控Permits:5", ThrottledError),
         (200, "isv.DAY_LIMIT_CONTROL", "触发天级流控", ThrottledError),
-        (200, "isv.MOBILE_NUMBER_ILLEGAL", "非法手机号", PermanentError),
-        (200, "isv.SMS_TEMPLATE_ILLEGAL", "模板不合法", PermanentError),
-        (200, "isv.SOMETHING_NEW", "unknown business rule", PermanentError),
-        (200, "isp.SYSTEM_ERROR", "系统错误", TransientError),
-        (503, "ServiceUnavailable", "busy", TransientError),
-        (500, "", "", TransientError),
-        (400, "SignatureDoesNotMatch", "bad signature", PermanentError),
+        (200, "isv.MOBILE_NUMBER_ILLEGAL", "非法手机号", PermanentSendError),
+        (200, "isv.SMS_TEMPLATE_ILLEGAL", "模板不合法", PermanentSendError),
+        (200, "isv.SOMETHING_NEW", "unknown business rule", PermanentSendError),
+        (200, "isp.SYSTEM_ERROR", "系统错误", TransientSendError),
+        (503, "ServiceUnavailable", "busy", TransientSendError),
+        (500, "", "", TransientSendError),
+        (400, "SignatureDoesNotMatch", "bad signature", PermanentSendError),
     ],
 )
 def test_aliyun_classifies_errors(status: int, code: str, message: str, kind: ErrType) -> None:
@@ -137,14 +137,14 @@ def test_aliyun_connection_errors_are_transient() -> None:
     def boom(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused")
 
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         _aliyun(boom).send(SMS, "k" * 32)
     assert not err.value.maybe_sent
 
 
 def test_sms_without_a_template_code_is_permanent() -> None:
     msg = RenderedMessage(channel="sms", recipient="13812345678", template="x")
-    with pytest.raises(PermanentError, match="AFTERSALES_SMS_TEMPLATES"):
+    with pytest.raises(PermanentSendError, match="AFTERSALES_SMS_TEMPLATES"):
         _aliyun(lambda r: httpx.Response(200)).send(msg, "k")
 
 
@@ -206,10 +206,10 @@ def test_tencent_canonical_request_follows_the_spec() -> None:
         ("LimitExceeded.PhoneNumberDailyLimit", ThrottledError, 14 * 3600.0),
         ("LimitExceeded.PhoneNumberOneHourLimit", ThrottledError, 3600.0),
         ("LimitExceeded.PhoneNumberThirtySecondLimit", ThrottledError, 30.0),
-        ("InvalidParameterValue.IncorrectPhoneNumber", PermanentError, None),
-        ("FailedOperation.TemplateIncorrectOrUnapproved", PermanentError, None),
-        ("InternalError.Timeout", TransientError, None),
-        ("InternalError", TransientError, None),
+        ("InvalidParameterValue.IncorrectPhoneNumber", PermanentSendError, None),
+        ("FailedOperation.TemplateIncorrectOrUnapproved", PermanentSendError, None),
+        ("InternalError.Timeout", TransientSendError, None),
+        ("InternalError", TransientSendError, None),
     ],
 )
 def test_tencent_classifies_send_status(code: str, kind: ErrType, wait: float | None) -> None:
@@ -223,8 +223,8 @@ def test_tencent_classifies_send_status(code: str, kind: ErrType, wait: float | 
 
 @pytest.mark.parametrize(
     "code,kind",
-    [("RequestLimitExceeded", ThrottledError), ("AuthFailure.SignatureFailure", PermanentError),
-     ("InternalError", TransientError)],
+    [("RequestLimitExceeded", ThrottledError), ("AuthFailure.SignatureFailure", PermanentSendError),
+     ("InternalError", TransientSendError)],
 )
 def test_tencent_classifies_request_errors(code: str, kind: ErrType) -> None:
     ch = _tencent(lambda r: httpx.Response(200, json={"Response": {
@@ -274,7 +274,7 @@ def test_smtp_message_folds_a_long_subject_and_refuses_a_header_injection() -> N
     assert str(make_header(decode_header(parsed["From"]))) == "售后服务 <noreply@shop.example>"
     injected = RenderedMessage(channel="email", recipient="a@example.com\r\nBcc: x@evil.example",
                                template="t", subject="s", body="x\n")
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentSendError):
         ch.build(injected, "k" * 32)
 
 
@@ -339,6 +339,6 @@ def test_no_answer_after_sending_may_have_been_delivered(make: Callable[..., Cha
     def silent(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("no answer", request=request)
 
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         make(silent).send(SMS, "k" * 32)
     assert err.value.maybe_sent
