@@ -22,16 +22,13 @@ def build_domain(settings: Settings) -> Engine:
 
 def build_policy(settings: Settings) -> NotificationPolicy:
     try:
-        return NotificationPolicy.load(settings.notifications, sms_codes=settings.sms_templates)
+        return NotificationPolicy.load(settings.notifications, sms_codes=settings.sms.templates)
     except Exception as exc:
         raise ConfigError(f"AFTERSALES_NOTIFICATIONS: {exc}") from None
 
 
 def ops_contacts(settings: Settings) -> dict[str, list[str]]:
-    return {
-        "emails": [e.strip() for e in settings.ops_emails.split(",") if e.strip()],
-        "phones": [p.strip() for p in settings.ops_phones.split(",") if p.strip()],
-    }
+    return {"emails": list(settings.ops.emails), "phones": list(settings.ops.phones)}
 
 
 def build_database(settings: Settings, pool_size: int = 5) -> Database:

@@ -41,6 +41,7 @@ from shared.notifications.policy import RenderedMessage
 log = logging.getLogger("aftersales.notifier.aliyun")
 
 DEFAULT_ENDPOINT = "https://dysmsapi.aliyuncs.com/"
+DEFAULT_REGION = "cn-hangzhou"
 API_VERSION = "2017-05-25"
 
 THROTTLED_CODES = frozenset(
@@ -130,7 +131,7 @@ class AliyunSmsChannel:
         sign_name: str,
         *,
         endpoint: str = DEFAULT_ENDPOINT,
-        region_id: str = "cn-hangzhou",
+        region_id: str = DEFAULT_REGION,
         timeout: float = 10.0,
         client: httpx.Client | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

@@ -43,6 +43,7 @@ from shared.notifications.policy import RenderedMessage
 log = logging.getLogger("aftersales.notifier.tencent")
 
 DEFAULT_ENDPOINT = "https://sms.tencentcloudapi.com/"
+DEFAULT_REGION = "ap-guangzhou"
 SERVICE = "sms"
 API_VERSION = "2021-01-11"
 ALGORITHM = "TC3-HMAC-SHA256"
@@ -142,7 +143,7 @@ class TencentSmsChannel:
         sign_name: str,
         *,
         endpoint: str = DEFAULT_ENDPOINT,
-        region: str = "ap-guangzhou",
+        region: str = DEFAULT_REGION,
         timeout: float = 10.0,
         client: httpx.Client | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

@@ -13,9 +13,8 @@ import httpx
 import pytest
 from notifier_fakes import FakeAliyun, FakeTencent
 
-from services.notifier.channels import AliyunSmsChannel, TencentSmsChannel
+from services.notifier.channels import AliyunSmsChannel, TencentSmsChannel, build_channels
 from services.notifier.channels import aliyun as aliyun_mod
-from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.delivery import InMemoryRateLimiter, QuietHours, decide_and_send
 from services.notifier.errors import (
     PermanentSendError,
@@ -23,6 +22,8 @@ from services.notifier.errors import (
     ThrottledError,
     TransientSendError,
 )
+from shared.bootstrap import build_policy
+from shared.config import load_settings
 from shared.notifications.policy import NotificationPolicy, OpsContacts, RenderedMessage
 
 # Keys are generated per run: nothing secret lives in the repository.
@@ -205,7 +206,7 @@ def test_tencent_answers_are_classified(fake_tencent: FakeTencent, phone: str, k
 
 
 def test_settings_choose_the_provider_and_delivery_retries_throttling(
-    fake_aliyun: FakeAliyun, tmp_path: Path
+    fake_aliyun: FakeAliyun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     codes = tmp_path / "codes.toml"
     policy = NotificationPolicy.load()
@@ -213,11 +214,13 @@ def test_settings_choose_the_provider_and_delivery_retries_throttling(
         f'["{name}"]\naliyun = "SMS_{i:09d}"\n'
         for i, name in enumerate(policy.missing_sms_codes("aliyun"))
     ), encoding="utf-8")
-    cfg = NotifierConfig(sms_provider="aliyun", aliyun_access_key_id=KEY_ID,
-                         aliyun_access_key_secret=KEY_SECRET, aliyun_endpoint=fake_aliyun.url,
-                         sms_templates=str(codes))
-    policy = cfg.load_policy()
-    sms = build_channels(cfg, policy)["sms"]
+    for name, value in {"SMS_PROVIDER": "aliyun", "ALIYUN_ACCESS_KEY_ID": KEY_ID,
+                        "ALIYUN_ACCESS_KEY_SECRET": KEY_SECRET, "SMS_ENDPOINT": fake_aliyun.url,
+                        "SMS_TEMPLATES": str(codes)}.items():
+        monkeypatch.setenv(f"AFTERSALES_{name}", value)
+    settings = load_settings()
+    policy = build_policy(settings)
+    sms = build_channels(settings.smtp, settings.sms, policy)["sms"]
     notice = {"reason": "decision.auto_approved", "case_id": "AS9", "step": "merchant_response",
               "party": "merchant", "due_at": "2026-11-24T10:00:00+08:00", "urgent": False,
               "params": {"refund_fen": 1234, "kind": "refund_only", "action": "auto_approve",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -21,16 +22,17 @@ from services.notifier.channels import (
     SmtpEmailChannel,
     TencentSmsChannel,
     aliyun,
+    build_channels,
     tencent,
 )
 from services.notifier.channels.base import e164_phone, national_phone
-from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.errors import (
     PermanentSendError,
     SendError,
     ThrottledError,
     TransientSendError,
 )
+from shared.config import Settings, load_settings
 from shared.errors import ConfigError
 from shared.notifications.policy import NotificationPolicy, RenderedMessage
 
@@ -285,53 +287,53 @@ def test_channels_satisfy_the_port() -> None:
         assert isinstance(ch, Channel)
 
 
-def test_build_channels_defaults_to_smtp_and_log_sms() -> None:
-    chans = build_channels(NotifierConfig())
+def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    """The settings a process started with exactly these AFTERSALES_* variables reads."""
+    for key in list(os.environ):
+        if key.startswith("AFTERSALES_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(f"AFTERSALES_{key}", value)
+    return load_settings()
+
+
+def test_build_channels_defaults_to_smtp_and_log_sms(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from(monkeypatch)
+    chans = build_channels(settings.smtp, settings.sms)
     assert isinstance(chans["email"], SmtpEmailChannel)
     assert isinstance(chans["sms"], LogChannel)
 
 
-def test_build_channels_needs_provider_keys_and_template_codes() -> None:
+def test_build_channels_needs_provider_keys_and_template_codes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="AFTERSALES_ALIYUN_ACCESS_KEY_ID"):
-        build_channels(NotifierConfig(sms_provider="aliyun"))
-    cfg = NotifierConfig(sms_provider="tencent", tencent_secret_id="id",
-                         tencent_secret_key="key", tencent_sdk_app_id="1400")
-    assert isinstance(build_channels(cfg)["sms"], TencentSmsChannel)
+        settings_from(monkeypatch, SMS_PROVIDER="aliyun")
+    settings = settings_from(monkeypatch, SMS_PROVIDER="tencent", TENCENT_SECRET_ID="id",
+                             TENCENT_SECRET_KEY="key", TENCENT_SDK_APP_ID="1400")
+    sms = build_channels(settings.smtp, settings.sms)["sms"]
+    assert isinstance(sms, TencentSmsChannel)
+    assert sms.region == "ap-guangzhou"  # Tencent's own default region
     with pytest.raises(ConfigError, match="AFTERSALES_SMS_TEMPLATES"):
-        build_channels(cfg, NotificationPolicy.load())
+        build_channels(settings.smtp, settings.sms, NotificationPolicy.load())
 
 
-def test_config_from_settings_object() -> None:
-    class S:  # the attributes shared.config.Settings has
-        smtp_host = "mail.example"
-        smtp_port = 465
-        smtp_from = "a@b.c"
-        smtp_user = "u"
-        smtp_password = "pw-value"
-        smtp_tls = "tls"
-        sms_provider = "aliyun"
-        sms_endpoint = "http://127.0.0.1:9/"
-        sms_region = "cn-hangzhou"
-        aliyun_access_key_id = "id"
-        aliyun_access_key_secret = "s3cr3t-value"
-        ops_emails = "ops@x.cn, ops2@x.cn"
-        ops_phones = ""
-        quiet_hours = "23:00-07:00"
-        quiet_hours_tz = "Asia/Shanghai"
-        notify_max_attempts = 3
-
-    cfg = NotifierConfig.from_settings(S())
-    assert cfg.aliyun_endpoint == "http://127.0.0.1:9/"
-    assert cfg.tencent_region == "ap-guangzhou"
-    assert cfg.ops_emails == ("ops@x.cn", "ops2@x.cn")
-    assert cfg.quiet_hours().defer_until(datetime(2026, 11, 24, 15, 30, tzinfo=UTC)) is not None
-    assert cfg.retry_policy().max_attempts == 3
-    assert "s3cr3t-value" not in repr(cfg) and "pw-value" not in repr(cfg)
+def test_channels_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from(
+        monkeypatch, SMTP_HOST="mail.example", SMTP_PORT="465", SMTP_FROM="a@b.c",
+        SMTP_USER="u", SMTP_PASSWORD="pw-value", SMTP_TLS="tls", SMS_PROVIDER="aliyun",
+        SMS_ENDPOINT="http://127.0.0.1:9/", ALIYUN_ACCESS_KEY_ID="id",
+        ALIYUN_ACCESS_KEY_SECRET="s3cr3t-value")
+    chans = build_channels(settings.smtp, settings.sms)
+    sms, email = chans["sms"], chans["email"]
+    assert isinstance(sms, AliyunSmsChannel) and isinstance(email, SmtpEmailChannel)
+    assert (sms.endpoint, sms.region_id) == ("http://127.0.0.1:9/", "cn-hangzhou")
+    assert (email.host, email.port, email.tls) == ("mail.example", 465, "tls")
+    assert "s3cr3t-value" not in repr(settings) and "pw-value" not in repr(settings)
 
 
-def test_password_over_plain_smtp_is_refused() -> None:
+def test_password_over_plain_smtp_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="AFTERSALES_SMTP_TLS"):
-        NotifierConfig(smtp_user="u", smtp_password="p").validate()
+        settings_from(monkeypatch, SMTP_USER="u", SMTP_PASSWORD="p")
 
 
 @pytest.mark.parametrize("make", [_aliyun, _tencent])
