@@ -19,7 +19,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from shared.errors import ConfigError
 
@@ -236,6 +243,16 @@ class GatewaySettings(SettingsGroup):
         return [p for p, (key, secret) in pairs.items() if key and secret]
 
 
+class _GroupsFromTheirOwnVariables(EnvSettingsSource):
+    """The environment, except for the group fields: a group reads its own variables, and
+    AFTERSALES_QUIET_HOURS (a value of the quiet_hours group) is no JSON of the group."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if isinstance(field.annotation, type) and issubclass(field.annotation, SettingsGroup):
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+
 class Settings(BaseSettings):
     """All settings. The variables that belong together are read into groups
     (`settings.smtp.host` from AFTERSALES_SMTP_HOST); the others are at the top."""
@@ -243,6 +260,14 @@ class Settings(BaseSettings):
     # "forbid": a keyword that is no field (a setting moved into a group) is an error here,
     # not silently ignored. Unknown AFTERSALES_* variables in the environment are ignored.
     model_config = SettingsConfigDict(env_prefix="AFTERSALES_", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _GroupsFromTheirOwnVariables(settings_cls)
 
     # One AMQP URL, or several separated by commas (one per node of a RabbitMQ cluster):
     # connections try them in turn and move to another node when theirs goes away.

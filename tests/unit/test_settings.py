@@ -35,6 +35,11 @@ def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
         ("AFTERSALES_DATABASE_URL", "mysql://x"),
         ("AFTERSALES_SMS_PROVIDER", "carrier-pigeon"),
         ("AFTERSALES_RULES", "/no/such/rules"),
+        # Variables of a group (settings.smtp, settings.gateway) are named the same way.
+        ("AFTERSALES_SMTP_PORT", "0"),
+        ("AFTERSALES_SMTP_FROM", "no-address"),
+        ("AFTERSALES_GATEWAY_MAPPINGS", "/no/such/folder"),
+        ("AFTERSALES_CONSOLE_PORT", "http"),
     ],
 )
 def test_a_bad_setting_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
