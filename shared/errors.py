@@ -2,8 +2,10 @@
 
     AftersalesError                 (shared.domain.errors: the domain imports no infrastructure)
     ├── ConfigError                 a setting or data file is unusable: stop at start
-    │   └── DataFileError           (RuleFileError, HolidayFileError)
+    │   ├── DataFileError           (RuleFileError, HolidayFileError)
+    │   └── MappingError            (services.gateway.mapping: a platform mapping file)
     ├── InvalidInput                this input can never be handled: its verdict is "rejected"
+    │   └── ActionError             (services.ops.actions: an ops action that does not apply)
     ├── Transient                   a dependency is away or busy: the same work, retried, can pass
     └── Permanent                   retrying cannot help: record the failure and move on
 

@@ -9,7 +9,9 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
+from services.gateway.mapping import MappingError
 from services.notifier.errors import PermanentSendError, ThrottledError, TransientSendError
+from services.ops.actions import ActionError
 from shared.domain.errors import RuleFileError
 from shared.errors import (
     AftersalesError,
@@ -62,6 +64,8 @@ def test_one_root() -> None:
                      ThrottledError, TransientSendError, PermanentSendError):
         assert issubclass(category, AftersalesError)
     assert issubclass(RuleFileError, ConfigError)  # a broken rules file stops the start
+    assert issubclass(MappingError, ConfigError)
+    assert issubclass(ActionError, InvalidInput)
     assert issubclass(ThrottledError, Transient)
     assert issubclass(PermanentSendError, Permanent)
 
