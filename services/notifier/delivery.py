@@ -47,6 +47,7 @@ from services.notifier.ratelimit import (
     scope_of,
     subject_for,
 )
+from shared.config import RateLimitSettings
 from shared.notifications.masking import mask_address, mask_text
 from shared.notifications.policy import NotificationRequest, PolicyError, RenderedMessage
 
@@ -64,21 +65,26 @@ __all__ = [
     "RetryPolicy",
     "decide_and_send",
     "decide_many",
+    "rate_limits",
     "send_now",
 ]
 
-# Defaults in the spirit of the providers' own per-number controls (Aliyun: 5 per hour,
-# 10 per day for one number); each is a setting.
-DEFAULT_RATE_LIMITS: tuple[RateLimit, ...] = (
-    RateLimit("sms", 5, 3600),
-    RateLimit("sms", 10, 86400),
-    RateLimit("email", 30, 3600),
-    # Ops escalations: their own, looser limits (a flood of escalations is a signal ops
-    # must get, yet a loop must not page a phone without end).
-    RateLimit("sms", 60, 3600, scope="ops"),
-    RateLimit("sms", 300, 86400, scope="ops"),
-    RateLimit("email", 600, 3600, scope="ops"),
-)
+def rate_limits(group: RateLimitSettings) -> tuple[RateLimit, ...]:
+    """The limits the settings give: per address (merchants, buyers) and, looser, for
+    escalations to ops (a flood of escalations is a signal ops must get, yet a loop must
+    not page a phone without end)."""
+    return (
+        RateLimit("sms", group.sms_per_phone_per_hour, 3600),
+        RateLimit("sms", group.sms_per_phone_per_day, 86400),
+        RateLimit("email", group.email_per_address_per_hour, 3600),
+        RateLimit("sms", group.ops_sms_per_phone_per_hour, 3600, scope="ops"),
+        RateLimit("sms", group.ops_sms_per_phone_per_day, 86400, scope="ops"),
+        RateLimit("email", group.ops_email_per_address_per_hour, 3600, scope="ops"),
+    )
+
+
+# The settings' defaults (model_construct: no environment read at import).
+DEFAULT_RATE_LIMITS: tuple[RateLimit, ...] = rate_limits(RateLimitSettings.model_construct())
 
 
 @dataclass(frozen=True)

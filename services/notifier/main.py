@@ -11,12 +11,12 @@ import redis
 
 from services.notifier.actors import register
 from services.notifier.channels import build_channels
-from services.notifier.delivery import QuietHours, RetryPolicy
-from services.notifier.ratelimit import RateLimit, RedisRateLimiter
+from services.notifier.delivery import QuietHours, RetryPolicy, rate_limits
+from services.notifier.ratelimit import RedisRateLimiter
 from services.notifier.sender import NotificationSender
 from shared import metrics
 from shared.bootstrap import build_database, build_health, build_policy
-from shared.config import QuietHoursSettings, RateLimitSettings, Settings
+from shared.config import QuietHoursSettings, Settings
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, child_stop_budget, supervise
@@ -46,19 +46,10 @@ def build_sender(settings: Settings) -> NotificationSender:
 def quiet_hours(group: QuietHoursSettings) -> QuietHours:
     try:
         return QuietHours.parse(group.window, group.tz)
-    except (ValueError, KeyError) as exc:  # an unknown time zone is a KeyError subclass
-        raise ConfigError(f"AFTERSALES_QUIET_HOURS / _TZ: {exc}") from None
-
-
-def rate_limits(group: RateLimitSettings) -> tuple[RateLimit, ...]:
-    return (
-        RateLimit("sms", group.sms_per_phone_per_hour, 3600),
-        RateLimit("sms", group.sms_per_phone_per_day, 86400),
-        RateLimit("email", group.email_per_address_per_hour, 3600),
-        RateLimit("sms", group.ops_sms_per_phone_per_hour, 3600, scope="ops"),
-        RateLimit("sms", group.ops_sms_per_phone_per_day, 86400, scope="ops"),
-        RateLimit("email", group.ops_email_per_address_per_hour, 3600, scope="ops"),
-    )
+    except ValueError as exc:
+        raise ConfigError(f"AFTERSALES_QUIET_HOURS: {exc}") from None
+    except KeyError:  # ZoneInfoNotFoundError
+        raise ConfigError(f"AFTERSALES_QUIET_HOURS_TZ: no time zone {group.tz!r}") from None
 
 
 def worker(settings: Settings) -> None:
