@@ -33,11 +33,11 @@ def ops_contacts(settings: Settings) -> dict[str, list[str]]:
 
 def build_database(settings: Settings, pool_size: int = 5) -> Database:
     limits = SessionLimits(
-        statement_timeout_ms=settings.db_statement_timeout_ms,
-        lock_timeout_ms=settings.db_lock_timeout_ms,
-        keepalives_idle_s=settings.db_keepalives_idle_seconds,
-        keepalives_interval_s=settings.db_keepalives_interval_seconds,
-        keepalives_count=settings.db_keepalives_count,
+        statement_timeout_ms=settings.db.statement_timeout_ms,
+        lock_timeout_ms=settings.db.lock_timeout_ms,
+        keepalives_idle_s=settings.db.keepalives_idle_seconds,
+        keepalives_interval_s=settings.db.keepalives_interval_seconds,
+        keepalives_count=settings.db.keepalives_count,
     )
     return Database(make_engine(settings.database_url, pool_size=pool_size, limits=limits))
 

@@ -243,6 +243,22 @@ class GatewaySettings(SettingsGroup):
         return [p for p, (key, secret) in pairs.items() if key and secret]
 
 
+class DatabaseSessionSettings(SettingsGroup):
+    """Limits of every database session (AFTERSALES_DATABASE_URL says where it is)."""
+
+    model_config = SettingsConfigDict(env_prefix="AFTERSALES_DB_")
+
+    # A statement or a lock wait longer than this is cancelled (the batch is retried)
+    # instead of holding a worker and its locks for ever. 0 = none.
+    statement_timeout_ms: int = Field(default=60_000, ge=0)
+    lock_timeout_ms: int = Field(default=10_000, ge=0)
+    # TCP keepalives on database connections: a dead peer (host gone, cable cut) is
+    # noticed after idle + interval * count seconds instead of never.
+    keepalives_idle_seconds: int = Field(default=30, ge=1)
+    keepalives_interval_seconds: int = Field(default=10, ge=1)
+    keepalives_count: int = Field(default=3, ge=1)
+
+
 class _GroupsFromTheirOwnVariables(EnvSettingsSource):
     """The environment, except for the group fields: a group reads its own variables, and
     AFTERSALES_QUIET_HOURS (a value of the quiet_hours group) is no JSON of the group."""
@@ -336,6 +352,7 @@ class Settings(BaseSettings):
     notifier_nice: int = Field(default=10, ge=0, le=19)
 
     # The groups: each reads its own AFTERSALES_* variables (see each class).
+    db: DatabaseSessionSettings = Field(default_factory=lambda: DatabaseSessionSettings())
     smtp: SmtpSettings = Field(default_factory=lambda: SmtpSettings())
     sms: SmsSettings = Field(default_factory=lambda: SmsSettings())
     ops: OpsSettings = Field(default_factory=lambda: OpsSettings())
@@ -356,15 +373,6 @@ class Settings(BaseSettings):
     # The backlog gauges (timer's /metrics) are read from PostgreSQL this often, not per
     # scrape.
     backlog_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
-    # Every database session: a statement or a lock wait longer than this is cancelled
-    # (the batch is retried) instead of holding a worker and its locks for ever. 0 = none.
-    db_statement_timeout_ms: int = Field(default=60_000, ge=0)
-    db_lock_timeout_ms: int = Field(default=10_000, ge=0)
-    # TCP keepalives on database connections: a dead peer (host gone, cable cut) is
-    # noticed after idle + interval * count seconds instead of never.
-    db_keepalives_idle_seconds: int = Field(default=30, ge=1)
-    db_keepalives_interval_seconds: int = Field(default=10, ge=1)
-    db_keepalives_count: int = Field(default=3, ge=1)
 
     # RabbitMQ's management HTTP API (e.g. http://127.0.0.1:15672): when set, the resolver
     # applies the policy that keeps unrouted decisions (shared/broker_policy.py). The
@@ -488,8 +496,11 @@ def env_name(model: type[BaseSettings], field: str) -> str:
     return f"{model.model_config.get('env_prefix', '')}{field}".upper()
 
 
-_MODELS: dict[str, type[BaseSettings]] = {
-    model.__name__: model
-    for model in (Settings, SmtpSettings, SmsSettings, OpsSettings, QuietHoursSettings,
-                  RateLimitSettings, DeliverySettings, ConsoleSettings, GatewaySettings)
-}
+def _groups() -> list[type[SettingsGroup]]:
+    return [field.annotation for field in Settings.model_fields.values()
+            if isinstance(field.annotation, type) and issubclass(field.annotation,
+                                                                 SettingsGroup)]
+
+
+_MODELS: dict[str, type[BaseSettings]] = {"Settings": Settings} | {
+    group.__name__: group for group in _groups()}
