@@ -28,13 +28,14 @@ from services.publish import publish_lines
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from shared.domain.timeutil import as_utc
+from shared.errors import InvalidInput
 
 OPS_SOURCE = "ops"
 ACTIONS = {"pause": "intervention.requested", "resume": "intervention.resolved",
            "extend": "deadline.changed"}
 
 
-class ActionError(ValueError):
+class ActionError(InvalidInput, ValueError):
     """The action cannot be built (no such case, no deadline to extend...)."""
 
 
