@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from services.simulate import (  # noqa: E402
+from aftersales_cli.simulate import (  # noqa: E402
     ConfirmedStreamPublisher,
     Message,
     SimConfig,
@@ -144,7 +144,7 @@ class Services:
         logf = open(LOG_DIR / f"{service}.log", "ab")
         env = {**os.environ, **self.env, **(extra or {}),
                "AFTERSALES_METRICS_PORT": str(self.ports[service])}
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", service],
+        proc = subprocess.Popen([sys.executable, "-m", "aftersales_cli.cli", "run", service],
                                 cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[service] = proc

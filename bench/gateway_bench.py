@@ -118,7 +118,7 @@ def gateway_process(amqp_url: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, **GATEWAY_ENV, "AFTERSALES_AMQP_URL": amqp_url,
            "AFTERSALES_GATEWAY_PORT": str(port), "AFTERSALES_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "gateway"],
+    proc = subprocess.Popen([sys.executable, "-m", "aftersales_cli.cli", "run", "gateway"],
                             cwd=ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

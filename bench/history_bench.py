@@ -60,7 +60,7 @@ import psycopg  # noqa: E402
 import timer_bench as tb  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from services.simulate import SimConfig, generate  # noqa: E402
+from aftersales_cli.simulate import SimConfig, generate  # noqa: E402
 
 FULL_FINISHED = 10_000_000
 FULL_OPEN = 1_000_000
@@ -379,7 +379,7 @@ def case_show(url: str, groups: dict[str, list[str]], cli_env: dict[str, str]
               ) -> dict[str, Any]:
     """What `aftersales case show` costs: `case_document` per case (the command's reads),
     in a random order, each case once; and the command itself a few times."""
-    from services.caseview import case_document
+    from services.ops.caseview import case_document
     from shared.db.session import Database, make_engine
 
     engine = make_engine(url, pool_size=1)
@@ -405,7 +405,7 @@ def case_show(url: str, groups: dict[str, list[str]], cli_env: dict[str, str]
     walls = []
     for case_id in first:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "services.cli", "case", "show", case_id],
+        subprocess.run([sys.executable, "-m", "aftersales_cli.cli", "case", "show", case_id],
                        cwd=ROOT, env={**os.environ, **cli_env}, check=True,
                        capture_output=True, timeout=60)
         walls.append(time.perf_counter() - t)

@@ -20,8 +20,8 @@ import uuid
 
 from sqlalchemy import create_engine, text
 
+from aftersales_cli.simulate import SimConfig, generate
 from services.intake.processor import IntakeProcessor
-from services.simulate import SimConfig, generate
 from shared.bootstrap import build_database, build_domain, build_policy
 from shared.config import Settings
 from shared.db.migrate import upgrade

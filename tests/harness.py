@@ -60,7 +60,7 @@ class System:
                    "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics"),
                    **self.service_env.get(service, {})}
             self.procs[service] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "run", service.split(".")[0]],
+                [sys.executable, "-m", "aftersales_cli.cli", "run", service.split(".")[0]],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill the whole tree at once
             )
@@ -139,7 +139,7 @@ class Gateway:
         self.starts += 1
         log = open(self.log_dir / f"gateway.{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "gateway"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "aftersales_cli.cli", "run", "gateway"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.healthy, timeout=60, what="the gateway to answer /healthz")
 
@@ -197,7 +197,7 @@ class Console:
     def start(self) -> None:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "console"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "aftersales_cli.cli", "run", "console"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.healthy, timeout=60, what="the console to answer /healthz")
 

@@ -1,6 +1,6 @@
 """The ops console: a small server-rendered web app (Starlette + Jinja2, no front-end build).
 
-It reads through the same code as the command line (services/ops/, services/caseview.py)
+It reads through the same code as the command line (services/ops/, services/ops/caseview.py)
 and writes only through ops events (services/ops/actions.py) and replays
 (services/ops/held.py). Filters live in the URL's query string, so a link can be shared.
 Every form that changes something carries a token bound to this process, so another site
@@ -29,9 +29,9 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.caseview import case_document
 from services.ops import actions
 from services.ops.cases import CaseFilter, explain_case, search_cases
+from services.ops.caseview import case_document
 from services.ops.held import KINDS, Selection, find_held, list_held, parse_since, replay
 from services.ops.overview import overview
 from shared.db.session import Database
@@ -62,7 +62,7 @@ def local(value: str | datetime | None) -> str:
 
 
 def span(seconds: float | None) -> str:
-    from services.ops.cases_cli import span as cli_span
+    from aftersales_cli.ops.cases_cli import span as cli_span
 
     return "-" if seconds is None else cli_span(seconds)
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from services.publish import publish_lines
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from shared.domain.timeutil import as_utc
+from shared.publish import publish_lines
 
 OPS_SOURCE = "ops"
 ACTIONS = {"pause": "intervention.requested", "resume": "intervention.resolved",

@@ -1,7 +1,7 @@
 """Reading cases for ops: search, and why each deadline and automatic decision is what it is.
 
 The command line (`aftersales case search|explain`) and the web console both read through
-these functions and `services.caseview.case_document`; nothing else queries cases for ops.
+these functions and `services.ops.caseview.case_document`; nothing else queries cases for ops.
 Times are decided by the database clock (`now()`), never the host's.
 """
 

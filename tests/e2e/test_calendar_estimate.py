@@ -71,7 +71,7 @@ def refund_case(case_id: str) -> list[dict[str, Any]]:
 
 
 def aftersales(system: System, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "aftersales_cli.cli", *args], cwd=ROOT,
                           env={**os.environ, **system.env}, capture_output=True, text=True,
                           timeout=120, check=True)
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from services.caseview import case_document
+from services.ops.caseview import case_document
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from tests.conftest import wait_for

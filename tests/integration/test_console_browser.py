@@ -43,7 +43,7 @@ def console(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathF
     port = free_port()
     log = open(tmp_path_factory.mktemp("console") / "console.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "run", "console"], cwd=ROOT,
+        [sys.executable, "-m", "aftersales_cli.cli", "run", "console"], cwd=ROOT,
         env={**os.environ, "AFTERSALES_DATABASE_URL": database_url,
              "AFTERSALES_AMQP_URL": amqp_url, "AFTERSALES_CONSOLE_PORT": str(port)},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

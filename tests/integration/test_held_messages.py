@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def aftersales(amqp_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "aftersales_cli.cli", *args], cwd=ROOT,
                           env={**os.environ, "AFTERSALES_AMQP_URL": amqp_url},
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 

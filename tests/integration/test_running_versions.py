@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import text
 
-from services.caseview import case_document
 from services.intake.processor import IntakeProcessor
+from services.ops.caseview import case_document
 from shared.db.recount import switch_running_steps
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar

@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select, text
 
+from aftersales_cli.simulate import SimConfig, generate
 from services.intake.processor import IntakeProcessor
-from services.simulate import SimConfig, generate
 from shared.db.models import CaseRow, DeadlineRow
 from shared.db.session import Database
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, RuleRef, WorkCalendar
@@ -87,7 +87,7 @@ def _fingerprint(db: Database) -> tuple[Any, ...]:
 
 def _what_if(database_url: str, proposal: Path) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "rules", "what-if", str(proposal), "--json"],
+        [sys.executable, "-m", "aftersales_cli.cli", "rules", "what-if", str(proposal), "--json"],
         cwd=ROOT, env={**os.environ, "AFTERSALES_DATABASE_URL": database_url},
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -10,8 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.intake.processor import to_domain_event
-from services.simulate import (
+from aftersales_cli.simulate import (
     DEFAULT_MIX,
     KINDS,
     SimConfig,
@@ -21,6 +20,7 @@ from services.simulate import (
     parse_mix,
     run_simulation,
 )
+from services.intake.processor import to_domain_event
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, WorkCalendar
 from shared.schemas.events import Accepted, Rejection, parse_event
 

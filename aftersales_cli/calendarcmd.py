@@ -27,7 +27,7 @@ PENDING_ESTIMATED_BY_YEAR = text(
 
 
 def _settings() -> Settings:
-    from services.cli import _settings as load
+    from aftersales_cli.cli import _settings as load
 
     return load()
 

@@ -14,7 +14,7 @@ from shared.domain.errors import DataFileError
 
 
 def _settings() -> Any:
-    from services.cli import _settings as load
+    from aftersales_cli.cli import _settings as load
 
     return load()
 
@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_what_if(args: argparse.Namespace) -> int:
-    from services.whatif import proposed_engine, render, what_if
+    from aftersales_cli.whatif import proposed_engine, render, what_if
     from shared.bootstrap import build_domain
     from shared.db.session import Database, make_engine
 
