@@ -65,7 +65,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_case_show(args: argparse.Namespace) -> int:
-    from services.ops.caseview import show_case
+    from aftersales_cli.caseview import show_case
 
     settings = _settings()
     return show_case(settings, args.case_id, as_json=args.json)

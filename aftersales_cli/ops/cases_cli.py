@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from services.ops.cases import CaseFilter, explain_case, search_cases
+from services.ops.display import span
 from shared.bootstrap import build_domain
 from shared.config import Settings
 from shared.db.session import Database, make_engine
@@ -18,23 +19,6 @@ def local(value: str | None) -> str:
     if not value:
         return "-"
     return datetime.fromisoformat(value).astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M")
-
-
-def span(seconds: float | None) -> str:
-    if seconds is None:
-        return "ongoing"
-    if abs(seconds) < 60:
-        return f"{seconds:.1f}s" if seconds % 1 else f"{int(seconds)}s"
-    seconds = int(seconds)
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    parts = [f"{days}d"] if days else []
-    parts += [f"{hours}h"] if hours else []
-    parts += [f"{minutes}m"] if minutes or not parts else []
-    return sign + " ".join(parts)
 
 
 def _database(settings: Settings) -> Database:

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.ops import actions
 from services.ops.cases import CaseFilter, explain_case, search_cases
 from services.ops.caseview import case_document
+from services.ops.display import span as display_span
 from services.ops.held import KINDS, Selection, find_held, list_held, parse_since, replay
 from services.ops.overview import overview
 from shared.db.session import Database
@@ -62,9 +63,7 @@ def local(value: str | datetime | None) -> str:
 
 
 def span(seconds: float | None) -> str:
-    from aftersales_cli.ops.cases_cli import span as cli_span
-
-    return "-" if seconds is None else cli_span(seconds)
+    return "-" if seconds is None else display_span(seconds)
 
 
 class BasicLogin:
