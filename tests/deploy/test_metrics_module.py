@@ -1,4 +1,4 @@
-"""shared/metrics.py: the metric table, the backlog collector, the /metrics server and
+"""shared/metrics/: the metric table, the backlog collector, the /metrics server and
 multi-process mode (in a subprocess: prometheus_client picks its value class per process)."""
 
 from __future__ import annotations
