@@ -14,7 +14,7 @@ from sqlalchemy import text
 from shared.config import Settings
 from shared.db.session import Database, make_engine
 from shared.domain.calendar import WorkCalendar
-from shared.domain.timeutil import SHANGHAI
+from shared.domain.timeutil import CHINA_TZ
 
 PENDING_ESTIMATED_BY_YEAR = text(
     """SELECT EXTRACT(YEAR FROM deadline_at AT TIME ZONE 'Asia/Shanghai')::int AS year,
@@ -36,7 +36,7 @@ def calendar_status(calendar: WorkCalendar, db: Database | None,
                     today: datetime | None = None) -> dict[str, Any]:
     """Each year from last year to next year: its source, days off and make-up days; the
     pending deadlines counted on an estimate (None when the database was not asked)."""
-    now = (today or datetime.now(UTC)).astimezone(SHANGHAI)
+    now = (today or datetime.now(UTC)).astimezone(CHINA_TZ)
     years = []
     for year in range(now.year - 1, now.year + 2):
         info = calendar.year_info(year)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from services.ops.caseview import case_document
 from shared.config import Settings
 from shared.db.session import Database, make_engine
-
-LOCAL = ZoneInfo("Asia/Shanghai")
+from shared.domain.timeutil import CHINA_TZ
 
 
 def _local(value: datetime | None) -> str:
-    return value.astimezone(LOCAL).strftime("%Y-%m-%d %H:%M:%S %z") if value else "-"
+    return value.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S %z") if value else "-"
 
 
 def render_text(doc: dict[str, Any]) -> str:

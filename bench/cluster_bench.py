@@ -51,11 +51,11 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
 from aftersales_cli.simulate import ConfirmedStreamPublisher, Message, SimConfig, generate  # noqa: E402
-from shared.db.migrate import upgrade  # noqa: E402
 from tests.cluster.rabbit_cluster import RabbitCluster  # noqa: E402
 from tests.cluster.scenario import client_nodes, publish_paced, service_env  # noqa: E402
 from tests.conftest import TABLES  # noqa: E402
 from tests.harness import System  # noqa: E402
+from tests.resources import own_database  # noqa: E402
 
 PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
                           "postgresql+psycopg://postgres@127.0.0.1/postgres")
@@ -66,29 +66,6 @@ COPIES = 2
 
 def log(msg: str) -> None:
     print(f"[cluster bench {datetime.now(UTC):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def own_database() -> Iterator[str]:
-    # pre-ping: other work on this machine may restart PostgreSQL during the run.
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{NAME}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{NAME}"'))
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        for attempt in range(30):  # PostgreSQL may be restarting (other work)
-            try:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{NAME}" WITH (FORCE)'))
-                break
-            except OperationalError:
-                if attempt == 29:
-                    raise
-                time.sleep(2.0)
-        admin.dispose()
 
 
 class Db:
@@ -312,7 +289,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     started = datetime.now(UTC)
     try:
-        with own_database() as db_url:
+        with own_database(PG_ADMIN, NAME) as db_url:
             db = Db(db_url)
             single = RabbitCluster(base / "single", size=1)
             try:

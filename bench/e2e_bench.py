@@ -55,7 +55,7 @@ from aftersales_cli.simulate import (  # noqa: E402
     TrafficGenerator,
     generate,
 )
-from shared.db.migrate import upgrade  # noqa: E402
+from tests.resources import free_port, own_database, own_vhost  # noqa: E402
 
 PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
                           "postgresql+psycopg://postgres@127.0.0.1/postgres")
@@ -71,45 +71,7 @@ def log(msg: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise SystemExit("rabbitmqctl not found: the benchmark creates its own vhost with it")
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 # ---- resources ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def own_database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{NAME}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{NAME}"'))
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{NAME}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@contextlib.contextmanager
-def own_vhost() -> Iterator[str]:
-    rabbitmqctl("add_vhost", NAME)
-    try:
-        rabbitmqctl("set_permissions", "-p", NAME, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{AMQP_HOST}/{NAME}"
-    finally:
-        rabbitmqctl("delete_vhost", NAME)
 
 
 @contextlib.contextmanager
@@ -721,7 +683,8 @@ def main() -> int:
         "started_at": datetime.now(UTC).isoformat(), "quick": quick, "sizes": sizes,
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
     }
-    with own_database() as db_url, own_vhost() as amqp_url, smtp_sink() as (smtp_port, sink_pid):
+    with (own_database(PG_ADMIN, NAME) as db_url, own_vhost(NAME, AMQP_HOST) as amqp_url,
+          smtp_sink() as (smtp_port, sink_pid)):
         settings = service_settings(db_url, amqp_url, smtp_port)
         result["quiet_hours"] = quiet_hours_off(settings["AFTERSALES_QUIET_HOURS"])
         intake_env = {"AFTERSALES_WORKER_PROCESSES": str(args.intake_processes),

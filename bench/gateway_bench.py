@@ -1,4 +1,4 @@
-# ruff: noqa: S603 - the benchmark starts the gateway with fixed arguments
+
 """Gateway benchmark: Douyin batches over HTTP to `aftersales run gateway`, on this machine's
 RabbitMQ, against a baseline measured in the same run.
 
@@ -23,9 +23,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,32 +50,10 @@ from tests.platform_messages import (  # noqa: E402
     douyin_headers,
     douyin_message,
 )
+from tests.resources import free_port, own_vhost  # noqa: E402
 
 NAME = f"aftersales_bench_gateway_{os.getpid()}"
 AMQP_HOST = os.environ.get("AFTERSALES_BENCH_AMQP_HOST", "127.0.0.1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise SystemExit("rabbitmqctl not found: the benchmark creates its own vhost with it")
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextlib.contextmanager
-def own_vhost() -> Iterator[str]:
-    rabbitmqctl("add_vhost", NAME)
-    try:
-        rabbitmqctl("set_permissions", "-p", NAME, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{AMQP_HOST}/{NAME}"
-    finally:
-        rabbitmqctl("delete_vhost", NAME)
 
 
 def batches(count: int, size: int, run: str) -> list[bytes]:
@@ -181,7 +157,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--clients", type=int, default=4)
     args = ap.parse_args()
-    with own_vhost() as amqp_url:
+    with own_vhost(NAME, f"{AMQP_HOST}:5672") as amqp_url:
         base_rate = baseline(amqp_url, batches(args.messages, args.batch, "base"))
         bodies = batches(args.messages, args.batch, "gw")
         with gateway_process(amqp_url) as (url, pid):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 import uuid
 from typing import Any
@@ -36,6 +35,7 @@ from shared.db.migrate import upgrade
 from shared.db.models import NotificationRow
 from shared.db.session import Database, make_engine
 from shared.notifications.policy import NotificationPolicy
+from tests.resources import free_port
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--count", type=int, default=1000)
@@ -50,12 +50,6 @@ class Sink:
     async def handle_DATA(self, server: object, session: Any, envelope: object) -> str:
         self.peers.add(session.peer)
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 admin_url = "postgresql+psycopg://postgres@127.0.0.1/postgres"

@@ -37,7 +37,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from shared.amqp import (  # noqa: E402
 )
 from shared.config import Settings  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
+from tests.resources import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -175,12 +175,6 @@ class Sandbox:
 # ---------------------------------------------------------------------------------------
 # Processes we start (each in its own process group) and their memory
 # ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def group_pids(pgid: int) -> list[int]:
     pids = []

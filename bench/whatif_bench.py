@@ -32,9 +32,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
+
+from shared.domain.timeutil import CHINA_TZ
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,7 +50,6 @@ from shared.db.session import Database, make_engine  # noqa: E402
 from shared.domain import Case, Engine, Event, RuleBook, WorkCalendar  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-SH = ZoneInfo("Asia/Shanghai")
 RULES = """[ruleset]
 name = "default"
 version = "2"
@@ -84,7 +84,7 @@ def templates(engine: Engine, now: datetime) -> list[tuple[Case, list[dict[str, 
         for kind, then in (("refund_only", None), ("exchange", "merchant.approved"),
                            ("return_refund", "merchant.approved"), ("repair", None)):
             for estimated in (False, True):
-                at = datetime(2026, 12, 23, 10, tzinfo=SH) if estimated else now - \
+                at = datetime(2026, 12, 23, 10, tzinfo=CHINA_TZ) if estimated else now - \
                     timedelta(hours=30)
                 if estimated and kind != "refund_only":
                     continue

@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.errors import ConfigError
 
 SERVICES = ("intake", "timer", "resolver", "notifier")
@@ -118,7 +119,7 @@ class Settings(BaseSettings):
     # seconds of delay. Its backlog is watched (aftersales_notifications_pending).
     notifier_nice: int = Field(default=10, ge=0, le=19)
     quiet_hours: str = "22:00-08:00"
-    quiet_hours_tz: str = "Asia/Shanghai"
+    quiet_hours_tz: str = CHINA_TZ_NAME
     sms_per_phone_per_hour: int = Field(default=5, ge=1)
     sms_per_phone_per_day: int = Field(default=10, ge=1)
     email_per_address_per_hour: int = Field(default=30, ge=1)

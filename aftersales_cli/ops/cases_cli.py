@@ -12,13 +12,13 @@ from services.ops.display import span
 from shared.bootstrap import build_domain
 from shared.config import Settings
 from shared.db.session import Database, make_engine
-from shared.domain.timeutil import SHANGHAI
+from shared.domain.timeutil import CHINA_TZ
 
 
 def local(value: str | None) -> str:
     if not value:
         return "-"
-    return datetime.fromisoformat(value).astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M")
+    return datetime.fromisoformat(value).astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M")
 
 
 def _database(settings: Settings) -> Database:

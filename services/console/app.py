@@ -37,7 +37,7 @@ from services.ops.held import KINDS, Selection, find_held, list_held, parse_sinc
 from services.ops.overview import overview
 from shared.db.session import Database
 from shared.domain import Engine
-from shared.domain.timeutil import SHANGHAI, parse_moment
+from shared.domain.timeutil import CHINA_TZ, parse_moment
 
 TEMPLATES = Path(__file__).parent / "templates"
 CASE_FILTERS = ("shop", "order", "platform", "kind", "step", "status", "overdue", "case")
@@ -59,7 +59,7 @@ def local(value: str | datetime | None) -> str:
     if not value:
         return "-"
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def span(seconds: float | None) -> str:

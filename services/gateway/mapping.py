@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from shared.domain.flows import FLOWS, INTERVENTION_OUTCOMES
 from shared.domain.model import Kind
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.schemas.events import DATA_MODELS, Accepted, parse_event
 
 MAPPINGS_DIR = Path(__file__).with_name("mappings")
@@ -185,7 +186,7 @@ def load_mapping(path: Path) -> PlatformMapping:
     if time_format not in TIME_FORMATS:
         raise MappingError(f"{path}: time_format must be one of {sorted(TIME_FORMATS)}")
     try:
-        zone = ZoneInfo(str(doc.get("timezone", "Asia/Shanghai")))
+        zone = ZoneInfo(str(doc.get("timezone", CHINA_TZ_NAME)))
     except (KeyError, ValueError):
         raise MappingError(f"{path}: unknown timezone {doc.get('timezone')!r}") from None
     messages = doc.get("messages")

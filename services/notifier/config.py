@@ -22,6 +22,7 @@ from services.notifier.channels.tencent import DEFAULT_ENDPOINT as TENCENT_ENDPO
 from services.notifier.channels.tencent import TencentSmsChannel
 from services.notifier.delivery import QuietHours, RetryPolicy
 from services.notifier.ratelimit import RateLimit
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.errors import ConfigError
 from shared.notifications.policy import NotificationPolicy, OpsContacts
 
@@ -61,7 +62,7 @@ class NotifierConfig:
     # delivery policy
     quiet_start: time = time(22, 0)
     quiet_end: time = time(8, 0)
-    quiet_tz: str = "Asia/Shanghai"
+    quiet_tz: str = CHINA_TZ_NAME
     sms_per_phone_per_hour: int = 5
     sms_per_phone_per_day: int = 10
     email_per_address_per_hour: int = 30
@@ -165,7 +166,7 @@ class NotifierConfig:
         region = get("sms_region")
         endpoint = get("sms_endpoint")
         quiet = QuietHours.parse(str(get("quiet_hours", "22:00-08:00")),
-                                 str(get("quiet_hours_tz", "Asia/Shanghai")))
+                                 str(get("quiet_hours_tz", CHINA_TZ_NAME)))
         ops = OpsContacts.parse(get("ops_emails", ""), get("ops_phones", ""))
         ca = get("smtp_ca_file")
         templates = get("sms_templates")

@@ -29,6 +29,8 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
+from shared.domain.timeutil import CHINA_TZ_NAME
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_POLICY_FILE = PACKAGE_DIR / "policy.toml"
 DEFAULT_TEMPLATES_DIR = PACKAGE_DIR / "templates"
@@ -241,7 +243,7 @@ def local_time(v: Any, tz: str | None = None) -> str:
         return "—"
     if isinstance(v, date) and not isinstance(v, datetime):
         return f"{v.month}月{v.day}日"
-    dt = _as_datetime(v).astimezone(ZoneInfo(tz or "Asia/Shanghai"))
+    dt = _as_datetime(v).astimezone(ZoneInfo(tz or CHINA_TZ_NAME))
     return f"{dt.month}月{dt.day}日 {dt:%H:%M}"
 
 
@@ -273,7 +275,7 @@ class NotificationPolicy:
         labels: Mapping[str, Mapping[str, str]],
         sms_templates: Mapping[str, SmsTemplate],
         env: jinja2.Environment,
-        default_tz: str = "Asia/Shanghai",
+        default_tz: str = CHINA_TZ_NAME,
     ) -> None:
         self._rules = {k: tuple(v) for k, v in rules.items()}
         self._labels = labels
@@ -369,7 +371,7 @@ class NotificationPolicy:
             labels=data.get("labels") or {},
             sms_templates=sms,
             env=env,
-            default_tz=str(data.get("default_tz", "Asia/Shanghai")),
+            default_tz=str(data.get("default_tz", CHINA_TZ_NAME)),
         )
 
     def _check(self) -> None:

@@ -42,7 +42,8 @@ from sqlalchemy import Connection, text
 from shared.amqp import FIRE_DEADLINE_ACTOR, RESOLVER_QUEUE
 from shared.db.session import Database
 from tests.conftest import wait_for
-from tests.harness import ROOT, System, free_port, publish_events
+from tests.harness import ROOT, System, publish_events
+from tests.resources import free_port
 
 pytestmark = pytest.mark.e2e
 

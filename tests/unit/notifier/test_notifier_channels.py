@@ -31,6 +31,7 @@ from services.notifier.errors import (
     ThrottledError,
     TransientError,
 )
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.errors import ConfigError
 from shared.notifications.policy import NotificationPolicy, RenderedMessage
 
@@ -317,7 +318,7 @@ def test_config_from_settings_object() -> None:
         ops_emails = "ops@x.cn, ops2@x.cn"
         ops_phones = ""
         quiet_hours = "23:00-07:00"
-        quiet_hours_tz = "Asia/Shanghai"
+        quiet_hours_tz = CHINA_TZ_NAME
         notify_max_attempts = 3
 
     cfg = NotifierConfig.from_settings(S())
