@@ -93,11 +93,11 @@ def _dt(value: str | None) -> datetime | None:
 
 
 def show_case(settings: Settings, case_id: str, as_json: bool) -> int:
-    engine = make_engine(settings.database_url, pool_size=1)
+    sql_engine = make_engine(settings.database_url, pool_size=1)
     try:
-        doc = case_document(Database(engine), case_id)
+        doc = case_document(Database(sql_engine), case_id)
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     if doc is None:
         print(f"no case {case_id}")
         return 1

@@ -98,11 +98,11 @@ def cmd_what_if(args: argparse.Namespace) -> int:
     except DataFileError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    engine = make_engine(settings.database_url, pool_size=1)
+    sql_engine = make_engine(settings.database_url, pool_size=1)
     try:
-        report = what_if(Database(engine), current, proposed, examples=args.examples)
+        report = what_if(Database(sql_engine), current, proposed, examples=args.examples)
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     if args.json:
         print(json.dumps({"proposal": {"path": str(proposal), "kind": kind},
                           **report.to_dict()}, ensure_ascii=False, indent=2))

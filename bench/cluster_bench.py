@@ -73,7 +73,7 @@ class Db:
     restarting (other work on this shared machine does that)."""
 
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, pool_size=2, pool_pre_ping=True)
+        self.sql_engine = create_engine(url, pool_size=2, pool_pre_ping=True)
 
     def _retry(self, work: Any) -> Any:
         deadline = time.monotonic() + 120
@@ -87,19 +87,19 @@ class Db:
 
     def scalar(self, sql: str) -> Any:
         def work() -> Any:
-            with self.engine.connect() as conn:
+            with self.sql_engine.connect() as conn:
                 return conn.execute(text(sql)).scalar()
         return self._retry(work)
 
     def column(self, sql: str) -> list[Any]:
         def work() -> list[Any]:
-            with self.engine.connect() as conn:
+            with self.sql_engine.connect() as conn:
                 return list(conn.execute(text(sql)).scalars())
         return self._retry(work)
 
     def truncate(self) -> None:
         def work() -> None:
-            with self.engine.begin() as conn:
+            with self.sql_engine.begin() as conn:
                 conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
         self._retry(work)
 
@@ -315,7 +315,7 @@ def main() -> int:
                 save(args, started, results)
             finally:
                 cluster.destroy()
-            db.engine.dispose()
+            db.sql_engine.dispose()
     finally:
         shutil.rmtree(base, ignore_errors=True)
         _forget_redis_keys()

@@ -240,14 +240,14 @@ class RssSampler(threading.Thread):
 
 class Db:
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, pool_size=2)
+        self.sql_engine = create_engine(url, pool_size=2)
 
     def scalar(self, sql: str, **params: Any) -> Any:
-        with self.engine.connect() as conn:
+        with self.sql_engine.connect() as conn:
             return conn.execute(text(sql), params).scalar()
 
     def rows(self, sql: str, **params: Any) -> list[Any]:
-        with self.engine.connect() as conn:
+        with self.sql_engine.connect() as conn:
             return list(conn.execute(text(sql), params).all())
 
 
@@ -457,7 +457,7 @@ def phase_latency(db: Db, amqp_url: str, rate: float, duration: float) -> dict[s
             published[message.event["event_id"]] = t
 
     def poll() -> None:
-        with db.engine.connect() as conn:
+        with db.sql_engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             while not stop.is_set():
                 snap = conn.execute(text("SELECT pg_current_snapshot()::text")).scalar()
@@ -748,7 +748,7 @@ def main() -> int:
         finally:
             sampler.stop_event.set()
             services.stop_all()
-            db.engine.dispose()
+            db.sql_engine.dispose()
         result["rss_peak_mib"] = {s: round(v / 2**20, 1) for s, v in services.rss_peak.items()}
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     report(result)

@@ -71,7 +71,7 @@ try:
         global commits
         commits += 1
 
-    event.listen(db.engine, "commit", count_commit)
+    event.listen(db.sql_engine, "commit", count_commit)
     policy = NotificationPolicy.load(None)
     results: dict[str, dict[str, object]] = {}
     for mode in ("send_many", "send"):

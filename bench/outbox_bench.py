@@ -57,7 +57,7 @@ class LedgerPublisher:
 def fill(db: Database, rows: int) -> None:
     body = json.dumps({"decision_id": "x", "type": "decision.auto_approved",
                        "data": {"refund_fen": 1234}, "pad": "x" * 400}).encode()
-    with db.engine.begin() as conn:
+    with db.sql_engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO outbox (exchange, routing_key, message_id, body, headers) "
             "SELECT :ex, 'decision.auto_approved', gen_random_uuid()::text, :body, '{}' "
@@ -110,7 +110,7 @@ def main() -> None:
                 results[name].append(args.rows / took)
                 channel.queue_purge("bench.sink")
                 channel.queue_purge(OUTBOX_LEDGER_QUEUE)
-        db.engine.dispose()
+        db.sql_engine.dispose()
     finally:
         with admin.connect() as conn:
             conn.execute(text(

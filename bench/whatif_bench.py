@@ -232,7 +232,7 @@ def main() -> int:
                     "moved": doc["deadlines_moved"], "decisions": doc["automatic_decisions"],
                 }
                 log(f"{label}: {report.compared} cases in {took:.2f} s")
-        db.engine.dispose()
+        db.sql_engine.dispose()
     finally:
         admin.close()
         # a fresh connection: a PostgreSQL restart during the run ends the first one

@@ -51,11 +51,11 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    engine = make_engine(database_url)
-    with engine.begin() as conn:
+    sql_engine = make_engine(database_url)
+    with sql_engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
-    yield Database(engine)
-    engine.dispose()
+    yield Database(sql_engine)
+    sql_engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     try:
         found = search_cases(db, filter_from(args))
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     if args.json:
         print(json.dumps(found, ensure_ascii=False))
         return 0
@@ -128,7 +128,7 @@ def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
     try:
         doc = explain_case(db, build_domain(settings), args.case_id)
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     if doc is None:
         print(f"no case {args.case_id}")
         return 1
@@ -168,7 +168,7 @@ def cmd_action(settings: Settings, args: argparse.Namespace) -> int:
         print(f"aftersales: {exc}", file=sys.stderr)
         return 2
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     doc = result.document()
     if args.json:
         print(json.dumps(doc, ensure_ascii=False))

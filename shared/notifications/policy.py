@@ -253,7 +253,7 @@ def local_time(v: Any, tz: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class Rule:
+class NotificationRule:
     party: str  # merchant | buyer | ops | concerned
     channels: tuple[str, ...]
     template: str  # may contain "{party}", filled with the resolved party
@@ -271,7 +271,7 @@ class SmsTemplate:
 class NotificationPolicy:
     def __init__(
         self,
-        rules: Mapping[str, Sequence[Rule]],
+        rules: Mapping[str, Sequence[NotificationRule]],
         labels: Mapping[str, Mapping[str, str]],
         sms_templates: Mapping[str, SmsTemplate],
         env: jinja2.Environment,
@@ -322,11 +322,11 @@ class NotificationPolicy:
         if not tdir.is_dir():
             tdir = DEFAULT_TEMPLATES_DIR
 
-        rules: dict[str, list[Rule]] = {}
+        rules: dict[str, list[NotificationRule]] = {}
         for reason, entries in (data.get("reasons") or {}).items():
             for e in entries:
                 rules.setdefault(reason, []).append(
-                    Rule(
+                    NotificationRule(
                         party=str(e["party"]),
                         channels=tuple(e.get("channels", CHANNELS)),
                         template=str(e["template"]),

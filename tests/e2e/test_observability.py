@@ -505,7 +505,7 @@ def hold_overdue_deadline(db: Database, case_id: str) -> Connection:
     )
     wait_for(lambda: rows(db, pending, c=case_id), timeout=20, interval=0.05,
              what=f"the pending deadline of {case_id}")
-    conn = db.engine.connect()
+    conn = db.sql_engine.connect()
     conn.begin()
     locked = conn.execute(text(pending + " FOR UPDATE"), {"c": case_id}).all()
     if not locked:

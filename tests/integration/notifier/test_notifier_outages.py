@@ -165,15 +165,15 @@ def _pg_cluster() -> str:
 
 
 def _postgres_down() -> bool:
-    engine = create_engine(PG_ADMIN_URL, poolclass=None)
+    sql_engine = create_engine(PG_ADMIN_URL, poolclass=None)
     try:
-        with engine.connect() as conn:
+        with sql_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return False
     except Exception:
         return True
     finally:
-        engine.dispose()
+        sql_engine.dispose()
 
 
 class RestartingChannel:

@@ -154,8 +154,8 @@ class SqlLog:
     def __init__(self, db: Database) -> None:
         self.commits = 0
         self.statements: list[tuple[str, bool]] = []
-        event.listen(db.engine, "commit", self._commit)
-        event.listen(db.engine, "before_cursor_execute", self._execute)
+        event.listen(db.sql_engine, "commit", self._commit)
+        event.listen(db.sql_engine, "before_cursor_execute", self._execute)
 
     def _commit(self, conn: Any) -> None:
         self.commits += 1
