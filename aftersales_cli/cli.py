@@ -80,7 +80,7 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from aftersales_cli.simulate import run_simulation
+    from aftersales_cli.simulate.command import run_simulation
 
     return int(run_simulation(_settings(), args))
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate", type=float, default=50.0, help="events per second")
     sim.add_argument("--duration", type=float, default=60.0, help="seconds")
     sim.add_argument("--seed", type=int, default=None)
-    from aftersales_cli.simulate import add_arguments
+    from aftersales_cli.simulate.command import add_arguments
 
     add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)

@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
-from aftersales_cli.simulate import ConfirmedStreamPublisher, Message, SimConfig, generate  # noqa: E402
+from aftersales_cli.simulate.generator import Message, SimConfig, generate  # noqa: E402
+from aftersales_cli.simulate.publisher import ConfirmedStreamPublisher  # noqa: E402
 from tests.cluster.rabbit_cluster import RabbitCluster  # noqa: E402
 from tests.cluster.scenario import client_nodes, publish_paced, service_env  # noqa: E402
 from tests.conftest import TABLES  # noqa: E402

@@ -48,13 +48,13 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from aftersales_cli.simulate import (  # noqa: E402
-    ConfirmedStreamPublisher,
+from aftersales_cli.simulate.generator import (  # noqa: E402
     Message,
     SimConfig,
     TrafficGenerator,
     generate,
 )
+from aftersales_cli.simulate.publisher import ConfirmedStreamPublisher  # noqa: E402
 from tests.resources import free_port, own_database, own_vhost  # noqa: E402
 
 PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",

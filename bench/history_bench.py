@@ -60,7 +60,7 @@ import psycopg  # noqa: E402
 import timer_bench as tb  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from aftersales_cli.simulate import SimConfig, generate  # noqa: E402
+from aftersales_cli.simulate.generator import SimConfig, generate  # noqa: E402
 
 FULL_FINISHED = 10_000_000
 FULL_OPEN = 1_000_000

@@ -20,7 +20,7 @@ import uuid
 
 from sqlalchemy import create_engine, text
 
-from aftersales_cli.simulate import SimConfig, generate
+from aftersales_cli.simulate.generator import SimConfig, generate
 from services.intake.processor import IntakeProcessor
 from shared.bootstrap import build_database, build_domain, build_policy
 from shared.config import Settings

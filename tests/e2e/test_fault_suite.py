@@ -41,7 +41,7 @@ import pika.exceptions
 import pytest
 from sqlalchemy import select, text
 
-from aftersales_cli.simulate import SimConfig, generate
+from aftersales_cli.simulate.generator import SimConfig, generate
 from shared.amqp import (
     FIRE_DEADLINE_ACTOR,
     NOTIFIER_QUEUE,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from aftersales_cli.simulate import SimConfig, generate
+from aftersales_cli.simulate.generator import SimConfig, generate
 from services.intake.processor import IntakeProcessor
 from shared.db.models import CaseRow, DeadlineRow
 from shared.db.session import Database
