@@ -9,7 +9,10 @@ import json
 from datetime import datetime
 from typing import Any
 
-from services.gateway.platforms import kuaishou_encrypt, taobao_sign
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from services.gateway.platforms import taobao_sign
 from shared.domain.timeutil import CHINA_TZ
 
 DOUYIN_KEY, DOUYIN_SECRET = "7012345678901234567", "douyin-test-secret"
@@ -60,6 +63,15 @@ def unix(moment: datetime) -> int:
 
 
 # ---- Kuaishou -------------------------------------------------------------------------------
+
+def kuaishou_encrypt(plain: bytes, msg_secret: str) -> bytes:
+    """Kuaishou's side of `services.gateway.platforms.kuaishou_decrypt`."""
+    padder = padding.PKCS7(128).padder()
+    data = padder.update(plain) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(base64.b64decode(msg_secret)),
+                       modes.CBC(bytes(16))).encryptor()
+    return base64.b64encode(encryptor.update(data) + encryptor.finalize())
+
 
 def kuaishou_body(event: str, event_id: str, info: dict[str, Any], *,
                   app_key: str = KUAISHOU_KEY, secret: str = KUAISHOU_SECRET) -> bytes:

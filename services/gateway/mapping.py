@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -350,8 +350,3 @@ def map_message(mapping: PlatformMapping, message: PlatformMessage,
                                      f"{checked.detail}")
         events.append(checked)
     return Mapped(message, rule, tuple(events))
-
-
-def map_batch(mapping: PlatformMapping, messages: Sequence[PlatformMessage],
-              received_at: datetime) -> list[Verdict]:
-    return [map_message(mapping, m, received_at) for m in messages]

@@ -344,11 +344,6 @@ def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
         raise RuleFileError(path, line, f"not valid TOML: {reason}") from exc
 
 
-def parse_rule_file(path: Path) -> RuleSetVersion:
-    text, doc = _read_toml(path)
-    return _RuleFileParser(path, text).parse(doc)
-
-
 class _RuleFileParser:
     """Checks a parsed rule file; every complaint names the file and the offending line."""
 

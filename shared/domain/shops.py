@@ -56,9 +56,6 @@ class ShopRule:
     note: str
     line: int  # of its [[rule]] header, for errors found after parsing
 
-    def applies(self, kind: Kind, step: str) -> bool:
-        return self.step == step and self.kind in (kind.value, "any")
-
 
 @dataclass(frozen=True)
 class ShopPolicyVersion:
