@@ -10,7 +10,7 @@ import dramatiq
 
 from shared.amqp import AftersalesBroker, make_broker
 from shared.config import Settings
-from shared.metrics_dramatiq import install_actor_metrics
+from shared.metrics.actors import install_actor_metrics
 
 log = logging.getLogger(__name__)
 

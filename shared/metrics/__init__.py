@@ -3,9 +3,11 @@
 - ``catalog``: the metric definitions, label value sets, buckets;
 - ``recorders``: the record helpers that keep label values bounded;
 - ``exposition``: the ``/metrics`` server and the multi-process plumbing;
-- ``collectors``: the backlog collector and the process-tree (/proc) reader.
+- ``collectors``: the backlog collector and the process-tree (/proc) reader;
+- ``actors``: the Dramatiq middleware that counts and times actor messages (imported by
+  the workers only, so importing ``shared.metrics`` does not import Dramatiq).
 
-Everything is re-exported here: ``from shared.metrics import X`` and ``metrics.X`` work.
+All but ``actors`` is re-exported here: ``from shared.metrics import X`` and ``metrics.X`` work.
 
 Reference: ``docs/metrics.md``.
 

@@ -184,7 +184,7 @@ def test_actor_metrics_middleware() -> None:
     dramatiq = pytest.importorskip("dramatiq")
     from dramatiq.brokers.stub import StubBroker
 
-    from shared.metrics_dramatiq import ActorMetrics, install_actor_metrics
+    from shared.metrics.actors import ActorMetrics, install_actor_metrics
 
     broker = StubBroker()
     middleware = install_actor_metrics(broker, "notifier")
