@@ -52,6 +52,7 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 
 from aftersales_cli.simulate.generator import Message, SimConfig, generate  # noqa: E402
 from aftersales_cli.simulate.publisher import ConfirmedStreamPublisher  # noqa: E402
+from bench.measure import pct  # noqa: E402
 from tests.cluster.rabbit_cluster import RabbitCluster  # noqa: E402
 from tests.cluster.scenario import client_nodes, publish_paced, service_env  # noqa: E402
 from tests.conftest import TABLES  # noqa: E402
@@ -112,13 +113,6 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.25) -> bool:
             return True
         time.sleep(interval)
     return False
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def load_average() -> float:

@@ -55,6 +55,7 @@ from aftersales_cli.simulate.generator import (  # noqa: E402
     generate,
 )
 from aftersales_cli.simulate.publisher import ConfirmedStreamPublisher  # noqa: E402
+from bench.measure import pct  # noqa: E402
 from tests.resources import free_port, own_database, own_vhost  # noqa: E402
 
 PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
@@ -294,14 +295,6 @@ def wait_count(db: Db, sql: str, target: int, timeout: float, interval: float = 
             break
         time.sleep(interval)
     return samples
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[k]
 
 
 def sustained(samples: list[tuple[float, int]], target: int) -> float | None:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from bench.measure import rss_kib  # noqa: E402
 from services.gateway.forward import Forwarder  # noqa: E402
 from services.gateway.mapping import load_mappings, map_message  # noqa: E402
 from services.gateway.platforms import Unpacked, douyin_unpack  # noqa: E402
@@ -112,13 +113,6 @@ def gateway_process(amqp_url: str) -> Iterator[tuple[str, int]]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def through_gateway(url: str, bodies: list[bytes], clients: int) -> tuple[float, list[float]]:

@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import rss_kib  # noqa: E402
 from shared.amqp import (  # noqa: E402
     DECISIONS_EXCHANGE,
     RESOLVER_QUEUE,
@@ -190,17 +191,6 @@ def group_pids(pgid: int) -> list[int]:
         if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
             pids.append(int(entry))
     return pids
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def group_rss_mib(pgid: int) -> tuple[float, int]:
