@@ -22,25 +22,22 @@ def build_domain(settings: Settings) -> Engine:
 
 def build_policy(settings: Settings) -> NotificationPolicy:
     try:
-        return NotificationPolicy.load(settings.notifications, sms_codes=settings.sms_templates)
+        return NotificationPolicy.load(settings.notifications, sms_codes=settings.sms.templates)
     except Exception as exc:
         raise ConfigError(f"AFTERSALES_NOTIFICATIONS: {exc}") from None
 
 
 def ops_contacts(settings: Settings) -> dict[str, list[str]]:
-    return {
-        "emails": [e.strip() for e in settings.ops_emails.split(",") if e.strip()],
-        "phones": [p.strip() for p in settings.ops_phones.split(",") if p.strip()],
-    }
+    return {"emails": list(settings.ops.emails), "phones": list(settings.ops.phones)}
 
 
 def build_database(settings: Settings, pool_size: int = 5) -> Database:
     limits = SessionLimits(
-        statement_timeout_ms=settings.db_statement_timeout_ms,
-        lock_timeout_ms=settings.db_lock_timeout_ms,
-        keepalives_idle_s=settings.db_keepalives_idle_seconds,
-        keepalives_interval_s=settings.db_keepalives_interval_seconds,
-        keepalives_count=settings.db_keepalives_count,
+        statement_timeout_ms=settings.db.statement_timeout_ms,
+        lock_timeout_ms=settings.db.lock_timeout_ms,
+        keepalives_idle_s=settings.db.keepalives_idle_seconds,
+        keepalives_interval_s=settings.db.keepalives_interval_seconds,
+        keepalives_count=settings.db.keepalives_count,
     )
     return Database(make_engine(settings.database_url, pool_size=pool_size, limits=limits))
 

@@ -10,6 +10,7 @@ import dramatiq
 
 from shared.amqp import AftersalesBroker, make_broker
 from shared.config import Settings
+from shared.errors import NOT_RETRIED, is_transient
 from shared.metrics.actors import install_actor_metrics
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,28 @@ def build_worker_broker(settings: Settings, service: str) -> AftersalesBroker:
 
 def batch_actor(broker: dramatiq.Broker, queue_name: str, actor_name: str,
                 fn: Callable[[list[int]], None]) -> dramatiq.Actor[[list[int]], None]:
-    """Register a service's actor (it takes a list of row ids). Dramatiq's own retries
-    only cover the database being briefly away; after the last one the timer hands the
-    rows over again (stuck dispatches, queued notifications), so nothing is lost."""
+    """Register a service's actor (it takes a list of row ids). A transient failure
+    (shared.errors.is_transient: the database briefly away) is retried with backoff as
+    `dramatiq.Retry`; the categories that retrying cannot fix (`NOT_RETRIED`) fail the
+    message at once. Anything else (a bug) is retried like a transient failure, but logged
+    with its traceback. After the last retry the timer hands the rows over again (stuck
+    dispatches, queued notifications), so nothing is lost."""
+
+    def run(ids: list[int]) -> None:
+        try:
+            fn(ids)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # The type only: a database error's text carries the statement's parameters.
+            cause = type(getattr(exc, "orig", None) or exc).__name__
+            log.warning("%s: %s; retrying with backoff", actor_name, cause)
+            raise dramatiq.Retry(cause) from exc
+
     return dramatiq.actor(
         broker=broker, actor_name=actor_name, queue_name=queue_name,
-        max_retries=10, min_backoff=500, max_backoff=30_000,
-    )(fn)
+        max_retries=10, min_backoff=500, max_backoff=30_000, throws=NOT_RETRIED,
+    )(run)
 
 
 def run_worker(broker: AftersalesBroker, threads: int, stop: threading.Event | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from datetime import datetime
 from typing import Any
 
@@ -87,10 +88,13 @@ def kuaishou_body(event: str, event_id: str, info: dict[str, Any], *,
 def kuaishou_info(refund_id: int, *, status: int, handling_way: int = 10,
                   refund_fee: int = 2990, end_time: datetime | None = None,
                   **extra: Any) -> dict[str, Any]:
+    # Times default to now: a fixed date ages, and its deadlines pass (the refund's 7
+    # working days once escalated a test case the moment it was approved).
+    sent = int(time.time() * 1000)
     info = {"refundId": refund_id, "orderId": 2300000000000 + refund_id,
             "sellerId": 88001, "handlingWay": handling_way, "specialRefundType": 0,
             "status": status, "refundFee": refund_fee,
-            "createTime": 1795000000000, "updateTime": 1795000000000, **extra}
+            "createTime": sent, "updateTime": sent, **extra}
     if end_time is not None:
         info["endTime"] = int(end_time.timestamp() * 1000)
     return info

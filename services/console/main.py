@@ -30,22 +30,23 @@ def is_loopback(host: str) -> bool:
 
 
 def config_from(settings: Settings) -> ConsoleConfig:
-    password = settings.console_password.get_secret_value() if settings.console_password \
-        else None
-    if not is_loopback(settings.console_host) and not (settings.console_user and password):
+    console = settings.console
+    password = console.password.get_secret_value() if console.password else None
+    if not is_loopback(console.host) and not (console.user and password):
         raise ConfigError(
-            f"AFTERSALES_CONSOLE_HOST={settings.console_host} is beyond loopback: set "
+            f"AFTERSALES_CONSOLE_HOST={console.host} is beyond loopback: set "
             "AFTERSALES_CONSOLE_USER and AFTERSALES_CONSOLE_PASSWORD")
     return ConsoleConfig(db=build_database(settings, pool_size=4),
                          engine=build_domain(settings), amqp_url=settings.amqp_url,
-                         user=settings.console_user, password=password,
+                         user=console.user, password=password,
                          queue_type=settings.queue_type)
 
 
 def run(settings: Settings) -> int:
     setup_logging("console", settings.log_level)
     app = build_app(config_from(settings))
-    log.info("console on http://%s:%s/", settings.console_host, settings.console_port)
-    uvicorn.run(app, host=settings.console_host, port=settings.console_port,
+    console = settings.console
+    log.info("console on http://%s:%s/", console.host, console.port)
+    uvicorn.run(app, host=console.host, port=console.port,
                 log_level="warning", access_log=False)
     return 0

@@ -25,7 +25,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.gateway import platforms
-from services.gateway.config import GatewaySettings
 from services.gateway.forward import Forwarder, OutboundMessage
 from services.gateway.mapping import (
     Ignored,
@@ -37,6 +36,7 @@ from services.gateway.mapping import (
 )
 from shared import metrics
 from shared.amqp import EVENTS_EXCHANGE, REJECTED_QUEUE
+from shared.config import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def build_app(settings: GatewaySettings, mappings: Mapping[str, PlatformMapping]
     def unpack(platform: str, headers: Mapping[str, str], params: Mapping[str, str],
                body: bytes) -> platforms.Unpacked | platforms.Refusal:
         mapping = mappings[platform]
-        limit = settings.gateway_max_messages
+        limit = settings.max_messages
         if platform == "douyin":
             refusal = platforms.douyin_verify(headers, body, settings.douyin_app_key or "",
                                               secret(settings.douyin_app_secret))
@@ -178,7 +178,7 @@ def build_app(settings: GatewaySettings, mappings: Mapping[str, PlatformMapping]
             _count_request(platform, "not_configured")
             return JSONResponse(answer.fail("platform not configured"), status_code=404)
         try:
-            body = await read_body(request, settings.gateway_max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes)
         except BodyTooLarge as exc:
             _count_request(platform, "too_large")
             return JSONResponse(answer.fail(str(exc)), status_code=413)

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 from shared.domain.flows import FLOWS, INTERVENTION_OUTCOMES
 from shared.domain.model import Kind
 from shared.domain.timeutil import CHINA_TZ_NAME
+from shared.errors import ConfigError
 from shared.schemas.events import DATA_MODELS, Accepted, parse_event
 
 MAPPINGS_DIR = Path(__file__).with_name("mappings")
@@ -32,7 +33,7 @@ TIME_FORMATS = frozenset({"unix_seconds", "unix_millis", "local_text"})
 MAX_EVENT_BYTES = 64 * 1024
 
 
-class MappingError(ValueError):
+class MappingError(ConfigError, ValueError):
     """A mapping file is wrong: the gateway refuses to start."""
 
 

@@ -32,7 +32,7 @@ from shared.amqp import (
     connection_parameters_list,
     declare_topology,
 )
-from shared.db.session import is_infrastructure
+from shared.errors import is_transient
 from shared.schemas.events import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class IntakeConsumer:
             try:
                 return self.processor.process(bodies)
             except DBAPIError as exc:
-                if not is_infrastructure(exc):
+                if not is_transient(exc):
                     return self._one_by_one(connection, bodies, exc)
                 log.warning("database unavailable (%s); retrying batch in %.1fs",
                             type(exc.orig).__name__, backoff)

@@ -36,8 +36,9 @@ from shared.db.persist import (
     lock_cases,
     try_lock_cases,
 )
-from shared.db.session import Database, db_now, is_infrastructure
+from shared.db.session import Database, db_now
 from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
+from shared.errors import is_transient
 from shared.schemas.events import Accepted, Limits, Rejection, RejectReason, parse_event
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class IntakeProcessor:
             result.handled, result.stored, busy = self._apply_batch(ordered, wait=False)
             result.deferred = sorted(i for i, a in indexed if a.event.case_id in busy)
         except Exception as exc:
-            if _is_infrastructure(exc):
+            if is_transient(exc):
                 raise
             # One event hit a bug in the code, or a value the database refuses. Redo the
             # batch one event per transaction so the good ones go through and the bad one
@@ -189,7 +190,7 @@ class IntakeProcessor:
         try:
             return self._apply_batch([accepted], wait=True)[0][0]
         except Exception as exc:
-            if _is_infrastructure(exc):
+            if is_transient(exc):
                 raise
             cause = exc.__cause__ if isinstance(exc, _EventBug) else exc
             if isinstance(cause, DBAPIError):
@@ -200,7 +201,7 @@ class IntakeProcessor:
             with self.db.transaction() as session:
                 INSERT_EVENTS.execute(session, [_event_row(accepted, "error", problem, None)])
         except Exception as exc:
-            if _is_infrastructure(exc):
+            if is_transient(exc):
                 raise
             # Not even the error could be recorded: the message itself goes to ops.
             log.error("event %s could not be recorded either (%r)",
@@ -413,11 +414,6 @@ def _write_events(session: Session, batch: _Batch) -> None:
         session.connection().execute(UPDATE_EVENT, batch.updated_rows)
     if batch.conflict_rows:
         INSERT_CONFLICTS.execute(session, batch.conflict_rows)
-
-
-def _is_infrastructure(exc: BaseException) -> bool:
-    """PostgreSQL unreachable or restarting: the caller retries the whole batch."""
-    return isinstance(exc, DBAPIError) and is_infrastructure(exc)
 
 
 def _parse(body: bytes, limits: Limits, received_at: datetime) -> Accepted | Rejection:

@@ -35,10 +35,10 @@ from zoneinfo import ZoneInfo
 
 from services.notifier.channels.base import Channel
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from services.notifier.ratelimit import (
     InMemoryRateLimiter,
@@ -47,6 +47,7 @@ from services.notifier.ratelimit import (
     scope_of,
     subject_for,
 )
+from shared.config import RateLimitSettings
 from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.notifications.masking import mask_address, mask_text
 from shared.notifications.policy import NotificationRequest, PolicyError, RenderedMessage
@@ -65,21 +66,26 @@ __all__ = [
     "RetryPolicy",
     "decide_and_send",
     "decide_many",
+    "rate_limits",
     "send_now",
 ]
 
-# Defaults in the spirit of the providers' own per-number controls (Aliyun: 5 per hour,
-# 10 per day for one number); each is a setting.
-DEFAULT_RATE_LIMITS: tuple[RateLimit, ...] = (
-    RateLimit("sms", 5, 3600),
-    RateLimit("sms", 10, 86400),
-    RateLimit("email", 30, 3600),
-    # Ops escalations: their own, looser limits (a flood of escalations is a signal ops
-    # must get, yet a loop must not page a phone without end).
-    RateLimit("sms", 60, 3600, scope="ops"),
-    RateLimit("sms", 300, 86400, scope="ops"),
-    RateLimit("email", 600, 3600, scope="ops"),
-)
+def rate_limits(group: RateLimitSettings) -> tuple[RateLimit, ...]:
+    """The limits the settings give: per address (merchants, buyers) and, looser, for
+    escalations to ops (a flood of escalations is a signal ops must get, yet a loop must
+    not page a phone without end)."""
+    return (
+        RateLimit("sms", group.sms_per_phone_per_hour, 3600),
+        RateLimit("sms", group.sms_per_phone_per_day, 86400),
+        RateLimit("email", group.email_per_address_per_hour, 3600),
+        RateLimit("sms", group.ops_sms_per_phone_per_hour, 3600, scope="ops"),
+        RateLimit("sms", group.ops_sms_per_phone_per_day, 86400, scope="ops"),
+        RateLimit("email", group.ops_email_per_address_per_hour, 3600, scope="ops"),
+    )
+
+
+# The settings' defaults (model_construct: no environment read at import).
+DEFAULT_RATE_LIMITS: tuple[RateLimit, ...] = rate_limits(RateLimitSettings.model_construct())
 
 
 @dataclass(frozen=True)
@@ -275,14 +281,14 @@ def send_now(
     """Step 4: hand a message that `decide_many` cleared to its channel; classify a failure."""
     try:
         result = channel.send(message, request.dedup_key)
-    except NotifierError as exc:
+    except SendError as exc:
         return _retry_or_fail(exc, attempt, now, retry, rng, _LogContext(request))
     except Exception as exc:
         # An adapter bug or an unexpected library error: treat as transient (capped), so
         # it shows up as retries and then a recorded failure instead of a stuck message.
         log.exception("unexpected error from %s channel %s", channel.name, _LogContext(request))
         return _retry_or_fail(
-            TransientError(f"{type(exc).__name__}: {exc}"), attempt, now, retry, rng,
+            TransientSendError(f"{type(exc).__name__}: {exc}"), attempt, now, retry, rng,
             _LogContext(request)
         )
     log.info("sent via %s id=%s %s", result.provider, result.provider_id, _LogContext(request))
@@ -324,7 +330,7 @@ def _quiet_or_render(
 
 
 def _retry_or_fail(
-    exc: NotifierError,
+    exc: SendError,
     attempt: int,
     now: datetime,
     retry: RetryPolicy,
@@ -336,7 +342,7 @@ def _retry_or_fail(
     # Servers quote the address back ("550 <a@b.c>: unknown user"): mask before it is
     # logged or stored.
     error = mask_text(str(exc))
-    if isinstance(exc, PermanentError):
+    if isinstance(exc, PermanentSendError):
         log.error("failed (permanent) %s: %s", ctx, error)
         return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
     if isinstance(exc, ThrottledError):
@@ -346,7 +352,7 @@ def _retry_or_fail(
         at = now + timedelta(seconds=retry.throttle_wait_s(exc.retry_after, rng))
         log.warning("throttled, retry at %s %s: %s", at.isoformat(), ctx, error)
         return DeliveryResult("retry", retry_at=at, error=error, error_kind=kind, attempted=True)
-    if isinstance(exc, TransientError) and exc.maybe_sent and not retry.retry_ambiguous:
+    if isinstance(exc, TransientSendError) and exc.maybe_sent and not retry.retry_ambiguous:
         log.error("failed (may have been delivered; not retried) %s: %s", ctx, error)
         return DeliveryResult("failed", error=error, error_kind="ambiguous", attempted=True)
     if retry.max_attempts is not None and attempt >= retry.max_attempts:

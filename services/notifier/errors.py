@@ -1,20 +1,20 @@
 """How a send failed, classified so the caller knows whether and when to try again.
 
 - ThrottledError: the provider (or a limit of ours) said "not now"; retry after `retry_after`.
-- TransientError: a hiccup (connection, 5xx, timeout); retry with capped backoff.
-- PermanentError: retrying cannot help (bad number, unknown template, auth); record, stop.
+- TransientSendError: a hiccup (connection, 5xx, timeout); retry with capped backoff.
+- PermanentSendError: retrying cannot help (bad number, unknown template, auth); record, stop.
 
-They also derive from the project's shared categories (shared.errors), so a Dramatiq actor
-can list `shared.errors.PermanentError` in `throws=` and catch these too.
+Each also sits in the project's categories (shared.errors: `Transient`, `Permanent`), so a
+boundary that only knows those (a Dramatiq actor's `throws=`) treats them right.
 """
 
 from __future__ import annotations
 
-from shared import errors as _shared
+from shared.errors import AftersalesError, Permanent, Transient
 
 
-class NotifierError(_shared.ServiceError):
-    """Root of the notifier's errors. `code` is the provider's / server's own code."""
+class SendError(AftersalesError):
+    """Root of the notifier's send errors. `code` is the provider's / server's own code."""
 
     kind = "error"
 
@@ -27,7 +27,7 @@ class NotifierError(_shared.ServiceError):
         return f"{self.code}: {self.message}" if self.code else self.message
 
 
-class ThrottledError(NotifierError, _shared.TransientError):
+class ThrottledError(SendError, Transient):
     """Rate limited. `retry_after` (seconds) is the provider's hint, None when it gave none."""
 
     kind = "throttled"
@@ -39,7 +39,7 @@ class ThrottledError(NotifierError, _shared.TransientError):
         self.retry_after = retry_after
 
 
-class TransientError(NotifierError, _shared.TransientError):
+class TransientSendError(SendError, Transient):
     """`maybe_sent`: the request left us and no answer came back (read timeout, connection
     dropped during SMTP DATA). The provider may have accepted it, so a retry could make a
     person get the message twice; the delivery policy does not retry these by default."""
@@ -52,5 +52,5 @@ class TransientError(NotifierError, _shared.TransientError):
         self.maybe_sent = maybe_sent
 
 
-class PermanentError(NotifierError, _shared.PermanentError):
+class PermanentSendError(SendError, Permanent):
     kind = "permanent"

@@ -10,12 +10,13 @@ from functools import partial
 import redis
 
 from services.notifier.actors import register
-from services.notifier.config import NotifierConfig, build_channels
+from services.notifier.channels import build_channels
+from services.notifier.delivery import QuietHours, RetryPolicy, rate_limits
 from services.notifier.ratelimit import RedisRateLimiter
 from services.notifier.sender import NotificationSender
 from shared import metrics
 from shared.bootstrap import build_database, build_health, build_policy
-from shared.config import Settings
+from shared.config import QuietHoursSettings, Settings
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, child_stop_budget, supervise
@@ -25,22 +26,30 @@ log = logging.getLogger(__name__)
 
 
 def build_sender(settings: Settings) -> NotificationSender:
-    try:
-        config = NotifierConfig.from_settings(settings)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     policy = build_policy(settings)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    delivery = settings.delivery
     return NotificationSender(
         db=build_database(settings, pool_size=settings.worker_threads),
         policy=policy,
-        channels=build_channels(config, policy),
+        channels=build_channels(settings.smtp, settings.sms, policy),
         limiter=RedisRateLimiter(client, prefix=settings.redis_prefix + "ratelimit:"),
-        quiet_hours=config.quiet_hours(),
-        limits=config.rate_limits(),
-        retry=config.retry_policy(),
-        valid_for=timedelta(seconds=config.valid_s),
+        quiet_hours=quiet_hours(settings.quiet_hours),
+        limits=rate_limits(settings.rate_limits),
+        retry=RetryPolicy(max_attempts=delivery.max_attempts,
+                          base_delay_s=delivery.retry_base_seconds,
+                          max_delay_s=delivery.retry_max_seconds),
+        valid_for=timedelta(seconds=delivery.valid_seconds),
     )
+
+
+def quiet_hours(group: QuietHoursSettings) -> QuietHours:
+    try:
+        return QuietHours.parse(group.window, group.tz)
+    except ValueError as exc:
+        raise ConfigError(f"AFTERSALES_QUIET_HOURS: {exc}") from None
+    except KeyError:  # ZoneInfoNotFoundError
+        raise ConfigError(f"AFTERSALES_QUIET_HOURS_TZ: no time zone {group.tz!r}") from None
 
 
 def worker(settings: Settings) -> None:

@@ -42,7 +42,8 @@ from services.notifier.delivery import (
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
 from shared.db.models import NotificationRow
-from shared.db.session import Database, db_now, is_infrastructure
+from shared.db.session import Database, db_now
+from shared.errors import is_transient
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
     NotificationPolicy,
@@ -233,7 +234,7 @@ class NotificationSender:
                 with self.db.transaction() as s:
                     return work(s)
             except DBAPIError as exc:
-                if not is_infrastructure(exc) or time.monotonic() + delay > give_up:
+                if not is_transient(exc) or time.monotonic() + delay > give_up:
                     raise
                 log.warning("database unavailable (%s); trying again in %.1fs",
                             type(exc.orig).__name__, delay)

@@ -27,6 +27,7 @@ from sqlalchemy import text
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from shared.domain.timeutil import as_utc
+from shared.errors import InvalidInput
 from shared.publish import publish_lines
 
 OPS_SOURCE = "ops"
@@ -34,7 +35,7 @@ ACTIONS = {"pause": "intervention.requested", "resume": "intervention.resolved",
            "extend": "deadline.changed"}
 
 
-class ActionError(ValueError):
+class ActionError(InvalidInput, ValueError):
     """The action cannot be built (no such case, no deadline to extend...)."""
 
 

@@ -33,8 +33,9 @@ from shared.db.persist import (
     load_cases,
     lock_cases,
 )
-from shared.db.session import Database, db_now, is_infrastructure
+from shared.db.session import Database, db_now
 from shared.domain import DeadlineSpec, Engine, RuleRef, StepResult, seconds_to_resolution
+from shared.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Resolver:
         try:
             return self._fire_batch(ids)
         except (_FireBug, DBAPIError) as exc:
-            if isinstance(exc, DBAPIError) and is_infrastructure(exc):
+            if is_transient(exc):
                 raise
             if len(ids) == 1:
                 return self._record_error(ids[0], exc)

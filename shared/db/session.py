@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 # psycopg prepares a statement after a few executions, and PostgreSQL then switches a
@@ -85,14 +84,3 @@ def db_now(session: Session) -> datetime:
     value = session.execute(DB_NOW).scalar_one()
     assert isinstance(value, datetime)
     return value
-
-
-def is_infrastructure(exc: DBAPIError) -> bool:
-    """Lost connections, restarts and deadlocks are worth retrying the whole batch; data
-    errors (a value PostgreSQL refuses) are about one item only."""
-    return bool(exc.connection_invalidated) or isinstance(
-        exc, (OperationalError, InterfaceError)
-    ) or type(exc.orig).__name__ in {"DeadlockDetected", "SerializationFailure",
-                                     "AdminShutdown", "CannotConnectNow",
-                                     # statement_timeout / lock_timeout: retry the batch
-                                     "QueryCanceled", "LockNotAvailable"}

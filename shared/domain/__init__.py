@@ -8,7 +8,7 @@ from shared.domain.calendar import WorkCalendar
 from shared.domain.engine import Engine, decision_key, facts_of
 from shared.domain.errors import (
     AftersalesError,
-    DomainError,
+    ConfigError,
     HolidayFileError,
     RuleFileError,
 )
@@ -35,9 +35,9 @@ __all__ = [
     "OPEN",
     "AftersalesError",
     "Case",
+    "ConfigError",
     "DeadlineSpec",
     "Decision",
-    "DomainError",
     "Engine",
     "Event",
     "HolidayFileError",

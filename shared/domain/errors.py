@@ -1,8 +1,11 @@
-"""Errors of the domain core.
+"""The root of the project's errors, and the domain core's own.
 
-`AftersalesError` is the root of every error the project raises on purpose; the services
-re-export it. The domain raises only for programming or configuration errors: bad business
-input (an event that does not fit a case) is reported in an `Outcome`, never raised.
+`AftersalesError` is the root of every error the project raises on purpose. It lives here
+because the domain core imports no infrastructure; `shared.errors` builds the categories
+the services use at their boundaries (invalid input, transient, permanent) on it.
+
+The domain raises only for configuration errors: bad business input (an event that does
+not fit a case) is reported in an `Outcome`, never raised.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ class AftersalesError(Exception):
     """Root of every error the project raises on purpose."""
 
 
-class DomainError(AftersalesError):
-    """A configuration or programming error detected by the domain core."""
+class ConfigError(AftersalesError):
+    """A setting or a data file that cannot be used: the process stops at start with this
+    one line, naming the variable or the file."""
 
 
-class DataFileError(DomainError):
+class DataFileError(ConfigError):
     """A rule or holiday file that cannot be used; the message names file, line and reason."""
 
     def __init__(self, path: Path | str, line: int | None, reason: str) -> None:
@@ -35,4 +39,3 @@ class RuleFileError(DataFileError):
 
 class HolidayFileError(DataFileError):
     """A broken user holiday file."""
-

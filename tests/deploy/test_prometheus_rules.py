@@ -12,7 +12,8 @@ from deploy_helpers import DEPLOY
 
 PROM = DEPLOY / "prometheus"
 CONFIGS = ["prometheus.yml", "prometheus.docker.yml"]
-SERVICE_PORTS = {"intake": 9101, "timer": 9102, "resolver": 9103, "notifier": 9104}
+SERVICE_PORTS = {"intake": 9101, "timer": 9102, "resolver": 9103, "notifier": 9104,
+                 "gateway": 9105}
 
 
 def run(cmd: list[str], cwd: Path = PROM) -> str:

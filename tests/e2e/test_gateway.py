@@ -15,10 +15,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pika
 import pytest
 from sqlalchemy import func, select
 
 from services.ops.caseview import case_document
+from shared.amqp import INTAKE_QUEUE
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from tests.conftest import wait_for
@@ -74,7 +76,15 @@ def explain_case(db: Database, system: System, gateway: Gateway, case_id: str) -
              for name in ("intake", "timer", "resolver")}
     tails["gateway"] = "\n".join(gateway.log().splitlines()[-15:])
     logs = "\n".join(f"--- {name}\n{tail}" for name, tail in tails.items())
-    return f"case {case_id}: {json.dumps(case(db, case_id), default=str, indent=1)}\n{logs}"
+    connection = pika.BlockingConnection(pika.URLParameters(system.env["AFTERSALES_AMQP_URL"]))
+    try:
+        waiting = connection.channel().queue_declare(INTAKE_QUEUE, passive=True)
+        queue = f"{INTAKE_QUEUE}: {waiting.method.message_count} ready, " \
+                f"{waiting.method.consumer_count} consumers"
+    finally:
+        connection.close()
+    return (f"case {case_id}: {json.dumps(case(db, case_id), default=str, indent=1)}\n"
+            f"{queue}\n{logs}")
 
 
 def events_seen(db: Database, case_id: str) -> list[tuple[str, str]]:

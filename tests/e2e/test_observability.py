@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import time
 import urllib.error
@@ -42,7 +43,7 @@ from sqlalchemy import Connection, text
 from shared.amqp import FIRE_DEADLINE_ACTOR, RESOLVER_QUEUE
 from shared.db.session import Database
 from tests.conftest import wait_for
-from tests.harness import ROOT, System, publish_events
+from tests.harness import ROOT, Gateway, System, publish_events
 from tests.resources import free_port
 
 pytestmark = pytest.mark.e2e
@@ -407,14 +408,17 @@ def rabbitmq_metrics_answer() -> bool:
         return False
 
 
-def prometheus_config(system: System, with_rabbitmq: bool) -> dict[str, Any]:
+def prometheus_config(system: System, gateway: Gateway, with_rabbitmq: bool
+                      ) -> dict[str, Any]:
     """deploy/prometheus/prometheus.yml with only the targets changed (and 1 s intervals)."""
     shipped_dir = ROOT / "deploy" / "prometheus"
     shipped = yaml.safe_load((shipped_dir / "prometheus.yml").read_text(encoding="utf-8"))
     jobs = []
     for job in shipped["scrape_configs"]:
         name = job["job_name"]
-        if name.startswith("aftersales-"):
+        if name == "aftersales-gateway":
+            targets = [f"127.0.0.1:{gateway.port}"]
+        elif name.startswith("aftersales-"):
             targets = [f"127.0.0.1:{system.ports[name.removeprefix('aftersales-')]}"]
         elif name == "rabbitmq":
             if not with_rabbitmq:
@@ -541,11 +545,14 @@ def test_every_dashboard_query_is_valid_and_returns_data(
                 allowed[(q.dashboard, q.panel, q.ref_id)] = (
                     "RabbitMQ's Prometheus plugin is not enabled on this machine")
 
-    prometheus = Prometheus(prometheus_config(system, with_rabbitmq), tmp_path)
+    gateway = Gateway(system.env, tmp_path)
+    gateway.start()
+    prometheus = Prometheus(prometheus_config(system, gateway, with_rabbitmq), tmp_path)
     overdue: Connection | None = None
     try:
         wait_for(prometheus.ready, timeout=30, interval=0.2, what="prometheus to be ready")
-        jobs = {f"aftersales-{s}" for s in SERVICES} | ({"rabbitmq"} if with_rabbitmq else set())
+        jobs = {f"aftersales-{s}" for s in (*SERVICES, "gateway")} \
+            | ({"rabbitmq"} if with_rabbitmq else set())
         wait_for(lambda: all(prometheus.target_health().get(j) == "up" for j in jobs),
                  timeout=30, interval=0.2, what=f"prometheus to scrape {sorted(jobs)}")
 
@@ -596,6 +603,7 @@ def test_every_dashboard_query_is_valid_and_returns_data(
             if answer.get("status") != "success" or not answer.get("data"):
                 variables[f"{dashboard} ${name}"] = f"{query} -> {answer}"
     finally:
+        gateway.kill(signal.SIGTERM)
         if overdue is not None:
             overdue.rollback()
             overdue.close()

@@ -7,14 +7,14 @@ import pytest
 from sqlalchemy import text
 
 from shared.bootstrap import build_database
-from shared.config import Settings
+from shared.config import DatabaseSessionSettings, Settings
 
 pytestmark = pytest.mark.integration
 
 
 def test_sessions_carry_timeouts_and_keepalives(database_url: str) -> None:
-    settings = Settings(database_url=database_url, db_statement_timeout_ms=1234,
-                        db_lock_timeout_ms=567, db_keepalives_idle_seconds=42)
+    settings = Settings(database_url=database_url, db=DatabaseSessionSettings(
+        statement_timeout_ms=1234, lock_timeout_ms=567, keepalives_idle_seconds=42))
     db = build_database(settings, pool_size=1)
     try:
         with db.transaction() as s:

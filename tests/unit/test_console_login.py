@@ -8,7 +8,7 @@ from starlette.testclient import TestClient
 
 from services.console.app import ConsoleConfig, build_app
 from services.console.main import config_from, is_loopback
-from shared.config import Settings
+from shared.config import ConsoleSettings, Settings
 from shared.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ def test_beyond_loopback_the_console_does_not_start_without_a_login() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
     with pytest.raises(ConfigError, match="AFTERSALES_CONSOLE_USER"):
-        config_from(Settings(console_host="0.0.0.0"))
+        config_from(Settings(console=ConsoleSettings(host="0.0.0.0")))
 
 
 def test_with_a_login_every_page_asks_for_it() -> None:

@@ -21,8 +21,8 @@ def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.amqp_url == "amqp://guest:guest@127.0.0.1:5672/%2F"
     assert s.database_url == "postgresql+psycopg://127.0.0.1/aftersales"
     assert s.redis_url == "redis://127.0.0.1:6379/0"
-    assert (s.smtp_host, s.smtp_port) == ("127.0.0.1", 25)
-    assert s.sms_provider == "log"
+    assert (s.smtp.host, s.smtp.port) == ("127.0.0.1", 25)
+    assert s.sms.provider == "log"
     assert [s.metrics_port_for(n) for n in ("intake", "timer", "resolver", "notifier")] == [
         9101, 9102, 9103, 9104]
 
@@ -35,6 +35,11 @@ def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
         ("AFTERSALES_DATABASE_URL", "mysql://x"),
         ("AFTERSALES_SMS_PROVIDER", "carrier-pigeon"),
         ("AFTERSALES_RULES", "/no/such/rules"),
+        # Variables of a group (settings.smtp, settings.gateway) are named the same way.
+        ("AFTERSALES_SMTP_PORT", "0"),
+        ("AFTERSALES_SMTP_FROM", "no-address"),
+        ("AFTERSALES_GATEWAY_MAPPINGS", "/no/such/folder"),
+        ("AFTERSALES_CONSOLE_PORT", "http"),
     ],
 )
 def test_a_bad_setting_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

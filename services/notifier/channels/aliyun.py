@@ -29,10 +29,10 @@ import httpx
 
 from services.notifier.channels.base import SendResult, national_phone
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from services.notifier.timeutil import seconds_until_next_day
 from shared.notifications.masking import mask_phone, mask_text
@@ -41,6 +41,7 @@ from shared.notifications.policy import RenderedMessage
 log = logging.getLogger("aftersales.notifier.aliyun")
 
 DEFAULT_ENDPOINT = "https://dysmsapi.aliyuncs.com/"
+DEFAULT_REGION = "cn-hangzhou"
 API_VERSION = "2017-05-25"
 
 THROTTLED_CODES = frozenset(
@@ -130,7 +131,7 @@ class AliyunSmsChannel:
         sign_name: str,
         *,
         endpoint: str = DEFAULT_ENDPOINT,
-        region_id: str = "cn-hangzhou",
+        region_id: str = DEFAULT_REGION,
         timeout: float = 10.0,
         client: httpx.Client | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -152,7 +153,7 @@ class AliyunSmsChannel:
         """The signed request parameters for one message (exposed for tests)."""
         code = message.template_code(self.name)
         if not code:
-            raise PermanentError(
+            raise PermanentSendError(
                 f"no Aliyun template code for {message.template!r} (AFTERSALES_SMS_TEMPLATES)",
                 code="template_code",
             )
@@ -178,7 +179,7 @@ class AliyunSmsChannel:
 
     def send(self, message: RenderedMessage, dedup_key: str) -> SendResult:
         if message.channel != "sms":
-            raise PermanentError(f"aliyun channel cannot send a {message.channel} message")
+            raise PermanentSendError(f"aliyun channel cannot send a {message.channel} message")
         params = self.params(message, dedup_key)
         to = mask_phone(message.recipient)
         try:
@@ -190,10 +191,10 @@ class AliyunSmsChannel:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never reached the provider: safe to retry.
-            raise TransientError(f"{type(exc).__name__}: {exc}", code="connection") from exc
+            raise TransientSendError(f"{type(exc).__name__}: {exc}", code="connection") from exc
         except httpx.HTTPError as exc:
             # Sent (perhaps partly) and no answer: the provider may have accepted it.
-            raise TransientError(
+            raise TransientSendError(
                 f"{type(exc).__name__}: {exc}", code="no_answer", maybe_sent=True
             ) from exc
         try:
@@ -211,15 +212,15 @@ class AliyunSmsChannel:
                     mask_text(str(err)))
         raise err
 
-    def classify(self, status: int, code: str, message: str) -> NotifierError:
+    def classify(self, status: int, code: str, message: str) -> SendError:
         if code in THROTTLED_CODES or status == 429:
             return ThrottledError(message, retry_after=self._retry_after(message), code=code)
         if code in PERMANENT_CODES:
-            return PermanentError(message, code=code)
+            return PermanentSendError(message, code=code)
         if code in TRANSIENT_CODES or code.startswith("isp.") or status >= 500 or status == 0:
-            return TransientError(message, code=code or str(status))
+            return TransientSendError(message, code=code or str(status))
         # Unknown isv.* (business rule) codes and 4xx: the same request will fail again.
-        return PermanentError(message, code=code or str(status))
+        return PermanentSendError(message, code=code or str(status))
 
     def _retry_after(self, message: str) -> float:
         """Aliyun names the window it enforced: 分钟级 / 小时级 / 天级 (minute/hour/day)."""

@@ -1,7 +1,7 @@
 """The channel port: one method, `send(message, dedup_key) -> SendResult`.
 
 A channel either returns (the provider accepted the message) or raises one of
-ThrottledError / TransientError / PermanentError (services.notifier.errors). The dedup key
+ThrottledError / TransientSendError / PermanentSendError (services.notifier.errors). The dedup key
 goes to the provider (Message-ID, OutId, SessionContext) so a message that was sent
 anyway despite a crash can be recognised on the provider's side.
 """

@@ -7,8 +7,8 @@ relay's logs, and mail clients thread or collapse duplicates.
 SMTP reply codes are classified (RFC 5321 / RFC 3463):
 - 421 (service closing, often "too many connections"), 452 (too many recipients /
   insufficient storage) and any 4.7.x mentioning rate or limits -> ThrottledError;
-- other 4xx and connection / timeout errors -> TransientError;
-- 5xx (unknown user, auth failed, policy rejection) -> PermanentError.
+- other 4xx and connection / timeout errors -> TransientSendError;
+- 5xx (unknown user, auth failed, policy rejection) -> PermanentSendError.
 
 Each thread keeps its connection open and reuses it for the next message: connect,
 greeting, EHLO, STARTTLS, AUTH and QUIT took more round trips than the message itself. A
@@ -34,10 +34,10 @@ from typing import Literal
 
 from services.notifier.channels.base import SendResult
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from shared.notifications.masking import mask_email
 from shared.notifications.policy import RenderedMessage
@@ -142,7 +142,7 @@ class SmtpEmailChannel:
 
     def send(self, message: RenderedMessage, dedup_key: str) -> SendResult:
         if message.channel != "email":
-            raise PermanentError(f"smtp channel cannot send a {message.channel} message")
+            raise PermanentSendError(f"smtp channel cannot send a {message.channel} message")
         data = self.build(message, dedup_key)
         to = mask_email(message.recipient)
         progress = _Progress()
@@ -154,22 +154,23 @@ class SmtpEmailChannel:
                 # transaction): sending it on a new connection cannot make it twice.
                 log.info("smtp: kept connection was closed (%s); using a new one", exc)
                 self._transaction(data, message.recipient, progress, reuse=False)
-        except NotifierError:
+        except SendError:
             raise
         except smtplib.SMTPResponseException as exc:
             # SMTPDataError, SMTPAuthenticationError, SMTPHeloError, SMTPConnectError, ...
             raise _classify(exc.smtp_code, exc.smtp_error, what=type(exc).__name__) from exc
         except smtplib.SMTPNotSupportedError as exc:
             # e.g. STARTTLS or AUTH asked for but not offered: a setting, not a hiccup.
-            raise PermanentError(f"server does not support it: {exc}", code="unsupported") from exc
+            raise PermanentSendError(f"server does not support it: {exc}",
+                                     code="unsupported") from exc
         except ssl.SSLCertVerificationError as exc:
-            raise PermanentError(f"TLS certificate rejected: {exc}", code="tls") from exc
+            raise PermanentSendError(f"TLS certificate rejected: {exc}", code="tls") from exc
         except (TimeoutError, smtplib.SMTPServerDisconnected, ssl.SSLError, OSError) as exc:
-            raise TransientError(
+            raise TransientSendError(
                 f"{type(exc).__name__}: {exc}", code="connection", maybe_sent=progress.in_data
             ) from exc
         except smtplib.SMTPException as exc:
-            raise TransientError(
+            raise TransientSendError(
                 f"{type(exc).__name__}: {exc}", code="smtp", maybe_sent=progress.in_data
             ) from exc
         log.info("email sent to=%s key=%s", to, dedup_key)
@@ -296,7 +297,7 @@ def _header(name: str, value: str) -> str:
     """RFC 2047-encode a header value unless it is plain ASCII; refuse line breaks (a
     value must not be able to add headers of its own)."""
     if "\r" in value or "\n" in value:
-        raise PermanentError("a header value contains a line break", code="header")
+        raise PermanentSendError("a header value contains a line break", code="header")
     if value.isascii():
         return value
     return Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
@@ -306,7 +307,7 @@ def _text(v: bytes | str) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
-def _classify(code: int, text: bytes | str, *, what: str) -> NotifierError:
+def _classify(code: int, text: bytes | str, *, what: str) -> SendError:
     msg = f"{what}: {code} {_text(text)}".strip()
     c = str(code)
     if 400 <= code < 500:
@@ -315,8 +316,8 @@ def _classify(code: int, text: bytes | str, *, what: str) -> NotifierError:
             code in (450, 451) and _RATE_WORDS.search(t)
         ):
             return ThrottledError(msg, retry_after=DEFAULT_THROTTLE_RETRY_S, code=c)
-        return TransientError(msg, code=c)
+        return TransientSendError(msg, code=c)
     if 500 <= code < 600:
-        return PermanentError(msg, code=c)
+        return PermanentSendError(msg, code=c)
     # -1 and other non-codes: smtplib's way of saying the connection broke.
-    return TransientError(msg, code=c)
+    return TransientSendError(msg, code=c)

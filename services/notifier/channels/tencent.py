@@ -31,10 +31,10 @@ import httpx
 
 from services.notifier.channels.base import SendResult, e164_phone
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from services.notifier.timeutil import seconds_until_next_day
 from shared.notifications.masking import mask_phone, mask_text
@@ -43,6 +43,7 @@ from shared.notifications.policy import RenderedMessage
 log = logging.getLogger("aftersales.notifier.tencent")
 
 DEFAULT_ENDPOINT = "https://sms.tencentcloudapi.com/"
+DEFAULT_REGION = "ap-guangzhou"
 SERVICE = "sms"
 API_VERSION = "2021-01-11"
 ALGORITHM = "TC3-HMAC-SHA256"
@@ -142,7 +143,7 @@ class TencentSmsChannel:
         sign_name: str,
         *,
         endpoint: str = DEFAULT_ENDPOINT,
-        region: str = "ap-guangzhou",
+        region: str = DEFAULT_REGION,
         timeout: float = 10.0,
         client: httpx.Client | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -163,7 +164,7 @@ class TencentSmsChannel:
         """Headers and body of the signed request for one message (exposed for tests)."""
         template_id = message.template_code(self.name)
         if not template_id:
-            raise PermanentError(
+            raise PermanentSendError(
                 f"no Tencent template id for {message.template!r} (AFTERSALES_SMS_TEMPLATES)",
                 code="template_code",
             )
@@ -197,17 +198,17 @@ class TencentSmsChannel:
 
     def send(self, message: RenderedMessage, dedup_key: str) -> SendResult:
         if message.channel != "sms":
-            raise PermanentError(f"tencent channel cannot send a {message.channel} message")
+            raise PermanentSendError(f"tencent channel cannot send a {message.channel} message")
         headers, payload = self.request(message, dedup_key)
         to = mask_phone(message.recipient)
         try:
             resp = self._client.post(self.endpoint, content=payload, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never reached the provider: safe to retry.
-            raise TransientError(f"{type(exc).__name__}: {exc}", code="connection") from exc
+            raise TransientSendError(f"{type(exc).__name__}: {exc}", code="connection") from exc
         except httpx.HTTPError as exc:
             # Sent (perhaps partly) and no answer: the provider may have accepted it.
-            raise TransientError(
+            raise TransientSendError(
                 f"{type(exc).__name__}: {exc}", code="no_answer", maybe_sent=True
             ) from exc
         try:
@@ -233,7 +234,7 @@ class TencentSmsChannel:
                     mask_text(str(err)))
         raise err
 
-    def classify(self, status: int, code: str, message: str) -> NotifierError:
+    def classify(self, status: int, code: str, message: str) -> SendError:
         if code in _DAILY:
             return ThrottledError(message, retry_after=seconds_until_next_day(self._clock()),
                                   code=code)
@@ -242,13 +243,13 @@ class TencentSmsChannel:
         if code.startswith(("LimitExceeded.", "RequestLimitExceeded")) or status == 429:
             return ThrottledError(message, retry_after=60.0, code=code or str(status))
         if code in PERMANENT_CODES:
-            return PermanentError(message, code=code)
+            return PermanentSendError(message, code=code)
         if (
             code in TRANSIENT_CODES
             or code.startswith(("InternalError", "ResourceUnavailable"))
             or status >= 500
         ):
-            return TransientError(message, code=code or str(status))
+            return TransientSendError(message, code=code or str(status))
         # InvalidParameter*, UnauthorizedOperation.*, FailedOperation.* and other 4xx:
         # the same request would fail the same way.
-        return PermanentError(message, code=code or str(status))
+        return PermanentSendError(message, code=code or str(status))

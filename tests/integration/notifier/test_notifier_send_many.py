@@ -17,7 +17,7 @@ from sqlalchemy import event, insert, select, update
 
 from services.notifier.channels import FakeChannel, SendResult
 from services.notifier.delivery import QuietHours, RetryPolicy
-from services.notifier.errors import PermanentError, ThrottledError, TransientError
+from services.notifier.errors import PermanentSendError, ThrottledError, TransientSendError
 from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import CHUNK, NotificationSender, SendOutcome
 from shared.db.models import NotificationRow
@@ -120,9 +120,9 @@ def test_results_are_recorded(db: Database) -> None:
     (permanent_again,) = add(db, send_after=before, attempts=2)  # deferred once before
     (quiet,) = add(db, urgent=False)
     (throttled,) = add(db)
-    channel = FakeChannel(script=[None, TransientError("connection reset"),
-                                  PermanentError("550 <shop@example.com>: unknown", code="550"),
-                                  PermanentError("554 rejected", code="554"),
+    channel = FakeChannel(script=[None, TransientSendError("connection reset"),
+                                  PermanentSendError("550 <shop@example.com>: unknown", code="550"),
+                                  PermanentSendError("554 rejected", code="554"),
                                   ThrottledError("slow down", retry_after=60)])
     sender = make_sender(db, channel, at=NIGHT, quiet="22:00-08:00")
     outcomes = sender.send_many([ok, transient, permanent, permanent_again, quiet, throttled])

@@ -13,16 +13,17 @@ import httpx
 import pytest
 from notifier_fakes import FakeAliyun, FakeTencent
 
-from services.notifier.channels import AliyunSmsChannel, TencentSmsChannel
+from services.notifier.channels import AliyunSmsChannel, TencentSmsChannel, build_channels
 from services.notifier.channels import aliyun as aliyun_mod
-from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.delivery import InMemoryRateLimiter, QuietHours, decide_and_send
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
+from shared.bootstrap import build_policy
+from shared.config import load_settings
 from shared.notifications.policy import NotificationPolicy, OpsContacts, RenderedMessage
 
 # Keys are generated per run: nothing secret lives in the repository.
@@ -38,7 +39,7 @@ SMS = RenderedMessage(
 )
 KEY = "0123456789abcdef0123456789abcdef"
 
-ErrType = type[NotifierError]
+ErrType = type[SendError]
 
 
 def to(phone: str) -> RenderedMessage:
@@ -83,7 +84,7 @@ def test_aliyun_valid_signature_is_accepted(fake_aliyun: FakeAliyun) -> None:
 
 
 def test_aliyun_wrong_secret_is_rejected_as_permanent(fake_aliyun: FakeAliyun) -> None:
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         aliyun_channel(fake_aliyun.url, secret="not-the-secret").send(SMS, KEY)
     assert err.value.code == "SignatureDoesNotMatch"
     assert fake_aliyun.requests == []
@@ -108,9 +109,9 @@ def test_aliyun_tampered_request_is_rejected(fake_aliyun: FakeAliyun) -> None:
     "phone,kind,code",
     [
         ("13800000001", ThrottledError, "isv.BUSINESS_LIMIT_CONTROL"),
-        ("13800000002", PermanentError, "isv.MOBILE_NUMBER_ILLEGAL"),
-        ("13800000003", TransientError, "ServiceUnavailable"),
-        ("13800000004", TransientError, "isp.SYSTEM_ERROR"),
+        ("13800000002", PermanentSendError, "isv.MOBILE_NUMBER_ILLEGAL"),
+        ("13800000003", TransientSendError, "ServiceUnavailable"),
+        ("13800000004", TransientSendError, "isp.SYSTEM_ERROR"),
     ],
 )
 def test_aliyun_answers_are_classified(fake_aliyun: FakeAliyun, phone: str, kind: ErrType,
@@ -125,7 +126,7 @@ def test_aliyun_answers_are_classified(fake_aliyun: FakeAliyun, phone: str, kind
 def test_aliyun_unreachable_is_transient() -> None:
     with FakeAliyun({}) as server:
         url = server.url
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientSendError):
         aliyun_channel(url).send(SMS, KEY)
 
 
@@ -162,7 +163,7 @@ def test_tencent_valid_signature_is_accepted(fake_tencent: FakeTencent) -> None:
 
 
 def test_tencent_wrong_key_is_rejected_as_permanent(fake_tencent: FakeTencent) -> None:
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         tencent_channel(fake_tencent.url, key="not-the-key").send(SMS, KEY)
     assert err.value.code == "AuthFailure.SignatureFailure"
     assert fake_tencent.requests == []
@@ -180,7 +181,7 @@ def test_tencent_tampered_body_is_rejected(fake_tencent: FakeTencent) -> None:
 def test_tencent_stale_timestamp_is_rejected(fake_tencent: FakeTencent) -> None:
     old = TencentSmsChannel(SECRET_ID, SECRET_KEY, APP_ID, "售后服务", endpoint=fake_tencent.url,
                             clock=lambda: datetime(2020, 1, 1, tzinfo=UTC))
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         old.send(SMS, KEY)
     assert err.value.code == "AuthFailure.SignatureExpire"
 
@@ -189,8 +190,8 @@ def test_tencent_stale_timestamp_is_rejected(fake_tencent: FakeTencent) -> None:
     "phone,kind,code",
     [
         ("13800000001", ThrottledError, "LimitExceeded.PhoneNumberDailyLimit"),
-        ("13800000002", PermanentError, "InvalidParameterValue.IncorrectPhoneNumber"),
-        ("13800000003", TransientError, "InternalError.Timeout"),
+        ("13800000002", PermanentSendError, "InvalidParameterValue.IncorrectPhoneNumber"),
+        ("13800000003", TransientSendError, "InternalError.Timeout"),
         ("13800000004", ThrottledError, "LimitExceeded.PhoneNumberThirtySecondLimit"),
     ],
 )
@@ -205,7 +206,7 @@ def test_tencent_answers_are_classified(fake_tencent: FakeTencent, phone: str, k
 
 
 def test_settings_choose_the_provider_and_delivery_retries_throttling(
-    fake_aliyun: FakeAliyun, tmp_path: Path
+    fake_aliyun: FakeAliyun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     codes = tmp_path / "codes.toml"
     policy = NotificationPolicy.load()
@@ -213,11 +214,13 @@ def test_settings_choose_the_provider_and_delivery_retries_throttling(
         f'["{name}"]\naliyun = "SMS_{i:09d}"\n'
         for i, name in enumerate(policy.missing_sms_codes("aliyun"))
     ), encoding="utf-8")
-    cfg = NotifierConfig(sms_provider="aliyun", aliyun_access_key_id=KEY_ID,
-                         aliyun_access_key_secret=KEY_SECRET, aliyun_endpoint=fake_aliyun.url,
-                         sms_templates=str(codes))
-    policy = cfg.load_policy()
-    sms = build_channels(cfg, policy)["sms"]
+    for name, value in {"SMS_PROVIDER": "aliyun", "ALIYUN_ACCESS_KEY_ID": KEY_ID,
+                        "ALIYUN_ACCESS_KEY_SECRET": KEY_SECRET, "SMS_ENDPOINT": fake_aliyun.url,
+                        "SMS_TEMPLATES": str(codes)}.items():
+        monkeypatch.setenv(f"AFTERSALES_{name}", value)
+    settings = load_settings()
+    policy = build_policy(settings)
+    sms = build_channels(settings.smtp, settings.sms, policy)["sms"]
     notice = {"reason": "decision.auto_approved", "case_id": "AS9", "step": "merchant_response",
               "party": "merchant", "due_at": "2026-11-24T10:00:00+08:00", "urgent": False,
               "params": {"refund_fen": 1234, "kind": "refund_only", "action": "auto_approve",

@@ -26,10 +26,10 @@ from notifier_fakes import (
 from services.notifier.channels import SmtpEmailChannel
 from services.notifier.delivery import InMemoryRateLimiter, QuietHours, decide_and_send
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
 from shared.notifications.policy import (
     NotificationPolicy,
@@ -50,7 +50,7 @@ MAIL = RenderedMessage(
 )
 KEY = "0123456789abcdef0123456789abcdef"
 
-ErrType = type[NotifierError]
+ErrType = type[SendError]
 
 
 def payload_text(msg: Message) -> str:
@@ -162,7 +162,7 @@ def test_wrong_password_is_permanent(starttls_server: int, handler: RecordingHan
     ch = SmtpEmailChannel("127.0.0.1", starttls_server, "noreply@shop.example",
                           user=USER, password="wrong", tls="starttls",
                           ssl_context=client_ctx(certs))
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         ch.send(MAIL, KEY)
     assert err.value.code == "535"
     assert handler.received == []
@@ -173,7 +173,7 @@ def test_untrusted_certificate_is_permanent(starttls_server: int,
     # The default context does not trust the test's self-signed certificate.
     ch = SmtpEmailChannel("127.0.0.1", starttls_server, "noreply@shop.example",
                           user=USER, password=PASSWORD, tls="starttls")
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PermanentSendError) as err:
         ch.send(MAIL, KEY)
     assert err.value.code == "tls"
     assert handler.received == []
@@ -181,7 +181,7 @@ def test_untrusted_certificate_is_permanent(starttls_server: int,
 
 def test_starttls_asked_but_not_offered_is_permanent(plain_server: int) -> None:
     ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", tls="starttls")
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentSendError):
         ch.send(MAIL, KEY)
 
 
@@ -189,9 +189,9 @@ def test_starttls_asked_but_not_offered_is_permanent(plain_server: int) -> None:
     "reply,kind,code",
     [
         ("550 5.1.1 <buyer@example.com>: Recipient address rejected: User unknown",
-         PermanentError, "550"),
-        ("553 5.7.1 Relaying denied", PermanentError, "553"),
-        ("451 4.3.0 Temporary lookup failure", TransientError, "451"),
+         PermanentSendError, "550"),
+        ("553 5.7.1 Relaying denied", PermanentSendError, "553"),
+        ("451 4.3.0 Temporary lookup failure", TransientSendError, "451"),
         ("450 4.2.1 Mailbox busy, try again later", ThrottledError, "450"),
         ("452 4.5.3 Too many recipients", ThrottledError, "452"),
         ("421 4.7.0 Too many messages, slow down", ThrottledError, "421"),
@@ -209,7 +209,7 @@ def test_smtp_replies_are_classified(plain_server: int, handler: RecordingHandle
 
 def test_connection_refused_is_transient() -> None:
     ch = SmtpEmailChannel("127.0.0.1", free_port(), "noreply@shop.example", timeout=2)
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         ch.send(MAIL, KEY)
     assert not err.value.maybe_sent  # nothing left us: safe to retry
 
@@ -218,7 +218,7 @@ def test_connection_lost_during_data_is_not_retried(plain_server: int,
                                                     handler: RecordingHandler) -> None:
     handler.drop_after_data = True
     ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         ch.send(MAIL, KEY)
     assert err.value.maybe_sent
     assert len(handler.received) == 1  # the server did take it
@@ -342,7 +342,7 @@ def test_kept_connection_lost_during_data_is_not_retried(
     ch = SmtpEmailChannel("127.0.0.1", plain_server, "noreply@shop.example", timeout=5)
     ch.send(MAIL, "key-1")
     handler.drop_after_data = True
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         ch.send(MAIL, "key-2")
     assert err.value.maybe_sent  # it may have been delivered: not sent again
     assert keys_received(handler) == ["key-1", "key-2"]
@@ -359,7 +359,7 @@ def test_rejected_recipient_keeps_the_connection(plain_server: int,
     ch.send(MAIL, "key-1")
     bad = RenderedMessage(channel="email", recipient="nobody@example.com",
                           template=MAIL.template, subject=MAIL.subject, body=MAIL.body)
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentSendError):
         ch.send(bad, "key-2")
     ch.send(MAIL, "key-3")
     assert keys_received(handler) == ["key-1", "key-3"]
@@ -368,8 +368,8 @@ def test_rejected_recipient_keeps_the_connection(plain_server: int,
 
 @pytest.mark.parametrize(
     "reply,kind",
-    [("554 5.7.1 Message rejected as spam", PermanentError),
-     ("451 4.3.0 Queue full, try later", TransientError)],
+    [("554 5.7.1 Message rejected as spam", PermanentSendError),
+     ("451 4.3.0 Queue full, try later", TransientSendError)],
 )
 def test_refused_at_end_of_data_is_not_sent(plain_server: int, handler: RecordingHandler,
                                             reply: str, kind: ErrType) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -21,17 +22,17 @@ from services.notifier.channels import (
     SmtpEmailChannel,
     TencentSmsChannel,
     aliyun,
+    build_channels,
     tencent,
 )
 from services.notifier.channels.base import e164_phone, national_phone
-from services.notifier.config import NotifierConfig, build_channels
 from services.notifier.errors import (
-    NotifierError,
-    PermanentError,
+    PermanentSendError,
+    SendError,
     ThrottledError,
-    TransientError,
+    TransientSendError,
 )
-from shared.domain.timeutil import CHINA_TZ_NAME
+from shared.config import Settings, load_settings
 from shared.errors import ConfigError
 from shared.notifications.policy import NotificationPolicy, RenderedMessage
 
@@ -43,7 +44,7 @@ SMS = RenderedMessage(
     template_param={"case_id": "AS1", "what": "退款¥12.34"},
 )
 
-ErrType = type[NotifierError]
+ErrType = type[SendError]
 
 
 # ---- Aliyun -------------------------------------------------------------------------------
@@ -117,13 +118,13 @@ def test_aliyun_request_has_every_parameter_and_a_valid_signature() -> None:
     [
         (200, "isv.BUSINESS_LIMIT_CONTROL", "触发小时级流控Permits:5", ThrottledError),
         (200, "isv.DAY_LIMIT_CONTROL", "触发天级流控", ThrottledError),
-        (200, "isv.MOBILE_NUMBER_ILLEGAL", "非法手机号", PermanentError),
-        (200, "isv.SMS_TEMPLATE_ILLEGAL", "模板不合法", PermanentError),
-        (200, "isv.SOMETHING_NEW", "unknown business rule", PermanentError),
-        (200, "isp.SYSTEM_ERROR", "系统错误", TransientError),
-        (503, "ServiceUnavailable", "busy", TransientError),
-        (500, "", "", TransientError),
-        (400, "SignatureDoesNotMatch", "bad signature", PermanentError),
+        (200, "isv.MOBILE_NUMBER_ILLEGAL", "非法手机号", PermanentSendError),
+        (200, "isv.SMS_TEMPLATE_ILLEGAL", "模板不合法", PermanentSendError),
+        (200, "isv.SOMETHING_NEW", "unknown business rule", PermanentSendError),
+        (200, "isp.SYSTEM_ERROR", "系统错误", TransientSendError),
+        (503, "ServiceUnavailable", "busy", TransientSendError),
+        (500, "", "", TransientSendError),
+        (400, "SignatureDoesNotMatch", "bad signature", PermanentSendError),
     ],
 )
 def test_aliyun_classifies_errors(status: int, code: str, message: str, kind: ErrType) -> None:
@@ -138,14 +139,14 @@ def test_aliyun_connection_errors_are_transient() -> None:
     def boom(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused")
 
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         _aliyun(boom).send(SMS, "k" * 32)
     assert not err.value.maybe_sent
 
 
 def test_sms_without_a_template_code_is_permanent() -> None:
     msg = RenderedMessage(channel="sms", recipient="13812345678", template="x")
-    with pytest.raises(PermanentError, match="AFTERSALES_SMS_TEMPLATES"):
+    with pytest.raises(PermanentSendError, match="AFTERSALES_SMS_TEMPLATES"):
         _aliyun(lambda r: httpx.Response(200)).send(msg, "k")
 
 
@@ -207,10 +208,10 @@ def test_tencent_canonical_request_follows_the_spec() -> None:
         ("LimitExceeded.PhoneNumberDailyLimit", ThrottledError, 14 * 3600.0),
         ("LimitExceeded.PhoneNumberOneHourLimit", ThrottledError, 3600.0),
         ("LimitExceeded.PhoneNumberThirtySecondLimit", ThrottledError, 30.0),
-        ("InvalidParameterValue.IncorrectPhoneNumber", PermanentError, None),
-        ("FailedOperation.TemplateIncorrectOrUnapproved", PermanentError, None),
-        ("InternalError.Timeout", TransientError, None),
-        ("InternalError", TransientError, None),
+        ("InvalidParameterValue.IncorrectPhoneNumber", PermanentSendError, None),
+        ("FailedOperation.TemplateIncorrectOrUnapproved", PermanentSendError, None),
+        ("InternalError.Timeout", TransientSendError, None),
+        ("InternalError", TransientSendError, None),
     ],
 )
 def test_tencent_classifies_send_status(code: str, kind: ErrType, wait: float | None) -> None:
@@ -224,8 +225,8 @@ def test_tencent_classifies_send_status(code: str, kind: ErrType, wait: float | 
 
 @pytest.mark.parametrize(
     "code,kind",
-    [("RequestLimitExceeded", ThrottledError), ("AuthFailure.SignatureFailure", PermanentError),
-     ("InternalError", TransientError)],
+    [("RequestLimitExceeded", ThrottledError), ("AuthFailure.SignatureFailure", PermanentSendError),
+     ("InternalError", TransientSendError)],
 )
 def test_tencent_classifies_request_errors(code: str, kind: ErrType) -> None:
     ch = _tencent(lambda r: httpx.Response(200, json={"Response": {
@@ -275,7 +276,7 @@ def test_smtp_message_folds_a_long_subject_and_refuses_a_header_injection() -> N
     assert str(make_header(decode_header(parsed["From"]))) == "售后服务 <noreply@shop.example>"
     injected = RenderedMessage(channel="email", recipient="a@example.com\r\nBcc: x@evil.example",
                                template="t", subject="s", body="x\n")
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentSendError):
         ch.build(injected, "k" * 32)
 
 
@@ -286,53 +287,53 @@ def test_channels_satisfy_the_port() -> None:
         assert isinstance(ch, Channel)
 
 
-def test_build_channels_defaults_to_smtp_and_log_sms() -> None:
-    chans = build_channels(NotifierConfig())
+def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    """The settings a process started with exactly these AFTERSALES_* variables reads."""
+    for key in list(os.environ):
+        if key.startswith("AFTERSALES_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(f"AFTERSALES_{key}", value)
+    return load_settings()
+
+
+def test_build_channels_defaults_to_smtp_and_log_sms(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from(monkeypatch)
+    chans = build_channels(settings.smtp, settings.sms)
     assert isinstance(chans["email"], SmtpEmailChannel)
     assert isinstance(chans["sms"], LogChannel)
 
 
-def test_build_channels_needs_provider_keys_and_template_codes() -> None:
+def test_build_channels_needs_provider_keys_and_template_codes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="AFTERSALES_ALIYUN_ACCESS_KEY_ID"):
-        build_channels(NotifierConfig(sms_provider="aliyun"))
-    cfg = NotifierConfig(sms_provider="tencent", tencent_secret_id="id",
-                         tencent_secret_key="key", tencent_sdk_app_id="1400")
-    assert isinstance(build_channels(cfg)["sms"], TencentSmsChannel)
+        settings_from(monkeypatch, SMS_PROVIDER="aliyun")
+    settings = settings_from(monkeypatch, SMS_PROVIDER="tencent", TENCENT_SECRET_ID="id",
+                             TENCENT_SECRET_KEY="key", TENCENT_SDK_APP_ID="1400")
+    sms = build_channels(settings.smtp, settings.sms)["sms"]
+    assert isinstance(sms, TencentSmsChannel)
+    assert sms.region == "ap-guangzhou"  # Tencent's own default region
     with pytest.raises(ConfigError, match="AFTERSALES_SMS_TEMPLATES"):
-        build_channels(cfg, NotificationPolicy.load())
+        build_channels(settings.smtp, settings.sms, NotificationPolicy.load())
 
 
-def test_config_from_settings_object() -> None:
-    class S:  # the attributes shared.config.Settings has
-        smtp_host = "mail.example"
-        smtp_port = 465
-        smtp_from = "a@b.c"
-        smtp_user = "u"
-        smtp_password = "pw-value"
-        smtp_tls = "tls"
-        sms_provider = "aliyun"
-        sms_endpoint = "http://127.0.0.1:9/"
-        sms_region = "cn-hangzhou"
-        aliyun_access_key_id = "id"
-        aliyun_access_key_secret = "s3cr3t-value"
-        ops_emails = "ops@x.cn, ops2@x.cn"
-        ops_phones = ""
-        quiet_hours = "23:00-07:00"
-        quiet_hours_tz = CHINA_TZ_NAME
-        notify_max_attempts = 3
-
-    cfg = NotifierConfig.from_settings(S())
-    assert cfg.aliyun_endpoint == "http://127.0.0.1:9/"
-    assert cfg.tencent_region == "ap-guangzhou"
-    assert cfg.ops_emails == ("ops@x.cn", "ops2@x.cn")
-    assert cfg.quiet_hours().defer_until(datetime(2026, 11, 24, 15, 30, tzinfo=UTC)) is not None
-    assert cfg.retry_policy().max_attempts == 3
-    assert "s3cr3t-value" not in repr(cfg) and "pw-value" not in repr(cfg)
+def test_channels_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from(
+        monkeypatch, SMTP_HOST="mail.example", SMTP_PORT="465", SMTP_FROM="a@b.c",
+        SMTP_USER="u", SMTP_PASSWORD="pw-value", SMTP_TLS="tls", SMS_PROVIDER="aliyun",
+        SMS_ENDPOINT="http://127.0.0.1:9/", ALIYUN_ACCESS_KEY_ID="id",
+        ALIYUN_ACCESS_KEY_SECRET="s3cr3t-value")
+    chans = build_channels(settings.smtp, settings.sms)
+    sms, email = chans["sms"], chans["email"]
+    assert isinstance(sms, AliyunSmsChannel) and isinstance(email, SmtpEmailChannel)
+    assert (sms.endpoint, sms.region_id) == ("http://127.0.0.1:9/", "cn-hangzhou")
+    assert (email.host, email.port, email.tls) == ("mail.example", 465, "tls")
+    assert "s3cr3t-value" not in repr(settings) and "pw-value" not in repr(settings)
 
 
-def test_password_over_plain_smtp_is_refused() -> None:
+def test_password_over_plain_smtp_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="AFTERSALES_SMTP_TLS"):
-        NotifierConfig(smtp_user="u", smtp_password="p").validate()
+        settings_from(monkeypatch, SMTP_USER="u", SMTP_PASSWORD="p")
 
 
 @pytest.mark.parametrize("make", [_aliyun, _tencent])
@@ -340,6 +341,6 @@ def test_no_answer_after_sending_may_have_been_delivered(make: Callable[..., Cha
     def silent(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("no answer", request=request)
 
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         make(silent).send(SMS, "k" * 32)
     assert err.value.maybe_sent

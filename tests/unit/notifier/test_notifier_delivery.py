@@ -16,7 +16,7 @@ from services.notifier.delivery import (
     RetryPolicy,
     decide_and_send,
 )
-from services.notifier.errors import PermanentError, ThrottledError, TransientError
+from services.notifier.errors import PermanentSendError, ThrottledError, TransientSendError
 from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationRequest, RenderedMessage
 
@@ -128,7 +128,7 @@ def test_rate_limit_defers_never_drops() -> None:
 def test_a_retry_does_not_take_a_second_rate_limit_slot() -> None:
     limiter = InMemoryRateLimiter()
     limits = (RateLimit("sms", 1, 3600),)
-    ch = FakeChannel(script=[TransientError("503")])
+    ch = FakeChannel(script=[TransientSendError("503")])
     first = send(req(), ch, at(10), limiter=limiter, limits=limits)
     assert first.status == "retry"
     assert send(req(), ch, first.retry_at, attempt=2, limiter=limiter,  # type: ignore[arg-type]
@@ -150,12 +150,12 @@ def test_transient_backs_off_then_fails_at_the_cap() -> None:
     policy = RetryPolicy(max_attempts=4, base_delay_s=10, max_delay_s=3600)
     waits = []
     for attempt in (1, 2, 3):
-        r = send(req(urgent=True), FakeChannel(script=[TransientError("503")]), at(10),
+        r = send(req(urgent=True), FakeChannel(script=[TransientSendError("503")]), at(10),
                  attempt=attempt, retry=policy)
         assert r.status == "retry" and r.error_kind == "transient"
         waits.append((r.retry_at - at(10)).total_seconds())  # type: ignore[operator]
     assert 5 <= waits[0] <= 10 and 10 <= waits[1] <= 20 and 20 <= waits[2] <= 40
-    last = send(req(urgent=True), FakeChannel(script=[TransientError("503")]), at(10),
+    last = send(req(urgent=True), FakeChannel(script=[TransientSendError("503")]), at(10),
                 attempt=4, retry=policy)
     assert last.status == "failed" and last.retry_at is None and last.error == "503"
 
@@ -169,7 +169,7 @@ def test_backoff_is_capped_and_jittered() -> None:
 
 
 def test_permanent_fails_at_once() -> None:
-    ch = FakeChannel(script=[PermanentError("bad number", code="isv.MOBILE_NUMBER_ILLEGAL")])
+    ch = FakeChannel(script=[PermanentSendError("bad number", code="isv.MOBILE_NUMBER_ILLEGAL")])
     r = send(req(urgent=True), ch, at(10))
     assert r.status == "failed" and r.error_kind == "permanent"
     assert r.error == "isv.MOBILE_NUMBER_ILLEGAL: bad number"
@@ -224,7 +224,7 @@ def test_limiter_outage_waits_and_is_no_attempt_nor_an_unlimited_send() -> None:
 
 def test_transient_failures_are_retried_without_a_cap_when_none_is_set() -> None:
     policy = RetryPolicy(max_attempts=None, base_delay_s=10, max_delay_s=60)
-    r = send(req(urgent=True), FakeChannel(script=[TransientError("503")]), at(10),
+    r = send(req(urgent=True), FakeChannel(script=[TransientSendError("503")]), at(10),
              attempt=40, retry=policy)
     assert r.status == "retry" and r.retry_at is not None
     assert r.retry_at - at(10) <= timedelta(seconds=60)
@@ -256,7 +256,7 @@ def test_in_memory_limiter_windows() -> None:
 
 
 def test_maybe_delivered_is_failed_not_retried_unless_configured() -> None:
-    unanswered = TransientError("ReadTimeout", code="no_answer", maybe_sent=True)
+    unanswered = TransientSendError("ReadTimeout", code="no_answer", maybe_sent=True)
     r = send(req(urgent=True), FakeChannel(script=[unanswered]), at(10))
     assert r.status == "failed" and r.error_kind == "ambiguous" and r.attempted
     r = send(req(urgent=True), FakeChannel(script=[unanswered]), at(10),

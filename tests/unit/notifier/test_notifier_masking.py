@@ -7,7 +7,7 @@ import pytest
 
 from services.notifier.channels import FakeChannel, LogChannel
 from services.notifier.delivery import InMemoryRateLimiter, QuietHours, decide_and_send
-from services.notifier.errors import PermanentError
+from services.notifier.errors import PermanentSendError
 from shared.notifications.masking import mask_address, mask_email, mask_phone, mask_text
 from shared.notifications.policy import NotificationRequest, RenderedMessage
 
@@ -67,7 +67,7 @@ def test_no_log_line_carries_a_full_address(caplog: pytest.LogCaptureFixture) ->
         for ch in (
             LogChannel(channel),
             FakeChannel(),
-            FakeChannel(script=[PermanentError(f"550 <{addr}> user unknown")]),
+            FakeChannel(script=[PermanentSendError(f"550 <{addr}> user unknown")]),
         ):
             result = decide_and_send(req, ch, now=now, attempt=1,
                                      limiter=InMemoryRateLimiter(), quiet_hours=QuietHours(),

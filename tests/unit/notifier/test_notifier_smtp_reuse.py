@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.notifier.channels import SmtpEmailChannel
-from services.notifier.errors import PermanentError, ThrottledError, TransientError
+from services.notifier.errors import PermanentSendError, ThrottledError, TransientSendError
 from shared.notifications.policy import RenderedMessage
 
 MAIL = RenderedMessage(channel="email", recipient="buyer@example.com",
@@ -87,7 +87,7 @@ def test_kept_connection_dead_on_mail_is_retried_once_on_a_new_one() -> None:
 def test_a_new_connection_is_never_retried() -> None:
     gone = smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
     ch, opened = channel([Session(mail=[gone]), Session()])
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         ch.send(MAIL, "k1")
     assert not err.value.maybe_sent
     assert len(opened) == 1
@@ -97,7 +97,7 @@ def test_retried_at_most_once() -> None:
     gone = smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
     ch, opened = channel([Session(mail=[OK, gone]), Session(mail=[gone]), Session()])
     ch.send(MAIL, "k1")
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientSendError):
         ch.send(MAIL, "k2")
     assert len(opened) == 2
 
@@ -121,7 +121,7 @@ def test_kept_connection_lost_after_mail_is_not_retried(command: str) -> None:
     gone = smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
     ch, opened = channel([Session(**{command: [OK, gone]}), Session()])
     ch.send(MAIL, "k1")
-    with pytest.raises(TransientError) as err:
+    with pytest.raises(TransientSendError) as err:
         ch.send(MAIL, "k2")
     assert err.value.maybe_sent == (command == "data")
     assert len(opened) == 1 and opened[0].closed
@@ -140,7 +140,7 @@ def test_kept_connection_timing_out_on_mail_is_retried() -> None:
 def test_failed_rset_drops_the_connection() -> None:
     ch, opened = channel([
         Session(rcpt=[(550, b"5.1.1 unknown")], rset=[(421, b"bye")]), Session()])
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentSendError):
         ch.send(MAIL, "k1")
     ch.send(MAIL, "k2")
     assert len(opened) == 2 and opened[0].closed
