@@ -27,7 +27,8 @@ from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
 from tests.conftest import wait_for
-from tests.harness import free_port, publish_events
+from tests.harness import publish_events
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import wait_for
-from tests.harness import ROOT, free_port, process_group_members
+from tests.harness import ROOT, process_group_members
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 

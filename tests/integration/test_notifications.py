@@ -31,12 +31,12 @@ from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationPolicy
 from shared.publisher import RecordingPublisher
-from tests.harness import free_port
 from tests.integration.notifier.notifier_fakes import (
     FakeAliyun,
     RecordingHandler,
     start_smtp,
 )
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -31,8 +31,8 @@ from shared.db.models import NotificationRow
 from shared.db.session import Database
 from shared.notifications.policy import NotificationPolicy
 from tests.conftest import PG_ADMIN_URL, wait_for
-from tests.harness import free_port
 from tests.integration.notifier.notifier_fakes import RecordingHandler, start_smtp
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 
