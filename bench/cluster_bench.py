@@ -50,12 +50,14 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
-from services.simulate import ConfirmedStreamPublisher, Message, SimConfig, generate  # noqa: E402
-from shared.db.migrate import upgrade  # noqa: E402
+from aftersales_cli.simulate.generator import Message, SimConfig, generate  # noqa: E402
+from aftersales_cli.simulate.publisher import ConfirmedStreamPublisher  # noqa: E402
+from bench.measure import pct  # noqa: E402
 from tests.cluster.rabbit_cluster import RabbitCluster  # noqa: E402
 from tests.cluster.scenario import client_nodes, publish_paced, service_env  # noqa: E402
 from tests.conftest import TABLES  # noqa: E402
 from tests.harness import System  # noqa: E402
+from tests.resources import own_database  # noqa: E402
 
 PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
                           "postgresql+psycopg://postgres@127.0.0.1/postgres")
@@ -68,35 +70,12 @@ def log(msg: str) -> None:
     print(f"[cluster bench {datetime.now(UTC):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def own_database() -> Iterator[str]:
-    # pre-ping: other work on this machine may restart PostgreSQL during the run.
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{NAME}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{NAME}"'))
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        for attempt in range(30):  # PostgreSQL may be restarting (other work)
-            try:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{NAME}" WITH (FORCE)'))
-                break
-            except OperationalError:
-                if attempt == 29:
-                    raise
-                time.sleep(2.0)
-        admin.dispose()
-
-
 class Db:
     """The benchmark's own queries; each is tried again for a while if PostgreSQL is
     restarting (other work on this shared machine does that)."""
 
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, pool_size=2, pool_pre_ping=True)
+        self.sql_engine = create_engine(url, pool_size=2, pool_pre_ping=True)
 
     def _retry(self, work: Any) -> Any:
         deadline = time.monotonic() + 120
@@ -110,19 +89,19 @@ class Db:
 
     def scalar(self, sql: str) -> Any:
         def work() -> Any:
-            with self.engine.connect() as conn:
+            with self.sql_engine.connect() as conn:
                 return conn.execute(text(sql)).scalar()
         return self._retry(work)
 
     def column(self, sql: str) -> list[Any]:
         def work() -> list[Any]:
-            with self.engine.connect() as conn:
+            with self.sql_engine.connect() as conn:
                 return list(conn.execute(text(sql)).scalars())
         return self._retry(work)
 
     def truncate(self) -> None:
         def work() -> None:
-            with self.engine.begin() as conn:
+            with self.sql_engine.begin() as conn:
                 conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
         self._retry(work)
 
@@ -134,13 +113,6 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.25) -> bool:
             return True
         time.sleep(interval)
     return False
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def load_average() -> float:
@@ -312,7 +284,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     started = datetime.now(UTC)
     try:
-        with own_database() as db_url:
+        with own_database(PG_ADMIN, NAME) as db_url:
             db = Db(db_url)
             single = RabbitCluster(base / "single", size=1)
             try:
@@ -338,7 +310,7 @@ def main() -> int:
                 save(args, started, results)
             finally:
                 cluster.destroy()
-            db.engine.dispose()
+            db.sql_engine.dispose()
     finally:
         shutil.rmtree(base, ignore_errors=True)
         _forget_redis_keys()

@@ -48,14 +48,15 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from services.simulate import (  # noqa: E402
-    ConfirmedStreamPublisher,
+from aftersales_cli.simulate.generator import (  # noqa: E402
     Message,
     SimConfig,
     TrafficGenerator,
     generate,
 )
-from shared.db.migrate import upgrade  # noqa: E402
+from aftersales_cli.simulate.publisher import ConfirmedStreamPublisher  # noqa: E402
+from bench.measure import pct  # noqa: E402
+from tests.resources import free_port, own_database, own_vhost  # noqa: E402
 
 PG_ADMIN = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
                           "postgresql+psycopg://postgres@127.0.0.1/postgres")
@@ -71,45 +72,7 @@ def log(msg: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise SystemExit("rabbitmqctl not found: the benchmark creates its own vhost with it")
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 # ---- resources ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def own_database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{NAME}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{NAME}"'))
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{NAME}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@contextlib.contextmanager
-def own_vhost() -> Iterator[str]:
-    rabbitmqctl("add_vhost", NAME)
-    try:
-        rabbitmqctl("set_permissions", "-p", NAME, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{AMQP_HOST}/{NAME}"
-    finally:
-        rabbitmqctl("delete_vhost", NAME)
 
 
 @contextlib.contextmanager
@@ -144,7 +107,7 @@ class Services:
         logf = open(LOG_DIR / f"{service}.log", "ab")
         env = {**os.environ, **self.env, **(extra or {}),
                "AFTERSALES_METRICS_PORT": str(self.ports[service])}
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", service],
+        proc = subprocess.Popen([sys.executable, "-m", "aftersales_cli.cli", "run", service],
                                 cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[service] = proc
@@ -278,14 +241,14 @@ class RssSampler(threading.Thread):
 
 class Db:
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, pool_size=2)
+        self.sql_engine = create_engine(url, pool_size=2)
 
     def scalar(self, sql: str, **params: Any) -> Any:
-        with self.engine.connect() as conn:
+        with self.sql_engine.connect() as conn:
             return conn.execute(text(sql), params).scalar()
 
     def rows(self, sql: str, **params: Any) -> list[Any]:
-        with self.engine.connect() as conn:
+        with self.sql_engine.connect() as conn:
             return list(conn.execute(text(sql), params).all())
 
 
@@ -332,14 +295,6 @@ def wait_count(db: Db, sql: str, target: int, timeout: float, interval: float = 
             break
         time.sleep(interval)
     return samples
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[k]
 
 
 def sustained(samples: list[tuple[float, int]], target: int) -> float | None:
@@ -495,7 +450,7 @@ def phase_latency(db: Db, amqp_url: str, rate: float, duration: float) -> dict[s
             published[message.event["event_id"]] = t
 
     def poll() -> None:
-        with db.engine.connect() as conn:
+        with db.sql_engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             while not stop.is_set():
                 snap = conn.execute(text("SELECT pg_current_snapshot()::text")).scalar()
@@ -721,7 +676,8 @@ def main() -> int:
         "started_at": datetime.now(UTC).isoformat(), "quick": quick, "sizes": sizes,
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
     }
-    with own_database() as db_url, own_vhost() as amqp_url, smtp_sink() as (smtp_port, sink_pid):
+    with (own_database(PG_ADMIN, NAME) as db_url, own_vhost(NAME, AMQP_HOST) as amqp_url,
+          smtp_sink() as (smtp_port, sink_pid)):
         settings = service_settings(db_url, amqp_url, smtp_port)
         result["quiet_hours"] = quiet_hours_off(settings["AFTERSALES_QUIET_HOURS"])
         intake_env = {"AFTERSALES_WORKER_PROCESSES": str(args.intake_processes),
@@ -785,7 +741,7 @@ def main() -> int:
         finally:
             sampler.stop_event.set()
             services.stop_all()
-            db.engine.dispose()
+            db.sql_engine.dispose()
         result["rss_peak_mib"] = {s: round(v / 2**20, 1) for s, v in services.rss_peak.items()}
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     report(result)

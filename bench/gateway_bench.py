@@ -1,4 +1,4 @@
-# ruff: noqa: S603 - the benchmark starts the gateway with fixed arguments
+
 """Gateway benchmark: Douyin batches over HTTP to `aftersales run gateway`, on this machine's
 RabbitMQ, against a baseline measured in the same run.
 
@@ -23,9 +23,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from bench.measure import rss_kib  # noqa: E402
 from services.gateway.forward import Forwarder  # noqa: E402
 from services.gateway.mapping import load_mappings, map_message  # noqa: E402
 from services.gateway.platforms import Unpacked, douyin_unpack  # noqa: E402
@@ -52,32 +51,10 @@ from tests.platform_messages import (  # noqa: E402
     douyin_headers,
     douyin_message,
 )
+from tests.resources import free_port, own_vhost  # noqa: E402
 
 NAME = f"aftersales_bench_gateway_{os.getpid()}"
 AMQP_HOST = os.environ.get("AFTERSALES_BENCH_AMQP_HOST", "127.0.0.1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise SystemExit("rabbitmqctl not found: the benchmark creates its own vhost with it")
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextlib.contextmanager
-def own_vhost() -> Iterator[str]:
-    rabbitmqctl("add_vhost", NAME)
-    try:
-        rabbitmqctl("set_permissions", "-p", NAME, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{AMQP_HOST}/{NAME}"
-    finally:
-        rabbitmqctl("delete_vhost", NAME)
 
 
 def batches(count: int, size: int, run: str) -> list[bytes]:
@@ -118,7 +95,7 @@ def gateway_process(amqp_url: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, **GATEWAY_ENV, "AFTERSALES_AMQP_URL": amqp_url,
            "AFTERSALES_GATEWAY_PORT": str(port), "AFTERSALES_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "gateway"],
+    proc = subprocess.Popen([sys.executable, "-m", "aftersales_cli.cli", "run", "gateway"],
                             cwd=ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -136,13 +113,6 @@ def gateway_process(amqp_url: str) -> Iterator[tuple[str, int]]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def through_gateway(url: str, bodies: list[bytes], clients: int) -> tuple[float, list[float]]:
@@ -181,7 +151,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--clients", type=int, default=4)
     args = ap.parse_args()
-    with own_vhost() as amqp_url:
+    with own_vhost(NAME, f"{AMQP_HOST}:5672") as amqp_url:
         base_rate = baseline(amqp_url, batches(args.messages, args.batch, "base"))
         bodies = batches(args.messages, args.batch, "gw")
         with gateway_process(amqp_url) as (url, pid):

@@ -60,7 +60,7 @@ import psycopg  # noqa: E402
 import timer_bench as tb  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from services.simulate import SimConfig, generate  # noqa: E402
+from aftersales_cli.simulate.generator import SimConfig, generate  # noqa: E402
 
 FULL_FINISHED = 10_000_000
 FULL_OPEN = 1_000_000
@@ -331,7 +331,7 @@ def intake_throughput(db: e2e.Db, amqp_url: str, n: int, timeout: float, tag: st
     stop = threading.Event()
 
     def poll() -> None:
-        with db.engine.connect() as conn:
+        with db.sql_engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             while not stop.is_set():
                 snap = conn.execute(text("SELECT pg_current_snapshot()::text")).scalar()
@@ -379,11 +379,11 @@ def case_show(url: str, groups: dict[str, list[str]], cli_env: dict[str, str]
               ) -> dict[str, Any]:
     """What `aftersales case show` costs: `case_document` per case (the command's reads),
     in a random order, each case once; and the command itself a few times."""
-    from services.caseview import case_document
+    from services.ops.caseview import case_document
     from shared.db.session import Database, make_engine
 
-    engine = make_engine(url, pool_size=1)
-    db = Database(engine)
+    sql_engine = make_engine(url, pool_size=1)
+    db = Database(sql_engine)
     out: dict[str, Any] = {}
     try:
         case_document(db, "warm-up-connection")
@@ -400,12 +400,12 @@ def case_show(url: str, groups: dict[str, list[str]], cli_env: dict[str, str]
                          "p99_ms": e2e._ms(e2e.pct(times, 0.99)),
                          "mean_ms": e2e._ms(statistics.fmean(times)) if times else None}
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     first = next(iter(groups.values()))[:5]
     walls = []
     for case_id in first:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "services.cli", "case", "show", case_id],
+        subprocess.run([sys.executable, "-m", "aftersales_cli.cli", "case", "show", case_id],
                        cwd=ROOT, env={**os.environ, **cli_env}, check=True,
                        capture_output=True, timeout=60)
         walls.append(time.perf_counter() - t)
@@ -476,7 +476,7 @@ def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan
         result["case_show"] = case_show(box.sa_url, groups, {
             "AFTERSALES_DATABASE_URL": box.sa_url})
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     result["lateness"] = tb.ours_lateness(box, plan, plan.small, f"{label}-lateness")
     result["catchup"] = tb.ours_catchup(box, plan, fresh=False)
     result["catchup"].pop("timeline", None)
@@ -495,7 +495,7 @@ def retention_under_traffic(box: tb.Sandbox, args: argparse.Namespace) -> dict[s
     policy = RetentionPolicy(args.retention_days, args.retention_days, 500)
     out: dict[str, Any] = {"retention_days": args.retention_days, "batch": policy.batch}
     db = e2e.Db(box.sa_url)
-    engine = make_engine(box.sa_url, pool_size=1)
+    sql_engine = make_engine(box.sa_url, pool_size=1)
     try:
         due = int(db.scalar("SELECT count(*) FROM cases WHERE status <> 'open' AND "
                             "closed_at < now() - make_interval(days => :d)",
@@ -514,7 +514,7 @@ def retention_under_traffic(box: tb.Sandbox, args: argparse.Namespace) -> dict[s
 
                 def retain() -> None:
                     t = time.monotonic()
-                    done["report"] = run_retention(Database(engine), policy, Archive(folder))
+                    done["report"] = run_retention(Database(sql_engine), policy, Archive(folder))
                     done["seconds"] = time.monotonic() - t
                     done["ended"] = time.monotonic()
 
@@ -547,8 +547,8 @@ def retention_under_traffic(box: tb.Sandbox, args: argparse.Namespace) -> dict[s
             f"({out['cases_per_s']} /s), archive {out['archive_mib']} MiB; intake p99 "
             f"meanwhile {out['latency_during'].get('p99_ms')} ms")
     finally:
-        engine.dispose()
-        db.engine.dispose()
+        sql_engine.dispose()
+        db.sql_engine.dispose()
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)

@@ -15,16 +15,19 @@ import cProfile
 import json
 import os
 import pstats
+import sys
 import time
 import uuid
+from pathlib import Path
 
-from sqlalchemy import create_engine, text
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.resources
 
-from services.intake.processor import IntakeProcessor
-from services.simulate import SimConfig, generate
-from shared.bootstrap import build_database, build_domain, build_policy
-from shared.config import Settings
-from shared.db.migrate import upgrade
+from aftersales_cli.simulate.generator import SimConfig, generate  # noqa: E402
+from services.intake.processor import IntakeProcessor  # noqa: E402
+from shared.bootstrap import build_database, build_domain, build_policy  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from tests.resources import own_database  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--events", type=int, default=6000)
@@ -35,12 +38,7 @@ args = ap.parse_args()
 admin_url = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
                            "postgresql+psycopg://postgres@127.0.0.1/postgres")
 name = f"aftersales_bench_intake_{os.getpid()}"
-admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-with admin.connect() as conn:
-    conn.execute(text(f'CREATE DATABASE "{name}"'))
-url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-try:
-    upgrade(url)
+with own_database(admin_url, name) as url:
     settings = Settings(database_url=url)
     processor = IntakeProcessor(build_database(settings), build_domain(settings),
                                 build_policy(settings), {"emails": [], "phones": []}, 64 * 1024)
@@ -65,7 +63,3 @@ try:
                       "load1": os.getloadavg()[0]}))
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
-finally:
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()

@@ -4,8 +4,8 @@ as the log transport and as SMTP to a local aiosmtpd server (the channel keeps o
 connection per thread).
 
 Two ways of calling the sender, each on fresh rows:
-- `send_many`: what the actor does, one call per message of --batch ids (the timer's
-  message size, 50 by default);
+- `send_many`: what the actor does, one call per message of --batch ids (default 50; the
+  timer's messages carry `AFTERSALES_RESOLVER_BATCH` ids, 200 by default);
 - `send`: one id per call (claim and record each on its own: two commits per row).
 
     .venv/bin/python bench/notifier_profile.py [--count N] [--batch N]
@@ -19,23 +19,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, event, insert, select, text
 
-from services.notifier.channels.log import LogChannel
-from services.notifier.channels.smtp import SmtpEmailChannel
-from services.notifier.delivery import QuietHours, RetryPolicy
-from services.notifier.ratelimit import InMemoryRateLimiter
-from services.notifier.sender import NotificationSender
-from shared.db.migrate import upgrade
-from shared.db.models import NotificationRow
-from shared.db.session import Database, make_engine
-from shared.notifications.policy import NotificationPolicy
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.resources
+
+from services.notifier.channels.log import LogChannel  # noqa: E402
+from services.notifier.channels.smtp import SmtpEmailChannel  # noqa: E402
+from services.notifier.delivery import QuietHours, RetryPolicy  # noqa: E402
+from services.notifier.ratelimit import InMemoryRateLimiter  # noqa: E402
+from services.notifier.sender import NotificationSender  # noqa: E402
+from shared.db.migrate import upgrade  # noqa: E402
+from shared.db.models import NotificationRow  # noqa: E402
+from shared.db.session import Database, make_engine  # noqa: E402
+from shared.notifications.policy import NotificationPolicy  # noqa: E402
+from tests.resources import free_port  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--count", type=int, default=1000)
@@ -50,12 +55,6 @@ class Sink:
     async def handle_DATA(self, server: object, session: Any, envelope: object) -> str:
         self.peers.add(session.peer)
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 admin_url = "postgresql+psycopg://postgres@127.0.0.1/postgres"
@@ -77,7 +76,7 @@ try:
         global commits
         commits += 1
 
-    event.listen(db.engine, "commit", count_commit)
+    event.listen(db.sql_engine, "commit", count_commit)
     policy = NotificationPolicy.load(None)
     results: dict[str, dict[str, object]] = {}
     for mode in ("send_many", "send"):

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,9 +32,9 @@ from bench.ledger_publisher import BatchPublisher  # noqa: E402
 from services.resolver.outbox import OutboxRelay  # noqa: E402
 from shared.amqp import DECISIONS_EXCHANGE, OUTBOX_LEDGER_QUEUE, make_broker  # noqa: E402
 from shared.confirms import ConfirmedBatchPublisher  # noqa: E402
-from shared.db.migrate import upgrade  # noqa: E402
 from shared.db.session import Database, make_engine  # noqa: E402
 from tests.rabbit_node import RabbitNode  # noqa: E402
+from tests.resources import own_database  # noqa: E402
 
 NAME = f"aftersales_outbench_{os.getpid()}"
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1/postgres"
@@ -57,7 +57,7 @@ class LedgerPublisher:
 def fill(db: Database, rows: int) -> None:
     body = json.dumps({"decision_id": "x", "type": "decision.auto_approved",
                        "data": {"refund_fen": 1234}, "pad": "x" * 400}).encode()
-    with db.engine.begin() as conn:
+    with db.sql_engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO outbox (exchange, routing_key, message_id, body, headers) "
             "SELECT :ex, 'decision.auto_approved', gen_random_uuid()::text, :body, '{}' "
@@ -77,46 +77,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{NAME}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1/{NAME}"
     node = RabbitNode(Path(tempfile.mkdtemp(prefix="outbench-")))
     node.start()
     amqp_url = node.url
     results: dict[str, list[float]] = {"confirms": [], "ledger (replaced)": []}
     try:
-        upgrade(url)
-        db = Database(make_engine(url, pool_size=2))
-        import pika
+        with own_database(ADMIN, NAME) as url:
+            db = Database(make_engine(url, pool_size=2))
+            import pika
 
-        channel = pika.BlockingConnection(pika.URLParameters(amqp_url)).channel()
-        from shared.amqp import declare_topology
+            channel = pika.BlockingConnection(pika.URLParameters(amqp_url)).channel()
+            from shared.amqp import declare_topology
 
-        declare_topology(channel)
-        channel.queue_declare("bench.sink", durable=True)  # persisted, as upstream's queue
-        channel.queue_bind("bench.sink", DECISIONS_EXCHANGE, "#")
-        for _ in range(args.rounds):
-            for name in results:
-                fill(db, args.rows)
-                publisher = (ConfirmedBatchPublisher(amqp_url, make_broker(amqp_url))
-                             if name == "confirms" else LedgerPublisher(amqp_url))
-                relay = OutboxRelay(db, publisher, batch=args.batch)  # type: ignore[arg-type]
-                started = time.perf_counter()
-                published = drain(relay)
-                took = time.perf_counter() - started
-                relay.close()
-                assert published == args.rows, (name, published)
-                results[name].append(args.rows / took)
-                channel.queue_purge("bench.sink")
-                channel.queue_purge(OUTBOX_LEDGER_QUEUE)
-        db.engine.dispose()
+            declare_topology(channel)
+            channel.queue_declare("bench.sink", durable=True)  # persisted, as upstream's queue
+            channel.queue_bind("bench.sink", DECISIONS_EXCHANGE, "#")
+            for _ in range(args.rounds):
+                for name in results:
+                    fill(db, args.rows)
+                    publisher = (ConfirmedBatchPublisher(amqp_url, make_broker(amqp_url))
+                                 if name == "confirms" else LedgerPublisher(amqp_url))
+                    relay = OutboxRelay(db, publisher, batch=args.batch)  # type: ignore[arg-type]
+                    started = time.perf_counter()
+                    published = drain(relay)
+                    took = time.perf_counter() - started
+                    relay.close()
+                    assert published == args.rows, (name, published)
+                    results[name].append(args.rows / took)
+                    channel.queue_purge("bench.sink")
+                    channel.queue_purge(OUTBOX_LEDGER_QUEUE)
+            db.sql_engine.dispose()
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": NAME})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{NAME}"'))
         node.stop()
     print(f"outbox relay, {args.rows} decisions per round, batch {args.batch}, "
           f"{args.rounds} rounds (decisions/s, median [min-max]):")

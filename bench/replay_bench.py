@@ -25,8 +25,8 @@ import uuid
 import pika
 
 from services.ops.held import REJECTED, Selection, list_held, replay
-from services.publish import publish_lines
 from shared.amqp import INTAKE_QUEUE, REJECTED_QUEUE, declare_topology
+from shared.publish import publish_lines
 
 
 def ctl(*args: str) -> None:

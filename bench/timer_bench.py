@@ -37,7 +37,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import rss_kib  # noqa: E402
 from shared.amqp import (  # noqa: E402
     DECISIONS_EXCHANGE,
     RESOLVER_QUEUE,
@@ -67,6 +67,7 @@ from shared.amqp import (  # noqa: E402
 )
 from shared.config import Settings  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
+from tests.resources import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -176,12 +177,6 @@ class Sandbox:
 # Processes we start (each in its own process group) and their memory
 # ---------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def group_pids(pgid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -196,17 +191,6 @@ def group_pids(pgid: int) -> list[int]:
         if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
             pids.append(int(entry))
     return pids
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def group_rss_mib(pgid: int) -> tuple[float, int]:

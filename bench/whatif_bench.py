@@ -32,9 +32,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
+
+from shared.domain.timeutil import CHINA_TZ
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,14 +43,13 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
-from services.whatif import OPEN_WITH_DEADLINE, proposed_engine, what_if  # noqa: E402
+from aftersales_cli.whatif import OPEN_WITH_DEADLINE, proposed_engine, what_if  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
 from shared.db.persist import _case_row, _deadline_row  # noqa: E402
 from shared.db.session import Database, make_engine  # noqa: E402
 from shared.domain import Case, Engine, Event, RuleBook, WorkCalendar  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-SH = ZoneInfo("Asia/Shanghai")
 RULES = """[ruleset]
 name = "default"
 version = "2"
@@ -84,7 +84,7 @@ def templates(engine: Engine, now: datetime) -> list[tuple[Case, list[dict[str, 
         for kind, then in (("refund_only", None), ("exchange", "merchant.approved"),
                            ("return_refund", "merchant.approved"), ("repair", None)):
             for estimated in (False, True):
-                at = datetime(2026, 12, 23, 10, tzinfo=SH) if estimated else now - \
+                at = datetime(2026, 12, 23, 10, tzinfo=CHINA_TZ) if estimated else now - \
                     timedelta(hours=30)
                 if estimated and kind != "refund_only":
                     continue
@@ -232,7 +232,7 @@ def main() -> int:
                     "moved": doc["deadlines_moved"], "decisions": doc["automatic_decisions"],
                 }
                 log(f"{label}: {report.compared} cases in {took:.2f} s")
-        db.engine.dispose()
+        db.sql_engine.dispose()
     finally:
         admin.close()
         # a fresh connection: a PostgreSQL restart during the run ends the first one

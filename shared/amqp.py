@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -66,23 +67,51 @@ def work_queue_arguments(queue_type: str, dead_letter_queue: str) -> dict[str, A
     }
 
 
+def topology(queue_type: str = "classic") -> list[tuple[str, dict[str, Any]]]:
+    """The public exchanges and intake's queues, as (channel method, keyword arguments)
+    declarations in order: one list for blocking and asynchronous channels alike."""
+    args = queue_arguments(queue_type)
+    return [
+        ("exchange_declare", {"exchange": EVENTS_EXCHANGE, "exchange_type": "topic",
+                              "durable": True}),
+        ("exchange_declare", {"exchange": UNROUTED_EXCHANGE, "exchange_type": "fanout",
+                              "durable": True}),
+        ("queue_declare", {"queue": UNROUTED_QUEUE, "durable": True, "arguments": args}),
+        ("queue_bind", {"queue": UNROUTED_QUEUE, "exchange": UNROUTED_EXCHANGE}),
+        # Exactly as docs/asyncapi.yaml tells consumers to declare it (no arguments): any
+        # difference would make one side's declaration fail with 406.
+        ("exchange_declare", {"exchange": DECISIONS_EXCHANGE, "exchange_type": "topic",
+                              "durable": True}),
+        # A message intake cannot get through (its worker dies on it, again and again) ends
+        # in the rejected queue with RabbitMQ's x-death header saying why.
+        ("queue_declare", {"queue": INTAKE_QUEUE, "durable": True,
+                           "arguments": work_queue_arguments(queue_type, REJECTED_QUEUE)}),
+        ("queue_bind", {"queue": INTAKE_QUEUE, "exchange": EVENTS_EXCHANGE,
+                        "routing_key": "#"}),
+        ("queue_declare", {"queue": REJECTED_QUEUE, "durable": True, "arguments": args}),
+        ("queue_declare", {"queue": OUTBOX_LEDGER_QUEUE, "durable": True, "arguments": args}),
+    ]
+
+
 def declare_topology(channel: BlockingChannel, queue_type: str = "classic") -> None:
     """Declare the public exchanges and intake's queues (idempotent)."""
-    args = queue_arguments(queue_type)
-    channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
-    channel.exchange_declare(UNROUTED_EXCHANGE, exchange_type="fanout", durable=True)
-    channel.queue_declare(UNROUTED_QUEUE, durable=True, arguments=args)
-    channel.queue_bind(UNROUTED_QUEUE, UNROUTED_EXCHANGE)
-    # Exactly as docs/asyncapi.yaml tells consumers to declare it (no arguments): any
-    # difference would make one side's declaration fail with 406.
-    channel.exchange_declare(DECISIONS_EXCHANGE, exchange_type="topic", durable=True)
-    # A message intake cannot get through (its worker dies on it, again and again) ends
-    # in the rejected queue with RabbitMQ's x-death header saying why.
-    channel.queue_declare(INTAKE_QUEUE, durable=True,
-                          arguments=work_queue_arguments(queue_type, REJECTED_QUEUE))
-    channel.queue_bind(INTAKE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
-    channel.queue_declare(REJECTED_QUEUE, durable=True, arguments=args)
-    channel.queue_declare(OUTBOX_LEDGER_QUEUE, durable=True, arguments=args)
+    for method, kwargs in topology(queue_type):
+        getattr(channel, method)(**kwargs)
+
+
+def declare_topology_async(channel: Any, queue_type: str, done: Callable[[], None]) -> None:
+    """:func:`declare_topology` on an asynchronous (SelectConnection) channel: each
+    declaration waits for the previous one's answer, then `done()` is called."""
+    declarations = topology(queue_type)
+
+    def step(index: int) -> None:
+        if index == len(declarations):
+            done()
+            return
+        method, kwargs = declarations[index]
+        getattr(channel, method)(**kwargs, callback=lambda _frame: step(index + 1))
+
+    step(0)
 
 
 class AftersalesBroker(RabbitmqBroker):

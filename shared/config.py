@@ -28,6 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.errors import ConfigError
 
 SERVICES = ("intake", "timer", "resolver", "notifier")
@@ -154,7 +155,7 @@ class QuietHoursSettings(SettingsGroup):
     none); the notifier parses it at start."""
 
     window: str = Field(default="22:00-08:00", validation_alias="AFTERSALES_QUIET_HOURS")
-    tz: str = Field(default="Asia/Shanghai", validation_alias="AFTERSALES_QUIET_HOURS_TZ")
+    tz: str = Field(default=CHINA_TZ_NAME, validation_alias="AFTERSALES_QUIET_HOURS_TZ")
 
 
 class RateLimitSettings(SettingsGroup):

@@ -11,7 +11,7 @@ import dramatiq
 from shared.amqp import AftersalesBroker, make_broker
 from shared.config import Settings
 from shared.errors import NOT_RETRIED, is_transient
-from shared.metrics_dramatiq import install_actor_metrics
+from shared.metrics.actors import install_actor_metrics
 
 log = logging.getLogger(__name__)
 

@@ -8,20 +8,17 @@ A missing service makes these fixtures fail, never skip: CI must not pass silent
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote
 
 import pika
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from shared.db.migrate import upgrade
 from shared.db.session import Database, make_engine
+from tests.resources import own_database, own_vhost
 
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 PG_ADMIN_URL = os.environ.get("AFTERSALES_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1/postgres")
@@ -46,46 +43,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise RuntimeError("rabbitmqctl not found: the tests create their own vhost with it")
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    name = f"aftersales_test_{RUN_ID}"
-    # pre-ping: the fault tests restart PostgreSQL; the drop at the end needs a live link.
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-        ), {"n": name})
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    with own_database(PG_ADMIN_URL, f"aftersales_test_{RUN_ID}") as url:
+        yield url
 
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    engine = make_engine(database_url)
-    with engine.begin() as conn:
+    sql_engine = make_engine(database_url)
+    with sql_engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
-    yield Database(engine)
-    engine.dispose()
+    yield Database(sql_engine)
+    sql_engine.dispose()
 
 
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
-    _rabbitmqctl("add_vhost", VHOST)
-    _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@{AMQP_HOST}:5672/{quote(VHOST, safe='')}"
-    _rabbitmqctl("delete_vhost", VHOST)
+    with own_vhost(VHOST, f"{AMQP_HOST}:5672") as url:
+        yield url
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,14 +20,9 @@ import pika
 from shared.amqp import DECISIONS_EXCHANGE, EVENTS_EXCHANGE, REJECTED_QUEUE, declare_topology
 from tests.conftest import wait_for
 from tests.platform_messages import GATEWAY_ENV
+from tests.resources import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class System:
@@ -60,7 +54,7 @@ class System:
                    "AFTERSALES_METRICS_DIR": str(self.log_dir / "metrics"),
                    **self.service_env.get(service, {})}
             self.procs[service] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "run", service.split(".")[0]],
+                [sys.executable, "-m", "aftersales_cli.cli", "run", service.split(".")[0]],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill the whole tree at once
             )
@@ -139,7 +133,7 @@ class Gateway:
         self.starts += 1
         log = open(self.log_dir / f"gateway.{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "gateway"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "aftersales_cli.cli", "run", "gateway"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.healthy, timeout=60, what="the gateway to answer /healthz")
 
@@ -197,7 +191,7 @@ class Console:
     def start(self) -> None:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "console"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "aftersales_cli.cli", "run", "console"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.healthy, timeout=60, what="the console to answer /healthz")
 

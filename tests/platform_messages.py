@@ -9,11 +9,13 @@ import json
 import time
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from services.gateway.platforms import kuaishou_encrypt, taobao_sign
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-CHINA = ZoneInfo("Asia/Shanghai")
+from services.gateway.platforms import taobao_sign
+from shared.domain.timeutil import CHINA_TZ
+
 DOUYIN_KEY, DOUYIN_SECRET = "7012345678901234567", "douyin-test-secret"
 KUAISHOU_KEY = "ks6543210987654321"
 KUAISHOU_SECRET = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -39,7 +41,7 @@ def douyin_data(aftersale_id: int, *, status: int, type_: int = 1, amount: int =
             "p_id": 4900000000000000000 + aftersale_id, "s_id": 4900000000000000001,
             "shop_id": 1234567, "reason_code": 3, "refund_amount": amount,
             "refund_post_amount": 0, "refund_voucher_num": 0,
-            "update_time": datetime.now(CHINA).isoformat(timespec="seconds"), **extra}
+            "update_time": datetime.now(CHINA_TZ).isoformat(timespec="seconds"), **extra}
 
 
 def douyin_message(tag: str, msg_id: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +64,15 @@ def unix(moment: datetime) -> int:
 
 
 # ---- Kuaishou -------------------------------------------------------------------------------
+
+def kuaishou_encrypt(plain: bytes, msg_secret: str) -> bytes:
+    """Kuaishou's side of `services.gateway.platforms.kuaishou_decrypt`."""
+    padder = padding.PKCS7(128).padder()
+    data = padder.update(plain) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(base64.b64decode(msg_secret)),
+                       modes.CBC(bytes(16))).encryptor()
+    return base64.b64encode(encryptor.update(data) + encryptor.finalize())
+
 
 def kuaishou_body(event: str, event_id: str, info: dict[str, Any], *,
                   app_key: str = KUAISHOU_KEY, secret: str = KUAISHOU_SECRET) -> bytes:
@@ -97,7 +108,7 @@ def taobao_message(topic: str, message_id: int, refund_id: int, *, modified: dat
     content = {"refund_id": refund_id, "tid": 3900000000000 + refund_id,
                "oid": 3900000000001 + refund_id, "refund_fee": refund_fee,
                "bill_type": "refund_bill", "refund_phase": "aftersale",
-               "modified": modified.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S"),
+               "modified": modified.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S"),
                "seller_nick": "测试店铺", "buyer_nick": "t**1", **extra}
     message: dict[str, Any] = {"id": message_id, "topic": topic, "content": json.dumps(content),
                                "pub_time": content["modified"], "pub_app_key": "12497914",
@@ -110,10 +121,10 @@ def taobao_message(topic: str, message_id: int, refund_id: int, *, modified: dat
 def taobao_query(body: bytes, now: datetime, *, key: str = TAOBAO_KEY,
                  secret: str = TAOBAO_SECRET) -> dict[str, str]:
     params = {"app_key": key, "sign_method": "md5", "format": "json", "v": "2.0",
-              "timestamp": now.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S")}
+              "timestamp": now.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S")}
     params["sign"] = taobao_sign(params, body, secret)
     return params
 
 
 def china_text(moment: datetime) -> str:
-    return moment.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S")

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.harness import free_port
+from tests.resources import free_port
 
 SBIN = Path(os.environ.get("AFTERSALES_TEST_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin"))
 

@@ -1,6 +1,6 @@
 """The ops console: a small server-rendered web app (Starlette + Jinja2, no front-end build).
 
-It reads through the same code as the command line (services/ops/, services/caseview.py)
+It reads through the same code as the command line (services/ops/, services/ops/caseview.py)
 and writes only through ops events (services/ops/actions.py) and replays
 (services/ops/held.py). Filters live in the URL's query string, so a link can be shared.
 Every form that changes something carries a token bound to this process, so another site
@@ -29,14 +29,15 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.caseview import case_document
 from services.ops import actions
 from services.ops.cases import CaseFilter, explain_case, search_cases
+from services.ops.caseview import case_document
+from services.ops.display import span as display_span
 from services.ops.held import KINDS, Selection, find_held, list_held, parse_since, replay
 from services.ops.overview import overview
 from shared.db.session import Database
 from shared.domain import Engine
-from shared.domain.timeutil import SHANGHAI, parse_moment
+from shared.domain.timeutil import CHINA_TZ, parse_moment
 
 TEMPLATES = Path(__file__).parent / "templates"
 CASE_FILTERS = ("shop", "order", "platform", "kind", "step", "status", "overdue", "case")
@@ -58,13 +59,11 @@ def local(value: str | datetime | None) -> str:
     if not value:
         return "-"
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def span(seconds: float | None) -> str:
-    from services.ops.cases_cli import span as cli_span
-
-    return "-" if seconds is None else cli_span(seconds)
+    return "-" if seconds is None else display_span(seconds)
 
 
 class BasicLogin:

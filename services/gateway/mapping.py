@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from shared.domain.flows import FLOWS, INTERVENTION_OUTCOMES
 from shared.domain.model import Kind
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.errors import ConfigError
 from shared.schemas.events import DATA_MODELS, Accepted, parse_event
 
@@ -186,7 +187,7 @@ def load_mapping(path: Path) -> PlatformMapping:
     if time_format not in TIME_FORMATS:
         raise MappingError(f"{path}: time_format must be one of {sorted(TIME_FORMATS)}")
     try:
-        zone = ZoneInfo(str(doc.get("timezone", "Asia/Shanghai")))
+        zone = ZoneInfo(str(doc.get("timezone", CHINA_TZ_NAME)))
     except (KeyError, ValueError):
         raise MappingError(f"{path}: unknown timezone {doc.get('timezone')!r}") from None
     messages = doc.get("messages")
@@ -350,8 +351,3 @@ def map_message(mapping: PlatformMapping, message: PlatformMessage,
                                      f"{checked.detail}")
         events.append(checked)
     return Mapped(message, rule, tuple(events))
-
-
-def map_batch(mapping: PlatformMapping, messages: Sequence[PlatformMessage],
-              received_at: datetime) -> list[Verdict]:
-    return [map_message(mapping, m, received_at) for m in messages]

@@ -213,15 +213,6 @@ def kuaishou_decrypt(body: bytes, msg_secret: str) -> str | Refusal:
         return Refusal(401, "bad_signature", "the body does not decrypt with the message secret")
 
 
-def kuaishou_encrypt(plain: bytes, msg_secret: str) -> bytes:
-    """The platform's side of `kuaishou_decrypt` (for tests and the simulator)."""
-    padder = padding.PKCS7(128).padder()
-    data = padder.update(plain) + padder.finalize()
-    encryptor = Cipher(algorithms.AES(base64.b64decode(msg_secret)),
-                       modes.CBC(bytes(16))).encryptor()
-    return base64.b64encode(encryptor.update(data) + encryptor.finalize())
-
-
 def kuaishou_unpack(body: bytes, msg_secret: str, app_key: str, mapping: PlatformMapping
                     ) -> Unpacked | Refusal:
     """One message per request: {eventId, msgId, appKey, event, info: "<JSON>", ...}."""

@@ -48,6 +48,7 @@ from services.notifier.ratelimit import (
     subject_for,
 )
 from shared.config import RateLimitSettings
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.notifications.masking import mask_address, mask_text
 from shared.notifications.policy import NotificationRequest, PolicyError, RenderedMessage
 
@@ -93,10 +94,10 @@ class QuietHours:
 
     start: time = time(22, 0)
     end: time = time(8, 0)
-    tz: str = "Asia/Shanghai"  # used when the recipient's zone is unknown
+    tz: str = CHINA_TZ_NAME  # used when the recipient's zone is unknown
 
     @classmethod
-    def parse(cls, spec: str, tz: str = "Asia/Shanghai") -> QuietHours:
+    def parse(cls, spec: str, tz: str = CHINA_TZ_NAME) -> QuietHours:
         """"22:00-08:00" (the AFTERSALES_QUIET_HOURS form); "" or "off" disables."""
         s = spec.strip().lower()
         if s in ("", "off", "none"):

@@ -1,4 +1,4 @@
 """Ops tools: rejected and unrouted messages, case search and explanations, ops actions.
 
-The reading and writing code lives here once; the `aftersales` command (services/ops/cli.py)
+The reading and writing code lives here once; the `aftersales` command (aftersales_cli/ops/cli.py)
 and the web console (services/console/) both call it."""

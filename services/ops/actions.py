@@ -24,11 +24,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from services.publish import publish_lines
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from shared.domain.timeutil import as_utc
 from shared.errors import InvalidInput
+from shared.publish import publish_lines
 
 OPS_SOURCE = "ops"
 ACTIONS = {"pause": "intervention.requested", "resume": "intervention.resolved",

@@ -1,7 +1,7 @@
 """Reading cases for ops: search, and why each deadline and automatic decision is what it is.
 
 The command line (`aftersales case search|explain`) and the web console both read through
-these functions and `services.caseview.case_document`; nothing else queries cases for ops.
+these functions and `services.ops.caseview.case_document`; nothing else queries cases for ops.
 Times are decided by the database clock (`now()`), never the host's.
 """
 
@@ -20,7 +20,7 @@ from shared.domain import Engine
 from shared.domain.durations import Duration
 from shared.domain.model import RuleRef
 from shared.domain.rules import STEP_START, Rule
-from shared.domain.timeutil import SHANGHAI, as_utc
+from shared.domain.timeutil import CHINA_TZ, as_utc
 
 PAUSING_EVENTS = {"intervention.requested"}
 RESUMING_EVENTS = {"intervention.resolved"}
@@ -89,8 +89,8 @@ def calendar_days(engine: Engine, start: datetime, end: datetime) -> dict[str, A
     """How working days were counted between two moments (Asia/Shanghai dates): the
     days skipped and the make-up workdays, and where each answer came from."""
     calendar = engine.calendar
-    first = as_utc(start).astimezone(SHANGHAI).date() + timedelta(days=1)
-    last = as_utc(end).astimezone(SHANGHAI).date()
+    first = as_utc(start).astimezone(CHINA_TZ).date() + timedelta(days=1)
+    last = as_utc(end).astimezone(CHINA_TZ).date()
     days_off: list[dict[str, Any]] = []
     makeup: list[dict[str, Any]] = []
     sources: set[str] = set()
@@ -336,7 +336,7 @@ def _deadline_setter(events: list[CaseEventRow], due: str | None) -> dict[str, A
 
 
 def _workdays_back(engine: Engine, due: datetime, duration: Duration) -> datetime | None:
-    local = as_utc(due).astimezone(SHANGHAI)
+    local = as_utc(due).astimezone(CHINA_TZ)
     day = local.date()
     counted = 0
     try:

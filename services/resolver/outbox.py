@@ -87,7 +87,7 @@ class OutboxRelay:
 
     def _lead(self) -> Connection | None:
         if self._conn is None:
-            conn = self.db.engine.connect()
+            conn = self.db.sql_engine.connect()
             try:
                 leader = conn.execute(TAKE_LEADERSHIP).scalar_one()
                 conn.commit()

@@ -76,7 +76,7 @@ class TickResult:
     latenesses: list[tuple[str, float]]  # (purpose, seconds late)
 
 
-class RateLimiter:
+class DispatchTokenBucket:
     """Token bucket: at most `rate` dispatches per second, so catching up after an outage
     does not flood the resolver and the notifier."""
 
@@ -112,10 +112,10 @@ class Timer:
         self.batch = batch
         self.message_size = message_size
         self.redispatch_after = redispatch_after
-        self.limiter = RateLimiter(max_rate)
+        self.dispatch_bucket = DispatchTokenBucket(max_rate)
 
     def tick(self) -> TickResult:
-        limit = min(self.batch, self.limiter.available())
+        limit = min(self.batch, self.dispatch_bucket.available())
         if limit <= 0:
             return TickResult(0, 0, 0, [])
         with self.db.transaction() as s:
@@ -131,7 +131,7 @@ class Timer:
                 self.publisher.send_actor(RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, chunk)
             if ids:
                 s.execute(MARK_DISPATCHED, {"ids": ids})
-        self.limiter.take(len(ids))
+        self.dispatch_bucket.take(len(ids))
         notifications = self._hand_over_notifications(limit)
         return TickResult(
             fired=len(due),

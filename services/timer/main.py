@@ -7,7 +7,6 @@ import threading
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 from functools import partial
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
 
@@ -19,12 +18,12 @@ from shared.config import Settings
 from shared.db.backlog import PeriodicBacklog, read_backlog
 from shared.db.session import Database
 from shared.domain import WorkCalendar
+from shared.domain.timeutil import CHINA_TZ
 from shared.logs import setup_logging
 from shared.publisher import ConfirmedPublisher
 from shared.runtime import WorkerSpec, poll_loop, supervise
 
 log = logging.getLogger(__name__)
-SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 def worker(settings: Settings) -> None:
@@ -53,7 +52,7 @@ def worker(settings: Settings) -> None:
 def calendar_coverage(settings: Settings) -> datetime:
     """End of the last day with holiday data; warns when next year's schedule is due."""
     last_day = WorkCalendar(settings.holidays).covered_until()
-    end = datetime.combine(last_day + timedelta(days=1), dt_time(), tzinfo=SHANGHAI)
+    end = datetime.combine(last_day + timedelta(days=1), dt_time(), tzinfo=CHINA_TZ)
     left = (end - datetime.now(UTC)).days
     if left < 60:
         log.warning("official holiday data ends %s (%d days left): working-day deadlines "

@@ -60,9 +60,9 @@ def make_engine(database_url: str, pool_size: int = 5,
 class Database:
     """The unit of work: `with db.transaction() as s:` commits on success, rolls back on error."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+    def __init__(self, sql_engine: Engine) -> None:
+        self.sql_engine = sql_engine
+        self._sessions = sessionmaker(sql_engine, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -70,7 +70,7 @@ class Database:
             yield session
 
     def ping(self) -> None:
-        with self.engine.connect() as conn:
+        with self.sql_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
 

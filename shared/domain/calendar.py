@@ -41,7 +41,7 @@ import chinese_calendar
 import holidays as holiday_estimates
 
 from shared.domain.errors import HolidayFileError
-from shared.domain.timeutil import SHANGHAI, as_utc
+from shared.domain.timeutil import CHINA_TZ, as_utc
 from shared.domain.tomlfiles import header_lines, toml_error_line
 
 # case.data key of the record of a working-day deadline's calendar data (`calendar_record`)
@@ -160,7 +160,7 @@ class WorkCalendar:
     def add_workdays(self, moment: datetime, days: int) -> datetime:
         if days < 0:
             raise ValueError("only forward working-day arithmetic is defined")
-        local = as_utc(moment).astimezone(SHANGHAI)
+        local = as_utc(moment).astimezone(CHINA_TZ)
         day = local.date()
         counted = 0
         while counted < days:
@@ -173,8 +173,8 @@ class WorkCalendar:
         """Which data a working-day count from `start` to `end` stood on: the days counted
         are the local dates after start's up to end's. "estimated" if any of their years
         is, else "file" if any is from the user file, else "library"."""
-        first = as_utc(start).astimezone(SHANGHAI).date() + timedelta(days=1)
-        last = max(first, as_utc(end).astimezone(SHANGHAI).date())
+        first = as_utc(start).astimezone(CHINA_TZ).date() + timedelta(days=1)
+        last = max(first, as_utc(end).astimezone(CHINA_TZ).date())
         sources = {self.year_source(y) for y in range(first.year, last.year + 1)}
         source = ESTIMATED if ESTIMATED in sources else FILE if FILE in sources else LIBRARY
         basis: dict[str, Any] = {"source": source, "estimated": source == ESTIMATED}

@@ -54,7 +54,7 @@ from shared.domain.shops import (
     not_looser,
     parse_shop_policy,
 )
-from shared.domain.timeutil import SHANGHAI, as_utc, parse_moment
+from shared.domain.timeutil import CHINA_TZ, as_utc, parse_moment
 from shared.domain.tomlfiles import header_lines, key_line, toml_error_line
 
 DEFAULT_SET = "default"
@@ -123,7 +123,7 @@ class RuleSetVersion:
     @property
     def effective_at(self) -> datetime:
         return as_utc(datetime(self.effective.year, self.effective.month, self.effective.day,
-                               tzinfo=SHANGHAI))
+                               tzinfo=CHINA_TZ))
 
     def find(self, kind: Kind, step: str) -> Rule | None:
         exact = [r for r in self.rules if r.kind == kind.value and r.step == step]
@@ -342,11 +342,6 @@ def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as exc:
         line, reason = toml_error_line(exc, text)
         raise RuleFileError(path, line, f"not valid TOML: {reason}") from exc
-
-
-def parse_rule_file(path: Path) -> RuleSetVersion:
-    text, doc = _read_toml(path)
-    return _RuleFileParser(path, text).parse(doc)
 
 
 class _RuleFileParser:

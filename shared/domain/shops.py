@@ -39,7 +39,7 @@ from shared.domain.durations import Duration
 from shared.domain.errors import RuleFileError
 from shared.domain.flows import FLOWS
 from shared.domain.model import Kind
-from shared.domain.timeutil import SHANGHAI, as_utc
+from shared.domain.timeutil import CHINA_TZ, as_utc
 from shared.domain.tomlfiles import header_lines, key_line
 
 SHOP_SET_PREFIX = "shop"
@@ -55,9 +55,6 @@ class ShopRule:
     reminders: tuple[Duration, ...] | None  # None: the platform rule's
     note: str
     line: int  # of its [[rule]] header, for errors found after parsing
-
-    def applies(self, kind: Kind, step: str) -> bool:
-        return self.step == step and self.kind in (kind.value, "any")
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class ShopPolicyVersion:
     @property
     def effective_at(self) -> datetime:
         return as_utc(datetime(self.effective.year, self.effective.month, self.effective.day,
-                               tzinfo=SHANGHAI))
+                               tzinfo=CHINA_TZ))
 
     def find(self, kind: Kind, step: str) -> ShopRule | None:
         exact = [r for r in self.rules if r.kind == kind.value and r.step == step]

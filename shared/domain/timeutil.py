@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Final
 from zoneinfo import ZoneInfo
 
-SHANGHAI = ZoneInfo("Asia/Shanghai")
+# The one time zone of the project: platforms state times in it, people read them in it.
+CHINA_TZ_NAME: Final = "Asia/Shanghai"
+CHINA_TZ: Final = ZoneInfo(CHINA_TZ_NAME)
 
 
 def as_utc(moment: datetime) -> datetime:
     """A UTC datetime; a naive one is read as China time (how platforms state deadlines)."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=SHANGHAI)
+        moment = moment.replace(tzinfo=CHINA_TZ)
     return moment.astimezone(UTC)
 
 
@@ -29,4 +32,4 @@ def parse_moment(value: object) -> datetime | None:
 
 def local_text(moment: datetime) -> str:
     """China local time for people, e.g. '2026-11-24 10:00'."""
-    return moment.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M")
+    return moment.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M")

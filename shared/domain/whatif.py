@@ -1,5 +1,5 @@
 """What a proposed rule or holiday file would do to the open cases (pure; the reading is in
-`services/whatif.py`, the command is `aftersales rules what-if`).
+`aftersales_cli/whatif.py`, the command is `aftersales rules what-if`).
 
 Two engines: the configuration in force and the proposed one. For each open case with a
 pending deadline:

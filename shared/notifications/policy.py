@@ -29,6 +29,8 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
+from shared.domain.timeutil import CHINA_TZ_NAME
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_POLICY_FILE = PACKAGE_DIR / "policy.toml"
 DEFAULT_TEMPLATES_DIR = PACKAGE_DIR / "templates"
@@ -241,7 +243,7 @@ def local_time(v: Any, tz: str | None = None) -> str:
         return "—"
     if isinstance(v, date) and not isinstance(v, datetime):
         return f"{v.month}月{v.day}日"
-    dt = _as_datetime(v).astimezone(ZoneInfo(tz or "Asia/Shanghai"))
+    dt = _as_datetime(v).astimezone(ZoneInfo(tz or CHINA_TZ_NAME))
     return f"{dt.month}月{dt.day}日 {dt:%H:%M}"
 
 
@@ -251,7 +253,7 @@ def local_time(v: Any, tz: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class Rule:
+class NotificationRule:
     party: str  # merchant | buyer | ops | concerned
     channels: tuple[str, ...]
     template: str  # may contain "{party}", filled with the resolved party
@@ -269,11 +271,11 @@ class SmsTemplate:
 class NotificationPolicy:
     def __init__(
         self,
-        rules: Mapping[str, Sequence[Rule]],
+        rules: Mapping[str, Sequence[NotificationRule]],
         labels: Mapping[str, Mapping[str, str]],
         sms_templates: Mapping[str, SmsTemplate],
         env: jinja2.Environment,
-        default_tz: str = "Asia/Shanghai",
+        default_tz: str = CHINA_TZ_NAME,
     ) -> None:
         self._rules = {k: tuple(v) for k, v in rules.items()}
         self._labels = labels
@@ -320,11 +322,11 @@ class NotificationPolicy:
         if not tdir.is_dir():
             tdir = DEFAULT_TEMPLATES_DIR
 
-        rules: dict[str, list[Rule]] = {}
+        rules: dict[str, list[NotificationRule]] = {}
         for reason, entries in (data.get("reasons") or {}).items():
             for e in entries:
                 rules.setdefault(reason, []).append(
-                    Rule(
+                    NotificationRule(
                         party=str(e["party"]),
                         channels=tuple(e.get("channels", CHANNELS)),
                         template=str(e["template"]),
@@ -369,7 +371,7 @@ class NotificationPolicy:
             labels=data.get("labels") or {},
             sms_templates=sms,
             env=env,
-            default_tz=str(data.get("default_tz", "Asia/Shanghai")),
+            default_tz=str(data.get("default_tz", CHINA_TZ_NAME)),
         )
 
     def _check(self) -> None:

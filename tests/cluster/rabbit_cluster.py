@@ -12,11 +12,12 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.resources import free_port
 
 SBIN = Path(os.environ.get("AFTERSALES_TEST_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin"))
 USER, PASSWORD = "aftersales", "aftersales-cluster-test"  # a throwaway, local-only user
@@ -37,12 +38,6 @@ log.console = false
 
 class ClusterError(RuntimeError):
     """The cluster could not be started or commanded: the test must fail, not skip."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

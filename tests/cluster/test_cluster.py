@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from services.simulate import SimConfig, generate
+from aftersales_cli.simulate.generator import SimConfig, generate
 from shared.amqp import (
     INTAKE_QUEUE,
     NOTIFIER_QUEUE,

@@ -1,4 +1,4 @@
-"""shared/metrics.py: the metric table, the backlog collector, the /metrics server and
+"""shared/metrics/: the metric table, the backlog collector, the /metrics server and
 multi-process mode (in a subprocess: prometheus_client picks its value class per process)."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_actor_metrics_middleware() -> None:
     dramatiq = pytest.importorskip("dramatiq")
     from dramatiq.brokers.stub import StubBroker
 
-    from shared.metrics_dramatiq import ActorMetrics, install_actor_metrics
+    from shared.metrics.actors import ActorMetrics, install_actor_metrics
 
     broker = StubBroker()
     middleware = install_actor_metrics(broker, "notifier")

@@ -15,17 +15,16 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import text
 
 from shared.db.session import Database
+from shared.domain.timeutil import CHINA_TZ
 from tests.conftest import wait_for
 from tests.harness import ROOT, System, publish_events
 
 pytestmark = pytest.mark.e2e
-SH = ZoneInfo("Asia/Shanghai")
 # The State Council's schedule as a user would add it: 2027-01-02 (a Saturday) is a make-up
 # workday, so 7 working days from 2026-12-23 end on that Saturday, not Monday 01-04.
 HOLIDAYS_2027 = "[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n"
@@ -61,17 +60,17 @@ def refund_case(case_id: str) -> list[dict[str, Any]]:
             "case_id": case_id}
     return [
         {**base, "event_id": f"{case_id}-open", "type": "case.opened",
-         "occurred_at": datetime(2026, 12, 22, 9, tzinfo=SH).isoformat(),
+         "occurred_at": datetime(2026, 12, 22, 9, tzinfo=CHINA_TZ).isoformat(),
          "data": {"kind": "refund_only", "amount_fen": 5000, "reason": "不想要了",
                   "buyer": {"phone": "13800000000"},
                   "merchant": {"email": "shop@example.com"}}},
         {**base, "event_id": f"{case_id}-ok", "type": "merchant.approved",
-         "occurred_at": datetime(2026, 12, 23, 10, tzinfo=SH).isoformat(), "data": {}},
+         "occurred_at": datetime(2026, 12, 23, 10, tzinfo=CHINA_TZ).isoformat(), "data": {}},
     ]
 
 
 def aftersales(system: System, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "aftersales_cli.cli", *args], cwd=ROOT,
                           env={**os.environ, **system.env}, capture_output=True, text=True,
                           timeout=120, check=True)
 
@@ -97,7 +96,7 @@ def test_estimated_deadline_then_official_data_moves_it(
     row = wait_for(lambda: pending_deadline(db, "CAL-1"), timeout=60,
                    what="CAL-1's refund deadline")
     # opened and moved, not an error: Monday 2027-01-04 10:00 on the estimate
-    assert row.deadline_at == datetime(2027, 1, 4, 10, tzinfo=SH)
+    assert row.deadline_at == datetime(2027, 1, 4, 10, tzinfo=CHINA_TZ)
     assert row.calendar_source == "estimated"
     shown = json.loads(aftersales(services, "case", "show", "CAL-1", "--json").stdout)
     assert shown["case"]["calendar"] == {"source": "estimated", "estimated": True,
@@ -118,7 +117,7 @@ def test_estimated_deadline_then_official_data_moves_it(
     moved = wait_for(lambda: (r := pending_deadline(db, "CAL-1")) is not None
                      and r.calendar_source == "file" and r, timeout=60,
                      what="the timer to recount CAL-1 on the holiday file")
-    assert moved.deadline_at == datetime(2027, 1, 2, 10, tzinfo=SH)
+    assert moved.deadline_at == datetime(2027, 1, 2, 10, tzinfo=CHINA_TZ)
     assert moved.fence == row.fence + 1
     shown = json.loads(aftersales(services, "case", "show", "CAL-1", "--json").stdout)
     notes = [t for t in shown["timeline"] if t["what"] == "note"]
@@ -143,6 +142,6 @@ def test_estimated_deadline_then_official_data_moves_it(
     assert "moved -2 day(s): 1" in out
     again = pending_deadline(db, "CAL-2")
     assert (again.deadline_at, again.calendar_source) == (
-        datetime(2027, 1, 2, 10, tzinfo=SH), "file")
+        datetime(2027, 1, 2, 10, tzinfo=CHINA_TZ), "file")
     # nothing left to recount: a second run changes nothing
     assert "recounted on official data: 0" in aftersales(services, "calendar", "recompute").stdout

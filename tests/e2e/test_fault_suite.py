@@ -41,7 +41,7 @@ import pika.exceptions
 import pytest
 from sqlalchemy import select, text
 
-from services.simulate import SimConfig, generate
+from aftersales_cli.simulate.generator import SimConfig, generate
 from shared.amqp import (
     FIRE_DEADLINE_ACTOR,
     NOTIFIER_QUEUE,
@@ -55,9 +55,10 @@ from shared.notifications.policy import NotificationPolicy, OpsContacts
 from tests.conftest import wait_for
 from tests.e2e.test_faults import _restart_postgresql, _restart_rabbitmq
 from tests.e2e.traffic_model import predict
-from tests.harness import DecisionTap, System, free_port, publish_events, rejected_messages
+from tests.harness import DecisionTap, System, publish_events, rejected_messages
 from tests.integration.notifier.notifier_fakes import FakeAliyun, RecordingHandler, start_smtp
 from tests.poison import publish_messages, rejected_flood
+from tests.resources import free_port
 
 pytestmark = pytest.mark.e2e
 

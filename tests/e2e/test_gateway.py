@@ -19,7 +19,7 @@ import pika
 import pytest
 from sqlalchemy import func, select
 
-from services.caseview import case_document
+from services.ops.caseview import case_document
 from shared.amqp import INTAKE_QUEUE
 from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database

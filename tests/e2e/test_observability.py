@@ -43,7 +43,8 @@ from sqlalchemy import Connection, text
 from shared.amqp import FIRE_DEADLINE_ACTOR, RESOLVER_QUEUE
 from shared.db.session import Database
 from tests.conftest import wait_for
-from tests.harness import ROOT, Gateway, System, free_port, publish_events
+from tests.harness import ROOT, Gateway, System, publish_events
+from tests.resources import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -508,7 +509,7 @@ def hold_overdue_deadline(db: Database, case_id: str) -> Connection:
     )
     wait_for(lambda: rows(db, pending, c=case_id), timeout=20, interval=0.05,
              what=f"the pending deadline of {case_id}")
-    conn = db.engine.connect()
+    conn = db.sql_engine.connect()
     conn.begin()
     locked = conn.execute(text(pending + " FOR UPDATE"), {"c": case_id}).all()
     if not locked:

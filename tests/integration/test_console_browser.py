@@ -27,7 +27,8 @@ from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
 from tests.conftest import wait_for
-from tests.harness import free_port, publish_events
+from tests.harness import publish_events
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ def console(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathF
     port = free_port()
     log = open(tmp_path_factory.mktemp("console") / "console.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "run", "console"], cwd=ROOT,
+        [sys.executable, "-m", "aftersales_cli.cli", "run", "console"], cwd=ROOT,
         env={**os.environ, "AFTERSALES_DATABASE_URL": database_url,
              "AFTERSALES_AMQP_URL": amqp_url, "AFTERSALES_CONSOLE_PORT": str(port)},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_gateway(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", "run", "gateway"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "aftersales_cli.cli", "run", "gateway"], cwd=ROOT,
                           env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=60)
 
 
 def test_run_help_names_the_gateway() -> None:
-    out = subprocess.run([sys.executable, "-m", "services.cli", "run", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "aftersales_cli.cli", "run", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60).stdout
     assert "gateway" in out
 

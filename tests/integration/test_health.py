@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import wait_for
-from tests.harness import ROOT, free_port, process_group_members
+from tests.harness import ROOT, process_group_members
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +102,7 @@ def test_unready_while_postgresql_is_down(tmp_path: object) -> None:
     port, dead = free_port(), free_port()
     env = {**os.environ, "AFTERSALES_DATABASE_URL": f"postgresql+psycopg://127.0.0.1:{dead}/x",
            "AFTERSALES_METRICS_PORT": str(port), "AFTERSALES_SHUTDOWN_GRACE_SECONDS": "4"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "timer"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "aftersales_cli.cli", "run", "timer"], cwd=ROOT,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -138,7 +139,7 @@ def test_metrics_listen_on_loopback_unless_a_setting_opens_them(bind: str | None
     env.pop("AFTERSALES_METRICS_BIND", None)
     if bind:
         env["AFTERSALES_METRICS_BIND"] = bind
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "timer"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "aftersales_cli.cli", "run", "timer"], cwd=ROOT,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

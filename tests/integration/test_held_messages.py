@@ -41,14 +41,15 @@ from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
 from tests.conftest import wait_for
-from tests.harness import free_port, publish_events
+from tests.harness import publish_events
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def aftersales(amqp_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "aftersales_cli.cli", *args], cwd=ROOT,
                           env={**os.environ, "AFTERSALES_AMQP_URL": amqp_url},
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 

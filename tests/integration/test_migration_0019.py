@@ -27,28 +27,28 @@ def database() -> Iterator[tuple[str, Engine]]:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    engine = create_engine(url)
-    yield url, engine
-    engine.dispose()
+    sql_engine = create_engine(url)
+    yield url, sql_engine
+    sql_engine.dispose()
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 
 
-def counts(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
+def counts(sql_engine: Engine) -> dict[str, int]:
+    with sql_engine.connect() as conn:
         return {t: int(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
                 for t in TABLES}
 
 
 def test_0019_keeps_every_row_and_builds_valid_indexes(database: tuple[str, Engine]) -> None:
-    url, engine = database
+    url, sql_engine = database
     # The revision before 0019, whatever the migrations are chained after (0002 today).
     previous = ScriptDirectory.from_config(alembic_config(url)).get_revision("0019")
     assert previous is not None
     before_0019 = str(previous.down_revision)
     upgrade(url, before_0019)
-    with engine.begin() as conn:
+    with sql_engine.begin() as conn:
         conn.execute(text("""
             INSERT INTO cases (case_id, platform, shop_id, order_id, kind, status, step,
                                version, rule_set, rule_version, opened_at, closed_at, snapshot)
@@ -65,11 +65,11 @@ def test_0019_keeps_every_row_and_builds_valid_indexes(database: tuple[str, Engi
                                    fence, rule_set, rule_version, rule_id)
             SELECT 'C' || (g % 2000 + 1), 's', 'deadline', 'a', 'merchant', now(), now(), 1,
                    'r', '1', 'id' FROM generate_series(1, 5000) g"""))
-    before = counts(engine)
+    before = counts(sql_engine)
 
     upgrade(url, "0019")
-    assert counts(engine) == before
-    with engine.connect() as conn:
+    assert counts(sql_engine) == before
+    with sql_engine.connect() as conn:
         valid = dict(conn.execute(text(
             "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c "
             "ON c.oid = i.indexrelid WHERE c.relname = ANY(:n)"), {"n": list(NEW_INDEXES)}
@@ -79,6 +79,6 @@ def test_0019_keeps_every_row_and_builds_valid_indexes(database: tuple[str, Engi
     assert valid == dict.fromkeys(NEW_INDEXES, True)
 
     command.downgrade(alembic_config(url), before_0019)
-    assert counts(engine) == before
+    assert counts(sql_engine) == before
     upgrade(url, "0019")  # and up again
-    assert counts(engine) == before
+    assert counts(sql_engine) == before

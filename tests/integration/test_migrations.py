@@ -10,12 +10,12 @@ from shared.db.models import Base
 
 
 def test_migrations_and_models_agree(database_url: str) -> None:
-    engine = create_engine(database_url)
+    sql_engine = create_engine(database_url)
     try:
-        with engine.connect() as conn:
+        with sql_engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     assert diff == []
 
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select, update
@@ -29,19 +28,19 @@ from services.timer.loop import Timer
 from shared.db.models import DeadlineRow, NotificationRow
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
+from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationPolicy
 from shared.publisher import RecordingPublisher
-from tests.harness import free_port
 from tests.integration.notifier.notifier_fakes import (
     FakeAliyun,
     RecordingHandler,
     start_smtp,
 )
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 
-SHANGHAI = ZoneInfo("Asia/Shanghai")
-DAYTIME = datetime(2026, 11, 23, 10, 0, tzinfo=SHANGHAI)
+DAYTIME = datetime(2026, 11, 23, 10, 0, tzinfo=CHINA_TZ)
 KEY_ID, KEY_SECRET = "LTAItest-notify", "test-secret-not-real"
 MERCHANT_EMAIL, BUYER_PHONE = "shop@example.com", "13800000000"
 
@@ -118,7 +117,7 @@ def make_sender(db: Database, policy: NotificationPolicy, smtp_port: int, aliyun
                                     timeout=5),
         },
         limiter=InMemoryRateLimiter(),
-        quiet_hours=QuietHours.parse("22:00-08:00", "Asia/Shanghai"),
+        quiet_hours=QuietHours.parse("22:00-08:00", CHINA_TZ_NAME),
         limits=(RateLimit("sms", 5, 3600),),
         retry=RetryPolicy(),
         clock=clock,
@@ -234,7 +233,7 @@ def test_quiet_hours_defer_then_send(
     smtp: tuple[RecordingHandler, int], aliyun: FakeAliyun,
 ) -> None:
     handler, port = smtp
-    clock = Clock(datetime(2026, 11, 23, 23, 30, tzinfo=SHANGHAI))
+    clock = Clock(datetime(2026, 11, 23, 23, 30, tzinfo=CHINA_TZ))
     sender = make_sender(db, policy, port, aliyun, clock)
     with db.transaction() as s:
         row = s.execute(select(NotificationRow).where(
@@ -242,13 +241,13 @@ def test_quiet_hours_defer_then_send(
             .limit(1)).scalar_one()
     assert sender.send(row.id).outcome == "deferred"
     deferred = notification(db, row.reason, "email")
-    assert deferred.send_after == datetime(2026, 11, 24, 8, 0, tzinfo=SHANGHAI)
+    assert deferred.send_after == datetime(2026, 11, 24, 8, 0, tzinfo=CHINA_TZ)
     assert deferred.attempts == 0
     assert handler.received == []
     with db.transaction() as s:
         s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
                   .values(status="pending"))  # what the timer does at send_after
-    clock.at = datetime(2026, 11, 24, 8, 1, tzinfo=SHANGHAI)
+    clock.at = datetime(2026, 11, 24, 8, 1, tzinfo=CHINA_TZ)
     assert sender.send(row.id).outcome == "sent"
     assert len(handler.received) == 1
 

@@ -28,7 +28,7 @@ CN = "+08:00"
 
 
 def aftersales(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "aftersales_cli.cli", *args], cwd=ROOT,
                           env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
 
@@ -87,7 +87,7 @@ def test_a_working_day_deadline_across_a_holiday_is_explained(
     assert set(off) == {d.isoformat() for d in counted if not chinese_calendar.is_workday(d)}
     assert deadline["calendar"]["sources"] == ["library"]  # chinesecalendar's official data
 
-    text = aftersales({"AFTERSALES_DATABASE_URL": str(db.engine.url.render_as_string(
+    text = aftersales({"AFTERSALES_DATABASE_URL": str(db.sql_engine.url.render_as_string(
         hide_password=False))}, "case", "explain", "AS-WD")
     assert text.returncode == 0, text.stderr
     assert "7wd = 7 working days" in text.stdout and "National Day" in text.stdout
@@ -152,7 +152,7 @@ def test_search_filters_by_each_field(db: Database, processor: IntakeProcessor) 
     assert ids(overdue=True) == ["AS-S1"]  # 3 days > 48 h, by the database clock
     assert ids(overdue=False) == ["AS-S2", "AS-S3"]
     assert ids(order="O-AS-S2") == ["AS-S2"]
-    url = db.engine.url.render_as_string(hide_password=False)
+    url = db.sql_engine.url.render_as_string(hide_password=False)
     out = aftersales({"AFTERSALES_DATABASE_URL": url}, "case", "search", "--shop", "SHOP-A",
                      "--overdue", "yes", "--json")
     assert out.returncode == 0, out.stderr
@@ -167,7 +167,7 @@ def test_ops_actions_go_through_intake_into_the_timeline(
 ) -> None:
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     apply(processor, opened("AS-OPS", t0))
-    env = {"AFTERSALES_DATABASE_URL": db.engine.url.render_as_string(hide_password=False),
+    env = {"AFTERSALES_DATABASE_URL": db.sql_engine.url.render_as_string(hide_password=False),
            "AFTERSALES_AMQP_URL": amqp_url}
 
     def case() -> CaseRow:

@@ -23,11 +23,11 @@ def _seq_scans_of_case_events(conn: Connection) -> int:
         "WHERE relname = 'case_events'")).scalar())
 
 
-def seq_scans_after_growth(engine: Engine) -> int:
+def seq_scans_after_growth(sql_engine: Engine) -> int:
     """Run intake's duplicate check often on an empty table, fill the table (no ANALYZE,
     as between autovacuum runs), run the check again: how many sequential scans did the
     runs after the growth make?"""
-    with engine.connect() as conn, conn.begin():
+    with sql_engine.connect() as conn, conn.begin():
         for i in range(15):  # enough for psycopg to prepare and PostgreSQL to go generic
             conn.execute(SEEN_EVENTS, {"ids": [f"none-{i}"]})
         conn.execute(text(
@@ -48,18 +48,18 @@ def empty_case_events(db: Database, database_url: str) -> Iterator[str]:
 
 
 def test_service_engine_uses_the_index_after_the_table_grows(empty_case_events: str) -> None:
-    engine = make_engine(empty_case_events)
+    sql_engine = make_engine(empty_case_events)
     try:
-        assert seq_scans_after_growth(engine) == 0
+        assert seq_scans_after_growth(sql_engine) == 0
     finally:
-        engine.dispose()
+        sql_engine.dispose()
 
 
 def test_without_per_execution_plans_the_stale_plan_scans(empty_case_events: str) -> None:
     """The control: a plain engine keeps the plan made on the empty table, so the test
     above would catch the setting going missing."""
-    engine = create_engine(empty_case_events)
+    sql_engine = create_engine(empty_case_events)
     try:
-        assert seq_scans_after_growth(engine) > 0
+        assert seq_scans_after_growth(sql_engine) > 0
     finally:
-        engine.dispose()
+        sql_engine.dispose()

@@ -7,13 +7,13 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pika
 import pytest
 
 from shared.amqp import REJECTED_QUEUE, declare_topology
-from tests.conftest import VHOST, _rabbitmqctl, wait_for
+from tests.conftest import VHOST, wait_for
+from tests.resources import own_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +23,10 @@ POLICY_VHOST = f"{VHOST}-policy"  # its own: the limits here are tiny
 
 @pytest.fixture
 def channel() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
-    _rabbitmqctl("add_vhost", POLICY_VHOST)
-    try:
-        _rabbitmqctl("set_permissions", "-p", POLICY_VHOST, "guest", ".*", ".*", ".*")
-        connection = pika.BlockingConnection(pika.URLParameters(
-            f"amqp://guest:guest@127.0.0.1:5672/{quote(POLICY_VHOST, safe='')}"))
+    with own_vhost(POLICY_VHOST) as url:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
         yield connection.channel()
         connection.close()
-    finally:
-        _rabbitmqctl("delete_vhost", POLICY_VHOST)
 
 
 def test_the_policy_bounds_an_already_declared_rejected_queue(

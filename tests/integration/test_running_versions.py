@@ -6,20 +6,19 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import text
 
-from services.caseview import case_document
 from services.intake.processor import IntakeProcessor
+from services.ops.caseview import case_document
 from shared.db.recount import switch_running_steps
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
+from shared.domain.timeutil import CHINA_TZ
 from shared.notifications.policy import NotificationPolicy
 
 pytestmark = pytest.mark.integration
-SH = ZoneInfo("Asia/Shanghai")
 VERSION = """[ruleset]
 name = "acme"
 version = "{version}"
@@ -37,7 +36,7 @@ on_timeout = "auto_approve"
 
 def test_the_timer_job_gives_a_running_step_the_new_version(db: Database,
                                                             tmp_path: Path) -> None:
-    today = datetime.now(SH).date()
+    today = datetime.now(CHINA_TZ).date()
     (tmp_path / "v1.toml").write_text(VERSION.format(
         version="v1", effective="2020-01-01", extra="", duration="72h"))
     policy = NotificationPolicy.load(None)
@@ -61,7 +60,7 @@ def test_the_timer_job_gives_a_running_step_the_new_version(db: Database,
             "SELECT deadline_at, rule_version FROM deadlines WHERE case_id = 'RV-1' "
             "AND status = 'pending' AND purpose = 'deadline'")).one()
     assert version == "v2"
-    effective_at = datetime.combine(today, datetime.min.time(), tzinfo=SH)
+    effective_at = datetime.combine(today, datetime.min.time(), tzinfo=CHINA_TZ)
     assert due == max(opened_at + timedelta(hours=48), effective_at)
     doc = case_document(db, "RV-1")
     assert doc is not None

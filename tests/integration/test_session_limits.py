@@ -28,4 +28,4 @@ def test_sessions_carry_timeouts_and_keepalives(database_url: str) -> None:
             with pytest.raises(Exception, match="statement timeout"):
                 s.execute(text("SELECT pg_sleep(3)"))
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()

@@ -11,22 +11,21 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select, text
 
+from aftersales_cli.simulate.generator import SimConfig, generate
 from services.intake.processor import IntakeProcessor
-from services.simulate import SimConfig, generate
 from shared.db.models import CaseRow, DeadlineRow
 from shared.db.session import Database
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, RuleRef, WorkCalendar
+from shared.domain.timeutil import CHINA_TZ
 from shared.notifications.policy import NotificationPolicy
 from shared.schemas.events import Limits
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-SH = ZoneInfo("Asia/Shanghai")
 SHIPPED_DEFAULT = ROOT / "shared" / "rules" / "default.toml"
 
 # A proposed second version of the default set: buyers get 3 days to ship a return
@@ -69,10 +68,10 @@ def _fill(db: Database) -> None:
     base = {"platform": "kuaishou", "shop_id": "S1", "order_id": "O-EST", "case_id": "EST-1"}
     intake.process([json.dumps(e).encode() for e in (
         {**base, "event_id": "est-open", "type": "case.opened",
-         "occurred_at": datetime(2026, 12, 22, 9, tzinfo=SH).isoformat(),
+         "occurred_at": datetime(2026, 12, 22, 9, tzinfo=CHINA_TZ).isoformat(),
          "data": {"kind": "refund_only", "amount_fen": 100}},
         {**base, "event_id": "est-ok", "type": "merchant.approved",
-         "occurred_at": datetime(2026, 12, 23, 10, tzinfo=SH).isoformat(), "data": {}},
+         "occurred_at": datetime(2026, 12, 23, 10, tzinfo=CHINA_TZ).isoformat(), "data": {}},
     )])
 
 
@@ -87,7 +86,7 @@ def _fingerprint(db: Database) -> tuple[Any, ...]:
 
 def _what_if(database_url: str, proposal: Path) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "rules", "what-if", str(proposal), "--json"],
+        [sys.executable, "-m", "aftersales_cli.cli", "rules", "what-if", str(proposal), "--json"],
         cwd=ROOT, env={**os.environ, "AFTERSALES_DATABASE_URL": database_url},
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -96,7 +96,7 @@ def test_published_json_schemas_match_the_code(tmp_path) -> None:
     """schemas/v1 is what integrators read: regenerate with `aftersales schemas`."""
     from pathlib import Path
 
-    from services.schemadoc import write_schemas
+    from aftersales_cli.schemadoc import write_schemas
 
     fresh = {p.name: p.read_text() for p in write_schemas(tmp_path)}
     shipped_dir = Path(__file__).resolve().parents[2] / "schemas" / "v1"

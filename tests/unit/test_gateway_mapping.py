@@ -21,7 +21,7 @@ from services.gateway.mapping import (
     map_message,
 )
 from tests.platform_messages import (
-    CHINA,
+    CHINA_TZ,
     DOUYIN_KEY,
     DOUYIN_SECRET,
     KUAISHOU_KEY,
@@ -67,7 +67,7 @@ def test_douyin_signature_is_md5_of_key_body_secret() -> None:
 
 
 def test_douyin_200_opens_a_case_in_china_time() -> None:
-    applied = datetime(2026, 11, 22, 9, 30, tzinfo=CHINA)
+    applied = datetime(2026, 11, 22, 9, 30, tzinfo=CHINA_TZ)
     [verdict] = douyin(douyin_message("200", "7301", douyin_data(
         9001, status=6, type_=0, amount=12900, apply_time=unix(applied))))
     [event] = events_of(verdict)
@@ -95,7 +95,7 @@ def test_douyin_201_after_a_return_is_receipt_then_approval() -> None:
 
 
 def test_douyin_209_moves_the_deadline_of_the_step_its_status_names() -> None:
-    due = datetime(2026, 11, 24, 18, 0, tzinfo=CHINA)
+    due = datetime(2026, 11, 24, 18, 0, tzinfo=CHINA_TZ)
     [verdict] = douyin(douyin_message("209", "d1", {
         "aftersale_id": 5, "aftersale_status": 7, "aftersale_type": 0, "p_id": 11, "s_id": 12,
         "shop_id": 13, "status_deadline": unix(due)}))
@@ -168,7 +168,7 @@ def kuaishou(body: bytes) -> platforms.Unpacked | platforms.Refusal:
 
 
 def test_kuaishou_message_decrypts_and_maps_with_its_deadline_in_ms() -> None:
-    end = datetime(2026, 11, 23, 10, 0, tzinfo=CHINA)
+    end = datetime(2026, 11, 23, 10, 0, tzinfo=CHINA_TZ)
     unpacked = kuaishou(kuaishou_body("kwaishop_aftersales_addRefund", "ev1",
                                       kuaishou_info(501, status=10, end_time=end)))
     assert isinstance(unpacked, platforms.Unpacked)
@@ -263,7 +263,7 @@ def test_a_wrong_mapping_file_is_refused_naming_the_problem(tmp_path: Path, chan
 
 
 def test_a_message_of_several_events_gives_its_deadline_to_the_step_it_ends_in() -> None:
-    end = datetime(2026, 11, 29, 10, 0, tzinfo=CHINA)
+    end = datetime(2026, 11, 29, 10, 0, tzinfo=CHINA_TZ)
     unpacked = kuaishou(kuaishou_body("kwaishop_aftersales_updateRefund", "ev9",
                                       kuaishou_info(502, status=50, handling_way=1,
                                                     end_time=end)))

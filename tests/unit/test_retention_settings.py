@@ -37,7 +37,7 @@ def test_a_dedup_window_shorter_than_the_retention_is_refused(
 
 def test_a_service_with_it_stops_at_start_with_one_line() -> None:
     env = {**os.environ, "AFTERSALES_DEDUP_WINDOW_DAYS": "7"}
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "run", "intake"],
+    proc = subprocess.run([sys.executable, "-m", "aftersales_cli.cli", "run", "intake"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

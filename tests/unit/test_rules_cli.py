@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
+from aftersales_cli.cli import main
 
 RULE = """[ruleset]
 name = "acme"

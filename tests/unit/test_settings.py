@@ -52,7 +52,7 @@ def test_a_bad_setting_is_named(monkeypatch: pytest.MonkeyPatch, name: str, valu
 def test_the_service_stops_at_start_with_one_line() -> None:
     env = {**os.environ, "AFTERSALES_METRICS_PORT": "99999"}
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "run", "intake"],
+        [sys.executable, "-m", "aftersales_cli.cli", "run", "intake"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

@@ -10,17 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from aftersales_cli.simulate.command import add_arguments, config_from_args, run_simulation
+from aftersales_cli.simulate.generator import DEFAULT_MIX, KINDS, SimConfig, generate, parse_mix
 from services.intake.processor import to_domain_event
-from services.simulate import (
-    DEFAULT_MIX,
-    KINDS,
-    SimConfig,
-    add_arguments,
-    config_from_args,
-    generate,
-    parse_mix,
-    run_simulation,
-)
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, WorkCalendar
 from shared.schemas.events import Accepted, Rejection, parse_event
 

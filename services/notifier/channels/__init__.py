@@ -5,7 +5,7 @@ from services.notifier.channels.aliyun import AliyunSmsChannel
 from services.notifier.channels.base import Channel, SendResult
 from services.notifier.channels.factory import build_channels
 from services.notifier.channels.fake import FakeChannel, SentRecord
-from services.notifier.channels.log import LogChannel, LogSmsChannel
+from services.notifier.channels.log import LogChannel
 from services.notifier.channels.smtp import SmtpEmailChannel
 from services.notifier.channels.tencent import TencentSmsChannel
 
@@ -14,7 +14,6 @@ __all__ = [
     "Channel",
     "FakeChannel",
     "LogChannel",
-    "LogSmsChannel",
     "SendResult",
     "SentRecord",
     "SmtpEmailChannel",

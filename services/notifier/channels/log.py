@@ -40,6 +40,3 @@ class LogChannel:
             )
         return SendResult(provider="log", provider_id=f"log-{dedup_key}")
 
-
-# The name the brief uses for the SMS default.
-LogSmsChannel = LogChannel

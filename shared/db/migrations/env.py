@@ -20,12 +20,12 @@ def run_migrations() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(url)
-    with engine.connect() as connection:
+    sql_engine = create_engine(url)
+    with sql_engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
             context.run_migrations()
-    engine.dispose()
+    sql_engine.dispose()
 
 
 run_migrations()

@@ -31,8 +31,8 @@ from shared.db.models import NotificationRow
 from shared.db.session import Database
 from shared.notifications.policy import NotificationPolicy
 from tests.conftest import PG_ADMIN_URL, wait_for
-from tests.harness import free_port
 from tests.integration.notifier.notifier_fakes import RecordingHandler, start_smtp
+from tests.resources import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -165,15 +165,15 @@ def _pg_cluster() -> str:
 
 
 def _postgres_down() -> bool:
-    engine = create_engine(PG_ADMIN_URL, poolclass=None)
+    sql_engine = create_engine(PG_ADMIN_URL, poolclass=None)
     try:
-        with engine.connect() as conn:
+        with sql_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return False
     except Exception:
         return True
     finally:
-        engine.dispose()
+        sql_engine.dispose()
 
 
 class RestartingChannel:

@@ -17,6 +17,7 @@ import redis
 from services.notifier.channels import FakeChannel
 from services.notifier.delivery import QuietHours, decide_and_send
 from services.notifier.ratelimit import RateLimit, RedisRateLimiter, subject_for
+from shared.domain.timeutil import CHINA_TZ_NAME
 from shared.notifications.policy import NotificationRequest, RenderedMessage
 
 T0 = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
@@ -123,7 +124,7 @@ def test_decide_and_send_defers_the_sixth_sms_of_the_hour(limiter: RedisRateLimi
         req = NotificationRequest(
             dedup_key=f"{i:032x}", case_id=f"AS{i}", reason="reminder.due_soon",
             party="merchant", channel="sms", recipient="13812345678", template="t",
-            params={}, urgent=False, tz="Asia/Shanghai",
+            params={}, urgent=False, tz=CHINA_TZ_NAME,
         )
         r = decide_and_send(req, ch, now=T0 + timedelta(minutes=i), attempt=1, limiter=limiter,
                             quiet_hours=QuietHours(), render=render, limits=limits)

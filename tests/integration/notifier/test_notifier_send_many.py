@@ -11,7 +11,6 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import event, insert, select, update
@@ -23,13 +22,13 @@ from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import CHUNK, NotificationSender, SendOutcome
 from shared.db.models import NotificationRow
 from shared.db.session import Database, make_engine
+from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationPolicy, NotificationRequest, RenderedMessage
 
 pytestmark = pytest.mark.integration
 
-SHANGHAI = ZoneInfo("Asia/Shanghai")
-DAYTIME = datetime(2026, 11, 23, 10, 0, tzinfo=SHANGHAI)
-NIGHT = datetime(2026, 11, 23, 23, 30, tzinfo=SHANGHAI)
+DAYTIME = datetime(2026, 11, 23, 10, 0, tzinfo=CHINA_TZ)
+NIGHT = datetime(2026, 11, 23, 23, 30, tzinfo=CHINA_TZ)
 POLICY = NotificationPolicy.load(None)
 
 
@@ -67,7 +66,7 @@ def make_sender(db: Database, channel: Any, *, at: datetime = DAYTIME,
                 quiet: str = "off", policy: Any = POLICY) -> NotificationSender:
     return NotificationSender(
         db=db, policy=policy, channels={"email": channel}, limiter=InMemoryRateLimiter(),
-        quiet_hours=QuietHours.parse(quiet, "Asia/Shanghai"), limits=(),
+        quiet_hours=QuietHours.parse(quiet, CHINA_TZ_NAME), limits=(),
         retry=RetryPolicy(), clock=lambda: at,
     )
 
@@ -144,7 +143,7 @@ def test_results_are_recorded(db: Database) -> None:
         "failed", 3, before)
     assert (r["quiet"].status, r["quiet"].attempts, r["quiet"].last_error) == (
         "deferred", 0, "quiet_hours")
-    assert r["quiet"].send_after == datetime(2026, 11, 24, 8, 0, tzinfo=SHANGHAI)
+    assert r["quiet"].send_after == datetime(2026, 11, 24, 8, 0, tzinfo=CHINA_TZ)
     assert r["throttled"].status == "deferred" and r["throttled"].attempts == 1
     assert r["throttled"].send_after is not None
     assert NIGHT + timedelta(seconds=60) <= r["throttled"].send_after <= NIGHT + timedelta(
@@ -155,8 +154,8 @@ class SqlLog:
     def __init__(self, db: Database) -> None:
         self.commits = 0
         self.statements: list[tuple[str, bool]] = []
-        event.listen(db.engine, "commit", self._commit)
-        event.listen(db.engine, "before_cursor_execute", self._execute)
+        event.listen(db.sql_engine, "commit", self._commit)
+        event.listen(db.sql_engine, "before_cursor_execute", self._execute)
 
     def _commit(self, conn: Any) -> None:
         self.commits += 1
@@ -310,7 +309,7 @@ def test_a_chunk_takes_its_rate_limit_slots_in_one_round_trip(db: Database) -> N
     limiter = CountingLimiter()
     sender = NotificationSender(
         db=db, policy=POLICY, channels={"email": FakeChannel()}, limiter=limiter,
-        quiet_hours=QuietHours.parse("off", "Asia/Shanghai"),
+        quiet_hours=QuietHours.parse("off", CHINA_TZ_NAME),
         limits=(RateLimit("email", 3, 3600),), retry=RetryPolicy(), clock=lambda: DAYTIME)
     outcomes = sender.send_many(ids)
     assert [o.outcome for o in outcomes] == ["sent"] * 3 + ["deferred"] * (CHUNK + 2)

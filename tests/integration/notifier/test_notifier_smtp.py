@@ -38,6 +38,7 @@ from shared.notifications.policy import (
     RenderedMessage,
 )
 from tests.conftest import wait_for
+from tests.resources import free_port
 
 # Generated per run: not a real credential.
 USER, PASSWORD = "notifier", "pw-" + socket.gethostname()
@@ -56,12 +57,6 @@ def payload_text(msg: Message) -> str:
     raw = msg.get_payload(decode=True)
     assert isinstance(raw, bytes)
     return raw.decode("utf-8")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from shared.domain import Case, DeadlineSpec, Engine, Event, Outcome, RuleBook, WorkCalendar
+from shared.domain.timeutil import CHINA_TZ
 
-SH = ZoneInfo("Asia/Shanghai")
 _ids = itertools.count(1)
 
 
@@ -23,7 +22,7 @@ def examples(n: int) -> int:
 
 def cst(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
     """A China-time moment, e.g. cst(2026, 11, 22, 10) = 2026-11-22 10:00 +08:00."""
-    return datetime(year, month, day, hour, minute, tzinfo=SH)
+    return datetime(year, month, day, hour, minute, tzinfo=CHINA_TZ)
 
 
 def make_event(type_: str, at: datetime, *, case_id: str = "AS1", platform: str = "kuaishou",
@@ -93,4 +92,4 @@ class Driver:
 
     def due_local(self) -> datetime:
         assert self.case is not None and self.case.step_due_at is not None
-        return self.case.step_due_at.astimezone(SH)
+        return self.case.step_due_at.astimezone(CHINA_TZ)

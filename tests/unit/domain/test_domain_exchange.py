@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from domain_support import SH, Driver, cst
+from domain_support import CHINA_TZ, Driver, cst
 
 from shared.domain import RuleRef
 
@@ -148,4 +148,4 @@ def test_times_are_stored_in_utc(driver: Driver) -> None:
     assert driver.case is not None
     assert driver.case.step_due_at is not None
     assert driver.case.step_due_at.utcoffset() == timedelta(0)
-    assert driver.case.step_due_at.astimezone(SH).hour == 10
+    assert driver.case.step_due_at.astimezone(CHINA_TZ).hour == 10

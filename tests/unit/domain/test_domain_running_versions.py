@@ -92,7 +92,7 @@ def test_what_if_shows_the_move_of_a_running_step(tmp_path: Path) -> None:
 
 
 def test_what_if_text_names_the_moves_the_decisions_and_an_example(tmp_path: Path) -> None:
-    from services.whatif import render
+    from aftersales_cli.whatif import render
     from shared.domain.whatif import WhatIfReport
 
     current, proposed = _engine(tmp_path, applies=False), _engine(tmp_path, applies=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, time, timedelta
-from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -18,14 +17,13 @@ from services.notifier.delivery import (
     decide_and_send,
 )
 from services.notifier.errors import PermanentSendError, ThrottledError, TransientSendError
+from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationRequest, RenderedMessage
-
-SH = ZoneInfo("Asia/Shanghai")
 
 
 def at(hh: int, mm: int = 0, day: int = 24) -> datetime:
     """An instant given as Shanghai wall time."""
-    return datetime(2026, 11, day, hh, mm, tzinfo=SH)
+    return datetime(2026, 11, day, hh, mm, tzinfo=CHINA_TZ)
 
 
 # ---- quiet hours -----------------------------------------------------------------------
@@ -76,7 +74,7 @@ def req(urgent: bool = False, channel: str = "sms", recipient: str = "1381234567
     return NotificationRequest(
         dedup_key=key, case_id="AS1", reason="reminder.due_soon", party="merchant",
         channel=channel, recipient=recipient, template="t", params={}, urgent=urgent,
-        tz="Asia/Shanghai",
+        tz=CHINA_TZ_NAME,
     )
 
 

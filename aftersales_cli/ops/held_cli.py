@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 from services.ops.held import (
     KINDS,
@@ -18,12 +17,11 @@ from services.ops.held import (
     replay,
 )
 from shared.config import Settings
-
-LOCAL = ZoneInfo("Asia/Shanghai")
+from shared.domain.timeutil import CHINA_TZ
 
 
 def _local(value: datetime | None) -> str:
-    return value.astimezone(LOCAL).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    return value.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
 def _selection(args: argparse.Namespace) -> Selection:

@@ -1,4 +1,4 @@
-"""The ops commands of `aftersales`: registered by services/cli.py, implemented here."""
+"""The ops commands of `aftersales`: registered by aftersales_cli/cli.py, implemented here."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction, case_sub: argparse._SubParsersActi
                       ) -> Callable[[argparse.Namespace], int]:
         return lambda args: handler(settings(), args)
 
-    from services.ops import held_cli
+    from aftersales_cli.ops import held_cli
 
     for kind, queue, what in (
             ("rejected", "aftersales.events.rejected", "events intake refused"),
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction, case_sub: argparse._SubParsersActi
         again.add_argument("--json", action="store_true")
         again.set_defaults(func=with_settings(held_cli.cmd_replay))
 
-    from services.ops import cases_cli
+    from aftersales_cli.ops import cases_cli
 
     search = case_sub.add_parser("search", help="cases by shop, order, platform, kind, step...")
     cases_cli.add_search_arguments(search)

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from shared.config import Settings
 from shared.db.session import Database, make_engine
 from shared.domain.calendar import WorkCalendar
-from shared.domain.timeutil import SHANGHAI
+from shared.domain.timeutil import CHINA_TZ
 
 PENDING_ESTIMATED_BY_YEAR = text(
     """SELECT EXTRACT(YEAR FROM deadline_at AT TIME ZONE 'Asia/Shanghai')::int AS year,
@@ -27,7 +27,7 @@ PENDING_ESTIMATED_BY_YEAR = text(
 
 
 def _settings() -> Settings:
-    from services.cli import _settings as load
+    from aftersales_cli.cli import _settings as load
 
     return load()
 
@@ -36,7 +36,7 @@ def calendar_status(calendar: WorkCalendar, db: Database | None,
                     today: datetime | None = None) -> dict[str, Any]:
     """Each year from last year to next year: its source, days off and make-up days; the
     pending deadlines counted on an estimate (None when the database was not asked)."""
-    now = (today or datetime.now(UTC)).astimezone(SHANGHAI)
+    now = (today or datetime.now(UTC)).astimezone(CHINA_TZ)
     years = []
     for year in range(now.year - 1, now.year + 2):
         info = calendar.year_info(year)
@@ -84,8 +84,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings()
     calendar = build_domain(settings).calendar
-    engine = make_engine(settings.database_url, pool_size=1)
-    db: Database | None = Database(engine)
+    sql_engine = make_engine(settings.database_url, pool_size=1)
+    db: Database | None = Database(sql_engine)
     try:
         try:
             doc = calendar_status(calendar, db)
@@ -94,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             doc = calendar_status(calendar, None)
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     print(json.dumps(doc, ensure_ascii=False, indent=2) if args.json else render_status(doc))
     return 0
 
@@ -104,12 +104,12 @@ def cmd_recompute(args: argparse.Namespace) -> int:
     from shared.db.recount import recount_estimated
 
     settings = _settings()
-    engine = make_engine(settings.database_url, pool_size=1)
+    sql_engine = make_engine(settings.database_url, pool_size=1)
     try:
-        summary = recount_estimated(Database(engine), build_domain(settings),
+        summary = recount_estimated(Database(sql_engine), build_domain(settings),
                                     build_policy(settings), ops_contacts(settings))
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     if args.json:
         print(json.dumps({"checked": summary.checked, "earlier": summary.earlier,
                           "later": summary.later, "same_day": summary.same_day,

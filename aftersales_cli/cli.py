@@ -40,7 +40,7 @@ def _prepare_metrics_dir(settings: Settings, service: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.service == "all":
-        from services.runall import run_all
+        from aftersales_cli.runall import run_all
 
         return run_all()
     if args.service != "console":  # the console serves no metrics
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from services.publish import publish_file
+    from shared.publish import publish_file
 
     settings = _settings()
     count = publish_file(settings.amqp_url, args.file, settings.queue_type)
@@ -65,14 +65,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_case_show(args: argparse.Namespace) -> int:
-    from services.caseview import show_case
+    from aftersales_cli.caseview import show_case
 
     settings = _settings()
     return show_case(settings, args.case_id, as_json=args.json)
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
-    from services.schemadoc import write_schemas
+    from aftersales_cli.schemadoc import write_schemas
 
     for path in write_schemas(Path(args.out)):
         print(path)
@@ -80,13 +80,13 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from services.simulate import run_simulation
+    from aftersales_cli.simulate.command import run_simulation
 
     return int(run_simulation(_settings(), args))
 
 
 def cmd_retention_run(args: argparse.Namespace) -> int:
-    from services.retention import run_command
+    from aftersales_cli.retention import run_command
 
     return run_command(_settings(), args)
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_case_show)
 
-    from services.ops.cli import register as register_ops
+    from aftersales_cli.ops.cli import register as register_ops
 
     register_ops(sub, case_sub, _settings)
     retention = sub.add_parser("retention", help="archive and remove finished cases")
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              metavar="ACTION")
     retention_run = retention_sub.add_parser(
         "run", help="archive, then remove, closed cases past AFTERSALES_RETENTION_DAYS")
-    from services.retention import add_arguments as add_retention_arguments
+    from aftersales_cli.retention import add_arguments as add_retention_arguments
 
     add_retention_arguments(retention_run)
     retention_run.set_defaults(func=cmd_retention_run)
@@ -142,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate", type=float, default=50.0, help="events per second")
     sim.add_argument("--duration", type=float, default=60.0, help="seconds")
     sim.add_argument("--seed", type=int, default=None)
-    from services.simulate import add_arguments
+    from aftersales_cli.simulate.command import add_arguments
 
     add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
 
-    from services import calendarcmd, rulescmd
+    from aftersales_cli import calendarcmd, rulescmd
 
     calendarcmd.add_parser(sub)
     rulescmd.add_parser(sub)

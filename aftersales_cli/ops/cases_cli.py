@@ -8,33 +8,17 @@ from datetime import datetime
 from typing import Any
 
 from services.ops.cases import CaseFilter, explain_case, search_cases
+from services.ops.display import span
 from shared.bootstrap import build_domain
 from shared.config import Settings
 from shared.db.session import Database, make_engine
-from shared.domain.timeutil import SHANGHAI
+from shared.domain.timeutil import CHINA_TZ
 
 
 def local(value: str | None) -> str:
     if not value:
         return "-"
-    return datetime.fromisoformat(value).astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M")
-
-
-def span(seconds: float | None) -> str:
-    if seconds is None:
-        return "ongoing"
-    if abs(seconds) < 60:
-        return f"{seconds:.1f}s" if seconds % 1 else f"{int(seconds)}s"
-    seconds = int(seconds)
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    parts = [f"{days}d"] if days else []
-    parts += [f"{hours}h"] if hours else []
-    parts += [f"{minutes}m"] if minutes or not parts else []
-    return sign + " ".join(parts)
+    return datetime.fromisoformat(value).astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M")
 
 
 def _database(settings: Settings) -> Database:
@@ -53,7 +37,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     try:
         found = search_cases(db, filter_from(args))
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     if args.json:
         print(json.dumps(found, ensure_ascii=False))
         return 0
@@ -144,7 +128,7 @@ def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
     try:
         doc = explain_case(db, build_domain(settings), args.case_id)
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     if doc is None:
         print(f"no case {args.case_id}")
         return 1
@@ -184,7 +168,7 @@ def cmd_action(settings: Settings, args: argparse.Namespace) -> int:
         print(f"aftersales: {exc}", file=sys.stderr)
         return 2
     finally:
-        db.engine.dispose()
+        db.sql_engine.dispose()
     doc = result.document()
     if args.json:
         print(json.dumps(doc, ensure_ascii=False))

@@ -13,7 +13,7 @@ from shared.config import SERVICES
 def run_all() -> int:
     manager = Manager()
     for service in SERVICES:
-        manager.add_process(service, f"{sys.executable} -m services.cli run {service}")
-    manager.add_process("gateway", f"{sys.executable} -m services.cli run gateway")
+        manager.add_process(service, f"{sys.executable} -m aftersales_cli.cli run {service}")
+    manager.add_process("gateway", f"{sys.executable} -m aftersales_cli.cli run gateway")
     manager.loop()
     return int(manager.returncode or 0)

@@ -14,7 +14,7 @@ from shared.domain.errors import DataFileError
 
 
 def _settings() -> Any:
-    from services.cli import _settings as load
+    from aftersales_cli.cli import _settings as load
 
     return load()
 
@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_what_if(args: argparse.Namespace) -> int:
-    from services.whatif import proposed_engine, render, what_if
+    from aftersales_cli.whatif import proposed_engine, render, what_if
     from shared.bootstrap import build_domain
     from shared.db.session import Database, make_engine
 
@@ -98,11 +98,11 @@ def cmd_what_if(args: argparse.Namespace) -> int:
     except DataFileError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    engine = make_engine(settings.database_url, pool_size=1)
+    sql_engine = make_engine(settings.database_url, pool_size=1)
     try:
-        report = what_if(Database(engine), current, proposed, examples=args.examples)
+        report = what_if(Database(sql_engine), current, proposed, examples=args.examples)
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     if args.json:
         print(json.dumps({"proposal": {"path": str(proposal), "kind": kind},
                           **report.to_dict()}, ensure_ascii=False, indent=2))

@@ -30,8 +30,8 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
         print("aftersales: bad setting: AFTERSALES_ARCHIVE_DIR: not set (retention archives "
               "every row before removing it)", file=sys.stderr)
         return 2
-    engine = make_engine(settings.database_url, pool_size=1)
-    db = Database(engine)
+    sql_engine = make_engine(settings.database_url, pool_size=1)
+    db = Database(sql_engine)
     try:
         if args.dry_run:
             plan = plan_retention(db, policy)
@@ -46,7 +46,7 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
         report = run_retention(db, policy, Archive(settings.archive_dir),
                                max_batches=args.max_batches)
     finally:
-        engine.dispose()
+        sql_engine.dispose()
     print(f"retention run {report.run_id}: {report.cases} cases and "
           f"{report.parked_events} parked events archived and removed in "
           f"{report.batches} batches")

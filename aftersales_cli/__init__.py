@@ -1,0 +1,1 @@
+"""The `aftersales` command-line tools: front-ends over the services and shared code."""

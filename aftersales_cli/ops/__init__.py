@@ -1,0 +1,1 @@
+"""The ops commands of `aftersales` (front-ends over services/ops/)."""
