@@ -70,6 +70,10 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    def session(self) -> Session:
+        """A new session, for a unit of work that manages its transaction itself."""
+        return self._sessions()
+
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -96,3 +100,10 @@ def is_infrastructure(exc: DBAPIError) -> bool:
                                      "AdminShutdown", "CannotConnectNow",
                                      # statement_timeout / lock_timeout: retry the batch
                                      "QueryCanceled", "LockNotAvailable"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """PostgreSQL unreachable, restarting or timing out: retry the whole batch (nothing of
+    it was committed). Anything else is about the data or the code, and retrying the same
+    thing would fail the same way."""
+    return isinstance(exc, DBAPIError) and is_infrastructure(exc)

@@ -13,10 +13,10 @@ from sqlalchemy import text
 
 from services.caseview import case_document
 from services.intake.processor import IntakeProcessor
-from shared.db.recount import switch_running_steps
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
+from shared.recount import switch_running_steps
 
 pytestmark = pytest.mark.integration
 SH = ZoneInfo("Asia/Shanghai")
