@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import T0, ev, opened
+from writepath_support import T0, ev, opened
 
 from services.intake.processor import IntakeProcessor
 from shared.db.case_log import EventOutcome

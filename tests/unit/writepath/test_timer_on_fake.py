@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import T0, opened
+from writepath_support import T0, opened
 
 from services.intake.processor import IntakeProcessor
 from services.timer.loop import Timer
