@@ -41,12 +41,13 @@ _DEADLINES = cast(Table, DeadlineRow.__table__)
 INSERT_DEADLINES = bulk_insert(_DEADLINES, [
     "case_id", "step", "purpose", "action", "party", "due_at", "deadline_at", "fence",
     "rule_set", "rule_version", "rule_id", "status", "calendar_source"])
-# The open rows of the cases whose wanted set changes (ix_deadlines_open_case).
+# The open rows of the cases whose wanted set changes (ix_deadlines_open_case): the id,
+# then the columns of `same_deadline`, in its order, then the fence.
 OPEN_DEADLINES_OF = (
     select(_DEADLINES.c.id, _DEADLINES.c.case_id, _DEADLINES.c.step, _DEADLINES.c.purpose,
            _DEADLINES.c.action, _DEADLINES.c.party, _DEADLINES.c.due_at,
-           _DEADLINES.c.deadline_at, _DEADLINES.c.fence, _DEADLINES.c.rule_set,
-           _DEADLINES.c.rule_version, _DEADLINES.c.rule_id, _DEADLINES.c.calendar_source)
+           _DEADLINES.c.deadline_at, _DEADLINES.c.rule_set, _DEADLINES.c.rule_version,
+           _DEADLINES.c.rule_id, _DEADLINES.c.calendar_source, _DEADLINES.c.fence)
     .where(_DEADLINES.c.case_id == any_(bindparam("ids")))
     .where(_DEADLINES.c.status.in_(OPEN_STATUSES))
 )
@@ -220,7 +221,8 @@ def calendar_source(spec: DeadlineSpec) -> str | None:
 def same_deadline(spec: DeadlineSpec, source: str | None) -> tuple[Any, ...]:
     """What makes a stored row the wanted deadline, whatever case version it was set for
     (the fence moves with the case; everything else, the calendar data it stands on
-    included, must be equal)."""
+    included, must be equal). The order of `OPEN_DEADLINES_OF`'s columns after the id,
+    without the fence."""
     return (spec.case_id, spec.step, spec.purpose, spec.action, spec.party, spec.due_at,
             spec.deadline_at, spec.rule.set, spec.rule.version, spec.rule.id, source)
 
@@ -233,13 +235,13 @@ class WantedSetPlan:
     kept: int
 
 
-def plan_wanted_set(open_rows: Iterable[tuple[int, DeadlineSpec, str | None]],
+def plan_wanted_set(open_rows: Iterable[tuple[int, tuple[Any, ...], int]],
                     wanted: Mapping[str, Sequence[DeadlineSpec]]) -> WantedSetPlan:
-    """Compare the open rows (id, spec, calendar source) of the cases with their wanted
-    sets (pure: shared by the SQL repository and the in-memory fake)."""
-    by_key: dict[tuple[Any, ...], list[tuple[int, DeadlineSpec]]] = defaultdict(list)
-    for row_id, spec, source in sorted(open_rows, key=lambda r: r[0]):
-        by_key[same_deadline(spec, source)].append((row_id, spec))
+    """Compare the open rows (id, `same_deadline` key, fence) of the cases with their
+    wanted sets (pure: shared by the SQL repository and the in-memory fake)."""
+    by_key: dict[tuple[Any, ...], list[tuple[int, int]]] = defaultdict(list)
+    for row_id, key, fence in sorted(open_rows, key=lambda r: r[0]):
+        by_key[key].append((row_id, fence))
     refence: list[tuple[int, int]] = []
     insert: list[DeadlineSpec] = []
     kept = 0
@@ -249,11 +251,11 @@ def plan_wanted_set(open_rows: Iterable[tuple[int, DeadlineSpec, str | None]],
             if not matches:
                 insert.append(spec)
                 continue
-            row_id, stored = matches.pop(0)
+            row_id, fence = matches.pop(0)
             kept += 1
-            if stored.fence != spec.fence:
+            if fence != spec.fence:
                 refence.append((row_id, spec.fence))
-    cancel = sorted(row_id for rows in by_key.values() for row_id, _spec in rows)
+    cancel = sorted(row_id for rows in by_key.values() for row_id, _fence in rows)
     return WantedSetPlan(cancel, refence, insert, kept)
 
 
@@ -265,7 +267,7 @@ class SqlDeadlines:
         if not wanted:
             return WantedSetChanges()
         conn = self.session.connection()
-        open_rows = [(row.id, spec_from_row(row), row.calendar_source)
+        open_rows = [(row[0], tuple(row[1:12]), row[12])
                      for row in conn.execute(OPEN_DEADLINES_OF, {"ids": sorted(wanted)})]
         plan = plan_wanted_set(open_rows, wanted)
         if plan.cancel:

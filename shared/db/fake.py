@@ -34,6 +34,7 @@ from shared.db.deadlines import (
     WantedSetChanges,
     calendar_source,
     plan_wanted_set,
+    same_deadline,
 )
 from shared.db.notification_handover import NEW, NewNotification
 from shared.db.outbox import DecisionRecord, OutboxMessage
@@ -207,7 +208,8 @@ class FakeDeadlines:
                 if d.spec.case_id == case_id and d.status in OPEN_STATUSES]
 
     def set_wanted(self, wanted: Mapping[str, Sequence[DeadlineSpec]]) -> WantedSetChanges:
-        open_rows = [(d.id, d.spec, d.calendar_source) for d in self.t.deadlines.values()
+        open_rows = [(d.id, same_deadline(d.spec, d.calendar_source), d.spec.fence)
+                     for d in self.t.deadlines.values()
                      if d.spec.case_id in wanted and d.status in OPEN_STATUSES]
         plan = plan_wanted_set(open_rows, wanted)
         for row_id in plan.cancel:
