@@ -101,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_recompute(args: argparse.Namespace) -> int:
     from shared.bootstrap import build_domain, build_policy, ops_contacts
-    from shared.db.recount import recount_estimated
+    from shared.recount import recount_estimated
 
     settings = _settings()
     sql_engine = make_engine(settings.database_url, pool_size=1)

@@ -17,7 +17,6 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
-from sqlalchemy.exc import DBAPIError
 
 from services.intake.processor import BatchResult, IntakeProcessor
 from services.intake.rejected import (
@@ -189,15 +188,13 @@ class IntakeConsumer:
         while True:
             try:
                 return self.processor.process(bodies)
-            except DBAPIError as exc:
+            except Exception as exc:
                 if not is_transient(exc):
                     return self._one_by_one(connection, bodies, exc)
                 log.warning("database unavailable (%s); retrying batch in %.1fs",
-                            type(exc.orig).__name__, backoff)
+                            type(getattr(exc, "orig", exc)).__name__, backoff)
                 connection.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            except Exception as exc:
-                return self._one_by_one(connection, bodies, exc)
 
     def _one_by_one(self, connection: pika.BlockingConnection, bodies: list[bytes],
                     failure: Exception) -> BatchResult:

@@ -13,6 +13,7 @@ from services.intake.processor import BatchResult, IntakeProcessor
 from shared import metrics
 from shared.bootstrap import build_database, build_domain, build_health, build_policy, ops_contacts
 from shared.config import Settings
+from shared.db.uow import sql_unit_of_work
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, supervise
 from shared.schemas.events import Limits, Rejection
@@ -65,9 +66,9 @@ def intake_limits(settings: Settings) -> Limits:
 
 def worker(settings: Settings) -> None:
     setup_logging("intake", settings.log_level)
-    db = build_database(settings)
+    uow = sql_unit_of_work(build_database(settings))
     processor = IntakeProcessor(
-        db=db,
+        db=uow,
         engine=build_domain(settings),
         policy=build_policy(settings),
         ops_contacts=ops_contacts(settings),
@@ -76,10 +77,10 @@ def worker(settings: Settings) -> None:
     )
 
     def sweep(publish: Callable[[bytes, Rejection], None]) -> None:
-        expired = expire_parked(db, publish, settings.intake_parked_max_seconds)
+        expired = expire_parked(uow, publish, settings.intake_parked_max_seconds)
         for _ in range(expired):
             metrics.record_event_rejected("case_never_opened")
-        stats = parked_stats(db)
+        stats = parked_stats(uow)
         metrics.PARKED_EVENTS.set(stats.count)
         metrics.OLDEST_PARKED_AGE.set(stats.oldest_age_seconds or 0.0)
 

@@ -14,65 +14,43 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from sqlalchemy import text
-
-from shared.db.persist import try_lock_cases
+from shared.db.case_log import ParkedStats
 from shared.db.session import Database
+from shared.db.uow import UnitOfWorkFactory, as_unit_of_work_factory
 from shared.schemas.events import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 
 PublishRejected = Callable[[bytes, Rejection], None]
 
-CANDIDATES = text(
-    "SELECT event_id, case_id FROM case_events WHERE outcome = 'parked' "
-    "AND received_at < now() - make_interval(secs => :max_age) "
-    "ORDER BY received_at LIMIT :limit")
-STILL_PARKED = text(
-    "SELECT event_id, case_id, body, received_at FROM case_events "
-    "WHERE event_id = ANY(:ids) AND outcome = 'parked' ORDER BY received_at FOR UPDATE")
-EXPIRE = text(
-    "UPDATE case_events SET outcome = 'expired', problem = :problem "
-    "WHERE event_id = ANY(:ids)")
-PARKED_STATS = text(
-    "SELECT count(*), extract(epoch FROM now() - min(received_at)) FROM case_events "
-    "WHERE outcome = 'parked'")
+__all__ = ["ParkedStats", "expire_parked", "parked_stats"]
 
 
-@dataclass(frozen=True)
-class ParkedStats:
-    count: int
-    oldest_age_seconds: float | None
-
-
-def expire_parked(db: Database, publish: PublishRejected, max_age_seconds: float,
-                  limit: int = 500) -> int:
+def expire_parked(db: Database | UnitOfWorkFactory, publish: PublishRejected,
+                  max_age_seconds: float, limit: int = 500) -> int:
     """Move parked events older than `max_age_seconds` to the rejected queue; returns how
     many. Cases another worker holds now are left for the next sweep."""
-    with db.transaction() as session:
-        candidates = session.execute(CANDIDATES, {"max_age": max_age_seconds,
-                                                  "limit": limit}).all()
+    with as_unit_of_work_factory(db)() as uow:
+        candidates = uow.case_log.parked_longer_than(max_age_seconds, limit)
         if not candidates:
             return 0
-        locked = try_lock_cases(session, {case_id for _e, case_id in candidates})
-        ids = [event_id for event_id, case_id in candidates if case_id in locked]
-        rows = session.execute(STILL_PARKED, {"ids": ids}).all() if ids else []
+        locked = uow.cases.try_lock({case_id for _e, case_id in candidates})
+        rows = uow.case_log.still_parked(
+            [event_id for event_id, case_id in candidates if case_id in locked])
         problem = (f"case_never_opened: no case.opened within {max_age_seconds:g} s "
                    f"of the event")
-        for event_id, case_id, body, received_at in rows:
-            detail = (f"case {case_id} was not opened within {max_age_seconds:g} s; "
-                      f"parked since {received_at.isoformat()}")
-            publish(json.dumps(body, ensure_ascii=False).encode(),
+        for row in rows:
+            detail = (f"case {row.case_id} was not opened within {max_age_seconds:g} s; "
+                      f"parked since {row.received_at.isoformat()}")
+            publish(json.dumps(row.body, ensure_ascii=False).encode(),
                     Rejection(RejectReason.case_never_opened, detail))
-            log.warning("parked event %s expired: %s", event_id, detail)
-        if rows:
-            session.execute(EXPIRE, {"ids": [r[0] for r in rows], "problem": problem})
+            log.warning("parked event %s expired: %s", row.event_id, detail)
+        uow.case_log.expire([row.event_id for row in rows], problem)
+        uow.commit()
         return len(rows)
 
 
-def parked_stats(db: Database) -> ParkedStats:
-    with db.transaction() as session:
-        count, oldest = session.execute(PARKED_STATS).one()
-    return ParkedStats(int(count), float(oldest) if oldest is not None else None)
+def parked_stats(db: Database | UnitOfWorkFactory) -> ParkedStats:
+    with as_unit_of_work_factory(db)() as uow:
+        return uow.case_log.parked_stats()

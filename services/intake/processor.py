@@ -22,21 +22,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, any_, bindparam, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
-from shared.db.bulk import bulk_insert
-from shared.db.models import CaseEventRow, EventConflictRow
-from shared.db.persist import (
-    NotificationExpander,
-    OutcomeWriter,
-    Stored,
-    load_cases,
-    lock_cases,
-    try_lock_cases,
-)
-from shared.db.session import Database, db_now
+from shared.apply import NotificationExpander, OutcomeWriter, Stored, lock_and_load, whole_or_each
+from shared.db.case_log import Conflict, EventOutcome, LoggedEvent, OutcomeChange
+from shared.db.session import Database
+from shared.db.uow import UnitOfWork, UnitOfWorkFactory, as_unit_of_work_factory
 from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
 from shared.errors import is_transient
 from shared.schemas.events import Accepted, Limits, Rejection, RejectReason, parse_event
@@ -44,37 +35,6 @@ from shared.schemas.events import Accepted, Limits, Rejection, RejectReason, par
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-
-_EVENTS = CaseEventRow.__table__
-assert isinstance(_EVENTS, Table)
-_CONFLICTS = EventConflictRow.__table__
-assert isinstance(_CONFLICTS, Table)
-SEEN_EVENTS = select(_EVENTS.c.event_id, _EVENTS.c.body_sha256).where(
-    _EVENTS.c.event_id == any_(bindparam("ids")))
-PARKED_EVENTS = (
-    select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
-    .where(_EVENTS.c.case_id == any_(bindparam("ids")))
-    .where(_EVENTS.c.outcome == "parked")
-    .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
-)
-INSERT_EVENTS = bulk_insert(_EVENTS, [
-    "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
-    "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
-INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
-    "event_id", "case_id", "body", "body_sha256", "first_sha256"])
-# The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).
-CASE_LOG = (
-    select(_EVENTS.c.event_id, _EVENTS.c.body)
-    .where(_EVENTS.c.case_id == bindparam("case_id"))
-    .where(_EVENTS.c.outcome.in_(("applied", "out_of_state", "parked")))
-)
-UPDATE_EVENT = (
-    update(_EVENTS)
-    .where(_EVENTS.c.event_id == bindparam("b_event_id"))
-    .values(outcome=bindparam("b_outcome"), problem=bindparam("b_problem"),
-            case_version=bindparam("b_version"))
-)
-
 
 @dataclass(frozen=True)
 class Handled:
@@ -126,7 +86,7 @@ class _EventBug(Exception):
 class IntakeProcessor:
     def __init__(
         self,
-        db: Database,
+        db: Database | UnitOfWorkFactory,
         engine: Engine,
         policy: NotificationExpander,
         ops_contacts: Any,
@@ -134,7 +94,7 @@ class IntakeProcessor:
         clock: Clock | None = None,
         limits: Limits | None = None,
     ) -> None:
-        self.db = db
+        self.uow = as_unit_of_work_factory(db)
         self.engine = engine
         self.policy = policy
         self.ops_contacts = ops_contacts
@@ -164,54 +124,50 @@ class IntakeProcessor:
             return result
         # stable: keeps arrival order within a case
         indexed = sorted(accepted, key=lambda ia: ia[1].event.case_id)
-        ordered = [a for _i, a in indexed]
-        try:
-            result.handled, result.stored, busy = self._apply_batch(ordered, wait=False)
-            result.deferred = sorted(i for i, a in indexed if a.event.case_id in busy)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            # One event hit a bug in the code, or a value the database refuses. Redo the
-            # batch one event per transaction so the good ones go through and the bad one
-            # is recorded, not retried forever.
-            log.warning("batch failed (%s); applying its events one by one",
-                        type(exc).__name__)
-            result.handled = []
-            for index, one in indexed:
-                verdict = self._apply_alone(one)
+        # One event may hit a bug in the code, or a value the database refuses: then the
+        # batch is done again one event per transaction, so the good ones go through and
+        # the bad one is recorded, not retried forever.
+        done = whole_or_each(
+            indexed,
+            lambda items: self._apply_batch([a for _i, a in items], wait=False),
+            lambda item: self._apply_batch([item[1]], wait=True)[0][0],
+            lambda item, exc: self._record_error(item[1], exc))
+        if isinstance(done, list):
+            for (index, _one), verdict in zip(indexed, done, strict=True):
                 if isinstance(verdict, Rejection):
                     result.rejected.append((index, verdict))
                 else:
                     result.handled.append(verdict)
             result.rejected.sort(key=lambda item: item[0])
+        else:
+            result.handled, result.stored, busy = done
+            result.deferred = sorted(i for i, a in indexed if a.event.case_id in busy)
         return result
 
-    def _apply_alone(self, accepted: Accepted) -> Handled | Rejection:
+    def _record_error(self, accepted: Accepted, exc: Exception) -> Handled | Rejection:
+        """Applied alone, the event still raised: its verdict is an error in the case log
+        (or, if even that cannot be written, a rejection for ops)."""
+        cause = exc.__cause__ if isinstance(exc, _EventBug) else exc
+        if isinstance(cause, DBAPIError):
+            cause = cause.orig
+        problem = f"error: {cause!r}"[:1000]
+        log.error("event %s could not be applied: %s", accepted.event.event_id, problem)
         try:
-            return self._apply_batch([accepted], wait=True)[0][0]
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            cause = exc.__cause__ if isinstance(exc, _EventBug) else exc
-            if isinstance(cause, DBAPIError):
-                cause = cause.orig
-            problem = f"error: {cause!r}"[:1000]
-            log.error("event %s could not be applied: %s", accepted.event.event_id, problem)
-        try:
-            with self.db.transaction() as session:
-                INSERT_EVENTS.execute(session, [_event_row(accepted, "error", problem, None)])
-        except Exception as exc:
-            if is_transient(exc):
+            with self.uow() as uow:
+                uow.case_log.add([_logged(accepted, EventOutcome.error, problem, None)])
+                uow.commit()
+        except Exception as exc2:
+            if is_transient(exc2):
                 raise
             # Not even the error could be recorded: the message itself goes to ops.
             log.error("event %s could not be recorded either (%r)",
-                      accepted.event.event_id, exc)
+                      accepted.event.event_id, exc2)
             return Rejection(RejectReason.internal_error, problem)
         return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
     def _db_clock(self) -> datetime:
-        with self.db.transaction() as session:
-            return db_now(session)
+        with self.uow() as uow:
+            return uow.now()
 
     def _apply_batch(self, ordered: list[Accepted], *, wait: bool
                      ) -> tuple[list[Handled], Stored, set[str]]:
@@ -220,29 +176,22 @@ class IntakeProcessor:
         for the next batch instead of stalling the whole batch behind that worker's
         transaction (with two intake workers that wait was 41 % of intake's time). If
         every case is held, it waits: a batch always makes progress."""
-        with self.db.transaction() as session:
-            now = self.clock() if self.clock is not None else db_now(session)
+        with self.uow() as uow:
+            now = self.clock() if self.clock is not None else uow.now()
             batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
             wanted = {a.event.case_id for a in ordered}
-            case_ids = set() if wait else try_lock_cases(session, wanted)
-            if not case_ids:  # asked to wait, or every case is held: wait for all
-                lock_cases(session, wanted)
-                case_ids = wanted
+            case_ids, batch.cases = lock_and_load(uow, wanted, wait=wait)
             busy = wanted - case_ids
             ordered = [a for a in ordered if a.event.case_id in case_ids]
-            batch.seen = dict(session.execute(  # event_id -> content hash
-                SEEN_EVENTS, {"ids": sorted({a.event.event_id for a in ordered})}).all())
-            batch.cases = load_cases(session, case_ids)
-            batch.load_log = lambda case_id: [
-                (event_id, body) for event_id, body in session.execute(
-                    CASE_LOG, {"case_id": case_id})]
-            missing = sorted(case_ids - batch.cases.keys())
-            if missing:
-                for event_id, case_id, body in session.execute(PARKED_EVENTS, {"ids": missing}):
-                    batch.parked.setdefault(case_id, []).append((event_id, body))
+            batch.seen = uow.case_log.seen(a.event.event_id for a in ordered)
+            batch.load_log = uow.case_log.accepted_of
+            missing = case_ids - batch.cases.keys()
+            for event_id, case_id, body in uow.case_log.parked_of(missing):
+                batch.parked.setdefault(case_id, []).append((event_id, body))
             handled = [batch.apply(a) for a in ordered]
-            _write_events(session, batch)
-            stored = batch.writer.flush(session)
+            _write_events(uow, batch)
+            stored = batch.writer.flush(uow)
+            uow.commit()
         return handled, stored, busy
 
 
@@ -257,9 +206,9 @@ class _Batch:
     seen: dict[str, str | None] = field(default_factory=dict)  # event_id -> content hash
     # Parked events per case not opened yet: (event_id, stored body).
     parked: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
-    new_rows: list[dict[str, Any]] = field(default_factory=list)
-    updated_rows: list[dict[str, Any]] = field(default_factory=list)
-    conflict_rows: list[dict[str, Any]] = field(default_factory=list)
+    new_rows: list[LoggedEvent] = field(default_factory=list)
+    updated_rows: list[OutcomeChange] = field(default_factory=list)
+    conflict_rows: list[Conflict] = field(default_factory=list)
     # (event_id, stored body) of every accepted event of a case, read for a rebuild
     load_log: Callable[[str], list[tuple[str, dict[str, Any]]]] = lambda _case_id: []
 
@@ -271,9 +220,8 @@ class _Batch:
                 return Handled(ev.type, ev.platform, "duplicate")
             # Same id, other content: never applied over the first, kept for ops.
             problem = f"conflict: event_id {ev.event_id!r} was first received with other content"
-            self.conflict_rows.append({
-                "event_id": ev.event_id, "case_id": ev.case_id, "body": accepted.body,
-                "body_sha256": accepted.content_hash, "first_sha256": first})
+            self.conflict_rows.append(Conflict(ev.event_id, ev.case_id, accepted.body,
+                                               accepted.content_hash, first))
             log.warning("%s", problem[:300])
             return Handled(ev.type, ev.platform, "conflict", problem)
         self.seen[ev.event_id] = accepted.content_hash
@@ -285,7 +233,7 @@ class _Batch:
             # Out of order: the case is not opened yet. Keep the event; it is applied when
             # the event that opens the case arrives.
             problem = f"parked: case not opened yet ({outcome.problem})"
-            self.new_rows.append(_event_row(accepted, "parked", problem, None))
+            self.new_rows.append(_logged(accepted, EventOutcome.parked, problem, None))
             self.parked.setdefault(ev.case_id, []).append((ev.event_id, accepted.body))
             return Handled(ev.type, ev.platform, "parked", problem)
         if not outcome.applied or outcome.case is None:
@@ -294,14 +242,15 @@ class _Batch:
                 # unchanged but for its fact time: an earlier fact arriving later rebuilds
                 self.cases[ev.case_id] = outcome.case
                 self.writer.add_case(outcome.case)
-            self.new_rows.append(_event_row(accepted, "out_of_state", outcome.problem, version))
+            self.new_rows.append(_logged(accepted, EventOutcome.out_of_state, outcome.problem,
+                                         version))
             return Handled(ev.type, ev.platform, "out_of_state", outcome.problem)
         self._keep(outcome)
         # deadlines that passed before the event happened fired first; the event itself
         # may not fit the state they left
-        verdict = "out_of_state" if outcome.problem else "applied"
-        self.new_rows.append(_event_row(accepted, verdict, outcome.problem,
-                                        outcome.case.version))
+        verdict = EventOutcome.out_of_state if outcome.problem else EventOutcome.applied
+        self.new_rows.append(_logged(accepted, verdict, outcome.problem,
+                                     outcome.case.version))
         if before is None and self.parked.get(ev.case_id):
             self._apply_parked(ev.case_id)
         after = self.cases[ev.case_id]
@@ -321,15 +270,15 @@ class _Batch:
         case_id = ev.case_id
         bodies = dict(self.load_log(case_id))
         for row in self.new_rows:  # written by this batch, not in the database yet
-            if row["case_id"] == case_id and row["outcome"] != "error":
-                bodies[row["event_id"]] = row["body"]
+            if row.case_id == case_id and row.outcome != EventOutcome.error:
+                bodies[row.event_id] = row.body
         bodies[ev.event_id] = accepted.body
         log_events = []
         for event_id, body in bodies.items():
             parsed = parse_event(json.dumps(body, ensure_ascii=False).encode(), 10**9)
             if isinstance(parsed, Rejection):
                 # Stored before the contract was this strict: kept, with what is wrong.
-                self._set_outcome(event_id, "error", f"error: stored event no longer "
+                self._set_outcome(event_id, EventOutcome.error, f"error: stored event no longer "
                                   f"validates: {parsed.detail}"[:1000], None)
                 continue
             log_events.append(to_domain_event(parsed))
@@ -340,16 +289,18 @@ class _Batch:
             raise _EventBug(accepted) from exc
         problem = outcome.verdicts.get(ev.event_id)
         if not outcome.applied or outcome.case is None:  # no opening event in the log
-            self.new_rows.append(_event_row(accepted, "parked", outcome.problem, None))
+            self.new_rows.append(_logged(accepted, EventOutcome.parked, outcome.problem, None))
             return Handled(ev.type, ev.platform, "parked", outcome.problem)
         self._keep(outcome)
         version = outcome.case.version
-        if ev.event_id not in {row["event_id"] for row in self.new_rows}:
-            self.new_rows.append(_event_row(accepted, "out_of_state" if problem else "applied",
-                                            problem, version))
+        if ev.event_id not in {row.event_id for row in self.new_rows}:
+            self.new_rows.append(_logged(
+                accepted, EventOutcome.out_of_state if problem else EventOutcome.applied,
+                problem, version))
         for event_id, verdict in outcome.verdicts.items():
-            self._set_outcome(event_id, "out_of_state" if verdict else "applied", verdict,
-                              version)
+            self._set_outcome(event_id,
+                              EventOutcome.out_of_state if verdict else EventOutcome.applied,
+                              verdict, version)
         after = outcome.case
         return Handled(ev.type, ev.platform, "out_of_state" if problem else "accepted",
                        problem, str(after.kind), outcome.steps,
@@ -370,18 +321,17 @@ class _Batch:
         """The case was just opened: the events that waited for it take effect, in event
         time (a rebuild of the case from its log, which holds them)."""
         waiting = self.parked.pop(case_id, [])
-        opener = next(row for row in reversed(self.new_rows) if row["case_id"] == case_id)
-        self._rebuild(_reparse(opener["body"]), self.cases[case_id],
-                      arrived=(opener["event_id"], *(event_id for event_id, _ in waiting)))
+        opener = next(row for row in reversed(self.new_rows) if row.case_id == case_id)
+        self._rebuild(_reparse(opener.body), self.cases[case_id],
+                      arrived=(opener.event_id, *(event_id for event_id, _ in waiting)))
 
-    def _set_outcome(self, event_id: str, outcome: str, problem: str | None,
+    def _set_outcome(self, event_id: str, outcome: EventOutcome, problem: str | None,
                      version: int | None) -> None:
         for row in self.new_rows:  # parked earlier in this same batch: not written yet
-            if row["event_id"] == event_id:
-                row.update(outcome=outcome, problem=problem, case_version=version)
+            if row.event_id == event_id:
+                row.outcome, row.problem, row.case_version = outcome, problem, version
                 return
-        self.updated_rows.append({"b_event_id": event_id, "b_outcome": outcome,
-                                  "b_problem": problem, "b_version": version})
+        self.updated_rows.append(OutcomeChange(event_id, outcome, problem, version))
 
 
 def _reparse(body: dict[str, Any]) -> Accepted:
@@ -390,13 +340,11 @@ def _reparse(body: dict[str, Any]) -> Accepted:
     return parsed
 
 
-def _event_row(accepted: Accepted, outcome: str, problem: str | None,
-               version: int | None) -> dict[str, Any]:
+def _logged(accepted: Accepted, outcome: EventOutcome, problem: str | None,
+            version: int | None) -> LoggedEvent:
     ev = accepted.event
-    return {"event_id": ev.event_id, "case_id": ev.case_id, "type": ev.type,
-            "occurred_at": ev.occurred_at, "outcome": outcome, "problem": problem,
-            "case_version": version, "body": accepted.body,
-            "body_sha256": accepted.content_hash}
+    return LoggedEvent(ev.event_id, ev.case_id, ev.type, ev.occurred_at, outcome, problem,
+                       version, accepted.body, accepted.content_hash)
 
 
 class _SeenMeanwhile(Exception):
@@ -405,15 +353,12 @@ class _SeenMeanwhile(Exception):
     committed; applied again one event at a time, the id is seen: duplicate or conflict."""
 
 
-def _write_events(session: Session, batch: _Batch) -> None:
-    if batch.new_rows:
-        inserted = INSERT_EVENTS.execute(session, batch.new_rows).rowcount
-        if inserted != len(batch.new_rows):
-            raise _SeenMeanwhile(f"{len(batch.new_rows) - inserted} event id(s)")
-    if batch.updated_rows:
-        session.connection().execute(UPDATE_EVENT, batch.updated_rows)
-    if batch.conflict_rows:
-        INSERT_CONFLICTS.execute(session, batch.conflict_rows)
+def _write_events(uow: UnitOfWork, batch: _Batch) -> None:
+    inserted = uow.case_log.add(batch.new_rows)
+    if inserted != len(batch.new_rows):
+        raise _SeenMeanwhile(f"{len(batch.new_rows) - inserted} event id(s)")
+    uow.case_log.change_outcomes(batch.updated_rows)
+    uow.case_log.add_conflicts(batch.conflict_rows)
 
 
 def _parse(body: bytes, limits: Limits, received_at: datetime) -> Accepted | Rejection:

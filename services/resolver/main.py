@@ -18,6 +18,8 @@ from shared.bootstrap import build_database, build_domain, build_health, build_p
 from shared.broker_policy import ensure_at_start
 from shared.config import Settings
 from shared.confirms import ConfirmedBatchPublisher
+from shared.db.outbox import SqlRelayStore
+from shared.db.uow import sql_unit_of_work
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, child_stop_budget, poll_loop, supervise
 from shared.worker import build_worker_broker, run_worker
@@ -29,7 +31,7 @@ def worker(settings: Settings) -> None:
     setup_logging("resolver", settings.log_level)
     broker = build_worker_broker(settings, "resolver")
     resolver = Resolver(
-        build_database(settings, pool_size=settings.worker_threads),
+        sql_unit_of_work(build_database(settings, pool_size=settings.worker_threads)),
         build_domain(settings),
         build_policy(settings),
         ops_contacts(settings),
@@ -43,7 +45,7 @@ def worker(settings: Settings) -> None:
 def relay(settings: Settings) -> None:
     setup_logging("outbox", settings.log_level)
     relay = OutboxRelay(
-        build_database(settings, pool_size=1),
+        SqlRelayStore(build_database(settings, pool_size=1)),
         ConfirmedBatchPublisher(settings.amqp_url,
                                 make_broker(settings.amqp_url, settings.queue_type),
                                 settings.queue_type),

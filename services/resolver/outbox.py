@@ -28,9 +28,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from sqlalchemy import Connection, text
-
 from shared.confirms import PartlyConfirmed
+from shared.db.outbox import RelayStore, SqlRelayStore
 from shared.db.session import Database
 
 log = logging.getLogger(__name__)
@@ -43,32 +42,13 @@ class BatchPublisher(Protocol):
     def close(self) -> None: ...
 
 
-# Two-int form: its own key space, apart from the per-case locks (one bigint).
-TAKE_LEADERSHIP = text("SELECT pg_try_advisory_lock(1936, 1)")
-# `id > :after`: during a backlog each claim starts where the last one ended, instead of
-# walking the primary key from its start over the entries of rows already deleted (they
-# stay in the index until vacuum, and a backlog deletes them faster than it runs). A row
-# committed late with a lower id is found when `after` goes back to 0: whenever a claim
-# comes back short (caught up) and after any failure.
-CLAIM = text(
-    """
-    SELECT id, exchange, routing_key, message_id, body, headers
-    FROM outbox
-    WHERE id > :after
-    ORDER BY id
-    LIMIT :limit
-    FOR UPDATE
-    """
-)
-DELETE = text("DELETE FROM outbox WHERE id = ANY(:ids)")
-
-
 class OutboxRelay:
-    def __init__(self, db: Database, publisher: BatchPublisher, batch: int) -> None:
-        self.db = db
+    def __init__(self, db: Database | RelayStore, publisher: BatchPublisher, batch: int
+                 ) -> None:
+        self.store = SqlRelayStore(db) if isinstance(db, Database) else db
         self.publisher = publisher
         self.batch = batch
-        self._conn: Connection | None = None  # holds the leadership lock while open
+        self._leading = False
         self._after = 0  # highest id claimed in the current run of full batches
 
     def relay_once(self) -> list[str]:
@@ -76,60 +56,52 @@ class OutboxRelay:
         metrics). Any failure drops the connection, and so leadership: the next call
         starts over from the lowest id."""
         try:
-            conn = self._lead()
-            if conn is None:
+            if not self.store.lead():
                 return []
-            return self._publish_batch(conn)
+            if not self._leading:
+                log.info("outbox relay: leading (another copy, if any, stands by)")
+                self._leading = True
+            return self._publish_batch()
         except Exception:
             self._step_down()
             self._after = 0
             raise
 
-    def _lead(self) -> Connection | None:
-        if self._conn is None:
-            conn = self.db.sql_engine.connect()
-            try:
-                leader = conn.execute(TAKE_LEADERSHIP).scalar_one()
-                conn.commit()
-            except Exception:
-                conn.close()
-                raise
-            if not leader:
-                conn.close()
-                return None
-            log.info("outbox relay: leading (another copy, if any, stands by)")
-            self._conn = conn
-        return self._conn
-
     def _step_down(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.invalidate()  # closing the session releases the lock
-            except Exception as exc:  # already broken: dropping it is all that is left
-                log.debug("outbox relay: dropping the connection: %s", exc)
-            self._conn = None
+        self._leading = False
+        try:
+            self.store.step_down()  # closing the session releases the lock
+        except Exception as exc:  # already broken: dropping it is all that is left
+            log.debug("outbox relay: dropping the connection: %s", exc)
 
     def close(self) -> None:
         self._step_down()
         self.publisher.close()
 
-    def _publish_batch(self, conn: Connection) -> list[str]:
+    def _publish_batch(self) -> list[str]:
         partly: PartlyConfirmed | None = None
-        with conn.begin():
-            rows = conn.execute(CLAIM, {"after": self._after, "limit": self.batch}).all()
+        rows = self.store.claim(self._after, self.batch)
+        try:
             if rows:
                 try:
                     self.publisher.publish_batch(
-                        [(row.exchange, row.routing_key, bytes(row.body), row.message_id,
-                          row.headers or None) for row in rows])
+                        [(row.exchange, row.routing_key, row.body, row.message_id,
+                          row.headers) for row in rows])
                 except PartlyConfirmed as exc:
                     # The broker went away mid-batch: what it confirmed is there; only the
                     # rest is published again (fewer repeats on the wire).
                     partly = exc
-                    conn.execute(DELETE, {"ids": [rows[i].id for i in exc.confirmed]})
+                    self.store.delete([rows[i].id for i in exc.confirmed])
                 else:
                     # Every message confirmed: only now may the rows go.
-                    conn.execute(DELETE, {"ids": [row.id for row in rows]})
+                    self.store.delete([row.id for row in rows])
+        except BaseException:
+            try:
+                self.store.end(commit=False)
+            except Exception as exc:  # the connection is gone: so is the transaction
+                log.debug("outbox relay: rolling back: %s", exc)
+            raise
+        self.store.end(commit=True)
         if partly is not None:
             raise partly.cause
         self._after = rows[-1].id if len(rows) == self.batch else 0

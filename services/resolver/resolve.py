@@ -21,38 +21,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, any_, bindparam, select
-from sqlalchemy.exc import DBAPIError
-
-from shared.db.bulk import BulkStatement
-from shared.db.models import DeadlineRow
-from shared.db.persist import (
-    NotificationExpander,
-    OutcomeWriter,
-    Stored,
-    load_cases,
-    lock_cases,
-)
-from shared.db.session import Database, db_now
-from shared.domain import DeadlineSpec, Engine, RuleRef, StepResult, seconds_to_resolution
-from shared.errors import is_transient
+from shared.apply import NotificationExpander, OutcomeWriter, Stored, lock_and_load, whole_or_each
+from shared.db.deadlines import OPEN_STATUSES, DeadlineStatus, Finished, StoredDeadline
+from shared.db.session import Database
+from shared.db.uow import UnitOfWork, UnitOfWorkFactory, as_unit_of_work_factory
+from shared.domain import Case, Engine, StepResult, seconds_to_resolution
 
 log = logging.getLogger(__name__)
-
-_DEADLINES = DeadlineRow.__table__
-assert isinstance(_DEADLINES, Table)
-CASES_OF = select(_DEADLINES.c.case_id).where(
-    _DEADLINES.c.id == any_(bindparam("ids")))
-CLAIM = (
-    select(_DEADLINES)
-    .where(_DEADLINES.c.id == any_(bindparam("ids")))
-    .order_by(_DEADLINES.c.case_id, _DEADLINES.c.due_at, _DEADLINES.c.id)
-    .with_for_update()
-)
-FINISH = BulkStatement(
-    _DEADLINES, ["id", "status", "fired_at", "result"],
-    "UPDATE deadlines d SET status = rows.status, fired_at = rows.fired_at, "
-    "result = rows.result FROM rows WHERE d.id = rows.id")
 
 
 @dataclass(frozen=True)
@@ -76,20 +51,6 @@ class BatchResolution:
     stored: Stored = field(default_factory=Stored)
 
 
-def spec_from_row(row: Any) -> DeadlineSpec:
-    return DeadlineSpec(
-        case_id=row.case_id,
-        step=row.step,
-        purpose=row.purpose,
-        due_at=row.due_at,
-        action=row.action,
-        party=row.party,
-        fence=row.fence,
-        rule=RuleRef(set=row.rule_set, version=row.rule_version, id=row.rule_id),
-        deadline_at=row.deadline_at,
-    )
-
-
 class _FireBug(Exception):
     pass
 
@@ -97,13 +58,13 @@ class _FireBug(Exception):
 class Resolver:
     def __init__(
         self,
-        db: Database,
+        db: Database | UnitOfWorkFactory,
         engine: Engine,
         policy: NotificationExpander,
         ops_contacts: Any,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.db = db
+        self.uow = as_unit_of_work_factory(db)
         self.engine = engine
         self.policy = policy
         self.ops_contacts = ops_contacts
@@ -115,69 +76,67 @@ class Resolver:
 
     def fire_many(self, deadline_ids: Sequence[int]) -> BatchResolution:
         ids = sorted(set(deadline_ids))
-        try:
-            return self._fire_batch(ids)
-        except (_FireBug, DBAPIError) as exc:
-            if is_transient(exc):
-                raise
-            if len(ids) == 1:
-                return self._record_error(ids[0], exc)
-            # One deadline hit a bug: the others must still fire. One at a time.
-            out = BatchResolution()
-            for deadline_id in ids:
-                one = self.fire_many([deadline_id])
-                out.resolutions += one.resolutions
-                out.stored.decisions += one.stored.decisions
-            return out
+        # One deadline hit a bug (or a value the database refuses): the others must still
+        # fire. One at a time, and the bad one is recorded as an error.
+        done = whole_or_each(ids, self._fire_batch, lambda i: self._fire_batch([i]),
+                             self._record_error)
+        if not isinstance(done, list):
+            return done
+        out = BatchResolution()
+        for one in done:
+            out.resolutions += one.resolutions
+            out.stored.decisions += one.stored.decisions
+        return out
 
     def _record_error(self, deadline_id: int, exc: Exception) -> BatchResolution:
         cause = exc.__cause__ if isinstance(exc, _FireBug) else getattr(exc, "orig", exc)
         problem = f"error: {cause!r}"[:1000]
         log.error("deadline %s could not be resolved: %s", deadline_id, problem)
-        with self.db.transaction() as s:
-            FINISH.execute(s, [{"id": deadline_id, "status": "error",
-                                "fired_at": self._now(s), "result": problem}])
+        with self.uow() as uow:
+            uow.deadlines.finish([Finished(deadline_id, DeadlineStatus.error, self._now(uow),
+                                           problem)])
+            uow.commit()
         return BatchResolution([Resolution(deadline_id, "error", problem=problem)])
 
-    def _now(self, s: Any) -> datetime:
-        return self.clock() if self.clock is not None else db_now(s)
+    def _now(self, uow: UnitOfWork) -> datetime:
+        return self.clock() if self.clock is not None else uow.now()
 
-    def _fire_batch(self, ids: list[int]) -> BatchResolution:
+    def _fire_batch(self, ids: Sequence[int]) -> BatchResolution:
         resolutions: dict[int, Resolution] = {}
-        with self.db.transaction() as s:
-            lock_cases(s, s.execute(CASES_OF, {"ids": ids}).scalars())
-            rows = s.execute(CLAIM, {"ids": ids}).all()
+        with self.uow() as uow:
+            _locked, cases = lock_and_load(uow, uow.deadlines.cases_of(ids))
+            rows = uow.deadlines.claim(ids)
             # Read after the locks: the time at which this transaction decides.
-            now = self._now(s)
+            now = self._now(uow)
             writer = OutcomeWriter(self.policy, self.ops_contacts, now)
-            cases = load_cases(s, {r.case_id for r in rows})
             finished = []
             for row in rows:
                 resolution = self._fire_one(row, cases, writer, now)
                 resolutions[row.id] = resolution
                 if resolution.outcome in ("fired", "stale"):
-                    finished.append({"id": row.id, "status": resolution.outcome,
-                                     "fired_at": now, "result": resolution.problem})
+                    finished.append(Finished(row.id, DeadlineStatus(resolution.outcome), now,
+                                             resolution.problem))
                 elif resolution.outcome == "early":
                     # Back to the timer, which hands it over again once it is due.
-                    finished.append({"id": row.id, "status": "pending",
-                                     "fired_at": None, "result": resolution.problem})
-            # Mark these rows first: the flush cancels the cases' other open deadlines.
-            if finished:
-                FINISH.execute(s, finished)
-            stored = writer.flush(s)
+                    finished.append(Finished(row.id, DeadlineStatus.pending, None,
+                                             resolution.problem))
+            # Mark these rows first: the flush makes the cases' open deadlines their new
+            # sets, and a row fired here is no longer open.
+            uow.deadlines.finish(finished)
+            stored = writer.flush(uow)
+            uow.commit()
         return BatchResolution(
             [resolutions.get(i) or Resolution(i, "missing") for i in ids], stored)
 
-    def _fire_one(self, row: Any, cases: dict[str, Any], writer: OutcomeWriter,
+    def _fire_one(self, row: StoredDeadline, cases: dict[str, Case], writer: OutcomeWriter,
                   now: datetime) -> Resolution:
-        if row.status not in ("pending", "dispatched"):
+        if row.status not in OPEN_STATUSES:
             return Resolution(row.id, "duplicate", row.purpose)
         case = cases.get(row.case_id)
         if case is None:
             return Resolution(row.id, "stale", row.purpose, "stale: case not found")
         try:
-            outcome = self.engine.fire(case, spec_from_row(row), now)
+            outcome = self.engine.fire(case, row.spec, now)
         except Exception as exc:
             raise _FireBug(row.id) from exc
         if not outcome.applied or outcome.case is None:

@@ -17,55 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import text
-
 from shared.amqp import FIRE_DEADLINE_ACTOR, NOTIFIER_QUEUE, RESOLVER_QUEUE, SEND_NOTIFICATION_ACTOR
 from shared.db.session import Database
+from shared.db.uow import UnitOfWorkFactory, as_unit_of_work_factory
 from shared.publisher import Publisher
 
 log = logging.getLogger(__name__)
-
-CLAIM_DUE = text(
-    """
-    SELECT id, purpose, EXTRACT(EPOCH FROM (now() - due_at)) AS lateness
-    FROM deadlines
-    WHERE status = 'pending' AND due_at <= now()
-    ORDER BY due_at
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-    """
-)
-# Dispatched long ago and never finished (the message or the resolver died): send again.
-CLAIM_STUCK = text(
-    """
-    SELECT id FROM deadlines
-    WHERE status = 'dispatched' AND dispatched_at < now() - make_interval(secs => :after)
-    ORDER BY dispatched_at
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-    """
-)
-MARK_DISPATCHED = text(
-    """
-    UPDATE deadlines
-    SET status = 'dispatched', dispatched_at = now(), dispatch_count = dispatch_count + 1
-    WHERE id = ANY(:ids)
-    """
-)
-# Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
-# queued ones whose message was lost (the notifier gave up on it or died): oldest first.
-CLAIM_NOTIFICATIONS = (
-    text("""SELECT id FROM notifications WHERE status = 'new'
-            ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"""),
-    text("""SELECT id FROM notifications WHERE status = 'deferred' AND send_after <= now()
-            ORDER BY send_after LIMIT :limit FOR UPDATE SKIP LOCKED"""),
-    text("""SELECT id FROM notifications
-            WHERE status = 'queued' AND queued_at < now() - make_interval(secs => :after)
-            ORDER BY queued_at LIMIT :limit FOR UPDATE SKIP LOCKED"""),
-)
-MARK_NOTIFICATIONS_QUEUED = text(
-    "UPDATE notifications SET status = 'queued', queued_at = now() WHERE id = ANY(:ids)"
-)
 
 
 @dataclass(frozen=True)
@@ -99,7 +56,7 @@ class DispatchTokenBucket:
 class Timer:
     def __init__(
         self,
-        db: Database,
+        db: Database | UnitOfWorkFactory,
         publisher: Publisher,
         *,
         batch: int,
@@ -107,7 +64,7 @@ class Timer:
         max_rate: float,
         message_size: int = 50,
     ) -> None:
-        self.db = db
+        self.uow = as_unit_of_work_factory(db)
         self.publisher = publisher
         self.batch = batch
         self.message_size = message_size
@@ -118,35 +75,32 @@ class Timer:
         limit = min(self.batch, self.dispatch_bucket.available())
         if limit <= 0:
             return TickResult(0, 0, 0, [])
-        with self.db.transaction() as s:
-            due = s.execute(CLAIM_DUE, {"limit": limit}).all()
-            stuck = s.execute(
-                CLAIM_STUCK, {"after": self.redispatch_after, "limit": max(1, limit - len(due))}
-            ).all()
-            ids = [row.id for row in due] + [row.id for row in stuck]
+        with self.uow() as uow:
+            due = uow.deadlines.claim_due(limit)
+            stuck = uow.deadlines.claim_stuck(self.redispatch_after, max(1, limit - len(due)))
+            ids = [d.id for d in due] + stuck
             # Oldest first, several per message: the resolver handles a message's deadlines
             # in one transaction, and one publisher confirm covers them all.
             for start in range(0, len(ids), self.message_size):
                 chunk = ids[start:start + self.message_size]
                 self.publisher.send_actor(RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, chunk)
-            if ids:
-                s.execute(MARK_DISPATCHED, {"ids": ids})
+            uow.deadlines.mark_dispatched(ids)
+            uow.commit()
         self.dispatch_bucket.take(len(ids))
         notifications = self._hand_over_notifications(limit)
         return TickResult(
             fired=len(due),
             redispatched=len(stuck),
             notifications=notifications,
-            latenesses=[(row.purpose, float(row.lateness)) for row in due],
+            latenesses=[(d.purpose, d.lateness) for d in due],
         )
 
     def _hand_over_notifications(self, limit: int) -> int:
-        with self.db.transaction() as s:
-            params = {"limit": limit, "after": self.redispatch_after}
-            ids = [r.id for claim in CLAIM_NOTIFICATIONS for r in s.execute(claim, params)]
+        with self.uow() as uow:
+            ids = uow.notifications.claim_for_notifier(limit, self.redispatch_after)
             for start in range(0, len(ids), self.message_size):
                 chunk = ids[start:start + self.message_size]
                 self.publisher.send_actor(NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, chunk)
-            if ids:
-                s.execute(MARK_NOTIFICATIONS_QUEUED, {"ids": ids})
+            uow.notifications.mark_queued(ids)
+            uow.commit()
         return len(ids)

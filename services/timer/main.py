@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 from functools import partial
-
-from sqlalchemy import text
 
 from services.timer.loop import Timer
 from shared import metrics
@@ -16,7 +15,8 @@ from shared.amqp import make_broker
 from shared.bootstrap import build_database, build_domain, build_health, build_policy, ops_contacts
 from shared.config import Settings
 from shared.db.backlog import PeriodicBacklog, read_backlog
-from shared.db.session import Database
+from shared.db.session import Database, db_now
+from shared.db.uow import sql_unit_of_work
 from shared.domain import WorkCalendar
 from shared.domain.timeutil import CHINA_TZ
 from shared.logs import setup_logging
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def worker(settings: Settings) -> None:
     setup_logging("timer", settings.log_level)
     timer = Timer(
-        build_database(settings, pool_size=2),
+        sql_unit_of_work(build_database(settings, pool_size=2)),
         ConfirmedPublisher(make_broker(settings.amqp_url, settings.queue_type),
                            settings.queue_type),
         batch=settings.timer_batch,
@@ -66,7 +66,7 @@ def watch_running_switches(settings: Settings, db: Database, stop: threading.Eve
     """Rule versions that say they apply to running steps: give the running steps their
     rule at start, and again each time such a version has taken effect (checked once a
     minute against the database clock)."""
-    from shared.db.recount import switch_running_steps
+    from shared.recount import switch_running_steps
 
     engine, policy, contacts = build_domain(settings), build_policy(settings), \
         ops_contacts(settings)
@@ -76,7 +76,7 @@ def watch_running_switches(settings: Settings, db: Database, stop: threading.Eve
     while not stop.is_set():
         try:
             with db.transaction() as s:
-                now = s.execute(text("SELECT now()")).scalar_one()
+                now = db_now(s)
             passed = [m for m in engine.rules.switch_moments if m <= now]
             if passed and passed[-1] != done_until:
                 summary = switch_running_steps(db, engine, policy, contacts)
@@ -93,7 +93,7 @@ def recount_estimated_deadlines(settings: Settings, db: Database) -> None:
     upgrade, a year added to the holiday file): count again every pending deadline that
     stood on an estimate. A failure is logged, not fatal: `aftersales calendar recompute`
     does the same."""
-    from shared.db.recount import recount_estimated
+    from shared.recount import recount_estimated
 
     try:
         summary = recount_estimated(db, build_domain(settings), build_policy(settings),
@@ -111,6 +111,12 @@ def recount_then_watch(settings: Settings, db: Database) -> None:
     watch_running_switches(settings, db, threading.Event())
 
 
+def backlog_snapshot(db: Database, covered_until: datetime) -> metrics.BacklogSnapshot:
+    figures = read_backlog(db, covered_until)
+    return metrics.BacklogSnapshot.from_rows(**{
+        f.name: getattr(figures, f.name) for f in fields(figures)})
+
+
 def run(settings: Settings) -> int:
     setup_logging("timer", settings.log_level)
     db = build_database(settings, pool_size=1)
@@ -121,7 +127,7 @@ def run(settings: Settings) -> int:
     server = metrics.start_metrics_server(
         settings.metrics_port_for("timer"), "timer", addr=settings.metrics_bind,
         collectors=[metrics.BacklogCollector(PeriodicBacklog(
-            partial(read_backlog, db, covered_until),
+            partial(backlog_snapshot, db, covered_until),
             settings.backlog_interval_seconds).start())],
     )
     log.info("timer: metrics on :%s, %d copy(ies)", server.port, settings.worker_processes)

@@ -1,18 +1,20 @@
 """The backlog as ops see it, read from PostgreSQL (one consistent read) on an interval by
 `PeriodicBacklog`, never per scrape: however many scrapers and replicas, the aggregate
-queries run once per interval per timer process."""
+queries run once per interval per timer process. `read_backlog` returns plain figures;
+the caller turns them into metrics (shared.metrics.BacklogSnapshot.from_rows)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import text
 
 from shared.db.session import Database
-from shared.metrics import BacklogSnapshot
 
 OPEN_CASES = text(
     "SELECT platform, kind, step, count(*) FROM cases WHERE status = 'open' GROUP BY 1, 2, 3"
@@ -37,12 +39,30 @@ NOTIFICATIONS_PENDING = text(
 )
 
 
-def read_backlog(db: Database, calendar_covered_until: datetime | None = None) -> BacklogSnapshot:
+@dataclass(frozen=True)
+class BacklogFigures:
+    """One consistent read of the backlog, as rows and numbers (the keywords of
+    `BacklogSnapshot.from_rows`)."""
+
+    open_cases: list[tuple[Any, ...]] = field(default_factory=list)  # platform, kind, step, n
+    pending_deadlines: list[tuple[Any, ...]] = field(default_factory=list)  # step, purpose, n
+    notifications_pending: list[tuple[Any, ...]] = field(default_factory=list)  # channel, n
+    oldest_open_case_at: datetime | None = None
+    oldest_overdue_deadline_at: datetime | None = None
+    overdue_deadlines: int = 0
+    outbox_unpublished: int = 0
+    oldest_unpublished_outbox_at: datetime | None = None
+    calendar_covered_until: datetime | None = None
+    estimated_deadlines: int = 0
+
+
+def read_backlog(db: Database, calendar_covered_until: datetime | None = None
+                 ) -> BacklogFigures:
     with db.transaction() as s:
         s.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
         overdue_count, oldest_overdue = s.execute(OVERDUE).one()
         outbox_count, oldest_outbox = s.execute(OUTBOX).one()
-        return BacklogSnapshot.from_rows(
+        return BacklogFigures(
             open_cases=[tuple(r) for r in s.execute(OPEN_CASES)],
             pending_deadlines=[tuple(r) for r in s.execute(PENDING_DEADLINES)],
             notifications_pending=[tuple(r) for r in s.execute(NOTIFICATIONS_PENDING)],
@@ -59,22 +79,25 @@ def read_backlog(db: Database, calendar_covered_until: datetime | None = None) -
 log = logging.getLogger(__name__)
 
 
-class PeriodicBacklog:
+Snapshot = TypeVar("Snapshot")
+
+
+class PeriodicBacklog(Generic[Snapshot]):
     """Calls `read()` every `interval_s` seconds in a daemon thread; calling the object
     returns the last snapshot (what the metrics collector asks for on a scrape). Raises
     while no read has succeeded or the last one failed, so the collector exposes
     `aftersales_backlog_query_ok 0` rather than stale figures."""
 
-    def __init__(self, read: Callable[[], BacklogSnapshot], interval_s: float) -> None:
+    def __init__(self, read: Callable[[], Snapshot], interval_s: float) -> None:
         self.read = read
         self.interval_s = interval_s
-        self._snapshot: BacklogSnapshot | None = None
+        self._snapshot: Snapshot | None = None
         self._error: Exception | None = RuntimeError("backlog not read yet")
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backlog", daemon=True)
 
-    def start(self) -> PeriodicBacklog:
+    def start(self) -> PeriodicBacklog[Snapshot]:
         self._thread.start()
         return self
 
@@ -94,7 +117,7 @@ class PeriodicBacklog:
             self.refresh()
             self._wake.wait(self.interval_s)
 
-    def __call__(self) -> BacklogSnapshot:
+    def __call__(self) -> Snapshot:
         with self._lock:
             if self._error is not None or self._snapshot is None:
                 raise RuntimeError(f"backlog unavailable: {self._error}")

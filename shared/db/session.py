@@ -69,6 +69,10 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    def session(self) -> Session:
+        """A new session, for a unit of work that manages its transaction itself."""
+        return self._sessions()
+
     def ping(self) -> None:
         with self.sql_engine.connect() as conn:
             conn.execute(text("SELECT 1"))

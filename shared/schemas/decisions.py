@@ -1,13 +1,16 @@
 """Outbound decision schema, version 1 (what `aftersales.decisions` carries).
 
-The resolver builds the message in `shared.db.persist.decision_message`; this model is
-its documented, published shape (and a test checks the two agree)."""
+`decision_message` builds the message (the resolver and intake store it in the outbox
+with the decision); `DecisionV1` is its documented, published shape (and a test checks
+the two agree)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from shared.domain import Case, Decision, decision_id
 
 DECISION_TYPES = (
     "decision.auto_approved",
@@ -48,3 +51,25 @@ class DecisionV1(BaseModel):
     due_at: AwareDatetime
     decided_at: AwareDatetime
     data: dict[str, Any]
+
+
+def decision_message(decision: Decision, case: Case) -> dict[str, Any]:
+    """The outbound decision, in the contract's format."""
+    return {
+        "decision_id": decision_id(decision.key),
+        "type": decision.type,
+        "case_id": case.case_id,
+        "order_id": case.order_id,
+        "shop_id": case.shop_id,
+        "platform": case.platform,
+        "kind": str(case.kind),
+        "step": decision.step,
+        "rule": {
+            "set": decision.rule.set,
+            "version": decision.rule.version,
+            "id": decision.rule.id,
+        },
+        "due_at": decision.due_at.isoformat(),
+        "decided_at": decision.decided_at.isoformat(),
+        "data": dict(decision.data),
+    }

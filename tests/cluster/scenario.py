@@ -29,9 +29,9 @@ from shared.amqp import (
     queue_arguments,
 )
 from shared.db.models import CaseEventRow, DeadlineRow, DecisionRow
-from shared.db.persist import DECISION_NAMESPACE
 from shared.db.session import Database
 from shared.domain import decision_key
+from shared.domain.model import DECISION_NAMESPACE
 from shared.logs import mask_pii
 from tests.cluster.rabbit_cluster import Node
 from tests.conftest import wait_for

@@ -113,7 +113,7 @@ def test_an_event_id_logged_meanwhile_by_another_worker_is_not_lost(
     """Two workers, the same event_id on two different cases (their case locks do not
     serialise them): the second must not be silently dropped by ON CONFLICT DO NOTHING
     while its effects are applied; it becomes a conflict."""
-    import services.intake.processor as processor_module
+    from shared.db.cases import SqlCases
     from shared.schemas.events import content_hash
 
     plain = IntakeProcessor(
@@ -122,10 +122,10 @@ def test_an_event_id_logged_meanwhile_by_another_worker_is_not_lost(
         max_event_bytes=64 * 1024,
     )
     theirs = opened("same-id", "AS-OTHER")
-    real_load_cases = processor_module.load_cases
+    real_load_cases = SqlCases.load
     raced: list[bool] = []
 
-    def load_cases_while_the_other_worker_commits(session: Any, case_ids: Any) -> Any:
+    def load_cases_while_the_other_worker_commits(cases: Any, case_ids: Any) -> Any:
         if not raced:  # the other worker commits its event between our look and insert
             raced.append(True)
             with db.transaction() as other:
@@ -133,9 +133,9 @@ def test_an_event_id_logged_meanwhile_by_another_worker_is_not_lost(
                     event_id="same-id", case_id="AS-OTHER", type="case.opened",
                     occurred_at=datetime.now(UTC), outcome="applied", body=theirs,
                     body_sha256=content_hash(theirs)))
-        return real_load_cases(session, case_ids)
+        return real_load_cases(cases, case_ids)
 
-    monkeypatch.setattr(processor_module, "load_cases", load_cases_while_the_other_worker_commits)
+    monkeypatch.setattr(SqlCases, "load", load_cases_while_the_other_worker_commits)
     result = plain.process([json.dumps(opened("same-id", "AS-MINE")).encode()])
     assert [h.outcome for h in result.handled] == ["conflict"]
     with db.transaction() as s:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 
-from services.intake.processor import SEEN_EVENTS
+from shared.db.case_log import SEEN_EVENTS
 from shared.db.session import Database, make_engine
 
 

@@ -12,11 +12,11 @@ from sqlalchemy import text
 
 from services.intake.processor import IntakeProcessor
 from services.ops.caseview import case_document
-from shared.db.recount import switch_running_steps
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.domain.timeutil import CHINA_TZ
 from shared.notifications.policy import NotificationPolicy
+from shared.recount import switch_running_steps
 
 pytestmark = pytest.mark.integration
 VERSION = """[ruleset]

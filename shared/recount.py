@@ -5,9 +5,9 @@ recompute`.
 Cases are found through their pending deadlines marked `calendar_source = 'estimated'`
 (a partial index), then handled in batches, each in one transaction under the cases'
 locks like any other change: the case, its new deadlines and the notices are written by
-the `OutcomeWriter`, and a `case_notes` row records each move for the timeline. Safe to
-run from several timer copies at once: a case already recounted is no longer estimated
-(or gives the same day) and is left alone.
+the `OutcomeWriter` (shared/apply.py), and a `case_notes` row records each move for the
+timeline. Safe to run from several timer copies at once: a case already recounted is no
+longer estimated (or gives the same day) and is left alone.
 """
 
 from __future__ import annotations
@@ -16,23 +16,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, text
-
-from shared.db.bulk import bulk_insert
-from shared.db.models import CaseNoteRow
-from shared.db.persist import NotificationExpander, OutcomeWriter, load_cases, lock_cases
+from shared.apply import NotificationExpander, OutcomeWriter, lock_and_load
+from shared.db.cases import CaseNote
 from shared.db.session import Database
+from shared.db.uow import UnitOfWorkFactory, as_unit_of_work_factory
 from shared.domain import Engine
 from shared.domain.model import Case
 from shared.domain.recompute import Recount, recount, switch_running
-
-ESTIMATED_CASES = text(
-    """SELECT DISTINCT case_id FROM deadlines
-       WHERE status = 'pending' AND calendar_source = 'estimated' ORDER BY case_id"""
-)
-INSERT_NOTES = bulk_insert(cast(Table, CaseNoteRow.__table__), ["case_id", "at", "type", "body"])
 
 
 @dataclass
@@ -69,64 +61,58 @@ class RecountSummary:
 Change = Callable[[Engine, Case, datetime], Recount | None]
 
 
-def recount_estimated(db: Database, engine: Engine, policy: NotificationExpander,
-                      ops_contacts: Any, *, batch: int = 500, examples: int = 5,
+def recount_estimated(db: Database | UnitOfWorkFactory, engine: Engine,
+                      policy: NotificationExpander, ops_contacts: Any, *, batch: int = 500,
+                      examples: int = 5,
                       clock: Callable[[], datetime] = lambda: datetime.now(UTC)
                       ) -> RecountSummary:
     summary = RecountSummary()
-    with db.transaction() as s:
-        case_ids = list(s.execute(ESTIMATED_CASES).scalars())
+    uow_factory = as_unit_of_work_factory(db)
+    with uow_factory() as uow:
+        case_ids = uow.deadlines.estimated_cases()
     for start in range(0, len(case_ids), batch):
-        _recount_batch(db, engine, policy, ops_contacts, case_ids[start:start + batch],
+        _recount_batch(uow_factory, engine, policy, ops_contacts, case_ids[start:start + batch],
                        summary, examples, clock(), recount)
     return summary
 
 
-# Cases whose step may have begun before a version that applies to running steps took
-# effect and still ran then (opened before it, due after it).
-RUNNING_CANDIDATES = text(
-    """SELECT case_id FROM cases
-       WHERE status = 'open' AND opened_at < :last AND step_due_at > :first
-       ORDER BY case_id"""
-)
-
-
-def switch_running_steps(db: Database, engine: Engine, policy: NotificationExpander,
-                         ops_contacts: Any, *, batch: int = 500, examples: int = 5
+def switch_running_steps(db: Database | UnitOfWorkFactory, engine: Engine,
+                         policy: NotificationExpander, ops_contacts: Any, *, batch: int = 500,
+                         examples: int = 5
                          ) -> RecountSummary:
     """Give running steps the rule of a version that says it applies to them, once it
     is in effect (the timer runs this at start and when such a version takes effect)."""
     summary = RecountSummary(label="running steps switched to a newer rule version")
-    with db.transaction() as s:  # one clock decides: the database's
-        now = s.execute(text("SELECT now()")).scalar_one()
+    uow_factory = as_unit_of_work_factory(db)
+    with uow_factory() as uow:  # one clock decides: the database's
+        now = uow.now()
     moments = [m for m in engine.rules.switch_moments if m <= now]
     if not moments:
         return summary
-    with db.transaction() as s:
-        case_ids = list(s.execute(RUNNING_CANDIDATES,
-                                  {"first": moments[0], "last": moments[-1]}).scalars())
+    with uow_factory() as uow:
+        case_ids = uow.cases.running_candidates(moments[0], moments[-1])
     for start in range(0, len(case_ids), batch):
-        _recount_batch(db, engine, policy, ops_contacts, case_ids[start:start + batch],
+        _recount_batch(uow_factory, engine, policy, ops_contacts, case_ids[start:start + batch],
                        summary, examples, now, switch_running)
     return summary
 
 
-def _recount_batch(db: Database, engine: Engine, policy: NotificationExpander,
-                   ops_contacts: Any, case_ids: list[str], summary: RecountSummary,
-                   examples: int, now: datetime, change: Change) -> None:
-    with db.transaction() as s:
-        lock_cases(s, case_ids)
+def _recount_batch(uow_factory: UnitOfWorkFactory, engine: Engine,
+                   policy: NotificationExpander, ops_contacts: Any, case_ids: list[str],
+                   summary: RecountSummary, examples: int, now: datetime, change: Change
+                   ) -> None:
+    with uow_factory() as uow:
+        _locked, cases = lock_and_load(uow, case_ids)
         writer = OutcomeWriter(policy, ops_contacts, now)
         notes = []
-        for case in load_cases(s, case_ids).values():
+        for case in cases.values():
             summary.checked += 1
             result = change(engine, case, now)
             if result is None:
                 summary.still_estimated += 1
                 continue
             writer.add(result.outcome)
-            notes.append({"case_id": case.case_id, "at": now, "type": result.note_type,
-                          "body": result.note()})
+            notes.append(CaseNote(case.case_id, now, result.note_type, result.note()))
             shift = result.shift_seconds
             if shift < 0:
                 summary.earlier += 1
@@ -140,5 +126,6 @@ def _recount_batch(db: Database, engine: Engine, policy: NotificationExpander,
             if len(summary.examples) < examples:
                 summary.examples.append({"case_id": case.case_id, **result.note()})
         if notes:
-            writer.flush(s)
-            INSERT_NOTES.execute(s.connection(), notes)
+            writer.flush(uow)
+            uow.cases.add_notes(notes)
+        uow.commit()

@@ -1,0 +1,145 @@
+"""Intake's processor on the in-memory unit of work: verdicts, what is stored, and that
+one bad event neither stops the batch nor is retried forever."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from writepath_support import T0, ev, opened
+
+from services.intake.processor import IntakeProcessor
+from shared.db.case_log import EventOutcome
+from shared.db.deadlines import DeadlineStatus
+from shared.db.fake import FakeDatabase
+from shared.domain import Engine
+
+
+def open_deadlines(store: FakeDatabase, case_id: str = "AS1") -> list[Any]:
+    return [d for d in store.tables.deadlines.values()
+            if d.spec.case_id == case_id and d.status == DeadlineStatus.pending]
+
+
+def test_an_opening_event_stores_the_case_its_log_row_and_its_deadlines(
+        store: FakeDatabase, intake: IntakeProcessor) -> None:
+    result = intake.process([opened("e1")])
+    assert [h.outcome for h in result.handled] == ["accepted"]
+    case = store.tables.cases["AS1"]
+    assert (case.status, case.step) == ("open", "merchant_response")
+    assert store.tables.events["e1"].outcome == EventOutcome.applied
+    deadline = [d for d in open_deadlines(store) if d.spec.purpose == "deadline"]
+    # Kuaishou: the merchant has 48 h from the request to handle an exchange.
+    assert [d.spec.due_at for d in deadline] == [T0 + timedelta(hours=48)]
+    assert all(d.spec.fence == case.version for d in open_deadlines(store))
+    assert store.tables.notifications, "the merchant is told about the request"
+
+
+def test_a_duplicate_changes_nothing_and_other_content_is_a_conflict(
+        store: FakeDatabase, intake: IntakeProcessor) -> None:
+    intake.process([opened("e1")])
+    before = store.tables.cases["AS1"]
+    again = intake.process([opened("e1")])
+    other = intake.process([opened("e1", at=T0 + timedelta(seconds=1))])
+    assert [h.outcome for h in again.handled] == ["duplicate"]
+    assert [h.outcome for h in other.handled] == ["conflict"]
+    assert store.tables.cases["AS1"] == before
+    assert [c.event_id for c in store.tables.conflicts] == ["e1"]
+
+
+def test_an_event_before_its_case_is_parked_then_applied(
+        store: FakeDatabase, intake: IntakeProcessor) -> None:
+    first = intake.process([ev("e2", "merchant.approved", at=T0 + timedelta(hours=1))])
+    assert [h.outcome for h in first.handled] == ["parked"]
+    assert store.tables.events["e2"].outcome == EventOutcome.parked
+    intake.process([opened("e1")])
+    assert store.tables.events["e2"].outcome == EventOutcome.applied
+    assert store.tables.cases["AS1"].step != "merchant_response"
+
+
+def test_an_event_that_does_not_fit_is_logged_out_of_state(
+        store: FakeDatabase, intake: IntakeProcessor) -> None:
+    result = intake.process([opened("e1"),
+                             ev("e2", "buyer.confirmed", at=T0 + timedelta(minutes=1))])
+    assert [h.outcome for h in result.handled] == ["accepted", "out_of_state"]
+    assert store.tables.events["e2"].outcome == EventOutcome.out_of_state
+
+
+def test_a_case_another_worker_holds_is_deferred_and_the_rest_applied(
+        store: FakeDatabase, intake: IntakeProcessor) -> None:
+    store.held.add("AS2")
+    result = intake.process([opened("e1"), opened("e2", case_id="AS2")])
+    assert result.deferred == [1]
+    assert set(store.tables.cases) == {"AS1"}
+    assert "e2" not in store.tables.events
+
+
+def test_a_bug_on_one_event_is_its_verdict_and_the_batch_goes_on(
+        store: FakeDatabase, intake: IntakeProcessor, engine: Engine,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_apply = engine.apply
+
+    def apply(case: Any, event: Any, now: Any) -> Any:
+        if event.event_id == "bad":
+            raise ZeroDivisionError("a bug")
+        return real_apply(case, event, now)
+
+    monkeypatch.setattr(engine, "apply", apply)
+    result = intake.process([opened("e1"), opened("bad", case_id="AS2"),
+                             opened("e3", case_id="AS3")])
+    assert sorted(h.outcome for h in result.handled) == ["accepted", "accepted", "error"]
+    assert store.tables.events["bad"].outcome == EventOutcome.error
+    assert "ZeroDivisionError" in (store.tables.events["bad"].problem or "")
+    assert set(store.tables.cases) == {"AS1", "AS3"}
+
+
+def test_nothing_is_stored_when_the_unit_of_work_is_not_committed(
+        store: FakeDatabase, intake: IntakeProcessor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient database failure mid-batch raises to the consumer (which retries the
+    batch) and leaves nothing behind."""
+    from sqlalchemy.exc import OperationalError
+
+    from shared.db.fake import FakeDeadlines
+
+    def gone(*_args: Any) -> Any:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(FakeDeadlines, "set_wanted", gone)
+    with pytest.raises(OperationalError):
+        intake.process([opened("e1")])
+    assert not store.tables.cases and not store.tables.events
+
+
+def test_a_deadline_an_event_does_not_change_keeps_its_row(
+        store: FakeDatabase, intake: IntakeProcessor) -> None:
+    intake.process([opened("e1")])
+    case = store.tables.cases["AS1"]
+    kept = {d.id: d.spec for d in open_deadlines(store)}
+    # The platform restates the deadline the case already has: nothing to change but
+    # the case version.
+    same = intake.process([ev("e2", "deadline.changed", at=T0 + timedelta(minutes=1),
+                              due_at=case.step_due_at.isoformat())])
+    assert [h.outcome for h in same.handled] == ["accepted"]
+    after = store.tables.cases["AS1"]
+    assert after.version > case.version
+    rows = open_deadlines(store)
+    assert {d.id for d in rows} == set(kept)  # same rows, same ids
+    assert all(d.spec.fence == after.version for d in rows)  # for the case as it is now
+    assert not [d for d in store.tables.deadlines.values()
+                if d.status == DeadlineStatus.cancelled]
+
+
+def test_a_changed_deadline_is_replaced(store: FakeDatabase, intake: IntakeProcessor) -> None:
+    intake.process([opened("e1")])
+    old = {d.id: d.spec for d in open_deadlines(store)}
+    new_due = T0 + timedelta(hours=24)
+    intake.process([ev("e2", "deadline.changed", at=T0 + timedelta(minutes=1),
+                       due_at=new_due.isoformat())])
+    rows = open_deadlines(store)
+    deadline = [d for d in rows if d.spec.purpose == "deadline"]
+    assert [d.spec.due_at for d in deadline] == [new_due]
+    assert deadline[0].id not in old
+    cancelled = {d.id for d in store.tables.deadlines.values()
+                 if d.status == DeadlineStatus.cancelled}
+    old_deadline = [i for i, spec in old.items() if spec.purpose == "deadline"]
+    assert set(old_deadline) <= cancelled
