@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from shared.config import Settings
+from aftersales_cli.settings import command_settings as _settings
 from shared.db.session import Database, make_engine
 from shared.domain.calendar import WorkCalendar
 from shared.domain.timeutil import CHINA_TZ
@@ -24,12 +24,6 @@ PENDING_ESTIMATED_BY_YEAR = text(
        WHERE status = 'pending' AND calendar_source = 'estimated' AND purpose = 'deadline'
        GROUP BY 1 ORDER BY 1"""
 )
-
-
-def _settings() -> Settings:
-    from aftersales_cli.cli import _settings as load
-
-    return load()
 
 
 def calendar_status(calendar: WorkCalendar, db: Database | None,

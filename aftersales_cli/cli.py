@@ -7,16 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from shared.config import SERVICES, Settings, load_settings
+from aftersales_cli.settings import command_settings as _settings
+from shared.config import SERVICES, Settings
 from shared.errors import ConfigError
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        print(f"aftersales: bad setting: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -9,14 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aftersales_cli.settings import command_settings as _settings
 from shared.domain import RuleBook
 from shared.domain.errors import DataFileError
-
-
-def _settings() -> Any:
-    from aftersales_cli.cli import _settings as load
-
-    return load()
 
 
 def book_listing(book: RuleBook) -> list[dict[str, Any]]:
