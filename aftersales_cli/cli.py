@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shared.publish import publish_file
+    from shared.publish_events import publish_file
 
     settings = _settings()
     count = publish_file(settings.amqp_url, args.file, settings.queue_type)

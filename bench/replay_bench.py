@@ -26,7 +26,7 @@ import pika
 
 from services.ops.held import REJECTED, Selection, list_held, replay
 from shared.amqp import INTAKE_QUEUE, REJECTED_QUEUE, declare_topology
-from shared.publish import publish_lines
+from shared.publish_events import publish_lines
 
 
 def ctl(*args: str) -> None:

@@ -28,7 +28,7 @@ from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from shared.domain.timeutil import as_utc
 from shared.errors import InvalidInput
-from shared.publish import publish_lines
+from shared.publish_events import publish_lines
 
 OPS_SOURCE = "ops"
 ACTIONS = {"pause": "intervention.requested", "resume": "intervention.resolved",
