@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, any_, bindparam, func, select, update
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from services.notifier.channels.base import Channel
@@ -41,7 +41,15 @@ from services.notifier.delivery import (
     send_now,
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
-from shared.db.models import NotificationRow
+from shared.db.notifications import (
+    CLAIM,
+    DONE,
+    MARK_SENDING,
+    MARK_UNKNOWN,
+    RECORD,
+    RELEASE,
+    NotificationStatus,
+)
 from shared.db.session import Database, db_now, is_infrastructure
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
@@ -60,45 +68,6 @@ _T = TypeVar("_T")
 # 20 is where larger chunks stop paying, and a crash costs at most 20 notifications rather
 # than the timer's whole 50-id message.
 CHUNK = 20
-
-UNKNOWN_ERROR = "unknown: worker died during the send; not repeated"
-_DONE = ("sent", "failed")
-
-_N = cast(Table, NotificationRow.__table__)
-# One SQL text each whatever the batch size (`= ANY(array)`, executemany with bound
-# parameters): psycopg parses every new text again.
-CLAIM = (
-    select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
-           _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
-           _N.c.created_at)
-    .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
-)
-MARK_SENDING = update(_N).where(_N.c.id == any_(bindparam("ids"))).values(status="sending")
-MARK_UNKNOWN = (
-    update(_N).where(_N.c.id == any_(bindparam("ids")))
-    .values(status="failed", last_error=UNKNOWN_ERROR)
-)
-# COALESCE keeps what an outcome does not set (a failure keeps its send_after, a deferral
-# its provider_id), as the per-outcome updates did.
-RECORD = (
-    update(_N).where(_N.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        attempts=bindparam("b_attempts"),
-        last_error=bindparam("b_last_error"),
-        sent_at=func.coalesce(bindparam("b_sent_at", type_=_N.c.sent_at.type), _N.c.sent_at),
-        provider_id=func.coalesce(bindparam("b_provider_id", type_=_N.c.provider_id.type),
-                                  _N.c.provider_id),
-        send_after=func.coalesce(bindparam("b_send_after", type_=_N.c.send_after.type),
-                                 _N.c.send_after),
-    )
-)
-# Claimed rows that were provably never handed to a channel go back to what they were.
-RELEASE = (
-    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == "sending")
-    .values(status=bindparam("b_status"))
-)
-
 
 @dataclass(frozen=True)
 class SendOutcome:
@@ -309,7 +278,7 @@ class NotificationSender:
             return None
         log.error("notification %s expired unsent (written %s)", c.id, created.isoformat())
         return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
-            c.id, "failed", c.attempt - 1,
+            c.id, NotificationStatus.FAILED, c.attempt - 1,
             f"expired: not sent within {self.valid_for} of being written"))
 
     @staticmethod
@@ -319,7 +288,8 @@ class NotificationSender:
         except Exception as exc:  # a malformed row: nothing was sent, nothing can be
             log.exception("notification %s: unusable row", c.id)
             return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
-                c.id, "failed", c.attempt - 1, mask_text(f"render: bad row: {exc!r}")[:1000]))
+                c.id, NotificationStatus.FAILED, c.attempt - 1,
+                mask_text(f"render: bad row: {exc!r}")[:1000]))
 
     def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage,
                   clock: Callable[[], datetime]) -> _Result:
@@ -335,7 +305,7 @@ class NotificationSender:
                           "(unknown delivery), not sent twice", c.id)
             error = mask_text(f"unknown: {exc!r} during the send; not repeated")[:1000]
             return _Result(c.id, SendOutcome("failed", channel),
-                           _values(c.id, "failed", c.attempt, error))
+                           _values(c.id, NotificationStatus.FAILED, c.attempt, error))
         return self._result_of(c, result, clock)
 
     def _result_of(self, c: _Claimed, result: DeliveryResult, clock: Callable[[], datetime]
@@ -345,15 +315,15 @@ class NotificationSender:
         attempts = c.attempt if result.attempted else c.attempt - 1
         if result.status == "sent":
             return _Result(c.id, SendOutcome("sent", channel), _values(
-                c.id, "sent", attempts, None, sent_at=clock(),
+                c.id, NotificationStatus.SENT, attempts, None, sent_at=clock(),
                 provider_id=result.provider_id))
         reason = result.error or result.error_kind
         if result.status in ("deferred", "retry"):
             outcome = "retried" if result.status == "retry" else "deferred"
             return _Result(c.id, SendOutcome(outcome, channel), _values(
-                c.id, "deferred", attempts, reason, send_after=result.retry_at))
+                c.id, NotificationStatus.DEFERRED, attempts, reason, send_after=result.retry_at))
         return _Result(c.id, SendOutcome("failed", channel),
-                       _values(c.id, "failed", attempts, reason))
+                       _values(c.id, NotificationStatus.FAILED, attempts, reason))
 
 
 class _DatabaseClock:
@@ -375,14 +345,14 @@ def _claim(conn: Connection, ids: list[int], outcomes: dict[int, SendOutcome]
     claimed: list[_Claimed] = []
     unknown: list[int] = []
     for row in conn.execute(CLAIM, {"ids": ids}):
-        if row.status in _DONE:
+        if row.status in DONE:
             outcomes[row.id] = SendOutcome("duplicate", row.channel)
-        elif row.status == "sending":
+        elif row.status == NotificationStatus.SENDING:
             log.error("notification %s was being sent when a worker died: recorded as "
                       "failed (unknown delivery), not sent twice", row.id)
             unknown.append(row.id)
             outcomes[row.id] = SendOutcome("failed", row.channel)
-        elif row.status == "deferred":
+        elif row.status == NotificationStatus.DEFERRED:
             # Only the timer releases a deferred row (at send_after); a stray message for
             # it is a duplicate.
             outcomes[row.id] = SendOutcome("early", row.channel)

@@ -27,6 +27,7 @@ from services.notifier.sender import NotificationSender
 from services.resolver.resolve import Resolver
 from services.timer.loop import Timer
 from shared.db.models import DeadlineRow, NotificationRow
+from shared.db.notifications import NotificationStatus
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
@@ -247,7 +248,7 @@ def test_quiet_hours_defer_then_send(
     assert handler.received == []
     with db.transaction() as s:
         s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
-                  .values(status="pending"))  # what the timer does at send_after
+                  .values(status=NotificationStatus.QUEUED))  # what the timer does at send_after
     clock.at = datetime(2026, 11, 24, 8, 1, tzinfo=SHANGHAI)
     assert sender.send(row.id).outcome == "sent"
     assert len(handler.received) == 1
@@ -262,7 +263,7 @@ def test_a_worker_dying_mid_send_never_sends_twice(
     row = notification(db, "decision.auto_approved", "email")
     with db.transaction() as s:  # a worker claimed it, then was killed
         s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
-                  .values(status="sending"))
+                  .values(status=NotificationStatus.SENDING))
     assert sender.send(row.id).outcome == "failed"
     after: Any = notification(db, "decision.auto_approved", "email")
     assert after.status == "failed" and "unknown" in after.last_error

@@ -1,0 +1,132 @@
+"""The owner of the `notifications` table for the notifier: the row statuses and the
+statements that claim, send-mark and record rows (moved from the sender as they were).
+
+`NotificationStore(session)` wraps them for one transaction; the sender receives such
+stores through a port (`services.notifier.sender.NotificationRepository`) and its unit
+tests use an in-memory fake of the same shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import Table, any_, bindparam, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.db.models import NotificationRow
+from shared.db.session import Database, db_now
+
+
+class NotificationStatus(StrEnum):
+    """A notification row's status: new -> queued -> sending -> sent | failed; deferred
+    (quiet hours, rate limit, retry later) -> queued again at `send_after`."""
+
+    NEW = "new"  # written with the case change; the timer hands it to the notifier
+    QUEUED = "queued"  # handed to the notifier (`queued_at`)
+    PENDING = "pending"  # what `queued` was called before migration 0002; still claimed
+    SENDING = "sending"  # claimed by a worker: it may be with a provider
+    SENT = "sent"
+    FAILED = "failed"
+    DEFERRED = "deferred"  # the timer queues it again at `send_after`
+
+
+# A row in one of these is finished: a message for it again is a redelivery.
+DONE = (NotificationStatus.SENT, NotificationStatus.FAILED)
+# Not finished, not waiting for `send_after`: with the notifier or on its way to it.
+IN_FLIGHT = (NotificationStatus.NEW, NotificationStatus.QUEUED, NotificationStatus.SENDING)
+
+UNKNOWN_ERROR = "unknown: worker died during the send; not repeated"
+
+_N = cast(Table, NotificationRow.__table__)
+# One SQL text each whatever the batch size (`= ANY(array)`, executemany with bound
+# parameters): psycopg parses every new text again.
+CLAIM = (
+    select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
+           _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
+           _N.c.created_at)
+    .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
+)
+MARK_SENDING = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")))
+    .values(status=NotificationStatus.SENDING)
+)
+MARK_UNKNOWN = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")))
+    .values(status=NotificationStatus.FAILED, last_error=UNKNOWN_ERROR)
+)
+# COALESCE keeps what an outcome does not set (a failure keeps its send_after, a deferral
+# its provider_id), as the per-outcome updates did.
+RECORD = (
+    update(_N).where(_N.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        last_error=bindparam("b_last_error"),
+        sent_at=func.coalesce(bindparam("b_sent_at", type_=_N.c.sent_at.type), _N.c.sent_at),
+        provider_id=func.coalesce(bindparam("b_provider_id", type_=_N.c.provider_id.type),
+                                  _N.c.provider_id),
+        send_after=func.coalesce(bindparam("b_send_after", type_=_N.c.send_after.type),
+                                 _N.c.send_after),
+    )
+)
+# Claimed rows that were provably never handed to a channel go back to what they were.
+RELEASE = (
+    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == NotificationStatus.SENDING)
+    .values(status=bindparam("b_status"))
+)
+
+
+class NotificationStore:
+    """The notifier's statements on `notifications`, in the caller's transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @classmethod
+    def transactions(cls, db: Database) -> Callable[[], Any]:
+        """A factory of transactions, each yielding a store (what the sender receives)."""
+
+        @contextmanager
+        def transaction() -> Iterator[NotificationStore]:
+            with db.transaction() as session:
+                yield cls(session)
+
+        return transaction
+
+    def now(self) -> datetime:
+        """The database's clock (the timer releases deferred rows by `now()`)."""
+        return db_now(self.session)
+
+    def lock(self, ids: Sequence[int]) -> list[Any]:
+        """The rows with these ids, locked, in id order (ids not found are absent)."""
+        return list(self.session.connection().execute(CLAIM, {"ids": list(ids)}))
+
+    def mark_sending(self, ids: Sequence[int]) -> None:
+        if ids:
+            self.session.connection().execute(MARK_SENDING, {"ids": list(ids)})
+
+    def mark_unknown(self, ids: Sequence[int]) -> None:
+        if ids:
+            self.session.connection().execute(MARK_UNKNOWN, {"ids": list(ids)})
+
+    def record(self, results: Sequence[dict[str, Any]]) -> None:
+        """RECORD's parameters, one dict per row (see `record_values`)."""
+        if results:
+            self.session.connection().execute(RECORD, list(results))
+
+    def release(self, rows: Sequence[tuple[int, str]]) -> None:
+        """(id, status to return to) for claimed rows never handed to a channel."""
+        if rows:
+            self.session.connection().execute(
+                RELEASE, [{"b_id": i, "b_status": status} for i, status in rows])
+
+
+def record_values(notification_id: int, status: str, attempts: int, last_error: str | None,
+                  *, sent_at: datetime | None = None, provider_id: str | None = None,
+                  send_after: datetime | None = None) -> dict[str, Any]:
+    return {"b_id": notification_id, "b_status": status, "b_attempts": attempts,
+            "b_last_error": last_error, "b_sent_at": sent_at, "b_provider_id": provider_id,
+            "b_send_after": send_after}
