@@ -34,6 +34,7 @@ from services.notifier.ratelimit import InMemoryRateLimiter
 from services.notifier.sender import NotificationSender
 from shared.db.migrate import upgrade
 from shared.db.models import NotificationRow
+from shared.db.notifications import NotificationStore
 from shared.db.session import Database, make_engine
 from shared.notifications.policy import NotificationPolicy
 
@@ -93,7 +94,8 @@ try:
                     for i in range(args.count)])
                 ids = list(s.execute(select(NotificationRow.id)
                                      .where(NotificationRow.status == "queued")).scalars())
-            sender = NotificationSender(db, policy, {"email": channel}, InMemoryRateLimiter(),
+            sender = NotificationSender(NotificationStore.transactions(db), policy,
+                                        {"email": channel}, InMemoryRateLimiter(),
                                         QuietHours.parse("off"), (), RetryPolicy())
             sink.peers.clear()
             commits = 0

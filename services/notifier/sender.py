@@ -25,11 +25,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from services.notifier.channels.base import Channel
@@ -41,16 +41,8 @@ from services.notifier.delivery import (
     send_now,
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
-from shared.db.notifications import (
-    CLAIM,
-    DONE,
-    MARK_SENDING,
-    MARK_UNKNOWN,
-    RECORD,
-    RELEASE,
-    NotificationStatus,
-)
-from shared.db.session import Database, db_now, is_infrastructure
+from shared.db.notifications import DONE, NotificationStatus, record_values
+from shared.db.session import is_infrastructure
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
     NotificationPolicy,
@@ -68,6 +60,22 @@ _T = TypeVar("_T")
 # 20 is where larger chunks stop paying, and a crash costs at most 20 notifications rather
 # than the timer's whole 50-id message.
 CHUNK = 20
+
+class NotificationRepository(Protocol):
+    """The sender's storage, within one transaction (shared.db.notifications.NotificationStore
+    on PostgreSQL; an in-memory fake in the unit tests)."""
+
+    def now(self) -> datetime: ...
+    def lock(self, ids: Sequence[int]) -> list[Any]: ...
+    def mark_sending(self, ids: Sequence[int]) -> None: ...
+    def mark_unknown(self, ids: Sequence[int]) -> None: ...
+    def record(self, results: Sequence[dict[str, Any]]) -> None: ...
+    def release(self, rows: Sequence[tuple[int, str]]) -> None: ...
+
+
+# A new transaction each call: commits when the block ends, rolls back if it raises.
+Transactions = Callable[[], AbstractContextManager[NotificationRepository]]
+
 
 @dataclass(frozen=True)
 class SendOutcome:
@@ -101,7 +109,7 @@ class _Result:
 class NotificationSender:
     def __init__(
         self,
-        db: Database,
+        transactions: Transactions,
         policy: NotificationPolicy,
         channels: Mapping[str, Channel],
         limiter: RateLimiter,
@@ -112,7 +120,7 @@ class NotificationSender:
         valid_for: timedelta | None = None,
         db_retry_s: float = 300.0,
     ) -> None:
-        self.db = db
+        self.transactions = transactions
         self.policy = policy
         self.channels = channels
         self.limiter = limiter
@@ -157,13 +165,13 @@ class NotificationSender:
             chunk = ids[start:start + CHUNK]
 
             # The previous chunk's results and this chunk's claim share one commit.
-            def record_and_claim(s: Any, chunk: list[int] = chunk, done: list[_Result] = results
+            def record_and_claim(store: NotificationRepository, chunk: list[int] = chunk,
+                                 done: list[_Result] = results
                                  ) -> tuple[list[_Claimed], dict[int, SendOutcome],
                                             Callable[[], datetime]]:
-                conn = s.connection()
-                _record(conn, done)
+                _record(store, done)
                 settled: dict[int, SendOutcome] = {}
-                return _claim(conn, chunk, settled), settled, self._chunk_clock(s)
+                return _claim(store, chunk, settled), settled, self._chunk_clock(store)
 
             claimed, settled, clock = self._retrying(record_and_claim)
             outcomes.update(settled)
@@ -175,7 +183,7 @@ class NotificationSender:
             results = self._send_claimed(claimed, report, clock)
             outcomes.update((r.id, r.outcome) for r in results)
         if results:
-            self._retrying(lambda s: _record(s.connection(), results))
+            self._retrying(lambda store: _record(store, results))
             for r in results:
                 report(r.outcome)
 
@@ -190,7 +198,7 @@ class NotificationSender:
             out.append(outcome)
         return out
 
-    def _retrying(self, work: Callable[[Any], _T]) -> _T:
+    def _retrying(self, work: Callable[[NotificationRepository], _T]) -> _T:
         """Run `work` in a transaction; while PostgreSQL is away (restart, failover, a
         dropped connection) try again for up to `db_retry_s`. What a chunk holds (results
         of sends that happened, rows claimed) is recorded once it is back instead of being
@@ -199,8 +207,8 @@ class NotificationSender:
         delay = 0.2
         while True:
             try:
-                with self.db.transaction() as s:
-                    return work(s)
+                with self.transactions() as store:
+                    return work(store)
             except DBAPIError as exc:
                 if not is_infrastructure(exc) or time.monotonic() + delay > give_up:
                     raise
@@ -209,10 +217,10 @@ class NotificationSender:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _chunk_clock(self, s: Any) -> Callable[[], datetime]:
+    def _chunk_clock(self, store: NotificationRepository) -> Callable[[], datetime]:
         if self.clock is not None:
             return self.clock
-        return _DatabaseClock(db_now(s))
+        return _DatabaseClock(store.now())
 
     def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
                       clock: Callable[[], datetime]) -> list[_Result]:
@@ -233,12 +241,9 @@ class NotificationSender:
             # have are recorded and the rows not yet tried are handed back, so neither is
             # lost.
             untried = claimed[len(results) + (1 if sending is not None else 0):]
-            def record_and_release(s: Any) -> None:
-                conn = s.connection()
-                _record(conn, results)
-                if untried:
-                    conn.execute(RELEASE, [{"b_id": c.id, "b_status": c.status}
-                                           for c in untried])
+            def record_and_release(store: NotificationRepository) -> None:
+                _record(store, results)
+                store.release([(c.id, c.status) for c in untried])
 
             try:
                 self._retrying(record_and_release)
@@ -338,13 +343,13 @@ class _DatabaseClock:
         return self.at + timedelta(seconds=time.monotonic() - self.started)
 
 
-def _claim(conn: Connection, ids: list[int], outcomes: dict[int, SendOutcome]
+def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, SendOutcome]
            ) -> list[_Claimed]:
     """Lock the rows; settle those that must not be sent (into `outcomes`), mark the
     others `sending` and return them."""
     claimed: list[_Claimed] = []
     unknown: list[int] = []
-    for row in conn.execute(CLAIM, {"ids": ids}):
+    for row in store.lock(ids):
         if row.status in DONE:
             outcomes[row.id] = SendOutcome("duplicate", row.channel)
         elif row.status == NotificationStatus.SENDING:
@@ -362,21 +367,13 @@ def _claim(conn: Connection, ids: list[int], outcomes: dict[int, SendOutcome]
     for i in ids:
         if i not in taken:
             outcomes.setdefault(i, SendOutcome("missing"))
-    if unknown:
-        conn.execute(MARK_UNKNOWN, {"ids": unknown})
-    if claimed:
-        conn.execute(MARK_SENDING, {"ids": sorted(taken)})
+    store.mark_unknown(unknown)
+    store.mark_sending(sorted(taken))
     return claimed
 
 
-def _record(conn: Connection, results: list[_Result]) -> None:
-    if results:
-        conn.execute(RECORD, [r.values for r in results])
+def _record(store: NotificationRepository, results: list[_Result]) -> None:
+    store.record([r.values for r in results])
 
 
-def _values(notification_id: int, status: str, attempts: int, last_error: str | None, *,
-            sent_at: datetime | None = None, provider_id: str | None = None,
-            send_after: datetime | None = None) -> dict[str, Any]:
-    return {"b_id": notification_id, "b_status": status, "b_attempts": attempts,
-            "b_last_error": last_error, "b_sent_at": sent_at, "b_provider_id": provider_id,
-            "b_send_after": send_after}
+_values = record_values

@@ -8,7 +8,7 @@ tests use an in-memory fake of the same shape."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
@@ -86,7 +86,7 @@ class NotificationStore:
         self.session = session
 
     @classmethod
-    def transactions(cls, db: Database) -> Callable[[], Any]:
+    def transactions(cls, db: Database) -> Callable[[], AbstractContextManager[NotificationStore]]:
         """A factory of transactions, each yielding a store (what the sender receives)."""
 
         @contextmanager

@@ -27,7 +27,7 @@ from services.notifier.sender import NotificationSender
 from services.resolver.resolve import Resolver
 from services.timer.loop import Timer
 from shared.db.models import DeadlineRow, NotificationRow
-from shared.db.notifications import NotificationStatus
+from shared.db.notifications import NotificationStatus, NotificationStore
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
@@ -111,7 +111,7 @@ def decided_case(db: Database, policy: NotificationPolicy) -> str:
 def make_sender(db: Database, policy: NotificationPolicy, smtp_port: int, aliyun: FakeAliyun,
                 clock: Clock) -> NotificationSender:
     return NotificationSender(
-        db=db, policy=policy,
+        transactions=NotificationStore.transactions(db), policy=policy,
         channels={
             "email": SmtpEmailChannel("127.0.0.1", smtp_port, "aftersales@example.com",
                                       timeout=5),

@@ -22,6 +22,7 @@ from services.notifier.errors import PermanentError, ThrottledError, TransientEr
 from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import CHUNK, NotificationSender, SendOutcome
 from shared.db.models import NotificationRow
+from shared.db.notifications import NotificationStore
 from shared.db.session import Database, make_engine
 from shared.notifications.policy import NotificationPolicy, NotificationRequest, RenderedMessage
 
@@ -66,7 +67,8 @@ def key(db: Database, notification_id: int) -> str:
 def make_sender(db: Database, channel: Any, *, at: datetime = DAYTIME,
                 quiet: str = "off", policy: Any = POLICY) -> NotificationSender:
     return NotificationSender(
-        db=db, policy=policy, channels={"email": channel}, limiter=InMemoryRateLimiter(),
+        transactions=NotificationStore.transactions(db), policy=policy,
+        channels={"email": channel}, limiter=InMemoryRateLimiter(),
         quiet_hours=QuietHours.parse(quiet, "Asia/Shanghai"), limits=(),
         retry=RetryPolicy(), clock=lambda: at,
     )
@@ -309,7 +311,8 @@ def test_a_chunk_takes_its_rate_limit_slots_in_one_round_trip(db: Database) -> N
     ids = add(db, CHUNK + 5, recipient="same@example.com")
     limiter = CountingLimiter()
     sender = NotificationSender(
-        db=db, policy=POLICY, channels={"email": FakeChannel()}, limiter=limiter,
+        transactions=NotificationStore.transactions(db), policy=POLICY,
+        channels={"email": FakeChannel()}, limiter=limiter,
         quiet_hours=QuietHours.parse("off", "Asia/Shanghai"),
         limits=(RateLimit("email", 3, 3600),), retry=RetryPolicy(), clock=lambda: DAYTIME)
     outcomes = sender.send_many(ids)

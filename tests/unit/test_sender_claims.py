@@ -1,0 +1,88 @@
+"""The sender's claim on the in-memory table: what it takes, what it settles without a
+send, how a message is cut into chunks, and what an interrupted chunk leaves."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from services.notifier.channels import FakeChannel
+from services.notifier.delivery import QuietHours, RetryPolicy
+from services.notifier.ratelimit import InMemoryRateLimiter
+from services.notifier.sender import CHUNK, NotificationSender
+from shared.db.notifications import NotificationStatus as S
+from shared.notifications.policy import NotificationPolicy
+from tests.unit.fake_notifications import T0, FakeNotifications
+
+POLICY = NotificationPolicy.load(None)
+
+
+class Interrupted(BaseException):
+    """Stands for Dramatiq's Shutdown / TimeLimitExceeded, raised inside a send."""
+
+
+def sender_on(table: FakeNotifications, channel: FakeChannel) -> NotificationSender:
+    return NotificationSender(
+        table.transaction, POLICY, {"email": channel}, InMemoryRateLimiter(),
+        QuietHours.parse("off", "Asia/Shanghai"), (), RetryPolicy())
+
+
+def test_rows_waiting_are_sent_and_the_others_settled_without_a_send() -> None:
+    table = FakeNotifications()
+    waiting = table.add(status=S.NEW) + table.add(status=S.QUEUED) + table.add(status=S.PENDING)
+    (sent,) = table.add(status=S.SENT)
+    (failed,) = table.add(status=S.FAILED)
+    (in_flight,) = table.add(status=S.SENDING)  # a worker died with it claimed
+    (deferred,) = table.add(status=S.DEFERRED, send_after=T0 + timedelta(hours=1))
+    channel = FakeChannel()
+
+    outcomes = sender_on(table, channel).send_many(
+        [*waiting, sent, failed, in_flight, deferred, 999])
+
+    assert [o.outcome for o in outcomes] == [
+        "sent", "sent", "sent", "duplicate", "duplicate", "failed", "early", "missing"]
+    assert set(channel.sends_per_key()) == {f"key-{i}" for i in waiting}
+    assert table.status(waiting) == [S.SENT] * 3
+    assert table.status([sent, failed, deferred]) == [S.SENT, S.FAILED, S.DEFERRED]
+    assert table.rows[in_flight].status == S.FAILED
+    assert (table.rows[in_flight].last_error or "").startswith("unknown")
+
+
+def test_a_sent_row_keeps_the_provider_id_the_attempt_and_the_database_time() -> None:
+    table = FakeNotifications()
+    (i,) = table.add()
+    sender_on(table, FakeChannel("acme")).send(i)
+    row = table.rows[i]
+    assert (row.status, row.attempts, row.provider_id) == (S.SENT, 1, "acme-1")
+    assert row.sent_at is not None and row.sent_at - T0 < timedelta(seconds=5)
+
+
+def test_a_message_of_ids_is_claimed_and_recorded_chunk_by_chunk() -> None:
+    table = FakeNotifications()
+    ids = table.add(CHUNK + 5)
+    outcomes = sender_on(table, FakeChannel()).send_many(ids + ids[:1])
+    assert [o.outcome for o in outcomes] == ["sent"] * (CHUNK + 5) + ["duplicate"]
+    # claim 1 | record 1 + claim 2 | record 2
+    assert table.commits == 3
+
+
+def test_a_redelivered_message_sends_nothing_again() -> None:
+    table = FakeNotifications()
+    ids = table.add(3)
+    channel = FakeChannel()
+    sender_on(table, channel).send_many(ids)
+    again = sender_on(table, channel).send_many(ids)
+    assert [o.outcome for o in again] == ["duplicate"] * 3
+    assert set(channel.sends_per_key().values()) == {1}
+
+
+def test_an_interrupted_chunk_records_what_it_knows_and_hands_back_the_untried() -> None:
+    table = FakeNotifications()
+    ids = table.add(5)
+    channel = FakeChannel(script=[None, Interrupted()])
+    reported: list[str] = []
+    with pytest.raises(Interrupted):
+        sender_on(table, channel).send_many(ids, on_outcome=lambda o: reported.append(o.outcome))
+    assert reported == ["sent"]
+    assert table.status(ids) == [S.SENT, S.SENDING, S.QUEUED, S.QUEUED, S.QUEUED]
