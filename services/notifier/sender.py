@@ -2,28 +2,32 @@
 what happened. Exactly once per dedup key:
 
 1. Claim in a transaction (rows `new`, `queued` or, from before 0002, `pending` become
-   `sending`): a row already `sent` or `failed` is a redelivery and does nothing; a row
-   found `sending` means an earlier attempt died after the claim and may or may not have
-   reached the provider. It is recorded as failed ("unknown"), not sent again: the issue's
-   promise is never twice to the same person for the same reason, and ops see the failure.
+   `sending` under this claim's token): a row already `sent` or `failed` is a redelivery
+   and does nothing. A row found `sending` belongs to an earlier claim. If that claim
+   stamped it handed over, it may or may not have reached the provider: it is recorded as
+   failed ("unknown"), not sent again (never twice to the same person for the same
+   reason, and ops see the failure). If not, it never left us and is claimed again.
 2. Send outside any transaction (a slow provider must not hold database locks). Quiet
    hours, rendering and the rate limits are decided for the whole chunk first, with one
-   round trip to Redis, then each message cleared to go is handed to its channel.
+   round trip to Redis; then each message cleared to go is stamped handed over (its own
+   short commit, and only while this claim still holds the row) and handed to its channel.
 3. Record the result: sent, deferred (quiet hours, rate limit, retry later: the timer
    releases it at `send_after`), or failed (permanent, or out of attempts).
 
 A message's ids are handled in chunks of `CHUNK` rows: one transaction claims a chunk,
 its rows are sent, and the next transaction records their results and claims the next
-chunk. That is one commit per chunk (plus one) instead of two per notification, with a
-fixed set of SQL texts whatever the batch size. Claiming chunk by chunk, rather than the
-whole message up front, costs the same number of commits and bounds what a killed worker
-leaves `sending` (hence "failed, unknown", never delivered) to one chunk.
+chunk, with a fixed set of SQL texts whatever the batch size. A worker killed mid-chunk
+leaves at most the one row it was handing over "unknown"; its other claimed rows go out
+when the message is redelivered.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -53,12 +57,8 @@ from shared.notifications.policy import (
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Rows claimed per transaction. Everything claimed and not yet recorded is what a killed
-# worker leaves `sending`, i.e. "failed, unknown" and never delivered, so the chunk bounds
-# that loss; each chunk costs one commit. Measured with the log channel (one thread, 50-id
-# messages): 1 -> ~370/s, 5 -> ~1,100/s, 10 -> ~1,600/s, 20 -> ~2,100/s, 50 -> ~2,000/s.
-# 20 is where larger chunks stop paying, and a crash costs at most 20 notifications rather
-# than the timer's whole 50-id message.
+# Rows claimed per transaction; each chunk costs one commit besides the hand-over
+# stamps (docs/benchmarks.md has the measurements that chose it).
 CHUNK = 20
 
 class NotificationRepository(Protocol):
@@ -67,10 +67,11 @@ class NotificationRepository(Protocol):
 
     def now(self) -> datetime: ...
     def lock(self, ids: Sequence[int]) -> list[Any]: ...
-    def mark_sending(self, ids: Sequence[int]) -> None: ...
+    def claim(self, ids: Sequence[int], token: str) -> None: ...
+    def hand_over(self, ids: Sequence[int], token: str) -> set[int]: ...
     def mark_unknown(self, ids: Sequence[int]) -> None: ...
     def record(self, results: Sequence[dict[str, Any]]) -> None: ...
-    def release(self, rows: Sequence[tuple[int, str]]) -> None: ...
+    def release(self, rows: Sequence[tuple[int, str]], token: str) -> None: ...
 
 
 # A new transaction each call: commits when the block ends, rolls back if it raises.
@@ -89,6 +90,7 @@ class _Claimed:
     row: Any  # the locked row, as read
     attempt: int
     status: str  # the status before the claim (to release the row as it was)
+    token: str  # the claim's
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class _Ready:
 class _Result:
     id: int
     outcome: SendOutcome
-    values: dict[str, Any]  # RECORD's parameters
+    values: dict[str, Any] | None  # RECORD's parameters (None: nothing to record)
 
 
 class NotificationSender:
@@ -225,25 +227,29 @@ class NotificationSender:
     def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
                       clock: Callable[[], datetime]) -> list[_Result]:
         results: list[_Result] = []  # one per claimed row, in order, as they are settled
-        sending: int | None = None  # the position being handed to a channel, if any
         try:
-            for position, (c, decision) in enumerate(
-                    zip(claimed, self._decide(claimed, clock), strict=True)):
+            for c, decision in zip(claimed, self._decide(claimed, clock), strict=True):
                 if isinstance(decision, _Result):
                     results.append(decision)
-                    continue
-                sending = position
-                results.append(self._send_one(c, decision.request, decision.message, clock))
-                sending = None
+                elif not self._hand_over(c):
+                    # Another claim took the row over (this worker was thought dead): it
+                    # sends and records it.
+                    log.warning("notification %s was claimed again elsewhere: not sent here",
+                                c.id)
+                    results.append(_Result(c.id, SendOutcome("duplicate", str(c.row.channel)),
+                                           None))
+                else:
+                    results.append(self._send_one(c, decision.request, decision.message,
+                                                  clock))
         except BaseException:
-            # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row being
-            # handed to a channel stays `sending` (unknown, never repeated); the results we
-            # have are recorded and the rows not yet tried are handed back, so neither is
-            # lost.
-            untried = claimed[len(results) + (1 if sending is not None else 0):]
+            # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row
+            # stamped handed over stays `sending` (unknown, never repeated); the results we
+            # have are recorded and the rows not handed over go back, so none is lost.
+            untried = claimed[len(results):]
             def record_and_release(store: NotificationRepository) -> None:
                 _record(store, results)
-                store.release([(c.id, c.status) for c in untried])
+                store.release([(c.id, c.status) for c in untried],
+                              untried[0].token if untried else "")
 
             try:
                 self._retrying(record_and_release)
@@ -254,6 +260,11 @@ class NotificationSender:
                               "'sending'", len(claimed))
             raise
         return results
+
+    def _hand_over(self, c: _Claimed) -> bool:
+        """Stamp the row handed over, committed before the provider call; False if another
+        claim has taken it over."""
+        return c.id in self._retrying(lambda store: store.hand_over([c.id], c.token))
 
     def _decide(self, claimed: list[_Claimed], clock: Callable[[], datetime]
                 ) -> list[_Result | _Ready]:
@@ -283,7 +294,7 @@ class NotificationSender:
             return None
         log.error("notification %s expired unsent (written %s)", c.id, created.isoformat())
         return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
-            c.id, NotificationStatus.FAILED, c.attempt - 1,
+            c, NotificationStatus.FAILED, c.attempt - 1,
             f"expired: not sent within {self.valid_for} of being written"))
 
     @staticmethod
@@ -293,7 +304,7 @@ class NotificationSender:
         except Exception as exc:  # a malformed row: nothing was sent, nothing can be
             log.exception("notification %s: unusable row", c.id)
             return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
-                c.id, NotificationStatus.FAILED, c.attempt - 1,
+                c, NotificationStatus.FAILED, c.attempt - 1,
                 mask_text(f"render: bad row: {exc!r}")[:1000]))
 
     def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage,
@@ -310,7 +321,7 @@ class NotificationSender:
                           "(unknown delivery), not sent twice", c.id)
             error = mask_text(f"unknown: {exc!r} during the send; not repeated")[:1000]
             return _Result(c.id, SendOutcome("failed", channel),
-                           _values(c.id, NotificationStatus.FAILED, c.attempt, error))
+                           _values(c, NotificationStatus.FAILED, c.attempt, error))
         return self._result_of(c, result, clock)
 
     def _result_of(self, c: _Claimed, result: DeliveryResult, clock: Callable[[], datetime]
@@ -320,15 +331,15 @@ class NotificationSender:
         attempts = c.attempt if result.attempted else c.attempt - 1
         if result.status == "sent":
             return _Result(c.id, SendOutcome("sent", channel), _values(
-                c.id, NotificationStatus.SENT, attempts, None, sent_at=clock(),
+                c, NotificationStatus.SENT, attempts, None, sent_at=clock(),
                 provider_id=result.provider_id))
         reason = result.error or result.error_kind
         if result.status in ("deferred", "retry"):
             outcome = "retried" if result.status == "retry" else "deferred"
             return _Result(c.id, SendOutcome(outcome, channel), _values(
-                c.id, NotificationStatus.DEFERRED, attempts, reason, send_after=result.retry_at))
+                c, NotificationStatus.DEFERRED, attempts, reason, send_after=result.retry_at))
         return _Result(c.id, SendOutcome("failed", channel),
-                       _values(c.id, NotificationStatus.FAILED, attempts, reason))
+                       _values(c, NotificationStatus.FAILED, attempts, reason))
 
 
 class _DatabaseClock:
@@ -345,35 +356,46 @@ class _DatabaseClock:
 
 def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, SendOutcome]
            ) -> list[_Claimed]:
-    """Lock the rows; settle those that must not be sent (into `outcomes`), mark the
-    others `sending` and return them."""
+    """Lock the rows; settle those that must not be sent (into `outcomes`), claim the
+    others under a new token and return them."""
+    # Names the worker, for whoever looks at a row left `sending`.
+    token = f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
     claimed: list[_Claimed] = []
     unknown: list[int] = []
     for row in store.lock(ids):
         if row.status in DONE:
             outcomes[row.id] = SendOutcome("duplicate", row.channel)
-        elif row.status == NotificationStatus.SENDING:
-            log.error("notification %s was being sent when a worker died: recorded as "
-                      "failed (unknown delivery), not sent twice", row.id)
+        elif row.status == NotificationStatus.SENDING and row.handed_over_at is not None:
+            log.error("notification %s was handed to a provider by a worker that died: "
+                      "recorded as failed (unknown delivery), not sent twice", row.id)
             unknown.append(row.id)
             outcomes[row.id] = SendOutcome("failed", row.channel)
+        elif row.status == NotificationStatus.SENDING:
+            # Claimed but never handed over: its worker died (or is thought dead and will
+            # not send it: the hand-over checks the token).
+            log.warning("notification %s: claimed by a worker that never handed it over; "
+                        "claimed again", row.id)
+            claimed.append(_Claimed(row.id, row, row.attempts + 1, NotificationStatus.QUEUED,
+                                    token))
         elif row.status == NotificationStatus.DEFERRED:
             # Only the timer releases a deferred row (at send_after); a stray message for
             # it is a duplicate.
             outcomes[row.id] = SendOutcome("early", row.channel)
         else:
-            claimed.append(_Claimed(row.id, row, row.attempts + 1, row.status))
+            claimed.append(_Claimed(row.id, row, row.attempts + 1, row.status, token))
     taken = {c.id for c in claimed}
     for i in ids:
         if i not in taken:
             outcomes.setdefault(i, SendOutcome("missing"))
     store.mark_unknown(unknown)
-    store.mark_sending(sorted(taken))
+    store.claim(sorted(taken), token)
     return claimed
 
 
 def _record(store: NotificationRepository, results: list[_Result]) -> None:
-    store.record([r.values for r in results])
+    store.record([r.values for r in results if r.values is not None])
 
 
-_values = record_values
+def _values(c: _Claimed, status: str, attempts: int, last_error: str | None,
+            **columns: Any) -> dict[str, Any]:
+    return record_values(c.id, c.token, status, attempts, last_error, **columns)

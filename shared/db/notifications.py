@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Table, any_, bindparam, func, select, update
+from sqlalchemy import Table, any_, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import NotificationRow
@@ -22,12 +22,17 @@ from shared.db.session import Database, db_now
 
 class NotificationStatus(StrEnum):
     """A notification row's status: new -> queued -> sending -> sent | failed; deferred
-    (quiet hours, rate limit, retry later) -> queued again at `send_after`."""
+    (quiet hours, rate limit, retry later) -> queued again at `send_after`.
+
+    A `sending` row belongs to the claim named by `claim_token`; `handed_over_at` is
+    stamped (committed) just before the provider call. A `sending` row without the stamp
+    was never handed to a provider: a worker that died holding it leaves it to be claimed
+    again. Only a stamped row may have reached the provider ("unknown" if its claim died)."""
 
     NEW = "new"  # written with the case change; the timer hands it to the notifier
     QUEUED = "queued"  # handed to the notifier (`queued_at`)
     PENDING = "pending"  # what `queued` was called before migration 0002; still claimed
-    SENDING = "sending"  # claimed by a worker: it may be with a provider
+    SENDING = "sending"  # claimed by a worker; with a provider once `handed_over_at` is set
     SENT = "sent"
     FAILED = "failed"
     DEFERRED = "deferred"  # the timer queues it again at `send_after`
@@ -46,21 +51,37 @@ _N = cast(Table, NotificationRow.__table__)
 CLAIM = (
     select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
            _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
-           _N.c.created_at)
+           _N.c.created_at, _N.c.handed_over_at)
     .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
 )
 MARK_SENDING = (
     update(_N).where(_N.c.id == any_(bindparam("ids")))
-    .values(status=NotificationStatus.SENDING)
+    .values(status=NotificationStatus.SENDING, claim_token=bindparam("token"),
+            handed_over_at=None)
 )
+# Committed just before the provider call: the rows this claim still holds (another claim
+# may have taken over a row its worker was thought dead for) and hands over now.
+HAND_OVER = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")), _N.c.claim_token == bindparam("token"),
+                     _N.c.status == NotificationStatus.SENDING, _N.c.handed_over_at.is_(None))
+    .values(handed_over_at=func.now()).returning(_N.c.id)
+)
+# The stamp's commit does not wait for the disk (it is visible to other sessions at once,
+# and survives a worker's death and a clean PostgreSQL restart). Only a crash of
+# PostgreSQL itself can lose the last few hundred milliseconds of stamps; the worker then
+# still records its result once the database is back (the claim, committed durably, is
+# still its own), so a notification goes out twice only if its worker also dies within
+# that outage. Waiting for the disk on every row cost most of the notifier's throughput.
+STAMP_WITHOUT_WAITING_FOR_DISK = text("SET LOCAL synchronous_commit = off")
 MARK_UNKNOWN = (
     update(_N).where(_N.c.id == any_(bindparam("ids")))
     .values(status=NotificationStatus.FAILED, last_error=UNKNOWN_ERROR)
 )
 # COALESCE keeps what an outcome does not set (a failure keeps its send_after, a deferral
 # its provider_id), as the per-outcome updates did.
+# Only while the claim holds the row: a claim taken over records nothing.
 RECORD = (
-    update(_N).where(_N.c.id == bindparam("b_id"))
+    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.claim_token == bindparam("b_token"))
     .values(
         status=bindparam("b_status"),
         attempts=bindparam("b_attempts"),
@@ -74,7 +95,8 @@ RECORD = (
 )
 # Claimed rows that were provably never handed to a channel go back to what they were.
 RELEASE = (
-    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == NotificationStatus.SENDING)
+    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == NotificationStatus.SENDING,
+                     _N.c.claim_token == bindparam("b_token"), _N.c.handed_over_at.is_(None))
     .values(status=bindparam("b_status"))
 )
 
@@ -104,9 +126,16 @@ class NotificationStore:
         """The rows with these ids, locked, in id order (ids not found are absent)."""
         return list(self.session.connection().execute(CLAIM, {"ids": list(ids)}))
 
-    def mark_sending(self, ids: Sequence[int]) -> None:
+    def claim(self, ids: Sequence[int], token: str) -> None:
+        """Mark the rows `sending` for the claim `token`, not handed over yet."""
         if ids:
-            self.session.connection().execute(MARK_SENDING, {"ids": list(ids)})
+            self.session.connection().execute(MARK_SENDING, {"ids": list(ids), "token": token})
+
+    def hand_over(self, ids: Sequence[int], token: str) -> set[int]:
+        """Stamp the rows the claim still holds as handed to a provider; those ids."""
+        conn = self.session.connection()
+        conn.execute(STAMP_WITHOUT_WAITING_FOR_DISK)
+        return set(conn.execute(HAND_OVER, {"ids": list(ids), "token": token}).scalars())
 
     def mark_unknown(self, ids: Sequence[int]) -> None:
         if ids:
@@ -117,16 +146,18 @@ class NotificationStore:
         if results:
             self.session.connection().execute(RECORD, list(results))
 
-    def release(self, rows: Sequence[tuple[int, str]]) -> None:
-        """(id, status to return to) for claimed rows never handed to a channel."""
+    def release(self, rows: Sequence[tuple[int, str]], token: str) -> None:
+        """(id, status to return to) for rows of the claim never handed to a channel."""
         if rows:
             self.session.connection().execute(
-                RELEASE, [{"b_id": i, "b_status": status} for i, status in rows])
+                RELEASE, [{"b_id": i, "b_status": status, "b_token": token}
+                          for i, status in rows])
 
 
-def record_values(notification_id: int, status: str, attempts: int, last_error: str | None,
-                  *, sent_at: datetime | None = None, provider_id: str | None = None,
-                  send_after: datetime | None = None) -> dict[str, Any]:
-    return {"b_id": notification_id, "b_status": status, "b_attempts": attempts,
+def record_values(notification_id: int, token: str, status: str, attempts: int,
+                  last_error: str | None, *, sent_at: datetime | None = None,
+                  provider_id: str | None = None, send_after: datetime | None = None
+                  ) -> dict[str, Any]:
+    return {"b_id": notification_id, "b_token": token, "b_status": status, "b_attempts": attempts,
             "b_last_error": last_error, "b_sent_at": sent_at, "b_provider_id": provider_id,
             "b_send_after": send_after}

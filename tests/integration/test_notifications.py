@@ -261,13 +261,30 @@ def test_a_worker_dying_mid_send_never_sends_twice(
     handler, port = smtp
     sender = make_sender(db, policy, port, aliyun, Clock(DAYTIME))
     row = notification(db, "decision.auto_approved", "email")
-    with db.transaction() as s:  # a worker claimed it, then was killed
+    with db.transaction() as s:  # a worker handed it to the provider, then was killed
         s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
-                  .values(status=NotificationStatus.SENDING))
+                  .values(status=NotificationStatus.SENDING, claim_token="dead",
+                          handed_over_at=DAYTIME))
     assert sender.send(row.id).outcome == "failed"
     after: Any = notification(db, "decision.auto_approved", "email")
-    assert after.status == "failed" and "unknown" in after.last_error
+    assert after.status == NotificationStatus.FAILED and "unknown" in after.last_error
     assert handler.received == []
+
+
+def test_a_worker_dying_before_the_hand_over_leaves_the_row_to_be_sent_once(
+    db: Database, decided_case: str, policy: NotificationPolicy,
+    smtp: tuple[RecordingHandler, int], aliyun: FakeAliyun,
+) -> None:
+    handler, port = smtp
+    sender = make_sender(db, policy, port, aliyun, Clock(DAYTIME))
+    row = notification(db, "decision.auto_approved", "email")
+    with db.transaction() as s:  # a worker claimed it, then was killed before sending
+        s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
+                  .values(status=NotificationStatus.SENDING, claim_token="dead"))
+    assert sender.send(row.id).outcome == "sent"
+    assert sender.send(row.id).outcome == "duplicate"
+    assert notification(db, "decision.auto_approved", "email").status == NotificationStatus.SENT
+    assert len(handler.received) == 1
 
 
 def test_a_message_of_notifications_goes_out_in_one_batch_over_one_connection(

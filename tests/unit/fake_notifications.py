@@ -36,6 +36,8 @@ class Row:
     provider_id: str | None = None
     created_at: datetime = T0
     sent_at: datetime | None = None
+    claim_token: str | None = None
+    handed_over_at: datetime | None = None
 
 
 class FakeNotifications:
@@ -45,6 +47,7 @@ class FakeNotifications:
         self.rows: dict[int, Row] = {}
         self.now = now
         self.commits = 0
+        self.handed_over: list[int] = []  # ids, in the order their stamp was committed
         self._ids = itertools.count(1)
 
     def add(self, n: int = 1, **columns: Any) -> list[int]:
@@ -61,8 +64,10 @@ class FakeNotifications:
     @contextmanager
     def transaction(self) -> Iterator[_FakeStore]:
         work = copy.deepcopy(self.rows)
-        yield _FakeStore(work, self.now)
+        store = _FakeStore(work, self.now)
+        yield store
         self.rows = work
+        self.handed_over.extend(store.handed_over)
         self.commits += 1
 
 
@@ -70,6 +75,7 @@ class _FakeStore:
     def __init__(self, rows: dict[int, Row], now: datetime) -> None:
         self.rows = rows
         self._now = now
+        self.handed_over: list[int] = []
 
     def now(self) -> datetime:
         return self._now
@@ -77,9 +83,19 @@ class _FakeStore:
     def lock(self, ids: Sequence[int]) -> list[Any]:
         return [copy.copy(self.rows[i]) for i in sorted(set(ids)) if i in self.rows]
 
-    def mark_sending(self, ids: Sequence[int]) -> None:
+    def claim(self, ids: Sequence[int], token: str) -> None:
         for i in ids:
-            self.rows[i].status = NotificationStatus.SENDING
+            row = self.rows[i]
+            row.status, row.claim_token = NotificationStatus.SENDING, token
+            row.handed_over_at = None
+
+    def hand_over(self, ids: Sequence[int], token: str) -> set[int]:
+        taken = {i for i in ids if (r := self.rows[i]).claim_token == token
+                 and r.status == NotificationStatus.SENDING and r.handed_over_at is None}
+        for i in sorted(taken):
+            self.rows[i].handed_over_at = self._now
+            self.handed_over.append(i)
+        return taken
 
     def mark_unknown(self, ids: Sequence[int]) -> None:
         for i in ids:
@@ -89,6 +105,8 @@ class _FakeStore:
     def record(self, results: Sequence[dict[str, Any]]) -> None:
         for v in results:
             row = self.rows[v["b_id"]]
+            if row.claim_token != v["b_token"]:
+                continue
             row.status = v["b_status"]
             row.attempts = v["b_attempts"]
             row.last_error = v["b_last_error"]
@@ -96,7 +114,9 @@ class _FakeStore:
             row.provider_id = v["b_provider_id"] or row.provider_id
             row.send_after = v["b_send_after"] or row.send_after
 
-    def release(self, rows: Sequence[tuple[int, str]]) -> None:
+    def release(self, rows: Sequence[tuple[int, str]], token: str) -> None:
         for i, status in rows:
-            if self.rows[i].status == NotificationStatus.SENDING:
-                self.rows[i].status = status
+            row = self.rows[i]
+            if (row.status == NotificationStatus.SENDING and row.claim_token == token
+                    and row.handed_over_at is None):
+                row.status = status

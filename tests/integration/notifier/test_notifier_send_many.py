@@ -83,27 +83,30 @@ def test_a_mixed_batch(db: Database) -> None:
     (queued,) = add(db, status="queued")
     (sent,) = add(db, status="sent", provider_id="earlier")
     (failed,) = add(db, status="failed", last_error="550 earlier")
-    (sending,) = add(db, status="sending")  # a worker died after claiming it
+    # A worker died holding these two; it had handed the first to a provider.
+    (sending,) = add(db, status="sending", claim_token="dead", handed_over_at=DAYTIME)
+    (claimed,) = add(db, status="sending", claim_token="dead")
     later = datetime.now(UTC) + timedelta(hours=1)
     (deferred,) = add(db, status="deferred", send_after=later)
     missing = deferred + 1000
     channel = FakeChannel()
     reported: list[SendOutcome] = []
 
-    ids = [sending, new, missing, deferred, sent, queued, failed, new]
+    ids = [sending, new, missing, deferred, sent, queued, failed, claimed, new]
     outcomes = make_sender(db, channel).send_many(ids, on_outcome=reported.append)
 
     assert [(o.outcome, o.channel) for o in outcomes] == [
         ("failed", "email"), ("sent", "email"), ("missing", None), ("early", "email"),
-        ("duplicate", "email"), ("sent", "email"), ("duplicate", "email"),
+        ("duplicate", "email"), ("sent", "email"), ("duplicate", "email"), ("sent", "email"),
         ("duplicate", "email"),  # the same id twice in one message
     ]
     assert tally(reported) == tally(outcomes)
-    assert channel.sends_per_key() == Counter({key(db, new): 1, key(db, queued): 1})
+    assert channel.sends_per_key() == Counter(
+        {key(db, new): 1, key(db, queued): 1, key(db, claimed): 1})
 
-    r_new, r_queued, r_sent, r_failed, r_sending, r_deferred = rows(
-        db, [new, queued, sent, failed, sending, deferred])
-    for r in (r_new, r_queued):
+    r_new, r_queued, r_claimed, r_sent, r_failed, r_sending, r_deferred = rows(
+        db, [new, queued, claimed, sent, failed, sending, deferred])
+    for r in (r_new, r_queued, r_claimed):
         assert (r.status, r.attempts, r.last_error, r.sent_at) == ("sent", 1, None, DAYTIME)
         assert r.provider_id and r.provider_id.startswith("fake-")
     assert (r_sent.status, r_sent.provider_id) == ("sent", "earlier")
@@ -114,7 +117,7 @@ def test_a_mixed_batch(db: Database) -> None:
     # Delivered again: nothing more goes out.
     again = make_sender(db, channel).send_many(ids)
     assert {o.outcome for o in again} == {"duplicate", "missing", "early"}
-    assert channel.calls == 2
+    assert channel.calls == 3
 
 
 def test_results_are_recorded(db: Database) -> None:
@@ -168,7 +171,7 @@ class SqlLog:
         self.statements.append((statement, executemany))
 
 
-def test_a_batch_costs_one_commit_per_chunk_and_a_fixed_set_of_statements(
+def test_a_batch_costs_one_commit_per_chunk_and_row_and_a_fixed_set_of_statements(
     db: Database,
 ) -> None:
     n = 2 * CHUNK + 5
@@ -179,8 +182,9 @@ def test_a_batch_costs_one_commit_per_chunk_and_a_fixed_set_of_statements(
     outcomes = sender.send_many(ids)
     assert [o.outcome for o in outcomes] == ["sent"] * n
     assert channel.calls == n and set(channel.sends_per_key().values()) == {1}
-    # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3
-    assert log.commits == 4
+    # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3, and each row's
+    # hand-over stamp before its provider call
+    assert log.commits == 4 + n
     records = [s for s, many in log.statements if s.startswith("UPDATE") and many]
     assert len(records) == 3  # one executemany per chunk
     big = {s for s, _ in log.statements}
@@ -188,9 +192,9 @@ def test_a_batch_costs_one_commit_per_chunk_and_a_fixed_set_of_statements(
     few = add(db, 7)
     small = SqlLog(db)
     assert [o.outcome for o in sender.send_many(few)] == ["sent"] * 7
-    assert small.commits == 2  # as a single send: claim, record
+    assert small.commits == 2 + 7  # as a single send: claim, record; the stamps
     assert {s for s, _ in small.statements} == big  # same SQL texts whatever the size
-    assert len(big) == 3  # claim, mark sending, record
+    assert len(big) == 5  # claim, mark sending, no disk wait + hand over, record
 
 
 def test_interrupted_mid_batch_records_what_it_knows(db: Database) -> None:
@@ -247,15 +251,20 @@ def test_worker_killed_mid_batch_never_sends_twice(
     assert child.exitcode == 17
     sent_by_child = sent_file.read_text().split()
     assert sent_by_child == [key(db, i) for i in ids[:2]]
-    statuses = [r.status for r in rows(db, ids)]
-    # The claimed chunk is left `sending`; the next chunk was never claimed.
-    assert statuses == ["sending"] * CHUNK + ["queued"] * 5
+    left = rows(db, ids)
+    # The claimed chunk is left `sending`; the next chunk was never claimed. Only the three
+    # rows handed to the channel (two sent, one in the call that died) are stamped.
+    assert [r.status for r in left] == ["sending"] * CHUNK + ["queued"] * 5
+    assert [r.handed_over_at is not None for r in left] == [True] * 3 + [False] * (CHUNK + 2)
 
     channel = FakeChannel()
     outcomes = make_sender(db, channel).send_many(ids)
-    assert [o.outcome for o in outcomes] == ["failed"] * CHUNK + ["sent"] * 5
-    assert all("unknown" in (r.last_error or "") for r in rows(db, ids[:CHUNK]))
-    assert set(channel.sends_per_key()) == {key(db, i) for i in ids[CHUNK:]}
+    assert [o.outcome for o in outcomes] == ["failed"] * 3 + ["sent"] * (CHUNK + 2)
+    after = rows(db, ids)
+    assert [r.status for r in after] == ["failed"] * 3 + ["sent"] * (CHUNK + 2)
+    assert all("unknown" in (r.last_error or "") for r in after[:3])
+    assert set(channel.sends_per_key()) == {key(db, i) for i in ids[3:]}
+    assert set(channel.sends_per_key().values()) == {1}
     assert not set(sent_by_child) & set(channel.sends_per_key())
 
 
