@@ -162,7 +162,7 @@ class NotificationSender:
 
         ids = sorted(set(notification_ids))  # id order: every worker takes row locks alike
         outcomes: dict[int, SendOutcome] = {}
-        results: list[_Result] = []  # sent, not yet recorded
+        results: list[_Result] = []  # settled, not yet recorded
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
 
@@ -182,8 +182,8 @@ class NotificationSender:
             for i in chunk:
                 if i in outcomes:
                     report(outcomes[i])
-            results = self._send_claimed(claimed, report, clock)
-            outcomes.update((r.id, r.outcome) for r in results)
+            chunk_results, results = self._send_claimed(claimed, report, clock)
+            outcomes.update((r.id, r.outcome) for r in chunk_results)
         if results:
             self._retrying(lambda store: _record(store, results))
             for r in results:
@@ -225,46 +225,61 @@ class NotificationSender:
         return _DatabaseClock(store.now())
 
     def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
-                      clock: Callable[[], datetime]) -> list[_Result]:
+                      clock: Callable[[], datetime]) -> tuple[list[_Result], list[_Result]]:
+        """Settle the chunk's rows: all their results, in order, and those of them not
+        recorded yet (each hand-over's commit also records the results before it, so a
+        worker killed mid-chunk leaves only the row it was sending "unknown")."""
         results: list[_Result] = []  # one per claimed row, in order, as they are settled
+        unrecorded: list[_Result] = []
         try:
             for c, decision in zip(claimed, self._decide(claimed, clock), strict=True):
                 if isinstance(decision, _Result):
                     results.append(decision)
-                elif not self._hand_over(c):
+                    unrecorded.append(decision)
+                    continue
+                taken = self._hand_over(c, unrecorded)
+                for r in unrecorded:
+                    report(r.outcome)
+                unrecorded = []
+                if taken:
+                    result = self._send_one(c, decision.request, decision.message, clock)
+                else:
                     # Another claim took the row over (this worker was thought dead): it
                     # sends and records it.
                     log.warning("notification %s was claimed again elsewhere: not sent here",
                                 c.id)
-                    results.append(_Result(c.id, SendOutcome("duplicate", str(c.row.channel)),
-                                           None))
-                else:
-                    results.append(self._send_one(c, decision.request, decision.message,
-                                                  clock))
+                    result = _Result(c.id, SendOutcome("duplicate", str(c.row.channel)), None)
+                results.append(result)
+                unrecorded.append(result)
         except BaseException:
             # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row
             # stamped handed over stays `sending` (unknown, never repeated); the results we
             # have are recorded and the rows not handed over go back, so none is lost.
             untried = claimed[len(results):]
+            left = unrecorded
             def record_and_release(store: NotificationRepository) -> None:
-                _record(store, results)
+                _record(store, left)
                 store.release([(c.id, c.status) for c in untried],
                               untried[0].token if untried else "")
 
             try:
                 self._retrying(record_and_release)
-                for r in results:
+                for r in left:
                     report(r.outcome)
             except Exception:
                 log.exception("could not record an interrupted batch: %d rows stay "
                               "'sending'", len(claimed))
             raise
-        return results
+        return results, unrecorded
 
-    def _hand_over(self, c: _Claimed) -> bool:
-        """Stamp the row handed over, committed before the provider call; False if another
-        claim has taken it over."""
-        return c.id in self._retrying(lambda store: store.hand_over([c.id], c.token))
+    def _hand_over(self, c: _Claimed, done: list[_Result]) -> bool:
+        """Record `done` and stamp the row handed over, committed before the provider
+        call; False if another claim has taken the row over."""
+        def record_and_stamp(store: NotificationRepository) -> bool:
+            _record(store, done)
+            return c.id in store.hand_over([c.id], c.token)
+
+        return self._retrying(record_and_stamp)
 
     def _decide(self, claimed: list[_Claimed], clock: Callable[[], datetime]
                 ) -> list[_Result | _Ready]:

@@ -183,10 +183,8 @@ def test_a_batch_costs_one_commit_per_chunk_and_row_and_a_fixed_set_of_statement
     assert [o.outcome for o in outcomes] == ["sent"] * n
     assert channel.calls == n and set(channel.sends_per_key().values()) == {1}
     # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3, and each row's
-    # hand-over stamp before its provider call
+    # hand-over stamp before its provider call (which records the results before it)
     assert log.commits == 4 + n
-    records = [s for s, many in log.statements if s.startswith("UPDATE") and many]
-    assert len(records) == 3  # one executemany per chunk
     big = {s for s, _ in log.statements}
 
     few = add(db, 7)
@@ -195,6 +193,7 @@ def test_a_batch_costs_one_commit_per_chunk_and_row_and_a_fixed_set_of_statement
     assert small.commits == 2 + 7  # as a single send: claim, record; the stamps
     assert {s for s, _ in small.statements} == big  # same SQL texts whatever the size
     assert len(big) == 5  # claim, mark sending, no disk wait + hand over, record
+    assert [r.status for r in rows(db, ids + few)] == ["sent"] * (n + 7)
 
 
 def test_interrupted_mid_batch_records_what_it_knows(db: Database) -> None:
@@ -252,17 +251,19 @@ def test_worker_killed_mid_batch_never_sends_twice(
     sent_by_child = sent_file.read_text().split()
     assert sent_by_child == [key(db, i) for i in ids[:2]]
     left = rows(db, ids)
-    # The claimed chunk is left `sending`; the next chunk was never claimed. Only the three
-    # rows handed to the channel (two sent, one in the call that died) are stamped.
-    assert [r.status for r in left] == ["sending"] * CHUNK + ["queued"] * 5
+    # The two sends before were recorded with the next row's hand-over; the third row was
+    # with the channel; the rest of the chunk was never handed over, the next chunk
+    # never claimed.
+    assert [r.status for r in left] == ["sent"] * 2 + ["sending"] * (CHUNK - 2) + ["queued"] * 5
     assert [r.handed_over_at is not None for r in left] == [True] * 3 + [False] * (CHUNK + 2)
 
     channel = FakeChannel()
     outcomes = make_sender(db, channel).send_many(ids)
-    assert [o.outcome for o in outcomes] == ["failed"] * 3 + ["sent"] * (CHUNK + 2)
+    assert [o.outcome for o in outcomes] == (
+        ["duplicate"] * 2 + ["failed"] + ["sent"] * (CHUNK + 2))
     after = rows(db, ids)
-    assert [r.status for r in after] == ["failed"] * 3 + ["sent"] * (CHUNK + 2)
-    assert all("unknown" in (r.last_error or "") for r in after[:3])
+    assert [r.status for r in after] == ["sent"] * 2 + ["failed"] + ["sent"] * (CHUNK + 2)
+    assert "unknown" in (after[2].last_error or "")
     assert set(channel.sends_per_key()) == {key(db, i) for i in ids[3:]}
     assert set(channel.sends_per_key().values()) == {1}
     assert not set(sent_by_child) & set(channel.sends_per_key())
