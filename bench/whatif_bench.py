@@ -42,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
-from services.whatif import OPEN_WITH_DEADLINE, proposed_engine, what_if  # noqa: E402
+from services.whatif import proposed_engine, what_if  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
 from shared.db.persist import _case_row, _deadline_row  # noqa: E402
+from shared.db.queries.whatif import OPEN_WITH_DEADLINE  # noqa: E402
 from shared.db.session import Database, make_engine  # noqa: E402
 from shared.domain import Case, Engine, Event, RuleBook, WorkCalendar  # noqa: E402
 
