@@ -153,7 +153,7 @@ def test_a_decision_reaches_the_merchant_by_email_in_chinese(
     assert decided_case in subject or decided_case in body
     assert "自动" in subject + body  # 系统已自动同意…
     assert row.dedup_key in message["Message-ID"]
-    assert notification(db, "decision.auto_approved", "email").status == "sent"
+    assert notification(db, "decision.auto_approved", "email").status == NotificationStatus.SENT
 
 
 def test_the_buyer_sms_reaches_the_provider_with_a_valid_signature(
@@ -195,7 +195,7 @@ def test_throttled_then_ok_is_retried_and_sent_once(
     aliyun.behaviour[BUYER_PHONE] = (200, "isv.BUSINESS_LIMIT_CONTROL", "触发分钟级流控")
     assert sender.send(row.id).outcome == "retried"
     deferred = notification(db, "decision.auto_approved", "sms")
-    assert deferred.status == "deferred" and deferred.send_after is not None
+    assert deferred.status == NotificationStatus.DEFERRED and deferred.send_after is not None
     assert deferred.send_after > DAYTIME  # honours the provider: not straight back
 
     # Time passes; the timer releases the row and hands it to the notifier again.
@@ -223,7 +223,7 @@ def test_a_permanent_error_is_recorded_as_failed(
     aliyun.behaviour[BUYER_PHONE] = (200, "isv.MOBILE_NUMBER_ILLEGAL", "非法手机号")
     assert sender.send(row.id).outcome == "failed"
     failed = notification(db, "decision.auto_approved", "sms")
-    assert failed.status == "failed"
+    assert failed.status == NotificationStatus.FAILED
     assert failed.last_error and "MOBILE_NUMBER_ILLEGAL" in failed.last_error
     assert BUYER_PHONE not in failed.last_error  # masked
     assert sender.send(row.id).outcome == "duplicate"  # never retried

@@ -28,6 +28,7 @@ from services.notifier.delivery import QuietHours, RetryPolicy
 from services.notifier.ratelimit import RateLimit, RedisRateLimiter
 from services.notifier.sender import CHUNK, NotificationSender
 from shared.db.models import NotificationRow
+from shared.db.notifications import NotificationStatus as S
 from shared.db.notifications import NotificationStore
 from shared.db.session import Database
 from shared.notifications.policy import NotificationPolicy
@@ -46,7 +47,7 @@ def add(db: Database, n: int, prefix: str) -> list[int]:
         "dedup_key": uuid.uuid4().hex, "case_id": f"{prefix}-{i}", "reason": "case.opened",
         "party": "merchant", "channel": "email", "recipient": f"shop{i}@example.com",
         "template": "case_opened.merchant", "params": {"case_id": f"{prefix}-{i}"},
-        "urgent": True, "status": "queued",
+        "urgent": True, "status": S.QUEUED,
     } for i in range(n)]
     with db.transaction() as s:
         return list(s.execute(
@@ -64,8 +65,8 @@ def release_deferred(db: Database, ids: list[int]) -> None:
     """What the timer does at `send_after`: hand deferred rows over again."""
     with db.transaction() as s:
         s.execute(update(NotificationRow).where(
-            NotificationRow.id.in_(ids), NotificationRow.status == "deferred",
-        ).values(status="queued"))
+            NotificationRow.id.in_(ids), NotificationRow.status == S.DEFERRED,
+        ).values(status=S.QUEUED))
 
 
 def mails_per_key(handler: RecordingHandler) -> Counter[str]:

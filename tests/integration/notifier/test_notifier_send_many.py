@@ -22,6 +22,7 @@ from services.notifier.errors import PermanentError, ThrottledError, TransientEr
 from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import CHUNK, NotificationSender, SendOutcome
 from shared.db.models import NotificationRow
+from shared.db.notifications import NotificationStatus as S
 from shared.db.notifications import NotificationStore
 from shared.db.session import Database, make_engine
 from shared.notifications.policy import NotificationPolicy, NotificationRequest, RenderedMessage
@@ -38,7 +39,7 @@ class Interrupted(BaseException):
     """Stands for Dramatiq's Shutdown / TimeLimitExceeded, raised inside a send."""
 
 
-def add(db: Database, n: int = 1, *, status: str = "queued", urgent: bool = True,
+def add(db: Database, n: int = 1, *, status: str = S.QUEUED, urgent: bool = True,
         **columns: Any) -> list[int]:
     rows = [{
         "dedup_key": uuid.uuid4().hex, "case_id": f"SM-{i}", "reason": "case.opened",
@@ -79,15 +80,15 @@ def tally(outcomes: list[SendOutcome]) -> Counter[tuple[str, str | None]]:
 
 
 def test_a_mixed_batch(db: Database) -> None:
-    (new,) = add(db, status="new")
-    (queued,) = add(db, status="queued")
-    (sent,) = add(db, status="sent", provider_id="earlier")
-    (failed,) = add(db, status="failed", last_error="550 earlier")
+    (new,) = add(db, status=S.NEW)
+    (queued,) = add(db, status=S.QUEUED)
+    (sent,) = add(db, status=S.SENT, provider_id="earlier")
+    (failed,) = add(db, status=S.FAILED, last_error="550 earlier")
     # A worker died holding these two; it had handed the first to a provider.
-    (sending,) = add(db, status="sending", claim_token="dead", handed_over_at=DAYTIME)
-    (claimed,) = add(db, status="sending", claim_token="dead")
+    (sending,) = add(db, status=S.SENDING, claim_token="dead", handed_over_at=DAYTIME)
+    (claimed,) = add(db, status=S.SENDING, claim_token="dead")
     later = datetime.now(UTC) + timedelta(hours=1)
-    (deferred,) = add(db, status="deferred", send_after=later)
+    (deferred,) = add(db, status=S.DEFERRED, send_after=later)
     missing = deferred + 1000
     channel = FakeChannel()
     reported: list[SendOutcome] = []
@@ -111,7 +112,7 @@ def test_a_mixed_batch(db: Database) -> None:
         assert r.provider_id and r.provider_id.startswith("fake-")
     assert (r_sent.status, r_sent.provider_id) == ("sent", "earlier")
     assert (r_failed.status, r_failed.last_error) == ("failed", "550 earlier")
-    assert r_sending.status == "failed" and "unknown" in (r_sending.last_error or "")
+    assert r_sending.status == S.FAILED and "unknown" in (r_sending.last_error or "")
     assert (r_deferred.status, r_deferred.send_after) == ("deferred", later)
 
     # Delivered again: nothing more goes out.
@@ -150,7 +151,7 @@ def test_results_are_recorded(db: Database) -> None:
     assert (r["quiet"].status, r["quiet"].attempts, r["quiet"].last_error) == (
         "deferred", 0, "quiet_hours")
     assert r["quiet"].send_after == datetime(2026, 11, 24, 8, 0, tzinfo=SHANGHAI)
-    assert r["throttled"].status == "deferred" and r["throttled"].attempts == 1
+    assert r["throttled"].status == S.DEFERRED and r["throttled"].attempts == 1
     assert r["throttled"].send_after is not None
     assert NIGHT + timedelta(seconds=60) <= r["throttled"].send_after <= NIGHT + timedelta(
         seconds=66)
@@ -288,7 +289,7 @@ def test_a_bug_on_one_row_does_not_stop_the_batch(db: Database) -> None:
     outcomes = sender.send_many(ids)
     assert [o.outcome for o in outcomes] == ["sent", "failed", "sent"]
     bad = rows(db, [ids[1]])[0]
-    assert bad.status == "failed" and "unknown: TypeError" in (bad.last_error or "")
+    assert bad.status == S.FAILED and "unknown: TypeError" in (bad.last_error or "")
     assert channel.calls == 2
 
 
