@@ -33,7 +33,7 @@ def build_sender(settings: Settings) -> NotificationSender:
     policy = build_policy(settings)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     return NotificationSender(
-        transactions=NotificationStore.transactions(
+        storage=NotificationStore.transactions(
             build_database(settings, pool_size=settings.worker_threads)),
         policy=policy,
         channels=build_channels(config, policy),

@@ -29,7 +29,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -68,14 +68,24 @@ class NotificationRepository(Protocol):
     def now(self) -> datetime: ...
     def lock(self, ids: Sequence[int]) -> list[Any]: ...
     def claim(self, ids: Sequence[int], token: str) -> None: ...
-    def hand_over(self, ids: Sequence[int], token: str) -> set[int]: ...
     def mark_unknown(self, ids: Sequence[int]) -> None: ...
     def record(self, results: Sequence[dict[str, Any]]) -> None: ...
     def release(self, rows: Sequence[tuple[int, str]], token: str) -> None: ...
 
 
-# A new transaction each call: commits when the block ends, rolls back if it raises.
-Transactions = Callable[[], AbstractContextManager[NotificationRepository]]
+class HandOverLine(Protocol):
+    """A chunk's hand-overs; each call is committed when it returns."""
+
+    def record(self, results: Sequence[dict[str, Any]]) -> None: ...
+    def hand_over(self, ids: Sequence[int], token: str) -> set[int]: ...
+
+
+class NotificationStorage(Protocol):
+    """`storage()`: a new transaction (commits when the block ends, rolls back if it
+    raises); `storage.hand_overs()`: a hand-over line for one chunk."""
+
+    def __call__(self) -> AbstractContextManager[NotificationRepository]: ...
+    def hand_overs(self) -> AbstractContextManager[HandOverLine]: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,7 @@ class _Result:
 class NotificationSender:
     def __init__(
         self,
-        transactions: Transactions,
+        storage: NotificationStorage,
         policy: NotificationPolicy,
         channels: Mapping[str, Channel],
         limiter: RateLimiter,
@@ -122,7 +132,7 @@ class NotificationSender:
         valid_for: timedelta | None = None,
         db_retry_s: float = 300.0,
     ) -> None:
-        self.transactions = transactions
+        self.storage = storage
         self.policy = policy
         self.channels = channels
         self.limiter = limiter
@@ -209,7 +219,7 @@ class NotificationSender:
         delay = 0.2
         while True:
             try:
-                with self.transactions() as store:
+                with self.storage() as store:
                     return work(store)
             except DBAPIError as exc:
                 if not is_infrastructure(exc) or time.monotonic() + delay > give_up:
@@ -231,13 +241,14 @@ class NotificationSender:
         worker killed mid-chunk leaves only the row it was sending "unknown")."""
         results: list[_Result] = []  # one per claimed row, in order, as they are settled
         unrecorded: list[_Result] = []
+        line = _Line(self.storage, self.db_retry_s)
         try:
             for c, decision in zip(claimed, self._decide(claimed, clock), strict=True):
                 if isinstance(decision, _Result):
                     results.append(decision)
                     unrecorded.append(decision)
                     continue
-                taken = self._hand_over(c, unrecorded)
+                taken = line.record_and_hand_over(unrecorded, c)
                 for r in unrecorded:
                     report(r.outcome)
                 unrecorded = []
@@ -270,16 +281,9 @@ class NotificationSender:
                 log.exception("could not record an interrupted batch: %d rows stay "
                               "'sending'", len(claimed))
             raise
+        finally:
+            line.close()
         return results, unrecorded
-
-    def _hand_over(self, c: _Claimed, done: list[_Result]) -> bool:
-        """Record `done` and stamp the row handed over, committed before the provider
-        call; False if another claim has taken the row over."""
-        def record_and_stamp(store: NotificationRepository) -> bool:
-            _record(store, done)
-            return c.id in store.hand_over([c.id], c.token)
-
-        return self._retrying(record_and_stamp)
 
     def _decide(self, claimed: list[_Claimed], clock: Callable[[], datetime]
                 ) -> list[_Result | _Ready]:
@@ -355,6 +359,47 @@ class NotificationSender:
                 c, NotificationStatus.DEFERRED, attempts, reason, send_after=result.retry_at))
         return _Result(c.id, SendOutcome("failed", channel),
                        _values(c, NotificationStatus.FAILED, attempts, reason))
+
+
+class _Line:
+    """A chunk's hand-over line, opened at the first hand-over and opened again after
+    PostgreSQL went away (tried for up to `retry_s`, as `_retrying` does)."""
+
+    def __init__(self, storage: NotificationStorage, retry_s: float) -> None:
+        self.storage = storage
+        self.retry_s = retry_s
+        self._stack: ExitStack | None = None
+        self._line: HandOverLine | None = None
+
+    def record_and_hand_over(self, done: list[_Result], c: _Claimed) -> bool:
+        """Record `done`, then stamp the row handed over, committed before the provider
+        call; False if another claim has taken the row over."""
+        give_up = time.monotonic() + self.retry_s
+        delay = 0.2
+        values = [r.values for r in done if r.values is not None]
+        while True:
+            try:
+                if self._line is None:
+                    self._stack = ExitStack()
+                    self._line = self._stack.enter_context(self.storage.hand_overs())
+                self._line.record(values)
+                return c.id in self._line.hand_over([c.id], c.token)
+            except DBAPIError as exc:
+                self.close()
+                if not is_infrastructure(exc) or time.monotonic() + delay > give_up:
+                    raise
+                log.warning("database unavailable (%s); trying again in %.1fs",
+                            type(exc.orig).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        stack, self._stack, self._line = self._stack, None, None
+        if stack is not None:
+            try:
+                stack.close()
+            except Exception:  # the connection is dropped either way
+                log.warning("closing a hand-over line failed", exc_info=True)
 
 
 class _DatabaseClock:

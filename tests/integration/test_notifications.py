@@ -111,7 +111,7 @@ def decided_case(db: Database, policy: NotificationPolicy) -> str:
 def make_sender(db: Database, policy: NotificationPolicy, smtp_port: int, aliyun: FakeAliyun,
                 clock: Clock) -> NotificationSender:
     return NotificationSender(
-        transactions=NotificationStore.transactions(db), policy=policy,
+        storage=NotificationStore.transactions(db), policy=policy,
         channels={
             "email": SmtpEmailChannel("127.0.0.1", smtp_port, "aftersales@example.com",
                                       timeout=5),

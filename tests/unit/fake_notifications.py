@@ -41,7 +41,8 @@ class Row:
 
 
 class FakeNotifications:
-    """The table (`rows`), the commits made, and the transactions as the sender gets them."""
+    """The table (`rows`), the transactions committed (`commits`), the rows stamped handed
+    over in order; called, a transaction as the sender gets them."""
 
     def __init__(self, now: datetime = T0) -> None:
         self.rows: dict[int, Row] = {}
@@ -62,20 +63,37 @@ class FakeNotifications:
         return [str(self.rows[i].status) for i in ids]
 
     @contextmanager
-    def transaction(self) -> Iterator[_FakeStore]:
+    def __call__(self) -> Iterator[_FakeStore]:
+        """A transaction."""
         work = copy.deepcopy(self.rows)
-        store = _FakeStore(work, self.now)
-        yield store
+        yield _FakeStore(work, self.now)
         self.rows = work
-        self.handed_over.extend(store.handed_over)
         self.commits += 1
+
+    @contextmanager
+    def hand_overs(self) -> Iterator[_FakeLine]:
+        yield _FakeLine(self)
+
+
+class _FakeLine:
+    """Each call commits on its own."""
+
+    def __init__(self, table: FakeNotifications) -> None:
+        self.table = table
+
+    def record(self, results: Sequence[dict[str, Any]]) -> None:
+        _FakeStore(self.table.rows, self.table.now).record(results)
+
+    def hand_over(self, ids: Sequence[int], token: str) -> set[int]:
+        taken = _FakeStore(self.table.rows, self.table.now).hand_over(ids, token)
+        self.table.handed_over.extend(sorted(taken))
+        return taken
 
 
 class _FakeStore:
     def __init__(self, rows: dict[int, Row], now: datetime) -> None:
         self.rows = rows
         self._now = now
-        self.handed_over: list[int] = []
 
     def now(self) -> datetime:
         return self._now
@@ -92,9 +110,8 @@ class _FakeStore:
     def hand_over(self, ids: Sequence[int], token: str) -> set[int]:
         taken = {i for i in ids if (r := self.rows[i]).claim_token == token
                  and r.status == NotificationStatus.SENDING and r.handed_over_at is None}
-        for i in sorted(taken):
+        for i in taken:
             self.rows[i].handed_over_at = self._now
-            self.handed_over.append(i)
         return taken
 
     def mark_unknown(self, ids: Sequence[int]) -> None:

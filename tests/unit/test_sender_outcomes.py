@@ -27,7 +27,7 @@ def sender_on(table: FakeNotifications, channel: FakeChannel, *,
               limits: tuple[RateLimit, ...] = (),
               valid_for: timedelta | None = None) -> NotificationSender:
     return NotificationSender(
-        table.transaction, POLICY, {"email": channel}, limiter or InMemoryRateLimiter(),
+        table, POLICY, {"email": channel}, limiter or InMemoryRateLimiter(),
         QuietHours.parse("off", "Asia/Shanghai"), limits, RetryPolicy(), valid_for=valid_for)
 
 

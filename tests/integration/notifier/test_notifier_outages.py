@@ -130,7 +130,7 @@ def test_a_redis_outage_longer_than_the_retry_budget_is_waited_out(
     client = redis.Redis(port=own_redis.port, socket_timeout=1, socket_connect_timeout=1,
                          retry=Retry(NoBackoff(), 0))
     sender = NotificationSender(
-        transactions=NotificationStore.transactions(db), policy=POLICY,
+        storage=NotificationStore.transactions(db), policy=POLICY,
         channels={"email": SmtpEmailChannel("127.0.0.1", port, "aftersales@example.com",
                                             timeout=5)},
         limiter=RedisRateLimiter(client, prefix="outage-test:"),
@@ -212,7 +212,7 @@ def test_a_postgresql_restart_during_a_chunk_marks_nothing_unknown(
         SmtpEmailChannel("127.0.0.1", port, "aftersales@example.com", timeout=5),
         at=CHUNK + 3)  # in the second chunk
     sender = NotificationSender(
-        transactions=NotificationStore.transactions(db), policy=POLICY,
+        storage=NotificationStore.transactions(db), policy=POLICY,
         channels={"email": channel},
         limiter=RedisRateLimiter(redis.Redis(socket_timeout=5), prefix=f"pg-{uuid.uuid4()}:"),
         quiet_hours=QuietHours.parse("off"), limits=(), retry=RetryPolicy())

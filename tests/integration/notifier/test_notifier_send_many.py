@@ -68,7 +68,7 @@ def key(db: Database, notification_id: int) -> str:
 def make_sender(db: Database, channel: Any, *, at: datetime = DAYTIME,
                 quiet: str = "off", policy: Any = POLICY) -> NotificationSender:
     return NotificationSender(
-        transactions=NotificationStore.transactions(db), policy=policy,
+        storage=NotificationStore.transactions(db), policy=policy,
         channels={"email": channel}, limiter=InMemoryRateLimiter(),
         quiet_hours=QuietHours.parse(quiet, "Asia/Shanghai"), limits=(),
         retry=RetryPolicy(), clock=lambda: at,
@@ -183,17 +183,20 @@ def test_a_batch_costs_one_commit_per_chunk_and_row_and_a_fixed_set_of_statement
     outcomes = sender.send_many(ids)
     assert [o.outcome for o in outcomes] == ["sent"] * n
     assert channel.calls == n and set(channel.sends_per_key().values()) == {1}
-    # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3, and each row's
-    # hand-over stamp before its provider call (which records the results before it)
-    assert log.commits == 4 + n
+    # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3; each row's hand-over
+    # stamp (which also records the results before it) commits on its own line
+    assert log.commits == 4
+    stamps = [s for s, _ in log.statements if "handed_over_at=now()" in s.replace(" ", "")]
+    assert len(stamps) == n
     big = {s for s, _ in log.statements}
 
     few = add(db, 7)
     small = SqlLog(db)
     assert [o.outcome for o in sender.send_many(few)] == ["sent"] * 7
-    assert small.commits == 2 + 7  # as a single send: claim, record; the stamps
+    assert small.commits == 2  # as a single send: claim, record
     assert {s for s, _ in small.statements} == big  # same SQL texts whatever the size
-    assert len(big) == 5  # claim, mark sending, no disk wait + hand over, record
+    # claim, mark sending, record; on the line: no disk wait, hand over, reset
+    assert len(big) == 6, sorted(big)
     assert [r.status for r in rows(db, ids + few)] == ["sent"] * (n + 7)
 
 
@@ -322,7 +325,7 @@ def test_a_chunk_takes_its_rate_limit_slots_in_one_round_trip(db: Database) -> N
     ids = add(db, CHUNK + 5, recipient="same@example.com")
     limiter = CountingLimiter()
     sender = NotificationSender(
-        transactions=NotificationStore.transactions(db), policy=POLICY,
+        storage=NotificationStore.transactions(db), policy=POLICY,
         channels={"email": FakeChannel()}, limiter=limiter,
         quiet_hours=QuietHours.parse("off", "Asia/Shanghai"),
         limits=(RateLimit("email", 3, 3600),), retry=RetryPolicy(), clock=lambda: DAYTIME)
