@@ -76,8 +76,8 @@ class NotificationRepository(Protocol):
 class HandOverLine(Protocol):
     """A chunk's hand-overs; each call is committed when it returns."""
 
-    def record(self, results: Sequence[dict[str, Any]]) -> None: ...
-    def hand_over(self, ids: Sequence[int], token: str) -> set[int]: ...
+    def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
+                             token: str) -> set[int]: ...
 
 
 class NotificationStorage(Protocol):
@@ -382,8 +382,7 @@ class _Line:
                 if self._line is None:
                     self._stack = ExitStack()
                     self._line = self._stack.enter_context(self.storage.hand_overs())
-                self._line.record(values)
-                return c.id in self._line.hand_over([c.id], c.token)
+                return c.id in self._line.record_and_hand_over(values, [c.id], c.token)
             except DBAPIError as exc:
                 self.close()
                 if not is_infrastructure(exc) or time.monotonic() + delay > give_up:

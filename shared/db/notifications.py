@@ -98,6 +98,9 @@ RECORD = (
                                  _N.c.send_after),
     )
 )
+# The usual hand-over: the row sent just before is recorded and the next one stamped in
+# one statement (one round trip; the two rows differ).
+RECORD_AND_HAND_OVER = HAND_OVER.add_cte(RECORD.cte("recorded"))
 # Claimed rows that were provably never handed to a channel go back to what they were.
 RELEASE = (
     update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == NotificationStatus.SENDING,
@@ -156,13 +159,17 @@ class HandOverLine:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def record(self, results: Sequence[dict[str, Any]]) -> None:
+    def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
+                             token: str) -> set[int]:
+        """Record `results` (RECORD's parameters), then stamp the rows the claim still
+        holds as handed to a provider; those ids."""
+        stamp = {"ids": list(ids), "token": token}
+        if len(results) == 1:
+            return set(self.conn.execute(RECORD_AND_HAND_OVER, {**results[0], **stamp})
+                       .scalars())
         if results:
             self.conn.execute(RECORD, list(results))
-
-    def hand_over(self, ids: Sequence[int], token: str) -> set[int]:
-        """Stamp the rows the claim still holds as handed to a provider; those ids."""
-        return set(self.conn.execute(HAND_OVER, {"ids": list(ids), "token": token}).scalars())
+        return set(self.conn.execute(HAND_OVER, stamp).scalars())
 
 
 class NotificationTables:

@@ -81,11 +81,11 @@ class _FakeLine:
     def __init__(self, table: FakeNotifications) -> None:
         self.table = table
 
-    def record(self, results: Sequence[dict[str, Any]]) -> None:
-        _FakeStore(self.table.rows, self.table.now).record(results)
-
-    def hand_over(self, ids: Sequence[int], token: str) -> set[int]:
-        taken = _FakeStore(self.table.rows, self.table.now).hand_over(ids, token)
+    def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
+                             token: str) -> set[int]:
+        store = _FakeStore(self.table.rows, self.table.now)
+        store.record(results)
+        taken = store.hand_over(ids, token)
         self.table.handed_over.extend(sorted(taken))
         return taken
 
