@@ -4,9 +4,10 @@ what happened. Exactly once per dedup key:
 1. Claim in a transaction (rows `new`, `queued` or, from before 0002, `pending` become
    `sending` under this claim's token): a row already `sent` or `failed` is a redelivery
    and does nothing. A row found `sending` belongs to an earlier claim. If that claim
-   stamped it handed over, it may or may not have reached the provider: it is recorded as
-   failed ("unknown"), not sent again (never twice to the same person for the same
-   reason, and ops see the failure). If not, it never left us and is claimed again.
+   stamped it handed over (or has no token: a notifier from before the stamps), it may
+   or may not have reached the provider: it is recorded as failed ("unknown"), not sent
+   again (never twice to the same person for the same reason, and ops see the failure).
+   If not, it never left us and is claimed again.
 2. Send outside any transaction (a slow provider must not hold database locks). Quiet
    hours, rendering and the rate limits are decided for the whole chunk first, with one
    round trip to Redis; then each message cleared to go is stamped handed over (its own
@@ -424,7 +425,10 @@ def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, Se
     for row in store.lock(ids):
         if row.status in DONE:
             outcomes[row.id] = SendOutcome("duplicate", row.channel)
-        elif row.status == NotificationStatus.SENDING and row.handed_over_at is not None:
+        elif row.status == NotificationStatus.SENDING and (
+                row.handed_over_at is not None or row.claim_token is None):
+            # Stamped: it may have reached the provider. No token: claimed by a version
+            # before the stamps (migration 0020), which may be sending it still.
             log.error("notification %s was handed to a provider by a worker that died: "
                       "recorded as failed (unknown delivery), not sent twice", row.id)
             unknown.append(row.id)

@@ -52,7 +52,7 @@ _N = cast(Table, NotificationRow.__table__)
 CLAIM = (
     select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
            _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
-           _N.c.created_at, _N.c.handed_over_at)
+           _N.c.created_at, _N.c.claim_token, _N.c.handed_over_at)
     .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
 )
 MARK_SENDING = (
