@@ -9,21 +9,11 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import text
-
 from aftersales_cli.settings import command_settings as _settings
+from shared.db.queries.calendar import pending_on_estimates
 from shared.db.session import Database, make_engine
 from shared.domain.calendar import WorkCalendar
 from shared.domain.timeutil import CHINA_TZ
-
-PENDING_ESTIMATED_BY_YEAR = text(
-    """SELECT EXTRACT(YEAR FROM deadline_at AT TIME ZONE 'Asia/Shanghai')::int AS year,
-              count(*) AS deadlines, count(DISTINCT case_id) AS cases,
-              min(deadline_at) AS first_due
-       FROM deadlines
-       WHERE status = 'pending' AND calendar_source = 'estimated' AND purpose = 'deadline'
-       GROUP BY 1 ORDER BY 1"""
-)
 
 
 def calendar_status(calendar: WorkCalendar, db: Database | None,
@@ -39,10 +29,9 @@ def calendar_status(calendar: WorkCalendar, db: Database | None,
                       "makeup_workdays": info.makeup_workdays})
     pending = None
     if db is not None:
-        with db.transaction() as s:
-            pending = [{"year": r.year, "deadlines": r.deadlines, "cases": r.cases,
-                        "first_due": r.first_due.isoformat()}
-                       for r in s.execute(PENDING_ESTIMATED_BY_YEAR)]
+        pending = [{"year": r.year, "deadlines": r.deadlines, "cases": r.cases,
+                    "first_due": r.first_due.isoformat()}
+                   for r in pending_on_estimates(db)]
     return {"holiday_file": str(calendar.holiday_file) if calendar.holiday_file else None,
             "official_until": calendar.covered_until(now.date()).isoformat(),
             "years": years, "pending_on_estimates": pending}

@@ -9,22 +9,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-
+from shared.db.queries.whatif import OpenCasesSnapshot, read_open_cases
 from shared.db.session import Database
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, RuleRef, WorkCalendar
 from shared.domain.whatif import WhatIfReport, compare_case
-
-OPEN_CASES = text("SELECT count(*) FROM cases WHERE status = 'open'")
-# One pending deadline per open case (the reminders follow it). Streamed: memory stays
-# flat however many cases are open.
-OPEN_WITH_DEADLINE = text(
-    """SELECT c.snapshot, d.step, d.purpose, d.due_at, d.action, d.party, d.fence,
-              d.rule_set, d.rule_version, d.rule_id, d.deadline_at
-       FROM cases c JOIN deadlines d ON d.case_id = c.case_id
-       WHERE c.status = 'open' AND d.status = 'pending' AND d.purpose = 'deadline'
-       ORDER BY c.case_id"""
-)
 
 
 def is_holiday_file(path: Path) -> bool:
@@ -58,17 +46,17 @@ def _spec(case_id: str, row: Any) -> DeadlineSpec:
 
 def what_if(db: Database, current: Engine, proposed: Engine, now: datetime | None = None,
             examples: int = 5) -> WhatIfReport:
-    with db.transaction() as s:
-        s.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+    def compare(snapshot: OpenCasesSnapshot) -> WhatIfReport:
         # the snapshot's own clock: the same moment for every case, and the database's
-        moment = now or s.execute(text("SELECT now()")).scalar_one()
+        moment = now or snapshot.now()
         report = WhatIfReport(now=moment, example_limit=examples)
-        report.open_cases = int(s.execute(OPEN_CASES).scalar_one())
-        rows = s.execute(OPEN_WITH_DEADLINE.execution_options(yield_per=2000))
-        for row in rows:
+        report.open_cases = snapshot.open_cases()
+        for row in snapshot.with_pending_deadline():
             case = Case.from_dict(row.snapshot)
             report.add(compare_case(current, proposed, case, _spec(case.case_id, row), moment))
-    return report
+        return report
+
+    return read_open_cases(db, compare)
 
 
 def render(report: WhatIfReport, proposal: str, kind: str) -> str:

@@ -52,15 +52,15 @@ def main() -> int:
         for start in range(0, len(bodies), 200):
             intake.process(bodies[start:start + 200])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        with db.engine.connect() as c:
+        with db.sql_engine.connect() as c:
             applied = c.execute(text(
                 "SELECT count(*) FROM case_events WHERE outcome = 'applied'")).scalar_one()
             c.execute(text("SELECT pg_stat_force_next_flush()"))
-        with db.engine.connect() as c:
+        with db.sql_engine.connect() as c:
             inserted, updated, hot = c.execute(text(
                 "SELECT n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
                 "WHERE relname = 'deadlines'")).one()
-        db.engine.dispose()
+        db.sql_engine.dispose()
         print(f"RESULT deadline_churn events={len(bodies)} applied={applied} "
               f"rows_inserted={inserted} rows_updated={updated} hot_updates={hot} "
               f"intake_wall_s={wall:.1f} intake_cpu_s={cpu:.1f}")

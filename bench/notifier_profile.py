@@ -38,6 +38,7 @@ from services.notifier.ratelimit import InMemoryRateLimiter  # noqa: E402
 from services.notifier.sender import NotificationSender  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
 from shared.db.models import NotificationRow  # noqa: E402
+from shared.db.notifications import NotificationStore  # noqa: E402
 from shared.db.session import Database, make_engine  # noqa: E402
 from shared.notifications.policy import NotificationPolicy  # noqa: E402
 from tests.resources import free_port  # noqa: E402
@@ -92,7 +93,8 @@ try:
                     for i in range(args.count)])
                 ids = list(s.execute(select(NotificationRow.id)
                                      .where(NotificationRow.status == "queued")).scalars())
-            sender = NotificationSender(db, policy, {"email": channel}, InMemoryRateLimiter(),
+            sender = NotificationSender(NotificationStore.transactions(db), policy,
+                                        {"email": channel}, InMemoryRateLimiter(),
                                         QuietHours.parse("off"), (), RetryPolicy())
             sink.peers.clear()
             commits = 0

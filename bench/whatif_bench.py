@@ -43,10 +43,11 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
-from aftersales_cli.whatif import OPEN_WITH_DEADLINE, proposed_engine, what_if  # noqa: E402
+from aftersales_cli.whatif import proposed_engine, what_if  # noqa: E402
 from shared.db.cases import case_row as _case_row  # noqa: E402
 from shared.db.deadlines import deadline_row as _deadline_row  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
+from shared.db.queries.whatif import OPEN_WITH_DEADLINE  # noqa: E402
 from shared.db.session import Database, make_engine  # noqa: E402
 from shared.domain import Case, Engine, Event, RuleBook, WorkCalendar  # noqa: E402
 

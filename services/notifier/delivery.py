@@ -16,10 +16,11 @@ chunk) and `send_now` (step 4) for each message cleared to go:
    "ambiguous", unless RetryPolicy.retry_ambiguous),
    permanent -> failed now, with the error recorded.
 
-Exactly once: the caller records the dedup key (the notifications row) before calling and
-records the result after. If the process dies during `channel.send`, the outcome is
-unknown; the actor must then NOT send again blindly (the row's status says "sending"): it
-marks it failed/unknown, so a person never gets the same message twice. The dedup key sent
+Exactly once: the caller records the dedup key (the notifications row) before calling,
+stamps the row handed over just before the call, and records the result after. If the
+process dies during `channel.send`, the outcome is unknown; the sender must then NOT send
+again blindly (the row is `sending` and stamped): it marks it failed/unknown, so a person
+never gets the same message twice. The dedup key sent
 as Message-ID / OutId / SessionContext lets ops check the provider's records.
 """
 

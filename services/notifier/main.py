@@ -17,6 +17,7 @@ from services.notifier.sender import NotificationSender
 from shared import metrics
 from shared.bootstrap import build_database, build_health, build_policy
 from shared.config import QuietHoursSettings, Settings
+from shared.db.notifications import NotificationStore
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.runtime import WorkerSpec, child_stop_budget, supervise
@@ -30,7 +31,8 @@ def build_sender(settings: Settings) -> NotificationSender:
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     delivery = settings.delivery
     return NotificationSender(
-        db=build_database(settings, pool_size=settings.worker_threads),
+        storage=NotificationStore.transactions(
+            build_database(settings, pool_size=settings.worker_threads)),
         policy=policy,
         channels=build_channels(settings.smtp, settings.sms, policy),
         limiter=RedisRateLimiter(client, prefix=settings.redis_prefix + "ratelimit:"),

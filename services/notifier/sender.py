@@ -2,34 +2,39 @@
 what happened. Exactly once per dedup key:
 
 1. Claim in a transaction (rows `new`, `queued` or, from before 0002, `pending` become
-   `sending`): a row already `sent` or `failed` is a redelivery and does nothing; a row
-   found `sending` means an earlier attempt died after the claim and may or may not have
-   reached the provider. It is recorded as failed ("unknown"), not sent again: the issue's
-   promise is never twice to the same person for the same reason, and ops see the failure.
+   `sending` under this claim's token): a row already `sent` or `failed` is a redelivery
+   and does nothing. A row found `sending` belongs to an earlier claim. If that claim
+   stamped it handed over (or has no token: a notifier from before the stamps), it may
+   or may not have reached the provider: it is recorded as failed ("unknown"), not sent
+   again (never twice to the same person for the same reason, and ops see the failure).
+   If not, it never left us and is claimed again.
 2. Send outside any transaction (a slow provider must not hold database locks). Quiet
    hours, rendering and the rate limits are decided for the whole chunk first, with one
-   round trip to Redis, then each message cleared to go is handed to its channel.
+   round trip to Redis; then each message cleared to go is stamped handed over (its own
+   short commit, and only while this claim still holds the row) and handed to its channel.
 3. Record the result: sent, deferred (quiet hours, rate limit, retry later: the timer
    releases it at `send_after`), or failed (permanent, or out of attempts).
 
 A message's ids are handled in chunks of `CHUNK` rows: one transaction claims a chunk,
 its rows are sent, and the next transaction records their results and claims the next
-chunk. That is one commit per chunk (plus one) instead of two per notification, with a
-fixed set of SQL texts whatever the batch size. Claiming chunk by chunk, rather than the
-whole message up front, costs the same number of commits and bounds what a killed worker
-leaves `sending` (hence "failed, unknown", never delivered) to one chunk.
+chunk, with a fixed set of SQL texts whatever the batch size. A worker killed mid-chunk
+leaves at most the one row it was handing over "unknown"; its other claimed rows go out
+when the message is redelivered.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Table, any_, bindparam, func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from services.notifier.channels.base import Channel
@@ -41,8 +46,7 @@ from services.notifier.delivery import (
     send_now,
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
-from shared.db.models import NotificationRow
-from shared.db.session import Database, db_now
+from shared.db.notifications import DONE, NotificationStatus, record_values
 from shared.errors import is_transient
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
@@ -54,51 +58,35 @@ from shared.notifications.policy import (
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Rows claimed per transaction. Everything claimed and not yet recorded is what a killed
-# worker leaves `sending`, i.e. "failed, unknown" and never delivered, so the chunk bounds
-# that loss; each chunk costs one commit. Measured with the log channel (one thread, 50-id
-# messages): 1 -> ~370/s, 5 -> ~1,100/s, 10 -> ~1,600/s, 20 -> ~2,100/s, 50 -> ~2,000/s.
-# 20 is where larger chunks stop paying, and a crash costs at most 20 notifications rather
-# than the timer's whole 50-id message.
+# Rows claimed per transaction; each chunk costs one commit besides the hand-over
+# stamps (docs/benchmarks.md has the measurements that chose it).
 CHUNK = 20
 
-UNKNOWN_ERROR = "unknown: worker died during the send; not repeated"
-_DONE = ("sent", "failed")
+class NotificationRepository(Protocol):
+    """The sender's storage, within one transaction (shared.db.notifications.NotificationStore
+    on PostgreSQL; an in-memory fake in the unit tests)."""
 
-_N = cast(Table, NotificationRow.__table__)
-# One SQL text each whatever the batch size (`= ANY(array)`, executemany with bound
-# parameters): psycopg parses every new text again.
-CLAIM = (
-    select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
-           _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
-           _N.c.created_at)
-    .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
-)
-MARK_SENDING = update(_N).where(_N.c.id == any_(bindparam("ids"))).values(status="sending")
-MARK_UNKNOWN = (
-    update(_N).where(_N.c.id == any_(bindparam("ids")))
-    .values(status="failed", last_error=UNKNOWN_ERROR)
-)
-# COALESCE keeps what an outcome does not set (a failure keeps its send_after, a deferral
-# its provider_id), as the per-outcome updates did.
-RECORD = (
-    update(_N).where(_N.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        attempts=bindparam("b_attempts"),
-        last_error=bindparam("b_last_error"),
-        sent_at=func.coalesce(bindparam("b_sent_at", type_=_N.c.sent_at.type), _N.c.sent_at),
-        provider_id=func.coalesce(bindparam("b_provider_id", type_=_N.c.provider_id.type),
-                                  _N.c.provider_id),
-        send_after=func.coalesce(bindparam("b_send_after", type_=_N.c.send_after.type),
-                                 _N.c.send_after),
-    )
-)
-# Claimed rows that were provably never handed to a channel go back to what they were.
-RELEASE = (
-    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == "sending")
-    .values(status=bindparam("b_status"))
-)
+    def now(self) -> datetime: ...
+    def lock(self, ids: Sequence[int]) -> list[Any]: ...
+    def claim(self, ids: Sequence[int], token: str) -> None: ...
+    def mark_unknown(self, ids: Sequence[int]) -> None: ...
+    def record(self, results: Sequence[dict[str, Any]]) -> None: ...
+    def release(self, rows: Sequence[tuple[int, str]], token: str) -> None: ...
+
+
+class HandOverLine(Protocol):
+    """A chunk's hand-overs; each call is committed when it returns."""
+
+    def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
+                             token: str) -> set[int]: ...
+
+
+class NotificationStorage(Protocol):
+    """`storage()`: a new transaction (commits when the block ends, rolls back if it
+    raises); `storage.hand_overs()`: a hand-over line for one chunk."""
+
+    def __call__(self) -> AbstractContextManager[NotificationRepository]: ...
+    def hand_overs(self) -> AbstractContextManager[HandOverLine]: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +101,7 @@ class _Claimed:
     row: Any  # the locked row, as read
     attempt: int
     status: str  # the status before the claim (to release the row as it was)
+    token: str  # the claim's
 
 
 @dataclass(frozen=True)
@@ -127,13 +116,13 @@ class _Ready:
 class _Result:
     id: int
     outcome: SendOutcome
-    values: dict[str, Any]  # RECORD's parameters
+    values: dict[str, Any] | None  # RECORD's parameters (None: nothing to record)
 
 
 class NotificationSender:
     def __init__(
         self,
-        db: Database,
+        storage: NotificationStorage,
         policy: NotificationPolicy,
         channels: Mapping[str, Channel],
         limiter: RateLimiter,
@@ -144,7 +133,7 @@ class NotificationSender:
         valid_for: timedelta | None = None,
         db_retry_s: float = 300.0,
     ) -> None:
-        self.db = db
+        self.storage = storage
         self.policy = policy
         self.channels = channels
         self.limiter = limiter
@@ -184,18 +173,18 @@ class NotificationSender:
 
         ids = sorted(set(notification_ids))  # id order: every worker takes row locks alike
         outcomes: dict[int, SendOutcome] = {}
-        results: list[_Result] = []  # sent, not yet recorded
+        results: list[_Result] = []  # settled, not yet recorded
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
 
             # The previous chunk's results and this chunk's claim share one commit.
-            def record_and_claim(s: Any, chunk: list[int] = chunk, done: list[_Result] = results
+            def record_and_claim(store: NotificationRepository, chunk: list[int] = chunk,
+                                 done: list[_Result] = results
                                  ) -> tuple[list[_Claimed], dict[int, SendOutcome],
                                             Callable[[], datetime]]:
-                conn = s.connection()
-                _record(conn, done)
+                _record(store, done)
                 settled: dict[int, SendOutcome] = {}
-                return _claim(conn, chunk, settled), settled, self._chunk_clock(s)
+                return _claim(store, chunk, settled), settled, self._chunk_clock(store)
 
             claimed, settled, clock = self._retrying(record_and_claim)
             outcomes.update(settled)
@@ -204,10 +193,10 @@ class NotificationSender:
             for i in chunk:
                 if i in outcomes:
                     report(outcomes[i])
-            results = self._send_claimed(claimed, report, clock)
-            outcomes.update((r.id, r.outcome) for r in results)
+            chunk_results, results = self._send_claimed(claimed, report, clock)
+            outcomes.update((r.id, r.outcome) for r in chunk_results)
         if results:
-            self._retrying(lambda s: _record(s.connection(), results))
+            self._retrying(lambda store: _record(store, results))
             for r in results:
                 report(r.outcome)
 
@@ -222,7 +211,7 @@ class NotificationSender:
             out.append(outcome)
         return out
 
-    def _retrying(self, work: Callable[[Any], _T]) -> _T:
+    def _retrying(self, work: Callable[[NotificationRepository], _T]) -> _T:
         """Run `work` in a transaction; while PostgreSQL is away (restart, failover, a
         dropped connection) try again for up to `db_retry_s`. What a chunk holds (results
         of sends that happened, rows claimed) is recorded once it is back instead of being
@@ -231,8 +220,8 @@ class NotificationSender:
         delay = 0.2
         while True:
             try:
-                with self.db.transaction() as s:
-                    return work(s)
+                with self.storage() as store:
+                    return work(store)
             except DBAPIError as exc:
                 if not is_transient(exc) or time.monotonic() + delay > give_up:
                     raise
@@ -241,46 +230,61 @@ class NotificationSender:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _chunk_clock(self, s: Any) -> Callable[[], datetime]:
+    def _chunk_clock(self, store: NotificationRepository) -> Callable[[], datetime]:
         if self.clock is not None:
             return self.clock
-        return _DatabaseClock(db_now(s))
+        return _DatabaseClock(store.now())
 
     def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
-                      clock: Callable[[], datetime]) -> list[_Result]:
+                      clock: Callable[[], datetime]) -> tuple[list[_Result], list[_Result]]:
+        """Settle the chunk's rows: all their results, in order, and those of them not
+        recorded yet (each hand-over's commit also records the results before it, so a
+        worker killed mid-chunk leaves only the row it was sending "unknown")."""
         results: list[_Result] = []  # one per claimed row, in order, as they are settled
-        sending: int | None = None  # the position being handed to a channel, if any
+        unrecorded: list[_Result] = []
+        line = _Line(self.storage, self.db_retry_s)
         try:
-            for position, (c, decision) in enumerate(
-                    zip(claimed, self._decide(claimed, clock), strict=True)):
+            for c, decision in zip(claimed, self._decide(claimed, clock), strict=True):
                 if isinstance(decision, _Result):
                     results.append(decision)
+                    unrecorded.append(decision)
                     continue
-                sending = position
-                results.append(self._send_one(c, decision.request, decision.message, clock))
-                sending = None
+                taken = line.record_and_hand_over(unrecorded, c)
+                for r in unrecorded:
+                    report(r.outcome)
+                unrecorded = []
+                if taken:
+                    result = self._send_one(c, decision.request, decision.message, clock)
+                else:
+                    # Another claim took the row over (this worker was thought dead): it
+                    # sends and records it.
+                    log.warning("notification %s was claimed again elsewhere: not sent here",
+                                c.id)
+                    result = _Result(c.id, SendOutcome("duplicate", str(c.row.channel)), None)
+                results.append(result)
+                unrecorded.append(result)
         except BaseException:
-            # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row being
-            # handed to a channel stays `sending` (unknown, never repeated); the results we
-            # have are recorded and the rows not yet tried are handed back, so neither is
-            # lost.
-            untried = claimed[len(results) + (1 if sending is not None else 0):]
-            def record_and_release(s: Any) -> None:
-                conn = s.connection()
-                _record(conn, results)
-                if untried:
-                    conn.execute(RELEASE, [{"b_id": c.id, "b_status": c.status}
-                                           for c in untried])
+            # Interrupted (Dramatiq's Shutdown or TimeLimitExceeded, a signal): a row
+            # stamped handed over stays `sending` (unknown, never repeated); the results we
+            # have are recorded and the rows not handed over go back, so none is lost.
+            untried = claimed[len(results):]
+            left = unrecorded
+            def record_and_release(store: NotificationRepository) -> None:
+                _record(store, left)
+                store.release([(c.id, c.status) for c in untried],
+                              untried[0].token if untried else "")
 
             try:
                 self._retrying(record_and_release)
-                for r in results:
+                for r in left:
                     report(r.outcome)
             except Exception:
                 log.exception("could not record an interrupted batch: %d rows stay "
                               "'sending'", len(claimed))
             raise
-        return results
+        finally:
+            line.close()
+        return results, unrecorded
 
     def _decide(self, claimed: list[_Claimed], clock: Callable[[], datetime]
                 ) -> list[_Result | _Ready]:
@@ -310,7 +314,7 @@ class NotificationSender:
             return None
         log.error("notification %s expired unsent (written %s)", c.id, created.isoformat())
         return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
-            c.id, "failed", c.attempt - 1,
+            c, NotificationStatus.FAILED, c.attempt - 1,
             f"expired: not sent within {self.valid_for} of being written"))
 
     @staticmethod
@@ -320,7 +324,8 @@ class NotificationSender:
         except Exception as exc:  # a malformed row: nothing was sent, nothing can be
             log.exception("notification %s: unusable row", c.id)
             return _Result(c.id, SendOutcome("failed", str(c.row.channel)), _values(
-                c.id, "failed", c.attempt - 1, mask_text(f"render: bad row: {exc!r}")[:1000]))
+                c, NotificationStatus.FAILED, c.attempt - 1,
+                mask_text(f"render: bad row: {exc!r}")[:1000]))
 
     def _send_one(self, c: _Claimed, request: NotificationRequest, message: RenderedMessage,
                   clock: Callable[[], datetime]) -> _Result:
@@ -336,7 +341,7 @@ class NotificationSender:
                           "(unknown delivery), not sent twice", c.id)
             error = mask_text(f"unknown: {exc!r} during the send; not repeated")[:1000]
             return _Result(c.id, SendOutcome("failed", channel),
-                           _values(c.id, "failed", c.attempt, error))
+                           _values(c, NotificationStatus.FAILED, c.attempt, error))
         return self._result_of(c, result, clock)
 
     def _result_of(self, c: _Claimed, result: DeliveryResult, clock: Callable[[], datetime]
@@ -346,15 +351,55 @@ class NotificationSender:
         attempts = c.attempt if result.attempted else c.attempt - 1
         if result.status == "sent":
             return _Result(c.id, SendOutcome("sent", channel), _values(
-                c.id, "sent", attempts, None, sent_at=clock(),
+                c, NotificationStatus.SENT, attempts, None, sent_at=clock(),
                 provider_id=result.provider_id))
         reason = result.error or result.error_kind
         if result.status in ("deferred", "retry"):
             outcome = "retried" if result.status == "retry" else "deferred"
             return _Result(c.id, SendOutcome(outcome, channel), _values(
-                c.id, "deferred", attempts, reason, send_after=result.retry_at))
+                c, NotificationStatus.DEFERRED, attempts, reason, send_after=result.retry_at))
         return _Result(c.id, SendOutcome("failed", channel),
-                       _values(c.id, "failed", attempts, reason))
+                       _values(c, NotificationStatus.FAILED, attempts, reason))
+
+
+class _Line:
+    """A chunk's hand-over line, opened at the first hand-over and opened again after
+    PostgreSQL went away (tried for up to `retry_s`, as `_retrying` does)."""
+
+    def __init__(self, storage: NotificationStorage, retry_s: float) -> None:
+        self.storage = storage
+        self.retry_s = retry_s
+        self._stack: ExitStack | None = None
+        self._line: HandOverLine | None = None
+
+    def record_and_hand_over(self, done: list[_Result], c: _Claimed) -> bool:
+        """Record `done`, then stamp the row handed over, committed before the provider
+        call; False if another claim has taken the row over."""
+        give_up = time.monotonic() + self.retry_s
+        delay = 0.2
+        values = [r.values for r in done if r.values is not None]
+        while True:
+            try:
+                if self._line is None:
+                    self._stack = ExitStack()
+                    self._line = self._stack.enter_context(self.storage.hand_overs())
+                return c.id in self._line.record_and_hand_over(values, [c.id], c.token)
+            except DBAPIError as exc:
+                self.close()
+                if not is_transient(exc) or time.monotonic() + delay > give_up:
+                    raise
+                log.warning("database unavailable (%s); trying again in %.1fs",
+                            type(exc.orig).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        stack, self._stack, self._line = self._stack, None, None
+        if stack is not None:
+            try:
+                stack.close()
+            except Exception:  # the connection is dropped either way
+                log.warning("closing a hand-over line failed", exc_info=True)
 
 
 class _DatabaseClock:
@@ -369,45 +414,51 @@ class _DatabaseClock:
         return self.at + timedelta(seconds=time.monotonic() - self.started)
 
 
-def _claim(conn: Connection, ids: list[int], outcomes: dict[int, SendOutcome]
+def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, SendOutcome]
            ) -> list[_Claimed]:
-    """Lock the rows; settle those that must not be sent (into `outcomes`), mark the
-    others `sending` and return them."""
+    """Lock the rows; settle those that must not be sent (into `outcomes`), claim the
+    others under a new token and return them."""
+    # Names the worker, for whoever looks at a row left `sending`.
+    token = f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
     claimed: list[_Claimed] = []
     unknown: list[int] = []
-    for row in conn.execute(CLAIM, {"ids": ids}):
-        if row.status in _DONE:
+    for row in store.lock(ids):
+        if row.status in DONE:
             outcomes[row.id] = SendOutcome("duplicate", row.channel)
-        elif row.status == "sending":
-            log.error("notification %s was being sent when a worker died: recorded as "
-                      "failed (unknown delivery), not sent twice", row.id)
+        elif row.status == NotificationStatus.SENDING and (
+                row.handed_over_at is not None or row.claim_token is None):
+            # Stamped: it may have reached the provider. No token: claimed by a version
+            # before the stamps (migration 0020), which may be sending it still.
+            log.error("notification %s was handed to a provider by a worker that died: "
+                      "recorded as failed (unknown delivery), not sent twice", row.id)
             unknown.append(row.id)
             outcomes[row.id] = SendOutcome("failed", row.channel)
-        elif row.status == "deferred":
+        elif row.status == NotificationStatus.SENDING:
+            # Claimed but never handed over: its worker died (or is thought dead and will
+            # not send it: the hand-over checks the token).
+            log.warning("notification %s: claimed by a worker that never handed it over; "
+                        "claimed again", row.id)
+            claimed.append(_Claimed(row.id, row, row.attempts + 1, NotificationStatus.QUEUED,
+                                    token))
+        elif row.status == NotificationStatus.DEFERRED:
             # Only the timer releases a deferred row (at send_after); a stray message for
             # it is a duplicate.
             outcomes[row.id] = SendOutcome("early", row.channel)
         else:
-            claimed.append(_Claimed(row.id, row, row.attempts + 1, row.status))
+            claimed.append(_Claimed(row.id, row, row.attempts + 1, row.status, token))
     taken = {c.id for c in claimed}
     for i in ids:
         if i not in taken:
             outcomes.setdefault(i, SendOutcome("missing"))
-    if unknown:
-        conn.execute(MARK_UNKNOWN, {"ids": unknown})
-    if claimed:
-        conn.execute(MARK_SENDING, {"ids": sorted(taken)})
+    store.mark_unknown(unknown)
+    store.claim(sorted(taken), token)
     return claimed
 
 
-def _record(conn: Connection, results: list[_Result]) -> None:
-    if results:
-        conn.execute(RECORD, [r.values for r in results])
+def _record(store: NotificationRepository, results: list[_Result]) -> None:
+    store.record([r.values for r in results if r.values is not None])
 
 
-def _values(notification_id: int, status: str, attempts: int, last_error: str | None, *,
-            sent_at: datetime | None = None, provider_id: str | None = None,
-            send_after: datetime | None = None) -> dict[str, Any]:
-    return {"b_id": notification_id, "b_status": status, "b_attempts": attempts,
-            "b_last_error": last_error, "b_sent_at": sent_at, "b_provider_id": provider_id,
-            "b_send_after": send_after}
+def _values(c: _Claimed, status: str, attempts: int, last_error: str | None,
+            **columns: Any) -> dict[str, Any]:
+    return record_values(c.id, c.token, status, attempts, last_error, **columns)

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
-
-from shared.db.models import CaseEventRow, CaseRow
+from shared.db.queries.case_view import event_verdict, load_case
 from shared.db.session import Database
 from shared.domain.timeutil import as_utc
 from shared.errors import InvalidInput
@@ -58,12 +56,10 @@ def build_event(db: Database, action: str, case_id: str, reason: str, by: str,
         raise ActionError(f"unknown action {action!r}")
     if not reason.strip():
         raise ActionError("a reason is needed: it is recorded in the case's timeline")
-    with db.transaction() as s:
-        now = as_utc(s.execute(text("SELECT now()")).scalar_one())
-        case = s.get(CaseRow, case_id)
-        if case is None:
-            raise ActionError(f"no case {case_id}")
-        due = case.step_due_at
+    moment, case = load_case(db, case_id)
+    if case is None:
+        raise ActionError(f"no case {case_id}")
+    now, due = as_utc(moment), case.step_due_at
     event: dict[str, Any] = {
         "event_id": f"ops-{action}-{uuid.uuid4()}", "type": ACTIONS[action],
         "occurred_at": now.isoformat(), "platform": case.platform, "shop_id": case.shop_id,
@@ -89,9 +85,7 @@ def submit(amqp_url: str, event: dict[str, Any]) -> None:
 
 
 def outcome_of(db: Database, event_id: str) -> tuple[str, str | None] | None:
-    with db.transaction() as s:
-        row = s.get(CaseEventRow, event_id)
-        return None if row is None else (row.outcome, row.problem)
+    return event_verdict(db, event_id)
 
 
 def act(db: Database, amqp_url: str, action: str, case_id: str, reason: str, by: str, *,

@@ -7,14 +7,14 @@ Times are decided by the database clock (`now()`), never the host's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import chinese_calendar
-from sqlalchemy import func, select, text
 
-from shared.db.models import CaseEventRow, CaseRow, DeadlineRow, DecisionRow
+from shared.db.models import CaseEventRow, CaseRow, DecisionRow
+from shared.db.queries.case_view import database_now, load_case_record
+from shared.db.queries.ops import CaseFilter, find_cases
 from shared.db.session import Database
 from shared.domain import Engine
 from shared.domain.durations import Duration
@@ -32,47 +32,14 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def db_now(db: Database) -> datetime:
-    with db.transaction() as s:
-        return as_utc(s.execute(text("SELECT now()")).scalar_one())
+    return as_utc(database_now(db))
 
 
 # ---- search ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CaseFilter:
-    shop: str | None = None
-    order: str | None = None
-    platform: str | None = None
-    kind: str | None = None
-    step: str | None = None
-    status: str | None = None  # open | closed
-    overdue: bool | None = None  # open with its step's deadline passed (database clock)
-    case_id: str | None = None  # a prefix
-    limit: int = 100
-    offset: int = 0
-
-    def query(self) -> Any:
-        q = select(CaseRow, (CaseRow.step_due_at < func.now()).label("overdue"))
-        for column, value in ((CaseRow.shop_id, self.shop), (CaseRow.order_id, self.order),
-                              (CaseRow.platform, self.platform), (CaseRow.kind, self.kind),
-                              (CaseRow.step, self.step), (CaseRow.status, self.status)):
-            if value:
-                q = q.where(column == value)
-        if self.case_id:
-            q = q.where(CaseRow.case_id.startswith(self.case_id, autoescape=True))
-        overdue = (CaseRow.status == "open") & (CaseRow.step_due_at < func.now())
-        if self.overdue is True:
-            q = q.where(overdue)
-        elif self.overdue is False:
-            q = q.where(~overdue | CaseRow.step_due_at.is_(None))
-        return q.order_by(CaseRow.step_due_at.asc().nulls_last(), CaseRow.case_id) \
-            .limit(self.limit).offset(self.offset)
-
-
 def search_cases(db: Database, flt: CaseFilter) -> list[dict[str, Any]]:
-    with db.transaction() as s:
-        rows = s.execute(flt.query()).all()
+    rows = find_cases(db, flt)
     return [{
         "case_id": c.case_id, "platform": c.platform, "shop_id": c.shop_id,
         "order_id": c.order_id, "kind": c.kind, "status": c.status, "step": c.step,
@@ -220,20 +187,11 @@ def _estimated(row: Any = None, *docs: Any) -> bool | None:
 def explain_case(db: Database, engine: Engine, case_id: str) -> dict[str, Any] | None:
     """Why each pending deadline and each past automatic decision of the case is what it
     is. None if the case does not exist."""
-    with db.transaction() as s:
-        now = as_utc(s.execute(text("SELECT now()")).scalar_one())
-        case = s.get(CaseRow, case_id)
-        if case is None:
-            return None
-        events = list(s.execute(select(CaseEventRow).where(CaseEventRow.case_id == case_id)
-                                .order_by(CaseEventRow.occurred_at,
-                                          CaseEventRow.received_at)).scalars())
-        decisions = list(s.execute(select(DecisionRow).where(DecisionRow.case_id == case_id)
-                                   .order_by(DecisionRow.decided_at)).scalars())
-        pending = list(s.execute(
-            select(DeadlineRow).where(DeadlineRow.case_id == case_id)
-            .where(DeadlineRow.status.in_(("pending", "dispatched")))
-            .order_by(DeadlineRow.due_at)).scalars())
+    record = load_case_record(db, case_id)
+    if record is None:
+        return None
+    now, case, events = as_utc(record.now), record.case, record.events
+    decisions, pending = record.decisions, record.pending
     snapshot = case.snapshot
     data = snapshot.get("data") or {}
     step_started = datetime.fromisoformat(snapshot["step_started_at"]) \

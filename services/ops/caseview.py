@@ -6,16 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-
-from shared.db.models import (
-    CaseEventRow,
-    CaseNoteRow,
-    CaseRow,
-    DeadlineRow,
-    DecisionRow,
-    NotificationRow,
-)
+from shared.db.queries.case_view import load_case_history
 from shared.db.session import Database
 from shared.domain.calendar import deadline_calendar
 from shared.notifications.masking import mask_address, mask_text
@@ -27,34 +18,11 @@ def _iso(value: datetime | None) -> str | None:
 
 def case_document(db: Database, case_id: str) -> dict[str, Any] | None:
     """Everything `case show` prints, as JSON-safe data (times in RFC 3339, UTC)."""
-    with db.transaction() as s:
-        case = s.get(CaseRow, case_id)
-        events = s.execute(
-            select(CaseEventRow)
-            .where(CaseEventRow.case_id == case_id)
-            .order_by(CaseEventRow.received_at, CaseEventRow.occurred_at)
-        ).scalars().all()
-        if case is None and not events:
-            return None
-        decisions = s.execute(
-            select(DecisionRow)
-            .where(DecisionRow.case_id == case_id)
-            .order_by(DecisionRow.decided_at)
-        ).scalars().all()
-        notifications = s.execute(
-            select(NotificationRow)
-            .where(NotificationRow.case_id == case_id)
-            .order_by(NotificationRow.created_at, NotificationRow.id)
-        ).scalars().all()
-        deadlines = s.execute(
-            select(DeadlineRow)
-            .where(DeadlineRow.case_id == case_id)
-            .where(DeadlineRow.status.in_(("pending", "dispatched")))
-            .order_by(DeadlineRow.due_at)
-        ).scalars().all()
-        notes = s.execute(
-            select(CaseNoteRow).where(CaseNoteRow.case_id == case_id).order_by(CaseNoteRow.id)
-        ).scalars().all()
+    history = load_case_history(db, case_id)
+    if history is None:
+        return None
+    case, events, decisions = history.case, history.events, history.decisions
+    notifications, deadlines, notes = history.notifications, history.deadlines, history.notes
     timeline: list[dict[str, Any]] = []
     for e in events:
         timeline.append({

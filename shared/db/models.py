@@ -214,7 +214,7 @@ class NotificationRow(Base):
     The table is also the notifier's outbox: rows are written `new` with the case change
     that caused them; the timer hands them to the notifier (`queued`, `queued_at`).
     Status: new -> queued -> sending -> sent | failed; deferred (quiet hours, rate limit,
-    retry later) -> queued again at `send_after`."""
+    retry later) -> queued again at `send_after` (shared.db.notifications)."""
 
     __tablename__ = "notifications"
 
@@ -236,6 +236,10 @@ class NotificationRow(Base):
     provider_id: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     sent_at: Mapped[datetime | None]
+    # The notifier's claim on a `sending` row, and when that claim handed it to a provider
+    # (a dead worker's row without it was never sent and is claimed again).
+    claim_token: Mapped[str | None] = mapped_column(String(64))
+    handed_over_at: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_notifications_case_id", "case_id"),

@@ -26,6 +26,7 @@ from services.notifier.sender import NotificationSender
 from services.resolver.resolve import Resolver
 from services.timer.loop import Timer
 from shared.db.models import DeadlineRow, NotificationRow
+from shared.db.notifications import NotificationStatus, NotificationStore
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
@@ -109,7 +110,7 @@ def decided_case(db: Database, policy: NotificationPolicy) -> str:
 def make_sender(db: Database, policy: NotificationPolicy, smtp_port: int, aliyun: FakeAliyun,
                 clock: Clock) -> NotificationSender:
     return NotificationSender(
-        db=db, policy=policy,
+        storage=NotificationStore.transactions(db), policy=policy,
         channels={
             "email": SmtpEmailChannel("127.0.0.1", smtp_port, "aftersales@example.com",
                                       timeout=5),
@@ -151,7 +152,7 @@ def test_a_decision_reaches_the_merchant_by_email_in_chinese(
     assert decided_case in subject or decided_case in body
     assert "自动" in subject + body  # 系统已自动同意…
     assert row.dedup_key in message["Message-ID"]
-    assert notification(db, "decision.auto_approved", "email").status == "sent"
+    assert notification(db, "decision.auto_approved", "email").status == NotificationStatus.SENT
 
 
 def test_the_buyer_sms_reaches_the_provider_with_a_valid_signature(
@@ -193,7 +194,7 @@ def test_throttled_then_ok_is_retried_and_sent_once(
     aliyun.behaviour[BUYER_PHONE] = (200, "isv.BUSINESS_LIMIT_CONTROL", "触发分钟级流控")
     assert sender.send(row.id).outcome == "retried"
     deferred = notification(db, "decision.auto_approved", "sms")
-    assert deferred.status == "deferred" and deferred.send_after is not None
+    assert deferred.status == NotificationStatus.DEFERRED and deferred.send_after is not None
     assert deferred.send_after > DAYTIME  # honours the provider: not straight back
 
     # Time passes; the timer releases the row and hands it to the notifier again.
@@ -221,7 +222,7 @@ def test_a_permanent_error_is_recorded_as_failed(
     aliyun.behaviour[BUYER_PHONE] = (200, "isv.MOBILE_NUMBER_ILLEGAL", "非法手机号")
     assert sender.send(row.id).outcome == "failed"
     failed = notification(db, "decision.auto_approved", "sms")
-    assert failed.status == "failed"
+    assert failed.status == NotificationStatus.FAILED
     assert failed.last_error and "MOBILE_NUMBER_ILLEGAL" in failed.last_error
     assert BUYER_PHONE not in failed.last_error  # masked
     assert sender.send(row.id).outcome == "duplicate"  # never retried
@@ -246,7 +247,7 @@ def test_quiet_hours_defer_then_send(
     assert handler.received == []
     with db.transaction() as s:
         s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
-                  .values(status="pending"))  # what the timer does at send_after
+                  .values(status=NotificationStatus.QUEUED))  # what the timer does at send_after
     clock.at = datetime(2026, 11, 24, 8, 1, tzinfo=CHINA_TZ)
     assert sender.send(row.id).outcome == "sent"
     assert len(handler.received) == 1
@@ -259,13 +260,30 @@ def test_a_worker_dying_mid_send_never_sends_twice(
     handler, port = smtp
     sender = make_sender(db, policy, port, aliyun, Clock(DAYTIME))
     row = notification(db, "decision.auto_approved", "email")
-    with db.transaction() as s:  # a worker claimed it, then was killed
+    with db.transaction() as s:  # a worker handed it to the provider, then was killed
         s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
-                  .values(status="sending"))
+                  .values(status=NotificationStatus.SENDING, claim_token="dead",
+                          handed_over_at=DAYTIME))
     assert sender.send(row.id).outcome == "failed"
     after: Any = notification(db, "decision.auto_approved", "email")
-    assert after.status == "failed" and "unknown" in after.last_error
+    assert after.status == NotificationStatus.FAILED and "unknown" in after.last_error
     assert handler.received == []
+
+
+def test_a_worker_dying_before_the_hand_over_leaves_the_row_to_be_sent_once(
+    db: Database, decided_case: str, policy: NotificationPolicy,
+    smtp: tuple[RecordingHandler, int], aliyun: FakeAliyun,
+) -> None:
+    handler, port = smtp
+    sender = make_sender(db, policy, port, aliyun, Clock(DAYTIME))
+    row = notification(db, "decision.auto_approved", "email")
+    with db.transaction() as s:  # a worker claimed it, then was killed before sending
+        s.execute(update(NotificationRow).where(NotificationRow.id == row.id)
+                  .values(status=NotificationStatus.SENDING, claim_token="dead"))
+    assert sender.send(row.id).outcome == "sent"
+    assert sender.send(row.id).outcome == "duplicate"
+    assert notification(db, "decision.auto_approved", "email").status == NotificationStatus.SENT
+    assert len(handler.received) == 1
 
 
 def test_a_message_of_notifications_goes_out_in_one_batch_over_one_connection(

@@ -28,6 +28,8 @@ from services.notifier.delivery import QuietHours, RetryPolicy
 from services.notifier.ratelimit import RateLimit, RedisRateLimiter
 from services.notifier.sender import CHUNK, NotificationSender
 from shared.db.models import NotificationRow
+from shared.db.notifications import NotificationStatus as S
+from shared.db.notifications import NotificationStore
 from shared.db.session import Database
 from shared.notifications.policy import NotificationPolicy
 from tests.conftest import PG_ADMIN_URL, wait_for
@@ -45,7 +47,7 @@ def add(db: Database, n: int, prefix: str) -> list[int]:
         "dedup_key": uuid.uuid4().hex, "case_id": f"{prefix}-{i}", "reason": "case.opened",
         "party": "merchant", "channel": "email", "recipient": f"shop{i}@example.com",
         "template": "case_opened.merchant", "params": {"case_id": f"{prefix}-{i}"},
-        "urgent": True, "status": "queued",
+        "urgent": True, "status": S.QUEUED,
     } for i in range(n)]
     with db.transaction() as s:
         return list(s.execute(
@@ -63,8 +65,8 @@ def release_deferred(db: Database, ids: list[int]) -> None:
     """What the timer does at `send_after`: hand deferred rows over again."""
     with db.transaction() as s:
         s.execute(update(NotificationRow).where(
-            NotificationRow.id.in_(ids), NotificationRow.status == "deferred",
-        ).values(status="queued"))
+            NotificationRow.id.in_(ids), NotificationRow.status == S.DEFERRED,
+        ).values(status=S.QUEUED))
 
 
 def mails_per_key(handler: RecordingHandler) -> Counter[str]:
@@ -128,7 +130,7 @@ def test_a_redis_outage_longer_than_the_retry_budget_is_waited_out(
     client = redis.Redis(port=own_redis.port, socket_timeout=1, socket_connect_timeout=1,
                          retry=Retry(NoBackoff(), 0))
     sender = NotificationSender(
-        db=db, policy=POLICY,
+        storage=NotificationStore.transactions(db), policy=POLICY,
         channels={"email": SmtpEmailChannel("127.0.0.1", port, "aftersales@example.com",
                                             timeout=5)},
         limiter=RedisRateLimiter(client, prefix="outage-test:"),
@@ -210,7 +212,8 @@ def test_a_postgresql_restart_during_a_chunk_marks_nothing_unknown(
         SmtpEmailChannel("127.0.0.1", port, "aftersales@example.com", timeout=5),
         at=CHUNK + 3)  # in the second chunk
     sender = NotificationSender(
-        db=db, policy=POLICY, channels={"email": channel},
+        storage=NotificationStore.transactions(db), policy=POLICY,
+        channels={"email": channel},
         limiter=RedisRateLimiter(redis.Redis(socket_timeout=5), prefix=f"pg-{uuid.uuid4()}:"),
         quiet_hours=QuietHours.parse("off"), limits=(), retry=RetryPolicy())
     ids = add(db, 3 * CHUNK, "PGBLIP")

@@ -21,6 +21,8 @@ from services.notifier.errors import PermanentSendError, ThrottledError, Transie
 from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import CHUNK, NotificationSender, SendOutcome
 from shared.db.models import NotificationRow
+from shared.db.notifications import NotificationStatus as S
+from shared.db.notifications import NotificationStore
 from shared.db.session import Database, make_engine
 from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationPolicy, NotificationRequest, RenderedMessage
@@ -36,7 +38,7 @@ class Interrupted(BaseException):
     """Stands for Dramatiq's Shutdown / TimeLimitExceeded, raised inside a send."""
 
 
-def add(db: Database, n: int = 1, *, status: str = "queued", urgent: bool = True,
+def add(db: Database, n: int = 1, *, status: str = S.QUEUED, urgent: bool = True,
         **columns: Any) -> list[int]:
     rows = [{
         "dedup_key": uuid.uuid4().hex, "case_id": f"SM-{i}", "reason": "case.opened",
@@ -65,7 +67,8 @@ def key(db: Database, notification_id: int) -> str:
 def make_sender(db: Database, channel: Any, *, at: datetime = DAYTIME,
                 quiet: str = "off", policy: Any = POLICY) -> NotificationSender:
     return NotificationSender(
-        db=db, policy=policy, channels={"email": channel}, limiter=InMemoryRateLimiter(),
+        storage=NotificationStore.transactions(db), policy=policy,
+        channels={"email": channel}, limiter=InMemoryRateLimiter(),
         quiet_hours=QuietHours.parse(quiet, CHINA_TZ_NAME), limits=(),
         retry=RetryPolicy(), clock=lambda: at,
     )
@@ -76,42 +79,45 @@ def tally(outcomes: list[SendOutcome]) -> Counter[tuple[str, str | None]]:
 
 
 def test_a_mixed_batch(db: Database) -> None:
-    (new,) = add(db, status="new")
-    (queued,) = add(db, status="queued")
-    (sent,) = add(db, status="sent", provider_id="earlier")
-    (failed,) = add(db, status="failed", last_error="550 earlier")
-    (sending,) = add(db, status="sending")  # a worker died after claiming it
+    (new,) = add(db, status=S.NEW)
+    (queued,) = add(db, status=S.QUEUED)
+    (sent,) = add(db, status=S.SENT, provider_id="earlier")
+    (failed,) = add(db, status=S.FAILED, last_error="550 earlier")
+    # A worker died holding these two; it had handed the first to a provider.
+    (sending,) = add(db, status=S.SENDING, claim_token="dead", handed_over_at=DAYTIME)
+    (claimed,) = add(db, status=S.SENDING, claim_token="dead")
     later = datetime.now(UTC) + timedelta(hours=1)
-    (deferred,) = add(db, status="deferred", send_after=later)
+    (deferred,) = add(db, status=S.DEFERRED, send_after=later)
     missing = deferred + 1000
     channel = FakeChannel()
     reported: list[SendOutcome] = []
 
-    ids = [sending, new, missing, deferred, sent, queued, failed, new]
+    ids = [sending, new, missing, deferred, sent, queued, failed, claimed, new]
     outcomes = make_sender(db, channel).send_many(ids, on_outcome=reported.append)
 
     assert [(o.outcome, o.channel) for o in outcomes] == [
         ("failed", "email"), ("sent", "email"), ("missing", None), ("early", "email"),
-        ("duplicate", "email"), ("sent", "email"), ("duplicate", "email"),
+        ("duplicate", "email"), ("sent", "email"), ("duplicate", "email"), ("sent", "email"),
         ("duplicate", "email"),  # the same id twice in one message
     ]
     assert tally(reported) == tally(outcomes)
-    assert channel.sends_per_key() == Counter({key(db, new): 1, key(db, queued): 1})
+    assert channel.sends_per_key() == Counter(
+        {key(db, new): 1, key(db, queued): 1, key(db, claimed): 1})
 
-    r_new, r_queued, r_sent, r_failed, r_sending, r_deferred = rows(
-        db, [new, queued, sent, failed, sending, deferred])
-    for r in (r_new, r_queued):
+    r_new, r_queued, r_claimed, r_sent, r_failed, r_sending, r_deferred = rows(
+        db, [new, queued, claimed, sent, failed, sending, deferred])
+    for r in (r_new, r_queued, r_claimed):
         assert (r.status, r.attempts, r.last_error, r.sent_at) == ("sent", 1, None, DAYTIME)
         assert r.provider_id and r.provider_id.startswith("fake-")
     assert (r_sent.status, r_sent.provider_id) == ("sent", "earlier")
     assert (r_failed.status, r_failed.last_error) == ("failed", "550 earlier")
-    assert r_sending.status == "failed" and "unknown" in (r_sending.last_error or "")
+    assert r_sending.status == S.FAILED and "unknown" in (r_sending.last_error or "")
     assert (r_deferred.status, r_deferred.send_after) == ("deferred", later)
 
     # Delivered again: nothing more goes out.
     again = make_sender(db, channel).send_many(ids)
     assert {o.outcome for o in again} == {"duplicate", "missing", "early"}
-    assert channel.calls == 2
+    assert channel.calls == 3
 
 
 def test_results_are_recorded(db: Database) -> None:
@@ -144,7 +150,7 @@ def test_results_are_recorded(db: Database) -> None:
     assert (r["quiet"].status, r["quiet"].attempts, r["quiet"].last_error) == (
         "deferred", 0, "quiet_hours")
     assert r["quiet"].send_after == datetime(2026, 11, 24, 8, 0, tzinfo=CHINA_TZ)
-    assert r["throttled"].status == "deferred" and r["throttled"].attempts == 1
+    assert r["throttled"].status == S.DEFERRED and r["throttled"].attempts == 1
     assert r["throttled"].send_after is not None
     assert NIGHT + timedelta(seconds=60) <= r["throttled"].send_after <= NIGHT + timedelta(
         seconds=66)
@@ -165,7 +171,7 @@ class SqlLog:
         self.statements.append((statement, executemany))
 
 
-def test_a_batch_costs_one_commit_per_chunk_and_a_fixed_set_of_statements(
+def test_a_batch_costs_one_commit_per_chunk_and_row_and_a_fixed_set_of_statements(
     db: Database,
 ) -> None:
     n = 2 * CHUNK + 5
@@ -176,10 +182,11 @@ def test_a_batch_costs_one_commit_per_chunk_and_a_fixed_set_of_statements(
     outcomes = sender.send_many(ids)
     assert [o.outcome for o in outcomes] == ["sent"] * n
     assert channel.calls == n and set(channel.sends_per_key().values()) == {1}
-    # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3
+    # claim 1 | record 1 + claim 2 | record 2 + claim 3 | record 3; each row's hand-over
+    # stamp (which also records the results before it) commits on its own line
     assert log.commits == 4
-    records = [s for s, many in log.statements if s.startswith("UPDATE") and many]
-    assert len(records) == 3  # one executemany per chunk
+    stamps = [s for s, _ in log.statements if "handed_over_at=now()" in s.replace(" ", "")]
+    assert len(stamps) == n
     big = {s for s, _ in log.statements}
 
     few = add(db, 7)
@@ -187,7 +194,10 @@ def test_a_batch_costs_one_commit_per_chunk_and_a_fixed_set_of_statements(
     assert [o.outcome for o in sender.send_many(few)] == ["sent"] * 7
     assert small.commits == 2  # as a single send: claim, record
     assert {s for s, _ in small.statements} == big  # same SQL texts whatever the size
-    assert len(big) == 3  # claim, mark sending, record
+    # claim, mark sending, record; on the line: no disk wait, hand over (alone, or with
+    # the record of the row before), reset
+    assert len(big) == 7, sorted(big)
+    assert [r.status for r in rows(db, ids + few)] == ["sent"] * (n + 7)
 
 
 def test_interrupted_mid_batch_records_what_it_knows(db: Database) -> None:
@@ -244,15 +254,22 @@ def test_worker_killed_mid_batch_never_sends_twice(
     assert child.exitcode == 17
     sent_by_child = sent_file.read_text().split()
     assert sent_by_child == [key(db, i) for i in ids[:2]]
-    statuses = [r.status for r in rows(db, ids)]
-    # The claimed chunk is left `sending`; the next chunk was never claimed.
-    assert statuses == ["sending"] * CHUNK + ["queued"] * 5
+    left = rows(db, ids)
+    # The two sends before were recorded with the next row's hand-over; the third row was
+    # with the channel; the rest of the chunk was never handed over, the next chunk
+    # never claimed.
+    assert [r.status for r in left] == ["sent"] * 2 + ["sending"] * (CHUNK - 2) + ["queued"] * 5
+    assert [r.handed_over_at is not None for r in left] == [True] * 3 + [False] * (CHUNK + 2)
 
     channel = FakeChannel()
     outcomes = make_sender(db, channel).send_many(ids)
-    assert [o.outcome for o in outcomes] == ["failed"] * CHUNK + ["sent"] * 5
-    assert all("unknown" in (r.last_error or "") for r in rows(db, ids[:CHUNK]))
-    assert set(channel.sends_per_key()) == {key(db, i) for i in ids[CHUNK:]}
+    assert [o.outcome for o in outcomes] == (
+        ["duplicate"] * 2 + ["failed"] + ["sent"] * (CHUNK + 2))
+    after = rows(db, ids)
+    assert [r.status for r in after] == ["sent"] * 2 + ["failed"] + ["sent"] * (CHUNK + 2)
+    assert "unknown" in (after[2].last_error or "")
+    assert set(channel.sends_per_key()) == {key(db, i) for i in ids[3:]}
+    assert set(channel.sends_per_key().values()) == {1}
     assert not set(sent_by_child) & set(channel.sends_per_key())
 
 
@@ -275,7 +292,7 @@ def test_a_bug_on_one_row_does_not_stop_the_batch(db: Database) -> None:
     outcomes = sender.send_many(ids)
     assert [o.outcome for o in outcomes] == ["sent", "failed", "sent"]
     bad = rows(db, [ids[1]])[0]
-    assert bad.status == "failed" and "unknown: TypeError" in (bad.last_error or "")
+    assert bad.status == S.FAILED and "unknown: TypeError" in (bad.last_error or "")
     assert channel.calls == 2
 
 
@@ -308,7 +325,8 @@ def test_a_chunk_takes_its_rate_limit_slots_in_one_round_trip(db: Database) -> N
     ids = add(db, CHUNK + 5, recipient="same@example.com")
     limiter = CountingLimiter()
     sender = NotificationSender(
-        db=db, policy=POLICY, channels={"email": FakeChannel()}, limiter=limiter,
+        storage=NotificationStore.transactions(db), policy=POLICY,
+        channels={"email": FakeChannel()}, limiter=limiter,
         quiet_hours=QuietHours.parse("off", CHINA_TZ_NAME),
         limits=(RateLimit("email", 3, 3600),), retry=RetryPolicy(), clock=lambda: DAYTIME)
     outcomes = sender.send_many(ids)

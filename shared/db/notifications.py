@@ -1,0 +1,208 @@
+"""The owner of the `notifications` table for the notifier: the row statuses and the
+statements that claim, send-mark and record rows (moved from the sender as they were).
+
+`NotificationStore(session)` wraps them for one transaction; the sender receives such
+stores through a port (`services.notifier.sender.NotificationRepository`) and its unit
+tests use an in-memory fake of the same shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, any_, bindparam, func, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from shared.db.models import NotificationRow
+from shared.db.session import Database, db_now
+
+
+class NotificationStatus(StrEnum):
+    """A notification row's status: new -> queued -> sending -> sent | failed; deferred
+    (quiet hours, rate limit, retry later) -> queued again at `send_after`.
+
+    A `sending` row belongs to the claim named by `claim_token`; `handed_over_at` is
+    stamped (committed) just before the provider call. A `sending` row without the stamp
+    was never handed to a provider: a worker that died holding it leaves it to be claimed
+    again. Only a stamped row may have reached the provider ("unknown" if its claim died)."""
+
+    NEW = "new"  # written with the case change; the timer hands it to the notifier
+    QUEUED = "queued"  # handed to the notifier (`queued_at`)
+    PENDING = "pending"  # what `queued` was called before migration 0002; still claimed
+    SENDING = "sending"  # claimed by a worker; with a provider once `handed_over_at` is set
+    SENT = "sent"
+    FAILED = "failed"
+    DEFERRED = "deferred"  # the timer queues it again at `send_after`
+
+
+# A row in one of these is finished: a message for it again is a redelivery.
+DONE = (NotificationStatus.SENT, NotificationStatus.FAILED)
+# Not finished, not waiting for `send_after`: with the notifier or on its way to it.
+IN_FLIGHT = (NotificationStatus.NEW, NotificationStatus.QUEUED, NotificationStatus.SENDING)
+
+UNKNOWN_ERROR = "unknown: worker died during the send; not repeated"
+
+_N = cast(Table, NotificationRow.__table__)
+# One SQL text each whatever the batch size (`= ANY(array)`, executemany with bound
+# parameters): psycopg parses every new text again.
+CLAIM = (
+    select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
+           _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
+           _N.c.created_at, _N.c.claim_token, _N.c.handed_over_at)
+    .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
+)
+MARK_SENDING = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")))
+    .values(status=NotificationStatus.SENDING, claim_token=bindparam("token"),
+            handed_over_at=None)
+)
+# Committed just before the provider call: the rows this claim still holds (another claim
+# may have taken over a row its worker was thought dead for) and hands over now.
+HAND_OVER = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")), _N.c.claim_token == bindparam("token"),
+                     _N.c.status == NotificationStatus.SENDING, _N.c.handed_over_at.is_(None))
+    .values(handed_over_at=func.now()).returning(_N.c.id)
+)
+# A chunk's hand-overs go through one connection whose statements each commit on their
+# own (one round trip per statement: a transaction per row, with its BEGIN, pool ping
+# and COMMIT, cut the notifier's throughput several times over on a busy host), and
+# without waiting for the disk. A stamp is visible to other sessions at once and
+# survives a worker's death and a clean PostgreSQL restart; only a crash of PostgreSQL
+# itself can lose the last few hundred milliseconds of them. The worker then still
+# records its result once the database is back (its claim, committed durably, still
+# holds the row), so a notification goes out twice only if its worker also dies within
+# that outage. A result recorded here and lost leaves its row stamped: "unknown".
+NO_DISK_WAIT = text("SET synchronous_commit = off")
+DISK_WAIT = text("RESET synchronous_commit")
+MARK_UNKNOWN = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")))
+    .values(status=NotificationStatus.FAILED, last_error=UNKNOWN_ERROR)
+)
+# COALESCE keeps what an outcome does not set (a failure keeps its send_after, a deferral
+# its provider_id), as the per-outcome updates did.
+# Only while the claim holds the row: a claim taken over records nothing.
+RECORD = (
+    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.claim_token == bindparam("b_token"))
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        last_error=bindparam("b_last_error"),
+        sent_at=func.coalesce(bindparam("b_sent_at", type_=_N.c.sent_at.type), _N.c.sent_at),
+        provider_id=func.coalesce(bindparam("b_provider_id", type_=_N.c.provider_id.type),
+                                  _N.c.provider_id),
+        send_after=func.coalesce(bindparam("b_send_after", type_=_N.c.send_after.type),
+                                 _N.c.send_after),
+    )
+)
+# The usual hand-over: the row sent just before is recorded and the next one stamped in
+# one statement (one round trip; the two rows differ).
+RECORD_AND_HAND_OVER = HAND_OVER.add_cte(RECORD.cte("recorded"))
+# Claimed rows that were provably never handed to a channel go back to what they were.
+RELEASE = (
+    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == NotificationStatus.SENDING,
+                     _N.c.claim_token == bindparam("b_token"), _N.c.handed_over_at.is_(None))
+    .values(status=bindparam("b_status"))
+)
+
+
+class NotificationStore:
+    """The notifier's statements on `notifications`, in the caller's transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @classmethod
+    def transactions(cls, db: Database) -> NotificationTables:
+        """What the sender receives: transactions, each yielding a store, and hand-over
+        lines."""
+        return NotificationTables(db)
+
+    def now(self) -> datetime:
+        """The database's clock (the timer releases deferred rows by `now()`)."""
+        return db_now(self.session)
+
+    def lock(self, ids: Sequence[int]) -> list[Any]:
+        """The rows with these ids, locked, in id order (ids not found are absent)."""
+        return list(self.session.connection().execute(CLAIM, {"ids": list(ids)}))
+
+    def claim(self, ids: Sequence[int], token: str) -> None:
+        """Mark the rows `sending` for the claim `token`, not handed over yet."""
+        if ids:
+            self.session.connection().execute(MARK_SENDING, {"ids": list(ids), "token": token})
+
+
+    def mark_unknown(self, ids: Sequence[int]) -> None:
+        if ids:
+            self.session.connection().execute(MARK_UNKNOWN, {"ids": list(ids)})
+
+    def record(self, results: Sequence[dict[str, Any]]) -> None:
+        """RECORD's parameters, one dict per row (see `record_values`)."""
+        if results:
+            self.session.connection().execute(RECORD, list(results))
+
+    def release(self, rows: Sequence[tuple[int, str]], token: str) -> None:
+        """(id, status to return to) for rows of the claim never handed to a channel."""
+        if rows:
+            self.session.connection().execute(
+                RELEASE, [{"b_id": i, "b_status": status, "b_token": token}
+                          for i, status in rows])
+
+
+class HandOverLine:
+    """A chunk's hand-overs: each statement commits on its own, without waiting for the
+    disk (NO_DISK_WAIT says why)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
+                             token: str) -> set[int]:
+        """Record `results` (RECORD's parameters), then stamp the rows the claim still
+        holds as handed to a provider; those ids."""
+        stamp = {"ids": list(ids), "token": token}
+        if len(results) == 1:
+            return set(self.conn.execute(RECORD_AND_HAND_OVER, {**results[0], **stamp})
+                       .scalars())
+        if results:
+            self.conn.execute(RECORD, list(results))
+        return set(self.conn.execute(HAND_OVER, stamp).scalars())
+
+
+class NotificationTables:
+    """The notifier's storage: `tables()` is a transaction yielding a NotificationStore;
+    `tables.hand_overs()` a HandOverLine on a connection of its own."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @contextmanager
+    def __call__(self) -> Iterator[NotificationStore]:
+        with self.db.transaction() as session:
+            yield NotificationStore(session)
+
+    @contextmanager
+    def hand_overs(self) -> Iterator[HandOverLine]:
+        with self.db.sql_engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execute(NO_DISK_WAIT)
+            try:
+                yield HandOverLine(conn)
+            finally:
+                # Never hand the pool a connection that skips the disk wait.
+                try:
+                    conn.execute(DISK_WAIT)
+                except SQLAlchemyError:  # the connection is gone (or broken): drop it
+                    conn.invalidate()
+
+
+def record_values(notification_id: int, token: str, status: str, attempts: int,
+                  last_error: str | None, *, sent_at: datetime | None = None,
+                  provider_id: str | None = None, send_after: datetime | None = None
+                  ) -> dict[str, Any]:
+    return {"b_id": notification_id, "b_token": token, "b_status": status, "b_attempts": attempts,
+            "b_last_error": last_error, "b_sent_at": sent_at, "b_provider_id": provider_id,
+            "b_send_after": send_after}
