@@ -36,7 +36,7 @@ from shared.db.deadlines import (
     plan_wanted_set,
     same_deadline,
 )
-from shared.db.notification_handover import NEW, NewNotification
+from shared.db.notifications import NEW, NewNotification
 from shared.db.outbox import DecisionRecord, OutboxMessage
 from shared.db.uow import UnitOfWork
 from shared.domain import Case, DeadlineSpec

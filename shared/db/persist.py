@@ -25,7 +25,7 @@ from datetime import datetime
 from shared.db.cases import lock_cases as lock_cases
 from shared.db.cases import try_lock_cases as try_lock_cases
 from shared.db.deadlines import WantedSetChanges
-from shared.db.notification_handover import NewNotification
+from shared.db.notifications import NewNotification
 from shared.db.outbox import DecisionRecord
 from shared.db.uow import UnitOfWork
 from shared.domain import Case, DeadlineSpec, Outcome

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from shared.db.case_log import CaseLogRepository, SqlCaseLog
 from shared.db.cases import CaseRepository, SqlCases
 from shared.db.deadlines import DeadlineRepository, SqlDeadlines
-from shared.db.notification_handover import NotificationHandover, SqlNotificationHandover
+from shared.db.notifications import NotificationHandover, SqlNotificationHandover
 from shared.db.outbox import OutboxRepository, SqlOutbox
 from shared.db.session import Database, db_now
 

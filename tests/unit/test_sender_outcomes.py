@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from services.notifier.channels import FakeChannel
 from services.notifier.delivery import QuietHours, RetryPolicy
-from services.notifier.errors import PermanentError, ThrottledError, TransientError
+from services.notifier.errors import PermanentSendError, ThrottledError, TransientSendError
 from services.notifier.ratelimit import InMemoryRateLimiter, RateLimit
 from services.notifier.sender import NotificationSender
 from shared.db.notifications import NotificationStatus as S
@@ -38,7 +38,7 @@ def later_than_now(at: datetime | None) -> bool:
 def test_a_refusal_fails_the_row_for_good_after_one_attempt() -> None:
     table = FakeNotifications()
     (i,) = table.add()
-    channel = FakeChannel(script=[PermanentError("550 mailbox unavailable", code="550")])
+    channel = FakeChannel(script=[PermanentSendError("550 mailbox unavailable", code="550")])
     assert sender_on(table, channel).send(i).outcome == "failed"
     row = table.rows[i]
     assert (row.status, row.attempts) == (S.FAILED, 1)
@@ -96,7 +96,7 @@ def test_a_row_older_than_its_validity_expires_unsent() -> None:
 def test_a_send_that_may_have_arrived_is_failed_not_repeated() -> None:
     table = FakeNotifications()
     (i,) = table.add()
-    channel = FakeChannel(script=[TransientError("timeout after DATA", maybe_sent=True)])
+    channel = FakeChannel(script=[TransientSendError("timeout after DATA", maybe_sent=True)])
     assert sender_on(table, channel).send(i).outcome == "failed"
     assert table.rows[i].status == S.FAILED and table.rows[i].attempts == 1
     assert sender_on(table, channel).send(i).outcome == "duplicate"
@@ -106,7 +106,7 @@ def test_a_send_that_may_have_arrived_is_failed_not_repeated() -> None:
 def test_a_transient_failure_is_retried_later() -> None:
     table = FakeNotifications()
     (i,) = table.add()
-    channel = FakeChannel(script=[TransientError("connection refused")])
+    channel = FakeChannel(script=[TransientSendError("connection refused")])
     assert sender_on(table, channel).send(i).outcome == "retried"
     row = table.rows[i]
     assert (row.status, row.attempts) == (S.DEFERRED, 1) and later_than_now(row.send_after)
