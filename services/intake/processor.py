@@ -58,7 +58,7 @@ PARKED_EVENTS = (
 )
 INSERT_EVENTS = bulk_insert(_EVENTS, [
     "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
-    "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
+    "body_sha256"], "ON CONFLICT DO NOTHING")
 INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
     "event_id", "case_id", "body", "body_sha256", "first_sha256"])
 # The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).

@@ -61,11 +61,11 @@ INSERT_DEADLINES = bulk_insert(_DEADLINES, [
     "rule_set", "rule_version", "rule_id", "status", "calendar_source"])
 INSERT_DECISIONS = bulk_insert(
     _DECISIONS, ["decision_id", "case_id", "type", "step", "decided_at", "body"],
-    "ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id")
+    "ON CONFLICT DO NOTHING RETURNING decision_id")
 # No RETURNING: the timer finds new notifications by status.
 INSERT_NOTIFICATIONS = bulk_insert(_NOTIFICATIONS, [
     "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
-    "urgent", "status"], "ON CONFLICT (dedup_key) DO NOTHING")
+    "urgent", "status"], "ON CONFLICT DO NOTHING")
 INSERT_OUTBOX = bulk_insert(
     _OUTBOX, ["exchange", "routing_key", "message_id", "headers", "body"])
 # Advisory locks in case-id order: every transaction takes them in the same order, so two
