@@ -171,7 +171,7 @@ PLAN = text(f"""
 
 # What keeps a row of an old partition from going, besides its case still being kept.
 UNFINISHED_ROW = {
-    "case_events": "r.forget_after >= now()",  # an id still within its dedup window
+    "case_events": "coalesce(r.forget_after >= now(), false)",  # id still within its window
     "deadlines": "r.status IN ('pending', 'dispatched')",
     "notifications": "r.status NOT IN ('sent', 'failed')",
     "decisions": "EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = r.decision_id)",
@@ -419,8 +419,9 @@ def _drop_or_sweep(db: Database, spec: PartitionedTable, partition: str,
         if not conn.execute(text(f"SELECT EXISTS ({held})")).scalar_one():
             count = [0]
             report.batches += 1
-            stream = conn.execution_options(yield_per=5000).execute(text(
-                f"SELECT row_to_json(r)::text FROM {partition} AS r")).scalars()
+            stream = conn.execute(text(
+                f"SELECT row_to_json(r)::text FROM {partition} AS r"
+            ).execution_options(yield_per=5000)).scalars()
             archive.write(f"{report.batches:06d}-{spec.table}", _counted(stream, count))
             if on_archived is not None:
                 on_archived()
