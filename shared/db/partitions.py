@@ -218,3 +218,22 @@ def release_keys(db: Database, spec: PartitionedTable, partition: str,
                 f"DELETE FROM {spec.key_table} WHERE {spec.key} = ANY(:keys)"),
                 {"keys": keys}).rowcount)
         after = keys[-1]
+
+
+def partition_history_by_month(conn: Connection, first_month: datetime) -> None:
+    """For a database without data yet (a benchmark's, a test's): the `<table>_history`
+    partition made to end at `first_month`, and a partition per month from there, as a
+    database partitioned since then would look. Refuses a history partition with rows."""
+    for spec in PARTITIONED:
+        history = f"{spec.table}_history"
+        boundary = next(p.upper for p in list_partitions(conn, spec.table)
+                        if p.name == history)
+        if conn.execute(text(f"SELECT EXISTS (SELECT 1 FROM {history})")).scalar():
+            raise ValueError(f"{history} has rows: it is split by retention, not here")
+        conn.execute(text(f"DROP TABLE {history}"))
+        create_partition(conn, spec.table, history, None, first_month)
+        start = first_month
+        while boundary is not None and start < boundary:
+            create_partition(conn, spec.table, partition_name(spec.table, start), start,
+                             next_month(start))
+            start = next_month(start)

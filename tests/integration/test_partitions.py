@@ -24,11 +24,11 @@ from sqlalchemy import Engine, create_engine, text
 from shared.db.migrate import alembic_config, upgrade
 from shared.db.partitions import (
     PARTITIONED,
-    create_partition,
     ensure_partitions,
     list_partitions,
     month_start,
     next_month,
+    partition_history_by_month,
     partition_name,
 )
 from shared.db.retention import Archive, RetentionPolicy, run_retention
@@ -243,24 +243,6 @@ def test_partitions_are_created_ahead(fresh_database: tuple[str, Engine]) -> Non
             assert earlier.upper == later.lower  # no gap
 
 
-def _layout_from(engine: Engine, first_month: datetime) -> None:
-    """Months from `first_month` on as their own partitions, `<table>_history` before:
-    as a database partitioned for half a year would look."""
-    with engine.begin() as conn:
-        for spec in PARTITIONED:
-            history = f"{spec.table}_history"
-            # the history partition of an empty table, and months after `first_month`
-            boundary = next(p.upper for p in list_partitions(conn, spec.table)
-                            if p.name == history)
-            conn.execute(text(f"DROP TABLE {history}"))
-            create_partition(conn, spec.table, history, None, first_month)
-            start = first_month
-            while start < boundary:
-                create_partition(conn, spec.table, partition_name(spec.table, start), start,
-                                 next_month(start))
-                start = next_month(start)
-
-
 def _add_case(engine: Engine, case_id: str, at: datetime, closed: datetime | None) -> None:
     """A case whose event, deadline, decision and notification all date from `at`."""
     p: dict[str, Any] = {"c": case_id, "at": at, "closed": closed,
@@ -324,7 +306,8 @@ def test_retention_drops_an_old_partition_after_archiving_it(
     for _ in range(4):  # the four months before this one
         months.insert(0, month_start(months[0] - timedelta(days=1)))
     m4, m3, m2, _m1, _m0 = months
-    _layout_from(engine, m4)
+    with engine.begin() as conn:
+        partition_history_by_month(conn, m4)
     # The cutoff in the middle of month m2: m4 and m3 are old, m2 straddles it.
     cutoff = m2 + timedelta(days=15)
     retention_days = (now - cutoff).days
