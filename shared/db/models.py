@@ -118,11 +118,15 @@ class CaseEventRow(Base):
 
 class EventIdRow(Base):
     """Every `event_id` in `case_events`, whatever its month: what keeps it unique across
-    partitions. Kept by triggers on `case_events` (migration 0020), not by the services."""
+    partitions. Kept by triggers on `case_events` (migration 0020), not by the services:
+    a row here exactly while its event row is in `case_events`."""
 
     __tablename__ = "event_ids"
 
     event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    # The row's `body_sha256`, so intake's duplicate check is one index probe here rather
+    # than one per month in `case_events`.
+    body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class DecisionIdRow(Base):

@@ -157,6 +157,9 @@ def test_migration_keeps_every_row_while_a_writer_goes_on(
     # The keys of every row are claimed, so the old rows still stop duplicates.
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM event_ids")).scalar() == 9000
+        assert conn.execute(text(  # with the content hash intake checks
+            "SELECT count(*) FROM event_ids k JOIN case_events e USING (event_id) "
+            "WHERE k.body_sha256 = e.body_sha256")).scalar() == 9000
         assert conn.execute(text("SELECT count(*) FROM decision_ids")).scalar() == 3000
         assert conn.execute(text("SELECT count(*) FROM notification_keys")).scalar() == 3000
         inserted = conn.execute(text(
