@@ -8,8 +8,9 @@ same run, with the same rows:
 
   insert     intake's event insert (shared statement, `ON CONFLICT DO NOTHING`, a batch of
              `--batch` rows as one JSON parameter), events/s: the key-claiming trigger's cost
-  seen       intake's duplicate check (`SEEN_EVENTS`, `--batch` ids, half known), checks/s:
-             one primary-key probe per partition instead of one
+  seen       intake's duplicate check (`--batch` ids, half known), checks/s: on
+             `case_events` (one primary-key probe per partition when partitioned), and
+             on the partitioned database also on `event_ids` (one probe)
   remove     a month of events removed: row by row (`DELETE ... RETURNING row_to_json`,
              as retention does per case, in batches of 5,000) on the plain table, against
              archive + release keys + DROP of the month's partition: rows/s
@@ -34,12 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
 
-from services.intake.processor import INSERT_EVENTS, SEEN_EVENTS  # noqa: E402
+from services.intake.processor import INSERT_EVENTS  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
 from shared.db.partitions import month_start, partition_history_by_month  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 OUT = ROOT / "bench-results" / "partitions.json"
+SEEN_IN_EVENTS = text("SELECT event_id, body_sha256 FROM case_events "
+                      "WHERE event_id = ANY(CAST(:ids AS text[]))")
+SEEN_IN_KEYS = text("SELECT event_id, body_sha256 FROM event_ids "
+                    "WHERE event_id = ANY(CAST(:ids AS text[]))")
 
 
 def sa_url(database: str) -> str:
@@ -76,13 +81,14 @@ def measure_insert(engine: Engine, batch: int, batches: int) -> float:
     return batch * batches / (time.perf_counter() - t0)
 
 
-def measure_seen(engine: Engine, batch: int, checks: int, known: int) -> float:
+def measure_seen(engine: Engine, batch: int, checks: int, known: int,
+                 statement: Any = SEEN_IN_EVENTS) -> float:
     with engine.connect() as conn:
         t0 = time.perf_counter()
         for c in range(checks):
             ids = [f"h-{(c * 7919 + i * 104729) % known + 1}" for i in range(batch // 2)]
             ids += [f"none-{c}-{i}" for i in range(batch // 2)]
-            conn.execute(SEEN_EVENTS, {"ids": sorted(ids)}).all()
+            conn.execute(statement, {"ids": sorted(ids)}).all()
         elapsed = time.perf_counter() - t0
         conn.rollback()
     return checks / elapsed
@@ -156,6 +162,9 @@ def main() -> int:
             f = figures.setdefault(label, {})
             f["seen_per_s"] = measure_seen(engine, args.batch, args.checks, args.events)
             f["insert_per_s"] = measure_insert(engine, args.batch, args.batches)
+        figures["plain"]["seen_keys_per_s"] = figures["plain"]["seen_per_s"]
+        figures["partitioned"]["seen_keys_per_s"] = measure_seen(
+            engines["partitioned"], args.batch, args.checks, args.events, SEEN_IN_KEYS)
         partition, start, end = oldest_month(engines["partitioned"])
         n, s = measure_remove_rows(engines["plain"], start, end)
         figures["plain"] |= {"month_rows": n, "remove_s": s, "remove_rows_per_s": n / s}
@@ -174,6 +183,7 @@ def main() -> int:
     print(f"{'figure':40} | {'plain':>10} | {'partitioned':>11} | ratio")
     for key, title in (("insert_per_s", "event insert, events/s"),
                        ("seen_per_s", f"duplicate check ({args.batch} ids), checks/s"),
+                       ("seen_keys_per_s", "  the same on event_ids, checks/s"),
                        ("remove_rows_per_s", "a month removed, rows/s"),
                        ("remove_s", "a month removed, s")):
         print(f"{title:40} | {p[key]:>10,.1f} | {q[key]:>11,.1f} | {q[key] / p[key]:.2f}")
@@ -184,6 +194,7 @@ def main() -> int:
     print(f"RESULT partitions events={args.events} partitions={result['partitions']} "
           f"insert_per_s={p['insert_per_s']:.0f}/{q['insert_per_s']:.0f} "
           f"seen_per_s={p['seen_per_s']:.0f}/{q['seen_per_s']:.0f} "
+          f"seen_keys_per_s={p['seen_per_s']:.0f}/{q['seen_keys_per_s']:.0f} "
           f"month_rows={p['month_rows']}/{q['month_rows']} "
           f"month_remove_s={p['remove_s']:.2f}/{q['remove_s']:.2f} "
           f"load={load[0]:.1f}")

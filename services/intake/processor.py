@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert
-from shared.db.models import CaseEventRow, EventConflictRow
+from shared.db.models import CaseEventRow, EventConflictRow, EventIdRow
 from shared.db.persist import (
     NotificationExpander,
     OutcomeWriter,
@@ -48,8 +48,12 @@ _EVENTS = CaseEventRow.__table__
 assert isinstance(_EVENTS, Table)
 _CONFLICTS = EventConflictRow.__table__
 assert isinstance(_CONFLICTS, Table)
-SEEN_EVENTS = select(_EVENTS.c.event_id, _EVENTS.c.body_sha256).where(
-    _EVENTS.c.event_id == any_(bindparam("ids")))
+_EVENT_IDS = EventIdRow.__table__
+assert isinstance(_EVENT_IDS, Table)
+# From `event_ids` (kept by triggers in step with `case_events`): one index probe, not one
+# per monthly partition of `case_events` (docs/design.md "Partitioning by time").
+SEEN_EVENTS = select(_EVENT_IDS.c.event_id, _EVENT_IDS.c.body_sha256).where(
+    _EVENT_IDS.c.event_id == any_(bindparam("ids")))
 PARKED_EVENTS = (
     select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
     .where(_EVENTS.c.case_id == any_(bindparam("ids")))
