@@ -74,6 +74,9 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
     if report.partitions_kept:
         print(f"  partitions past retention kept for cases still kept (their other rows "
               f"removed): {', '.join(report.partitions_kept)}")
+    if report.partitions_deferred:
+        print(f"  partitions archived but not dropped (lock not granted; next run): "
+              f"{', '.join(report.partitions_deferred)}")
     if report.partitions_created:
         print(f"  partitions created ahead: {', '.join(report.partitions_created)}")
     if report.files:

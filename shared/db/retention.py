@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from shared.db.partitions import (
@@ -252,6 +253,8 @@ class RetentionReport:
     partitions_created: list[str] = field(default_factory=list)
     partitions_dropped: list[str] = field(default_factory=list)  # archived first
     partitions_kept: list[str] = field(default_factory=list)  # old, but a kept case in it
+    # archived, but the drop waited too long for its lock (or rows changed): next run
+    partitions_deferred: list[str] = field(default_factory=list)
     default_partition_rows: dict[str, int] = field(default_factory=dict)
 
 
@@ -398,6 +401,10 @@ def old_partitions(db: Database, policy: RetentionPolicy) -> dict[str, list[Part
     return found
 
 
+class _Changed(Exception):
+    """A partition's rows changed between its archive and its drop."""
+
+
 def _counted(rows: Iterable[str], counter: list[int]) -> Iterator[str]:
     for row in rows:
         counter[0] += 1
@@ -411,28 +418,48 @@ def _drop_or_sweep(db: Database, spec: PartitionedTable, partition: str,
     """An old partition: archived whole and dropped if nothing in it must stay; else the
     rows of removed cases in it are archived and deleted batch by batch."""
     held = _held_in_partition(spec, partition, policy.keeps_ids_longer)
-    with db.engine.begin() as conn:
-        conn.execute(SHORT_LOCKS)
-        # No one writes here while it is checked, archived and dropped (the rest of the
-        # table is not locked): its time range is long past.
-        conn.execute(text(f"LOCK TABLE {partition} IN SHARE MODE"))
-        if not conn.execute(text(f"SELECT EXISTS ({held})")).scalar_one():
+    # Checked and archived without a lock: a lock on the partition would stop the
+    # services' statements that name rows by case or id alone (they touch every
+    # partition) for as long as the archive takes. Nothing changes rows here any more:
+    # their times are long past (new rows get now()), none is unfinished work, no case
+    # they belong to is kept. The drop then checks the count is still what was archived.
+    with db.engine.connect() as conn:
+        if conn.execute(text(f"SELECT EXISTS ({held})")).scalar_one():
+            conn.rollback()
+            held_back = True
+        else:
+            held_back = False
             count = [0]
             report.batches += 1
             stream = conn.execute(text(
                 f"SELECT row_to_json(r)::text FROM {partition} AS r"
             ).execution_options(yield_per=5000)).scalars()
             archive.write(f"{report.batches:06d}-{spec.table}", _counted(stream, count))
+            conn.rollback()
             if on_archived is not None:
                 on_archived()
-            if spec.key is not None:
-                conn.execute(text(
-                    f"DELETE FROM {spec.key_table} AS k USING {partition} AS r "
-                    f"WHERE k.{spec.key} = r.{spec.key}"))
-            conn.execute(text(f"DROP TABLE {partition}"))
-            report.rows[spec.table] = report.rows.get(spec.table, 0) + count[0]
-            report.partitions_dropped.append(partition)
+    if not held_back:
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(SHORT_LOCKS)
+                if conn.execute(text(f"SELECT count(*) FROM {partition}")
+                                ).scalar_one() != count[0]:
+                    raise _Changed
+                if spec.key is not None:
+                    conn.execute(text(
+                        f"DELETE FROM {spec.key_table} AS k USING {partition} AS r "
+                        f"WHERE k.{spec.key} = r.{spec.key}"))
+                # A moment's exclusive lock on the table, under lock_timeout.
+                conn.execute(text(f"DROP TABLE {partition}"))
+        except (_Changed, OperationalError) as exc:
+            if isinstance(exc, OperationalError) and getattr(
+                    exc.orig, "sqlstate", None) not in ("55P03", "40P01"):
+                raise
+            report.partitions_deferred.append(partition)  # archived again next run
             return
+        report.rows[spec.table] = report.rows.get(spec.table, 0) + count[0]
+        report.partitions_dropped.append(partition)
+        return
     report.partitions_kept.append(partition)
     if spec.table == "case_events" and policy.keeps_ids_longer:
         return  # retired ids are forgotten at their time (FORGET_EVENT_IDS)

@@ -349,3 +349,41 @@ def test_retention_drops_an_old_partition_after_archiving_it(
         assert ids == {f"{c}-e{i}" for c in "BEF" for i in (1, 2)}  # released with rows
         assert set(conn.execute(text("SELECT decision_id FROM decision_ids")).scalars()) == {
             "d-B", "d-E", "d-F"}
+
+
+def test_a_drop_that_cannot_get_its_lock_waits_for_the_next_run(
+        fresh_database: tuple[str, Engine], tmp_path: Path) -> None:
+    """A long query on `case_events` holds the lock DROP needs: retention gives up on
+    those partitions after its lock_timeout (archived, not dropped, nothing lost) instead
+    of queueing every writer behind it, and drops them on the next run."""
+    url, engine = fresh_database
+    upgrade(url)
+    with engine.connect() as conn:
+        now: datetime = conn.execute(text("SELECT now()")).scalar_one()
+    old_month = month_start(month_start(month_start(now) - timedelta(days=1))
+                            - timedelta(days=1))  # two months back
+    with engine.begin() as conn:
+        partition_history_by_month(conn, old_month)
+    _add_case(engine, "A", old_month + timedelta(days=3), closed=old_month + timedelta(days=5))
+    retention_days = (now - next_month(old_month)).days  # the old month is past the cutoff
+    db = Database(make_engine(url))
+    try:
+        with engine.connect() as reader:
+            reader.execute(text("SELECT count(*) FROM case_events")).scalar()  # lock held
+            first = run_retention(db, RetentionPolicy(retention_days, retention_days, 100),
+                                  Archive(tmp_path / "first"))
+            reader.rollback()
+        second = run_retention(db, RetentionPolicy(retention_days, retention_days, 100),
+                               Archive(tmp_path / "second"))
+    finally:
+        db.engine.dispose()
+    old_events = partition_name("case_events", old_month)
+    assert first.partitions_deferred == ["case_events_history", old_events]
+    assert old_events not in first.partitions_dropped
+    assert partition_name("decisions", old_month) in first.partitions_dropped
+    assert ("case_events", "A") in _archived(tmp_path / "first")  # archived all the same
+    assert second.partitions_dropped == ["case_events_history", old_events]
+    assert ("case_events", "A") in _archived(tmp_path / "second")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM case_events")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM event_ids")).scalar() == 0
