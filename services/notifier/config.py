@@ -91,6 +91,9 @@ class NotifierConfig:
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             max_attempts=self.max_attempts,
+            # No budget set: a throttling provider is waited out like one that is down,
+            # until the notification expires (valid_s).
+            max_throttled_attempts=None if self.max_attempts is None else 30,
             base_delay_s=self.retry_base_delay_s,
             max_delay_s=self.retry_max_delay_s,
         )
