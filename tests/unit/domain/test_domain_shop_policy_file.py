@@ -12,7 +12,7 @@ import pytest
 
 from shared.domain import Kind, RuleFileError
 from shared.domain.durations import Duration
-from shared.domain.shops import ShopPolicyVersion, parse_shop_policy
+from shared.domain.shops import ShopPolicyVersion, not_looser, parse_shop_policy
 
 PATH = Path("rules/shop-S1001.toml")
 
@@ -144,3 +144,57 @@ def test_shop_policy_must_be_a_table() -> None:
     text = 'shop_policy = 1\n' + RULE_1
     error = refused(text)
     assert error.reason == "[shop_policy] must be a table" and error.line is None
+
+
+def test_an_unknown_top_level_key_is_named_at_its_line() -> None:
+    error = refused("owner = 1\n" + GOOD)
+    assert (error.line, error.reason) == (1, "unknown top-level keys ['owner']")
+
+
+@pytest.mark.parametrize(("rule", "reason"), [
+    ('"on_timeout" = "auto_close"', "unknown key 'on_timeout' in a shop rule"),
+    ('"reminders" = ["soon"]', "bad duration 'soon'"),
+    ('"reminders" = ["1wd"]', "reminder offsets must be positive m/h/d durations"),
+])
+def test_a_key_written_in_quotes_is_refused_at_its_rules_header(rule: str, reason: str) -> None:
+    # The line finder does not see a quoted key: the error names the rule's [[rule]] line,
+    # not another rule's line with the same key, nor no line at all.
+    text = HEADER + RULE_1 + RULE_2.replace('reminders = ["1d"]', rule)
+    error = refused(text)
+    assert error.line == line_of(text, "[[rule]]", 2), str(error)
+    assert error.reason.startswith(reason)
+
+
+def test_an_error_in_one_rule_never_names_a_line_of_the_next() -> None:
+    rules = [RULE_1.replace('duration = "24h"', '"duration" = "soon"'),
+             RULE_2.replace('"exchange"', '"repair"').replace('"buyer_confirm"',
+                                                               '"merchant_repair"'),
+             RULE_2]
+    text = HEADER + "".join(rules)
+    error = refused(text)
+    assert error.line == line_of(text, "[[rule]]", 1), str(error)
+
+
+def test_rules_written_inline_are_refused_at_the_first_line() -> None:
+    text = HEADER.replace("[shop_policy]\n", "rule = [{kind = \"gift\", step = \"x\", "
+                          "duration = \"1h\"}]\n[shop_policy]\n")
+    error = refused(text)
+    assert (error.line, error.reason) == (1, "unknown kind 'gift'")
+    good = parse(HEADER.replace("[shop_policy]\n", "rule = [{kind = \"any\", step = "
+                                "\"merchant_response\", duration = \"1h\"}]\n[shop_policy]\n"))
+    assert good.rules[0].line == 1
+
+
+def test_a_rule_keeps_its_note() -> None:
+    policy = parse(GOOD.replace('reminders = ["1d"]', 'reminders = ["1d"]\nnote = "承诺"'))
+    assert policy.rules[1].note == "承诺"
+
+
+@pytest.mark.parametrize(("shop", "platform", "allowed"), [
+    ("72h", "72h", True), ("73h", "72h", False),  # both fixed: up to the same length
+    ("3wd", "3wd", True), ("4wd", "3wd", False),  # both working days: up to as many
+    ("3d", "3wd", True), ("4d", "3wd", False),  # N calendar days never exceed N working
+    ("2wd", "72h", False),  # working days against a fixed length: may span longer
+])
+def test_never_looser_compares_like_with_like(shop: str, platform: str, allowed: bool) -> None:
+    assert not_looser(Duration.parse(shop), Duration.parse(platform)) is allowed
