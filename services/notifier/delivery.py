@@ -148,7 +148,9 @@ class RetryPolicy:
     throttle_default_s: float = 60.0  # when the provider throttles without a hint
     # Throttling is the provider saying "later", not a fault; allow many more attempts,
     # but not forever (a number on a permanent blacklist-like limit must end somewhere).
-    max_throttled_attempts: int = 30
+    # None: retried until the notification expires (the notifier's setting when
+    # AFTERSALES_NOTIFY_MAX_ATTEMPTS is unset: only a refusal or the expiry fails one).
+    max_throttled_attempts: int | None = 30
     # A request that left us without an answer may have been delivered. "Never twice to the
     # same person" wins by default: such a message is failed (error_kind "ambiguous") and
     # recorded for ops, not retried. True = retry it (at-least-once) instead.
@@ -347,7 +349,7 @@ def _retry_or_fail(
         log.error("failed (permanent) %s: %s", ctx, error)
         return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
     if isinstance(exc, ThrottledError):
-        if attempt >= retry.max_throttled_attempts:
+        if retry.max_throttled_attempts is not None and attempt >= retry.max_throttled_attempts:
             log.error("failed (throttled %d times) %s: %s", attempt, ctx, error)
             return DeliveryResult("failed", error=error, error_kind=kind, attempted=True)
         at = now + timedelta(seconds=retry.throttle_wait_s(exc.retry_after, rng))

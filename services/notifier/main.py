@@ -16,7 +16,7 @@ from services.notifier.ratelimit import RedisRateLimiter
 from services.notifier.sender import NotificationSender
 from shared import metrics
 from shared.bootstrap import build_database, build_health, build_policy
-from shared.config import QuietHoursSettings, Settings
+from shared.config import DeliverySettings, QuietHoursSettings, Settings
 from shared.db.notifications import NotificationStore
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -38,11 +38,19 @@ def build_sender(settings: Settings) -> NotificationSender:
         limiter=RedisRateLimiter(client, prefix=settings.redis_prefix + "ratelimit:"),
         quiet_hours=quiet_hours(settings.quiet_hours),
         limits=rate_limits(settings.rate_limits),
-        retry=RetryPolicy(max_attempts=delivery.max_attempts,
-                          base_delay_s=delivery.retry_base_seconds,
-                          max_delay_s=delivery.retry_max_seconds),
+        retry=retry_policy(delivery),
         valid_for=timedelta(seconds=delivery.valid_seconds),
     )
+
+
+def retry_policy(group: DeliverySettings) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=group.max_attempts,
+        # No budget set: a throttling provider is waited out like one that is down, until
+        # the notification expires (valid_for); with a budget, throttling has its own cap.
+        max_throttled_attempts=None if group.max_attempts is None
+        else RetryPolicy.max_throttled_attempts,
+        base_delay_s=group.retry_base_seconds, max_delay_s=group.retry_max_seconds)
 
 
 def quiet_hours(group: QuietHoursSettings) -> QuietHours:

@@ -43,12 +43,12 @@ from shared.domain.flows import (
     INTERVENTION,
     INTERVENTION_OUTCOMES,
     NOT_CANCELLABLE,
-    OPENING_EVENTS,
     REFUND_PENDING,
     REMIND,
     Close,
     Go,
     Stay,
+    opening_events,
     step_def,
 )
 from shared.domain.model import (
@@ -141,7 +141,7 @@ def fact_order(event: Event) -> tuple[datetime, int, str]:
     """Where an event stands on the case's timeline: by occurred_at; at the same instant
     an opening event first, then by event_id (any stable key gives the same outcome
     whatever the arrival order)."""
-    return (as_utc(event.occurred_at), 0 if event.type in OPENING_EVENTS else 1,
+    return (as_utc(event.occurred_at), 0 if event.type in opening_events() else 1,
             event.event_id)
 
 
@@ -506,7 +506,7 @@ class Engine:
     # ---- opening a case ---------------------------------------------------------------------
 
     def _open(self, event: Event, now: datetime) -> Outcome:
-        if event.type not in OPENING_EVENTS:
+        if event.type not in opening_events():
             return _not_applied(None, f"out_of_state: {event.type} for case {event.case_id}, "
                                       "which was never opened (case.opened comes first)")
         data = event.data
@@ -568,7 +568,7 @@ class Engine:
     # ---- events of the flow tables --------------------------------------------------------
 
     def _flow_event(self, case: Case, event: Event, at: datetime, now: datetime) -> _Work | str:
-        if event.type in OPENING_EVENTS:
+        if event.type in opening_events():
             return f"out_of_state: {event.type}: case {case.case_id} is already open"
         key = event.type
         if event.type == "merchant.inspected":

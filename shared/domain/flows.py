@@ -3,12 +3,18 @@ event moves the case where, and which timeout actions a rule may choose for the 
 
 Events that work the same in every flow (buyer.cancelled, intervention.requested,
 intervention.resolved, deadline.changed) are handled by the engine, not listed here.
+
+The flow tables are built on first use (`flow_tables()`, cached), not when the module is
+imported: the tables never change in a process, and building them late lets mutation
+testing switch the code that builds them (docs/design.md, "Mutation testing").
+`FLOWS` reads through `flow_tables()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 
 from shared.domain.model import Kind, Party
 
@@ -170,165 +176,202 @@ def _repair_refused() -> StepDef:
 
 REFUSED = Go("repair_refused")
 
-FLOWS: Mapping[Kind, FlowDef] = {
-    Kind.refund_only: FlowDef(
-        Kind.refund_only,
-        {
-            "merchant_response": _merchant_response(
-                REFUND_PENDING, {"refund.completed": REFUNDED}
-            ),
-            AFTER_REJECTION: _after_rejection("merchant_response"),
-            REFUND_PENDING: _refund_pending(),
-        },
-        {"case.opened": "merchant_response"},
-    ),
-    Kind.return_refund: FlowDef(
-        Kind.return_refund,
-        {
-            "merchant_response": _merchant_response("buyer_return_shipping"),
-            **_return_leg("merchant_inspection"),
-            "merchant_inspection": StepDef(
-                Party.merchant,
-                "the merchant confirms receipt, inspects and refunds",
-                on={
-                    "merchant.inspected.passed": TO_REFUND,
-                    "merchant.inspected.failed": Go(AFTER_REJECTION),
-                    "merchant.approved": TO_REFUND,
-                    "merchant.rejected": Go(AFTER_REJECTION),
-                    "refund.completed": REFUNDED,
-                },
-                timeout={"auto_refund": TO_REFUND},
-            ),
-            AFTER_REJECTION: _after_rejection("merchant_response"),
-            REFUND_PENDING: _refund_pending(),
-        },
-        {"case.opened": "merchant_response"},
-    ),
-    Kind.exchange: FlowDef(
-        Kind.exchange,
-        {
-            "merchant_response": _merchant_response("buyer_return_shipping"),
-            **_return_leg("merchant_inspection"),
-            "merchant_inspection": StepDef(
-                Party.merchant,
-                "the merchant unpacks and inspects the returned item",
-                on={
-                    "merchant.inspected.passed": Go("merchant_reship"),
-                    "merchant.inspected.failed": Go(AFTER_REJECTION),
-                    "merchant.rejected": Go(AFTER_REJECTION),
-                    "merchant.reshipped": Go("replacement_in_transit"),
-                },
-                # default: inspection deemed passed, the merchant must re-ship
-                timeout={"auto_approve": Go("merchant_reship")},
-                upheld_to="merchant_reship",
-            ),
-            "merchant_reship": StepDef(
-                Party.merchant,
-                "the merchant ships the replacement",
-                on={"merchant.reshipped": Go("replacement_in_transit")},
-            ),
-            "replacement_in_transit": _replacement_in_transit(),
-            "buyer_confirm": _buyer_confirm(),
-            AFTER_REJECTION: _after_rejection("merchant_response"),
-            REFUND_PENDING: _refund_pending(),
-        },
-        {"case.opened": "merchant_response"},
-    ),
-    Kind.repair: FlowDef(
-        Kind.repair,
-        {
-            "merchant_response": _merchant_response(
-                "buyer_return_shipping", {"merchant.refused_repair": REFUSED}
-            ),
-            **_return_leg("merchant_repair"),
-            "merchant_repair": StepDef(
-                Party.merchant,
-                "the merchant repairs the item and sends it back",
-                on={"merchant.reshipped": Go("replacement_in_transit"),
-                    "merchant.refused_repair": REFUSED},
-                timeout={"auto_refund": TO_REFUND},
-            ),
-            "repair_refused": _repair_refused(),
-            "replacement_in_transit": _replacement_in_transit(),
-            "buyer_confirm": _buyer_confirm(),
-            AFTER_REJECTION: _after_rejection("merchant_response"),
-            REFUND_PENDING: _refund_pending(),
-        },
-        {"case.opened": "merchant_response"},
-    ),
-    Kind.onsite_repair: FlowDef(
-        Kind.onsite_repair,
-        {
-            "visit_agreement": StepDef(
-                Party.merchant,
-                "merchant and buyer agree on a visit time",
-                on={
-                    "repair.scheduled": Go("visit_scheduled"),
-                    "merchant.rejected": Go(AFTER_REJECTION),
-                    "merchant.refused_repair": REFUSED,
-                    "buyer.modified": Go("visit_agreement"),
-                },
-                timeout={"require_visit": Go("visit_window"), "auto_refund": TO_REFUND},
-                upheld_to="visit_window",
-            ),
-            "visit_window": StepDef(
-                Party.merchant,
-                "no time agreed: the merchant must visit within the window",
-                on={
-                    "repair.scheduled": Go("visit_scheduled"),
-                    "repair.visited": Go("repair_in_progress"),
-                    "merchant.refused_repair": REFUSED,
-                },
-                timeout={"auto_refund": TO_REFUND},
-            ),
-            "visit_scheduled": StepDef(
-                Party.merchant,
-                "the merchant visits at the agreed time",
-                on={
-                    "repair.visited": Go("repair_in_progress"),
-                    "repair.scheduled": Go("visit_scheduled"),  # rescheduled
-                    "merchant.refused_repair": REFUSED,
-                },
-                timeout={"auto_refund": TO_REFUND},
-            ),
-            "repair_in_progress": StepDef(
-                Party.merchant,
-                "the merchant finishes the repair (counted from the first visit)",
-                on={
-                    "repair.completed": Close("completed"),
-                    "repair.visited": Stay(),  # later visits do not move the deadline
-                    "merchant.refused_repair": REFUSED,
-                },
-                timeout={"auto_refund": TO_REFUND},
-            ),
-            "repair_refused": _repair_refused(),
-            AFTER_REJECTION: _after_rejection("visit_agreement"),
-            REFUND_PENDING: _refund_pending(),
-        },
-        {"case.opened": "visit_agreement"},
-    ),
-    Kind.voucher_refund: FlowDef(
-        Kind.voucher_refund,
-        {
-            "refund_request": StepDef(
-                Party.platform,
-                "an unused (or partly used) voucher: the system approves at once",
-                on={"refund.completed": REFUNDED},
-                timeout={"auto_approve": TO_REFUND},
-            ),
-            "expiry_refund": StepDef(
-                Party.platform,
-                "an expired unused voucher: the system initiates the refund",
-                on={"refund.completed": REFUNDED},
-                timeout={"auto_refund": TO_REFUND},
-            ),
-            REFUND_PENDING: _refund_pending(),
-        },
-        {"case.opened": "refund_request", "voucher.expired": "expiry_refund"},
-    ),
-}
 
-OPENING_EVENTS = frozenset(t for flow in FLOWS.values() for t in flow.opened_by)
+def _build_flows() -> dict[Kind, FlowDef]:
+    return {
+        Kind.refund_only: FlowDef(
+            Kind.refund_only,
+            {
+                "merchant_response": _merchant_response(
+                    REFUND_PENDING, {"refund.completed": REFUNDED}
+                ),
+                AFTER_REJECTION: _after_rejection("merchant_response"),
+                REFUND_PENDING: _refund_pending(),
+            },
+            {"case.opened": "merchant_response"},
+        ),
+        Kind.return_refund: FlowDef(
+            Kind.return_refund,
+            {
+                "merchant_response": _merchant_response("buyer_return_shipping"),
+                **_return_leg("merchant_inspection"),
+                "merchant_inspection": StepDef(
+                    Party.merchant,
+                    "the merchant confirms receipt, inspects and refunds",
+                    on={
+                        "merchant.inspected.passed": TO_REFUND,
+                        "merchant.inspected.failed": Go(AFTER_REJECTION),
+                        "merchant.approved": TO_REFUND,
+                        "merchant.rejected": Go(AFTER_REJECTION),
+                        "refund.completed": REFUNDED,
+                    },
+                    timeout={"auto_refund": TO_REFUND},
+                ),
+                AFTER_REJECTION: _after_rejection("merchant_response"),
+                REFUND_PENDING: _refund_pending(),
+            },
+            {"case.opened": "merchant_response"},
+        ),
+        Kind.exchange: FlowDef(
+            Kind.exchange,
+            {
+                "merchant_response": _merchant_response("buyer_return_shipping"),
+                **_return_leg("merchant_inspection"),
+                "merchant_inspection": StepDef(
+                    Party.merchant,
+                    "the merchant unpacks and inspects the returned item",
+                    on={
+                        "merchant.inspected.passed": Go("merchant_reship"),
+                        "merchant.inspected.failed": Go(AFTER_REJECTION),
+                        "merchant.rejected": Go(AFTER_REJECTION),
+                        "merchant.reshipped": Go("replacement_in_transit"),
+                    },
+                    # default: inspection deemed passed, the merchant must re-ship
+                    timeout={"auto_approve": Go("merchant_reship")},
+                    upheld_to="merchant_reship",
+                ),
+                "merchant_reship": StepDef(
+                    Party.merchant,
+                    "the merchant ships the replacement",
+                    on={"merchant.reshipped": Go("replacement_in_transit")},
+                ),
+                "replacement_in_transit": _replacement_in_transit(),
+                "buyer_confirm": _buyer_confirm(),
+                AFTER_REJECTION: _after_rejection("merchant_response"),
+                REFUND_PENDING: _refund_pending(),
+            },
+            {"case.opened": "merchant_response"},
+        ),
+        Kind.repair: FlowDef(
+            Kind.repair,
+            {
+                "merchant_response": _merchant_response(
+                    "buyer_return_shipping", {"merchant.refused_repair": REFUSED}
+                ),
+                **_return_leg("merchant_repair"),
+                "merchant_repair": StepDef(
+                    Party.merchant,
+                    "the merchant repairs the item and sends it back",
+                    on={"merchant.reshipped": Go("replacement_in_transit"),
+                        "merchant.refused_repair": REFUSED},
+                    timeout={"auto_refund": TO_REFUND},
+                ),
+                "repair_refused": _repair_refused(),
+                "replacement_in_transit": _replacement_in_transit(),
+                "buyer_confirm": _buyer_confirm(),
+                AFTER_REJECTION: _after_rejection("merchant_response"),
+                REFUND_PENDING: _refund_pending(),
+            },
+            {"case.opened": "merchant_response"},
+        ),
+        Kind.onsite_repair: FlowDef(
+            Kind.onsite_repair,
+            {
+                "visit_agreement": StepDef(
+                    Party.merchant,
+                    "merchant and buyer agree on a visit time",
+                    on={
+                        "repair.scheduled": Go("visit_scheduled"),
+                        "merchant.rejected": Go(AFTER_REJECTION),
+                        "merchant.refused_repair": REFUSED,
+                        "buyer.modified": Go("visit_agreement"),
+                    },
+                    timeout={"require_visit": Go("visit_window"), "auto_refund": TO_REFUND},
+                    upheld_to="visit_window",
+                ),
+                "visit_window": StepDef(
+                    Party.merchant,
+                    "no time agreed: the merchant must visit within the window",
+                    on={
+                        "repair.scheduled": Go("visit_scheduled"),
+                        "repair.visited": Go("repair_in_progress"),
+                        "merchant.refused_repair": REFUSED,
+                    },
+                    timeout={"auto_refund": TO_REFUND},
+                ),
+                "visit_scheduled": StepDef(
+                    Party.merchant,
+                    "the merchant visits at the agreed time",
+                    on={
+                        "repair.visited": Go("repair_in_progress"),
+                        "repair.scheduled": Go("visit_scheduled"),  # rescheduled
+                        "merchant.refused_repair": REFUSED,
+                    },
+                    timeout={"auto_refund": TO_REFUND},
+                ),
+                "repair_in_progress": StepDef(
+                    Party.merchant,
+                    "the merchant finishes the repair (counted from the first visit)",
+                    on={
+                        "repair.completed": Close("completed"),
+                        "repair.visited": Stay(),  # later visits do not move the deadline
+                        "merchant.refused_repair": REFUSED,
+                    },
+                    timeout={"auto_refund": TO_REFUND},
+                ),
+                "repair_refused": _repair_refused(),
+                AFTER_REJECTION: _after_rejection("visit_agreement"),
+                REFUND_PENDING: _refund_pending(),
+            },
+            {"case.opened": "visit_agreement"},
+        ),
+        Kind.voucher_refund: FlowDef(
+            Kind.voucher_refund,
+            {
+                "refund_request": StepDef(
+                    Party.platform,
+                    "an unused (or partly used) voucher: the system approves at once",
+                    on={"refund.completed": REFUNDED},
+                    timeout={"auto_approve": TO_REFUND},
+                ),
+                "expiry_refund": StepDef(
+                    Party.platform,
+                    "an expired unused voucher: the system initiates the refund",
+                    on={"refund.completed": REFUNDED},
+                    timeout={"auto_refund": TO_REFUND},
+                ),
+                REFUND_PENDING: _refund_pending(),
+            },
+            {"case.opened": "refund_request", "voucher.expired": "expiry_refund"},
+        ),
+    }
+
+
+@cache
+def flow_tables() -> Mapping[Kind, FlowDef]:
+    """Every kind's flow, built once per process on first use."""
+    return _build_flows()
+
+
+@cache
+def opening_events() -> frozenset[str]:
+    """Event types that open a case (of some kind)."""
+    return frozenset(t for flow in flow_tables().values() for t in flow.opened_by)
+
+
+def forget_built_tables() -> None:
+    """Build the tables afresh on their next use. Nothing needs this in production (the
+    tables never change); the domain tests call it before each test so that a mutant of
+    the code building them takes effect in a test process forked from one that built them
+    already (mutation testing) and that every test using them is counted as testing it."""
+    flow_tables.cache_clear()
+    opening_events.cache_clear()
+
+
+class _FlowsByKind(Mapping[Kind, FlowDef]):
+    """A read-only view of `flow_tables()`: the tables are built on first access."""
+
+    def __getitem__(self, kind: Kind) -> FlowDef:
+        return flow_tables()[kind]
+
+    def __iter__(self) -> Iterator[Kind]:
+        return iter(flow_tables())
+
+    def __len__(self) -> int:
+        return len(flow_tables())
+
+
+FLOWS: Mapping[Kind, FlowDef] = _FlowsByKind()
 
 # Events the engine handles the same way for every kind.
 GLOBAL_EVENTS = ("buyer.cancelled", "intervention.requested", "intervention.resolved",
@@ -359,19 +402,19 @@ INTERVENTION_STEP = StepDef(
 def step_def(kind: Kind, step: str) -> StepDef | None:
     if step == INTERVENTION:
         return INTERVENTION_STEP
-    return FLOWS[kind].steps.get(step)
+    return flow_tables()[kind].steps.get(step)
 
 
 def timed_steps(kind: Kind) -> list[str]:
     """Steps that need a rule (a deadline); the intervention has none."""
-    return list(FLOWS[kind].steps)
+    return list(flow_tables()[kind].steps)
 
 
 def all_event_types() -> list[str]:
     keys = {
         key.removesuffix(".passed").removesuffix(".failed")
-        for flow in FLOWS.values()
+        for flow in flow_tables().values()
         for step in flow.steps.values()
         for key in step.on
     }
-    return sorted(keys | set(OPENING_EVENTS) | set(GLOBAL_EVENTS))
+    return sorted(keys | opening_events() | set(GLOBAL_EVENTS))

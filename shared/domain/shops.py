@@ -143,10 +143,14 @@ def parse_shop_policy(path: Path, text: str, doc: Mapping[str, Any],
         seen.add((kind, step))
         try:
             duration = Duration.parse(raw["duration"])
+        except (ValueError, TypeError) as exc:
+            fail(str(exc), key="duration", index=i)
+        try:
             reminders = None if "reminders" not in raw else tuple(
                 Duration.parse(r) for r in raw["reminders"])
         except (ValueError, TypeError) as exc:
-            fail(str(exc), key="duration" if "duration" in str(exc) else "reminders", index=i)
+            # its own line: every parse error says "bad duration", also a reminder's
+            fail(str(exc), key="reminders", index=i)
         if reminders and any(not r.is_fixed or r.is_zero for r in reminders):
             fail("reminder offsets must be positive m/h/d durations", key="reminders", index=i)
         rules.append(ShopRule(kind, step, duration, reminders, str(raw.get("note", "")),

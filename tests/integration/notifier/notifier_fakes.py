@@ -156,9 +156,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeProvider:
-    """Base: runs a ThreadingHTTPServer on 127.0.0.1:<free port> in a thread."""
+    """Base: runs a ThreadingHTTPServer on 127.0.0.1:<port> (default: a free one) in a
+    thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []  # accepted SendSms requests
         self.rejections: list[str] = []  # error codes answered
         self._lock = threading.Lock()
@@ -180,7 +181,7 @@ class FakeProvider:
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", port), Handler)
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/"
         # A short poll interval keeps shutdown() (once per test) fast.
@@ -231,8 +232,8 @@ class FakeAliyun(FakeProvider):
     """`behaviour`: phone number -> (http status, Code, Message) to answer instead of OK."""
 
     def __init__(self, keys: dict[str, str], behaviour: dict[str, tuple[int, str, str]] | None
-                 = None) -> None:
-        super().__init__()
+                 = None, port: int = 0) -> None:
+        super().__init__(port)
         self.keys = keys
         self.behaviour = behaviour or {}
         self._nonces: set[str] = set()

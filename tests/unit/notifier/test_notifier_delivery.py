@@ -230,6 +230,23 @@ def test_transient_failures_are_retried_without_a_cap_when_none_is_set() -> None
     assert r.retry_at - at(10) <= timedelta(seconds=60)
 
 
+def test_throttling_is_retried_until_expiry_when_no_cap_is_set() -> None:
+    policy = RetryPolicy(max_attempts=None, max_throttled_attempts=None)
+    r = send(req(urgent=True), FakeChannel(script=[ThrottledError("x", retry_after=60)]),
+             at(10), attempt=500, retry=policy)
+    assert r.status == "retry" and r.retry_at is not None and r.retry_at > at(10)
+
+
+def test_the_notifiers_default_settings_wait_out_throttling_and_outages() -> None:
+    from services.notifier.main import retry_policy
+    from shared.config import DeliverySettings
+
+    unlimited = retry_policy(DeliverySettings())
+    assert unlimited.max_attempts is None and unlimited.max_throttled_attempts is None
+    capped = retry_policy(DeliverySettings(max_attempts=3))
+    assert capped.max_attempts == 3 and capped.max_throttled_attempts == 30
+
+
 def test_redelivery_of_a_sent_message_is_the_callers_job_but_keys_make_it_visible() -> None:
     # The actor checks the row's status before calling; here: a fake that counts per key
     ch = FakeChannel()
