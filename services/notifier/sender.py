@@ -216,19 +216,11 @@ class NotificationSender:
         dropped connection) try again for up to `db_retry_s`. What a chunk holds (results
         of sends that happened, rows claimed) is recorded once it is back instead of being
         left `sending`, which would make every row of the chunk "unknown"."""
-        give_up = time.monotonic() + self.db_retry_s
-        delay = 0.2
-        while True:
-            try:
-                with self.storage() as store:
-                    return work(store)
-            except DBAPIError as exc:
-                if not is_transient(exc) or time.monotonic() + delay > give_up:
-                    raise
-                log.warning("database unavailable (%s); trying again in %.1fs",
-                            type(exc.orig).__name__, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        def attempt() -> _T:
+            with self.storage() as store:
+                return work(store)
+
+        return _while_database_away(attempt, self.db_retry_s)
 
     def _chunk_clock(self, store: NotificationRepository) -> Callable[[], datetime]:
         if self.clock is not None:
@@ -375,23 +367,16 @@ class _Line:
     def record_and_hand_over(self, done: list[_Result], c: _Claimed) -> bool:
         """Record `done`, then stamp the row handed over, committed before the provider
         call; False if another claim has taken the row over."""
-        give_up = time.monotonic() + self.retry_s
-        delay = 0.2
         values = [r.values for r in done if r.values is not None]
-        while True:
-            try:
-                if self._line is None:
-                    self._stack = ExitStack()
-                    self._line = self._stack.enter_context(self.storage.hand_overs())
-                return c.id in self._line.record_and_hand_over(values, [c.id], c.token)
-            except DBAPIError as exc:
-                self.close()
-                if not is_transient(exc) or time.monotonic() + delay > give_up:
-                    raise
-                log.warning("database unavailable (%s); trying again in %.1fs",
-                            type(exc.orig).__name__, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        def attempt() -> bool:
+            if self._line is None:
+                self._stack = ExitStack()
+                self._line = self._stack.enter_context(self.storage.hand_overs())
+            return c.id in self._line.record_and_hand_over(values, [c.id], c.token)
+
+        # a failed statement leaves the line's connection unusable: a new one each try
+        return _while_database_away(attempt, self.retry_s, on_error=self.close)
 
     def close(self) -> None:
         stack, self._stack, self._line = self._stack, None, None
@@ -462,3 +447,22 @@ def _record(store: NotificationRepository, results: list[_Result]) -> None:
 def _values(c: _Claimed, status: str, attempts: int, last_error: str | None,
             **columns: Any) -> dict[str, Any]:
     return record_values(c.id, c.token, status, attempts, last_error, **columns)
+
+
+def _while_database_away(attempt: Callable[[], _T], retry_s: float, *,
+                         on_error: Callable[[], None] = lambda: None) -> _T:
+    """`attempt()`, tried again with backoff for up to `retry_s` while PostgreSQL is away
+    (restart, failover, a dropped connection); any other error is raised at once."""
+    give_up = time.monotonic() + retry_s
+    delay = 0.2
+    while True:
+        try:
+            return attempt()
+        except DBAPIError as exc:
+            on_error()
+            if not is_transient(exc) or time.monotonic() + delay > give_up:
+                raise
+            log.warning("database unavailable (%s); trying again in %.1fs",
+                        type(exc.orig).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

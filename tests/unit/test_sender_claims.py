@@ -26,7 +26,7 @@ class Interrupted(BaseException):
 def sender_on(table: FakeNotifications, channel: FakeChannel) -> NotificationSender:
     return NotificationSender(
         table, POLICY, {"email": channel}, InMemoryRateLimiter(),
-        QuietHours.parse("off", "Asia/Shanghai"), (), RetryPolicy())
+        QuietHours.parse("off"), (), RetryPolicy())
 
 
 def test_rows_waiting_are_sent_and_the_others_settled_without_a_send() -> None:

@@ -28,7 +28,7 @@ def sender_on(table: FakeNotifications, channel: FakeChannel, *,
               valid_for: timedelta | None = None) -> NotificationSender:
     return NotificationSender(
         table, POLICY, {"email": channel}, limiter or InMemoryRateLimiter(),
-        QuietHours.parse("off", "Asia/Shanghai"), limits, RetryPolicy(), valid_for=valid_for)
+        QuietHours.parse("off"), limits, RetryPolicy(), valid_for=valid_for)
 
 
 def later_than_now(at: datetime | None) -> bool:
