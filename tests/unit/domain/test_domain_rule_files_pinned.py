@@ -714,3 +714,37 @@ def test_options_fall_back_to_older_versions_and_the_default_set(tmp_path: Path)
     assert book.option("acme", "rejection_needs_evidence", cst(2026, 6, 1)) is True
     assert book.option("acme", "rejection_needs_evidence", cst(2026, 5, 31)) is None
     assert book.option("acme", "after_sales_window", datetime(2026, 7, 1, tzinfo=UTC)) is None
+
+
+def test_a_file_cut_short_names_its_last_line(tmp_path: Path) -> None:
+    text = GOOD + "note ="
+    error = refused(tmp_path, text)
+    assert error.line == len(text.splitlines())
+    assert error.reason.startswith("not valid TOML")
+
+
+# ---- looking up sets, rules and options that are not there -----------------------------------
+
+def test_a_platform_without_a_set_takes_the_default_sets_options(tmp_path: Path) -> None:
+    book = load(tmp_path, d=DEFAULT_ONE.format(version="2", effective="2026-06-01",
+                                               duration="48h").replace(
+        'version = "2"', 'version = "2"\nafter_sales_window = "15d"'))
+    window = book.option("nowhere", "after_sales_window", cst(2026, 6, 1))
+    assert window == Duration.parse("15d")
+    assert book.versions("nowhere") == []
+    assert book.get(RuleRef("nowhere", "1", "any.merchant_response")) is None
+    assert book.get(RuleRef("default", "1", "no.such.rule")) is None
+    found = book.get(RuleRef("default", "1", "any.merchant_response"))
+    assert found is not None and found.version == "1"
+
+
+def test_a_shop_policy_applies_from_its_effective_moment_and_to_its_steps_only(
+    tmp_path: Path,
+) -> None:
+    book = load(tmp_path, a=ANY_RULE, s=shop("24h"))
+    start = book.rule_for("acme", Kind.exchange, "merchant_response", cst(2026, 1, 1), "S1")
+    assert start is not None and start.set_name == "shop:acme:S1"
+    other_step = book.rule_for("acme", Kind.exchange, "buyer_confirm", cst(2026, 2, 1), "S1")
+    assert other_step is not None and other_step.set_name == "default"
+    (policy,) = book.shop_policies
+    assert policy.origin == "user"
