@@ -748,3 +748,108 @@ def test_a_shop_policy_applies_from_its_effective_moment_and_to_its_steps_only(
     assert other_step is not None and other_step.set_name == "default"
     (policy,) = book.shop_policies
     assert policy.origin == "user"
+
+
+def test_a_bad_sourced_list_in_the_second_rule_names_its_line(tmp_path: Path) -> None:
+    text = (HEADER + EXCHANGE + 'sourced = ["duration"]\n' + REPAIR
+            + 'sourced = ["anchor"]\n')
+    error = refused(tmp_path, text)
+    assert error.line == line_of(text, "sourced", 2)
+
+
+def test_a_shop_variant_of_a_kinds_own_platform_rule_is_found_again(tmp_path: Path) -> None:
+    # the platform rule is for exchange only; the shop also shortens refund_only's step
+    policy = shop("24h", kind="exchange") + ('\n[[rule]]\nkind = "refund_only"\n'
+                                             'step = "merchant_response"\nduration = "12h"\n')
+    book = load(tmp_path, a=acme_version("v1", "2026-01-01", "48h"), s=policy)
+    rule = book.rule_for("acme", Kind.exchange, "merchant_response", cst(2026, 2, 1), "S1")
+    assert rule is not None and rule.duration.text == "24h"
+    assert book.get(rule.ref) == rule
+
+
+def test_a_shop_rule_for_one_kind_is_held_to_that_kinds_platform_rule_only(
+    tmp_path: Path,
+) -> None:
+    # 60h is within acme's 72h for exchange, though beyond the default 48h of other kinds
+    book = load(tmp_path, a=acme_version("v1", "2026-01-01", "72h"),
+                s=shop("60h", kind="exchange"))
+    rule = book.rule_for("acme", Kind.exchange, "merchant_response", cst(2026, 2, 1), "S1")
+    assert rule is not None and rule.duration.text == "60h"
+
+
+def test_a_shop_on_a_platform_without_a_set_is_held_to_the_default_set(tmp_path: Path) -> None:
+    book = load(tmp_path, s=shop("24h", platform="nowhere"))
+    rule = book.rule_for("nowhere", Kind.exchange, "merchant_response", cst(2026, 2, 1), "S1")
+    assert rule is not None and (rule.set_name, rule.duration.text) == ("shop:nowhere:S1",
+                                                                        "24h")
+    with pytest.raises(RuleFileError) as info:
+        load(tmp_path / "b", s=shop("72h", platform="nowhere"))
+    assert "default/1/any.merchant_response" in info.value.reason
+
+
+def test_each_shop_version_is_checked_until_the_next_one_only(tmp_path: Path) -> None:
+    # shop v1 lives 2026 only; acme's 24h version comes in 2027-06, under shop v2
+    book = load(tmp_path,
+                a2=acme_version("v2", "2026-01-01", "72h"),
+                a3=acme_version("v3", "2027-06-01", "24h"),
+                s1=shop("48h", kind="exchange"),
+                s2=shop("24h", kind="exchange", version="v2", effective="2027-01-01"),
+                s3=shop("12h", kind="exchange", version="v3", effective="2028-01-01"))
+    assert [p.version for p in book.shop_policies] == ["v1", "v2", "v3"]
+
+
+def test_a_running_default_version_reaches_a_platform_without_a_set(tmp_path: Path) -> None:
+    book = load(tmp_path, d=DEFAULT_ONE.format(
+        version="2", effective="2026-06-01", duration="24h").replace(
+        'version = "2"', 'version = "2"\n' + RUNNING))
+    current = RuleRef("default", "1", "any.merchant_response")
+    found = book.running_switch("nowhere", Kind.exchange, "merchant_response",
+                                cst(2026, 5, 31), current, cst(2026, 6, 2))
+    assert found is not None and (found[0].version, found[1]) == ("2", cst(2026, 6, 1))
+
+
+def test_a_running_version_switches_a_shop_variant_of_a_rule_whose_id_has_a_slash(
+    tmp_path: Path,
+) -> None:
+    slash = 'id = "answer/exchange"'
+    book = running_book(tmp_path, v2=acme_version("v2", "2026-06-01", "36h", extra=RUNNING)
+                        .replace('id = "exchange.merchant_response"', slash),
+                        s=shop("30h", kind="exchange"))
+    current = RuleRef("shop:acme:S1", "v1", "acme/v1/exchange.merchant_response")
+    found = book.running_switch("acme", Kind.exchange, "merchant_response", cst(2026, 5, 31),
+                                current, cst(2026, 6, 2), shop="S1")
+    assert found is not None and found[0].id == "acme/v2/answer/exchange"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="bug in RuleBook.running_switch: a step already moved to the newest "
+                   "running version is moved back to an older one (the newest moment's rule "
+                   "equals the current one and the loop goes on to older moments); the timer "
+                   "runs the switch at every start, so such steps flip between versions")
+def test_a_step_on_the_newest_running_version_stays_on_it(tmp_path: Path) -> None:
+    from shared.domain.recompute import switch_running
+
+    book = load(tmp_path, v1=acme_version("v1", "2026-01-01", "30d"),
+                v2=acme_version("v2", "2026-03-01", "20d", extra=RUNNING),
+                v3=acme_version("v3", "2026-03-05", "25d", extra=RUNNING))
+    engine = Engine(book, WorkCalendar())
+    driver = Driver(engine, platform="acme")
+    driver.open("exchange", cst(2026, 2, 25))
+    assert driver.case is not None
+    first = switch_running(engine, driver.case, cst(2026, 3, 6))  # a timer start after both
+    assert first is not None and first.case.rule_version == "v3"
+    again = switch_running(engine, first.case, cst(2026, 3, 7))  # the next timer start
+    assert again is None, again.case.rule_version
+
+
+def test_an_install_without_the_default_set_is_refused_naming_the_shipped_folder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.domain import rules
+
+    broken = [f for f in rules.shipped_files() if f.name != "default.toml"]
+    monkeypatch.setattr(rules, "shipped_files", lambda: broken)
+    with pytest.raises(RuleFileError) as info:
+        RuleBook.load(None)
+    assert (info.value.path, info.value.line) == ("shared/rules", None)
+    assert '"default"' in info.value.reason
