@@ -267,7 +267,7 @@ def test_rules_written_inline_are_refused_at_the_first_line(tmp_path: Path) -> N
     assert good.id == "x"
 
 
-def test_a_rule_error_with_a_key_on_the_first_line_of_the_file(tmp_path: Path) -> None:
+def test_an_unknown_key_on_the_first_line_is_named_there(tmp_path: Path) -> None:
     # an unknown top-level key on line 1 is found from line 1
     error = refused(tmp_path, "owner = 1\n" + GOOD)
     assert error.line == 1
