@@ -59,6 +59,8 @@ from shared.domain.tomlfiles import header_lines, key_line, toml_error_line
 
 DEFAULT_SET = "default"
 ANY_KIND = "any"
+# In a shop variant's rule id: the kind its shop rule is for (not allowed in rule ids).
+SHOP_KIND_MARK = "#"
 STEP_START = "step_start"
 # anchors other than the step start: the case.data key holding the moment, and where it exists
 ANCHOR_STEPS: Mapping[str, frozenset[str]] = {
@@ -177,8 +179,12 @@ class RuleBook:
                          reverse=True)
         for moment in moments:
             rule = self.rule_for(platform, kind, step, moment, shop)
-            if rule is None or rule.ref == current:
+            if rule is None:
                 continue
+            if rule.ref == current:
+                # Already on the newest running version's rule: an older moment's rule
+                # must not take the step back (the timer runs this at every start).
+                return None
             base = self.get(RuleRef(*rule.id.split("/", 2))) \
                 if rule.set_name.startswith(f"{SHOP_SET_PREFIX}:") else rule
             if base is None:
@@ -273,21 +279,27 @@ class RuleBook:
         return None
 
     def _get_shop_variant(self, ref: RuleRef) -> Rule | None:
-        """A shop rule's id names the platform rule it shortens: set/version/id."""
+        """A shop rule's id names the platform rule it shortens: set/version/id, and
+        `#kind` when the shop's rule is for one kind of a general platform rule."""
         parts = ref.id.split("/", 2)
         policy = next((p for p in self._shops.get(ref.set, []) if p.version == ref.version),
                       None)
         if len(parts) != 3 or policy is None:
             return None
-        base = self.get(RuleRef(*parts))
+        platform_id, _, kind_name = parts[2].partition(SHOP_KIND_MARK)
+        base = self.get(RuleRef(parts[0], parts[1], platform_id))
         if base is None:
             return None
-        kinds = list(Kind) if base.kind == ANY_KIND else [Kind(base.kind)]
-        for kind in kinds:
-            shop_rule = policy.find(kind, base.step)
-            if shop_rule is not None:
-                return _shop_variant(base, policy, shop_rule)
-        return None
+        if kind_name:
+            candidates = [r for r in policy.rules if r.kind == kind_name and r.step == base.step]
+        elif base.kind == ANY_KIND:
+            # The shop's general rule; a reference written before the kind mark may also
+            # name one kind's rule: then the first kind the shop shortens.
+            candidates = [r for r in policy.rules if r.kind == ANY_KIND and r.step == base.step]
+            candidates += [r for k in Kind if (r := policy.find(k, base.step)) is not None]
+        else:
+            candidates = [r for r in [policy.find(Kind(base.kind), base.step)] if r is not None]
+        return _shop_variant(base, policy, candidates[0]) if candidates else None
 
     def _check_shops_never_looser(self) -> None:
         """A shop may promise less time than its platform, never more: checked against
@@ -337,6 +349,9 @@ def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuleFileError(path, None, f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # saved as GBK, say: name the file, not a traceback
+        raise RuleFileError(path, None, f"not UTF-8 text (byte {exc.start}): save the file "
+                            "as UTF-8") from exc
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -414,6 +429,9 @@ class _RuleFileParser:
         for key in sorted(set(raw) - _RULE_REQUIRED - _RULE_OPTIONAL):
             self.fail(f"unknown key {key!r} in rule {raw.get('id')!r}", key=key, rule_index=i)
         rule_id = raw["id"]
+        if SHOP_KIND_MARK in str(rule_id):
+            self.fail(f"rule id {rule_id!r} may not contain {SHOP_KIND_MARK!r}", key="id",
+                      rule_index=i)
         kind, step = raw["kind"], raw["step"]
         kinds = [k for k in Kind if k.value == kind] if kind != ANY_KIND else list(Kind)
         if not kinds:
@@ -511,7 +529,12 @@ def _shop_variant(base: Rule, policy: ShopPolicyVersion, shop_rule: ShopRule) ->
     reminders = shop_rule.reminders if shop_rule.reminders is not None else tuple(
         r for r in base.reminders
         if not shop_rule.duration.is_fixed or r.as_timedelta() < shop_rule.duration.as_timedelta())
-    return Rule(policy.set_name, policy.version, f"{base.set_name}/{base.version}/{base.id}",
+    rule_id = f"{base.set_name}/{base.version}/{base.id}"
+    if base.kind == ANY_KIND and shop_rule.kind != ANY_KIND:
+        # The shop's rule for one kind beside, maybe, its general one for the same step:
+        # the reference names the kind, or it would be found again as the general one.
+        rule_id += f"{SHOP_KIND_MARK}{shop_rule.kind}"
+    return Rule(policy.set_name, policy.version, rule_id,
                 base.kind, base.step, base.party, shop_rule.duration, base.on_timeout,
                 reminders, base.anchor, shop_rule.note or f"shop policy of {policy.shop_id}")
 
