@@ -185,7 +185,7 @@ class RuleBook:
                 # Already on the newest running version's rule: an older moment's rule
                 # must not take the step back (the timer runs this at every start).
                 return None
-            base = self.get(RuleRef(*rule.id.split("/", 2))) \
+            base = self.get(RuleRef(*rule.id.partition(SHOP_KIND_MARK)[0].split("/", 2))) \
                 if rule.set_name.startswith(f"{SHOP_SET_PREFIX}:") else rule
             if base is None:
                 continue

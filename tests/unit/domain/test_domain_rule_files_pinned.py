@@ -860,3 +860,18 @@ def test_a_reference_written_before_the_kind_mark_still_finds_the_kinds_variant(
     rule = book.rule_for("acme", Kind.repair, "merchant_response", cst(2026, 2, 1), shop="S1")
     assert rule is not None and rule.id == "acme/v1/any.merchant_response#repair"
     assert book.get(RuleRef("shop:acme:S1", "v1", "acme/v1/any.merchant_response#refund")) is None
+
+
+def test_a_running_general_version_switches_a_shop_rule_for_one_kind(tmp_path: Path) -> None:
+    # The shop shortens a general platform rule for repair only: its variant's id carries
+    # the kind mark, and a running platform version still takes it over.
+    book = load(tmp_path, v1=acme_version("v1", "2026-01-01", "48h", kind="any"),
+                v2=acme_version("v2", "2026-06-01", "36h", kind="any", extra=RUNNING),
+                s=shop("30h", kind="repair"))
+    current = RuleRef("shop:acme:S1", "v1", "acme/v1/any.merchant_response#repair")
+    assert book.get(current) is not None
+    found = book.running_switch("acme", Kind.repair, "merchant_response", cst(2026, 5, 31),
+                                current, cst(2026, 6, 2), shop="S1")
+    assert found is not None
+    assert (found[0].id, found[0].duration.text, found[1]) == (
+        "acme/v2/any.merchant_response#repair", "30h", cst(2026, 6, 1))
