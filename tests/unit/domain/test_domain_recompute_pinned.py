@@ -251,7 +251,7 @@ def _switch_engine(tmp_path: Path, old: str, new: str, *, effective: str = "2026
     return Engine(RuleBook.load(folder), WorkCalendar())
 
 
-def _exchange(engine: Engine, opened_at: tuple[int, int, int, int]) -> Driver:
+def _exchange(engine: Engine, opened_at: tuple[int, ...]) -> Driver:
     driver = Driver(engine, platform="acme")
     driver.open("exchange", cst(*opened_at))
     assert driver.deadline.rule.version == "v1"
