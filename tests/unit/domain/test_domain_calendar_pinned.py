@@ -90,6 +90,28 @@ def test_asking_twice_gives_the_same_answer() -> None:
     assert first.count(True) == 6  # 10-08, 09, make-up Saturday 10, 12, 13, 14
 
 
+def test_a_loaded_calendar_asks_the_library_once_per_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the answer never changes for a loaded calendar, and the library is slow
+    # (docs/benchmarks.md): the timer asks about the same days again and again
+    asked: list[date] = []
+    library = calendar_module.chinese_calendar.is_workday
+    assert WorkCalendar().year_source(2026) == LIBRARY  # the library knows 2026 (kept)
+
+    def counting(day: date) -> bool:
+        asked.append(day)
+        return bool(library(day))
+
+    monkeypatch.setattr(calendar_module.chinese_calendar, "is_workday", counting)
+    calendar = WorkCalendar()
+    assert calendar.is_workday(date(2026, 10, 8)) is True
+    assert calendar.is_workday(date(2026, 10, 9)) is True
+    assert calendar.is_workday(date(2026, 10, 8)) is True
+    assert calendar.is_workday(date(2026, 10, 9)) is True
+    assert asked == [date(2026, 10, 8), date(2026, 10, 9)]
+
+
 def test_an_estimate_the_package_cannot_give_falls_back_to_weekends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -175,6 +197,16 @@ def test_span_basis_counts_the_days_after_the_start_only(tmp_path: Path) -> None
         "source": FILE, "estimated": False}
     assert calendar.span_basis(cst(2030, 12, 30, 10), cst(2031, 1, 3, 10)) == {
         "source": ESTIMATED, "estimated": True, "estimated_years": [2030]}
+
+
+def test_span_basis_uses_the_china_local_dates_of_start_and_end(tmp_path: Path) -> None:
+    calendar = WorkCalendar(_file(tmp_path, "[2031]\nholidays = []\n"))
+    # 2030-12-31 05:00 in China is still 12-30 in UTC: the days counted are 2031's
+    assert calendar.span_basis(cst(2030, 12, 31, 5), cst(2031, 1, 3, 10)) == {
+        "source": FILE, "estimated": False}
+    # ending 2032-01-01 05:00 in China (12-31 in UTC) reaches into the estimated 2032
+    assert calendar.span_basis(cst(2031, 12, 30, 10), cst(2032, 1, 1, 5)) == {
+        "source": ESTIMATED, "estimated": True, "estimated_years": [2032]}
 
 
 def test_span_basis_takes_the_weakest_source_over_all_years(tmp_path: Path) -> None:
