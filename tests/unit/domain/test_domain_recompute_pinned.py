@@ -423,3 +423,53 @@ def test_a_step_already_on_the_new_version_is_not_switched_again(tmp_path: Path)
     assert result is not None
     assert switch_running(engine, result.case, cst(2026, 6, 1, 9)) is None
     assert result.shift_seconds == -timedelta(days=1).total_seconds()
+
+
+def test_a_switch_from_the_default_set_names_the_platforms_set_and_rule(
+    tmp_path: Path,
+) -> None:
+    # acme v1 says nothing about exchanges (the default set's 48 h applies); v2 does
+    refund = RULE.format(kind="refund_only", step="merchant_response", party="merchant",
+                         duration="48h", on_timeout="auto_approve", extra="")
+    fast = RULE.format(kind="exchange", step="merchant_response", party="merchant",
+                       duration="24h", on_timeout="auto_approve", extra="").replace(
+        'id = "exchange.merchant_response"', 'id = "exchange.fast_answer"')
+    folder = _rules(tmp_path, ("v1", "2026-01-01", False, refund),
+                    ("v2", "2026-06-01", True, refund + fast))
+    engine = Engine(RuleBook.load(folder), WorkCalendar())
+    driver = Driver(engine, platform="acme")
+    driver.open("exchange", cst(2026, 5, 31, 12))
+    case = driver.case
+    assert case is not None and case.rule_set == "default"
+    result = switch_running(engine, case, cst(2026, 6, 1, 8))
+    assert result is not None and result.new_due_at == cst(2026, 6, 1, 12)
+    assert (result.case.rule_set, result.case.rule_version, result.case.rule_id) == (
+        "acme", "v2", "exchange.fast_answer")
+    assert result.note()["rule"] == {"set": "acme", "version": "v2",
+                                     "id": "exchange.fast_answer"}
+    assert "was default" in result.note()["reason"]
+    (deadline,) = result.outcome.deadlines or ()
+    assert deadline.rule == result.case.rule
+
+
+def test_a_shops_own_policy_still_holds_after_the_switch(tmp_path: Path) -> None:
+    folder = _rules(tmp_path, ("v1", "2026-01-01", False, _merchant_rule("48h")),
+                    ("v2", "2026-06-01", True, _merchant_rule("24h")))
+    # shop S1 promises 20 h, tighter than both versions
+    (folder / "shop-S1.toml").write_text(
+        '[shop_policy]\nplatform = "acme"\nshop_id = "S1"\nversion = "s1"\n'
+        'effective = 2026-01-01\n\n[[rule]]\nkind = "exchange"\nstep = "merchant_response"\n'
+        'duration = "20h"\n')
+    engine = Engine(RuleBook.load(folder), WorkCalendar())
+    driver = Driver(engine, platform="acme")
+    driver.open("exchange", cst(2026, 5, 31, 12))
+    case = driver.case
+    assert case is not None and driver.due_local() == cst(2026, 6, 1, 8)
+    assert case.rule_id == "acme/v1/exchange.merchant_response"
+    result = switch_running(engine, case, cst(2026, 6, 1, 7))
+    assert result is not None
+    # the shop's rule now stands on v2, and the shop's 20 h still decides the deadline
+    assert (result.case.rule_set, result.case.rule_id) == (
+        "shop:acme:S1", "acme/v2/exchange.merchant_response")
+    assert result.new_due_at == cst(2026, 6, 1, 8)
+    assert result.outcome.notices == ()  # the day did not move: nobody is told
