@@ -21,8 +21,8 @@ from typing import Any
 from shared.domain.calendar import CALENDAR_KEY, calendar_record
 from shared.domain.engine import Engine
 from shared.domain.flows import step_def
-from shared.domain.model import Case, Notice, Outcome, Party
-from shared.domain.rules import STEP_START
+from shared.domain.model import Case, Notice, Outcome, Party, RuleRef
+from shared.domain.rules import SHOP_SET_PREFIX, STEP_START
 from shared.domain.timeutil import as_utc, local_text, parse_moment
 
 NOTE_TYPE = "calendar.recomputed"
@@ -129,11 +129,20 @@ def switch_running(engine: Engine, case: Case, now: datetime,
     outcome = Outcome(case=changed, applied=True, problem=None,
                       deadlines=engine.deadlines_for(changed, as_utc(now)),
                       notices=_told(case, case.step_due_at, new_due, SWITCH_NOTE_TYPE))
-    old_ref = case.rule
     return Recount(outcome, case.step_due_at, new_due, "", "",
-                   reason=f"rule version {rule.set_name} {rule.version} applies to running "
-                          f"steps from {effective_at.isoformat()} (was {old_ref.set} "
-                          f"{old_ref.version})", note_type=SWITCH_NOTE_TYPE)
+                   reason=f"rule version {_version_of(rule.ref)} applies to running "
+                          f"steps from {effective_at.isoformat()} (was "
+                          f"{_version_of(case.rule)})", note_type=SWITCH_NOTE_TYPE)
+
+
+def _version_of(ref: RuleRef) -> str:
+    """The set and version a rule comes from; for a shop's variant, the platform's (the
+    version that applies to running steps), with the shop policy that shortens it."""
+    if not ref.set.startswith(f"{SHOP_SET_PREFIX}:"):
+        return f"{ref.set} {ref.version}"
+    platform_set, _, rest = ref.id.partition("/")
+    platform_version = rest.partition("/")[0]
+    return f"{platform_set} {platform_version} (shortened by {ref.set} {ref.version})"
 
 
 def _told(case: Case, old_due: datetime, new_due: datetime, cause: str
