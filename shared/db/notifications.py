@@ -219,7 +219,7 @@ _NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 # No RETURNING: the timer finds new notifications by status.
 INSERT_NOTIFICATIONS = bulk_insert(_NOTIFICATIONS, [
     "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
-    "urgent", "status"], "ON CONFLICT (dedup_key) DO NOTHING")
+    "urgent", "status"], "ON CONFLICT DO NOTHING")  # the key trigger skips a seen key
 # Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
 # queued ones whose message was lost (the notifier gave up on it or died): oldest first.
 CLAIM_NOTIFICATIONS = (
