@@ -163,9 +163,8 @@ class EventConflictRow(Base):
 class DeadlineRow(Base):
     """A deadline or a reminder. Status: pending -> dispatched -> fired | stale;
     pending -> cancelled when the case moves on. `fence` is the case version it was
-    computed for, checked again when it fires. Partitioned by month of `created_at`: every
-    applied event cancels and re-inserts a case's set, and the finished rows age out with
-    their month."""
+    computed for, checked again when it fires. Not partitioned (shared/db/partitions.py
+    says why): retention removes a finished case's rows with it."""
 
     __tablename__ = "deadlines"
 
@@ -182,7 +181,7 @@ class DeadlineRow(Base):
     rule_version: Mapped[str] = mapped_column(String(32))
     rule_id: Mapped[str] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), server_default="pending")
-    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     dispatched_at: Mapped[datetime | None]
     dispatch_count: Mapped[int] = mapped_column(Integer, server_default="0")
     fired_at: Mapped[datetime | None]
@@ -211,9 +210,7 @@ class DeadlineRow(Base):
         ),
         # Retention removes a closed case's finished deadlines by case.
         Index("ix_deadlines_case_id", "case_id"),
-        {"postgresql_partition_by": "RANGE (created_at)"},
     )
-    __mapper_args__ = {"primary_key": [id]}  # noqa: RUF012 (SQLAlchemy reads it)
 
 
 class CaseNoteRow(Base):

@@ -2,9 +2,12 @@
 "Partitioning by time").
 
 Partitioned by RANGE on a time set once at insert (a row never moves):
-- `case_events` by `received_at`, `decisions` by `decided_at`, `notifications` and
-  `deadlines` by `created_at`.
-`cases` (one row per case, updated in place), `outbox` (only the unpublished backlog),
+- `case_events` by `received_at`, `decisions` by `decided_at`, `notifications` by
+  `created_at`.
+`cases` (one row per case, updated in place), `deadlines` (updated in place until fired
+or stale, then removed with their case; found by id and by due time, neither of which
+prunes by creation time: partitioned, every timer claim and every fence check probed one
+index per month), `outbox` (only the unpublished backlog),
 `case_notes` and `case_event_conflicts` (small) are not partitioned.
 
 Each partitioned table has:
@@ -54,7 +57,6 @@ PARTITIONED = (
     PartitionedTable("case_events", "received_at", "event_id", "event_ids"),
     PartitionedTable("decisions", "decided_at", "decision_id", "decision_ids"),
     PartitionedTable("notifications", "created_at", "dedup_key", "notification_keys"),
-    PartitionedTable("deadlines", "created_at"),
 )
 BY_TABLE = {p.table: p for p in PARTITIONED}
 

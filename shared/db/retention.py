@@ -25,8 +25,8 @@ window outlasts the retention, the case's event rows are not removed with the ca
 emptied (outcome `retired`, body `{}`, problem cleared, so no personal data stays) and
 removed at `forget_after`.
 
-Partitions (shared/db/partitions.py): `case_events`, `decisions`, `notifications` and
-`deadlines` are partitioned by month. A run first creates the partitions of the coming
+Partitions (shared/db/partitions.py): `case_events`, `decisions` and `notifications` are
+partitioned by month. A run first creates the partitions of the coming
 months. A partition whose whole range is before the cutoff ("old") is not deleted from row
 by row: the per-case removal leaves its rows, and once none of them belongs to a case
 still kept (nor is unfinished work, nor an event id still within its dedup window), the

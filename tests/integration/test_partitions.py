@@ -278,13 +278,14 @@ def _add_case(engine: Engine, case_id: str, at: datetime, closed: datetime | Non
 
 
 def _rows(engine: Engine) -> dict[tuple[str, str], str]:
-    """(table, case) -> the partition the case's row is in, for the four tables."""
+    """(table, case) -> the partition the case's row is in, for the partitioned tables
+    and `deadlines` (not partitioned: removed row by row with its case)."""
     out = {}
     with engine.connect() as conn:
-        for spec in PARTITIONED:
+        for table in [spec.table for spec in PARTITIONED] + ["deadlines"]:
             for case_id, partition in conn.execute(text(
-                    f"SELECT DISTINCT case_id, tableoid::regclass::text FROM {spec.table}")):
-                out[(spec.table, case_id)] = partition
+                    f"SELECT DISTINCT case_id, tableoid::regclass::text FROM {table}")):
+                out[(table, case_id)] = partition
     return out
 
 

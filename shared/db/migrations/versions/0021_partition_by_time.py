@@ -1,4 +1,4 @@
-"""partition case_events, decisions, notifications and deadlines by month
+"""partition case_events, decisions and notifications by month
 
 Revision ID: 0021
 Revises: 0020
@@ -68,7 +68,6 @@ SPECS = (
          "varchar(64)"),
     Spec("notifications", "created_at", "id", "dedup_key", "notification_keys",
          "varchar(128)", serial=True, old_unique="uq_notifications_dedup_key"),
-    Spec("deadlines", "created_at", "id", serial=True),
 )
 
 
