@@ -163,7 +163,8 @@ step is the one from the newest version effective (00:00 China time on its `effe
 date) when the step began, so a case keeps the rules of its time (seed 004: acts before a
 rule's effective date follow the rule of their time). Every deadline and decision records
 the rule set, version and rule id (`rule`). A broken rule file stops the start with
-`RuleFileError: <file>:<line>: <reason>`.
+`RuleFileError: <file>:<line>: <reason>` (a file that is not UTF-8 is refused by name;
+a rule id may not contain `#`).
 
 **The platform's own deadline wins.** A `due_at` on the event that enters a step replaces
 the rule's deadline for that step, and `deadline.changed` replaces the current step's
@@ -310,7 +311,9 @@ The case's `shop_id` chooses it; for a step that began at `t`, the shop version 
 at `t` shortens the platform rule in force at `t`. Who acts, the action on timeout and the
 anchor stay the platform's. Deadlines and decisions name it: `rule.set =
 "shop:douyin:S1001"`, `rule.version` the shop version, `rule.id` the platform rule it
-shortens (`douyin/2024-08-22/any.merchant_response`). A shop rule is **never looser** than
+shortens (`douyin/2024-08-22/any.merchant_response`; a shop rule for one kind of a
+general platform rule adds the kind, `...any.merchant_response#repair`, so that it is
+found again beside the shop's general rule). A shop rule is **never looser** than
 the platform rule in force at any moment of the shop version's life: a looser one is
 refused at load (`file:line`), so a service does not start with it. Fixed durations compare
 by length, working days by count; a fixed duration of at most N days is never looser than
