@@ -76,6 +76,11 @@ def _estimated_exchange(tmp_path: Path) -> tuple[Path, Driver]:
     return folder, driver
 
 
+def _official(tmp_path: Path, folder: Path, holidays: str) -> Engine:
+    """The engine once the official schedule (a holiday file) is known."""
+    return Engine(RuleBook.load(folder), WorkCalendar(_holidays(tmp_path, holidays)))
+
+
 def test_a_recount_that_moves_the_merchants_deadline_tells_the_merchant(
     tmp_path: Path,
 ) -> None:
@@ -83,8 +88,8 @@ def test_a_recount_that_moves_the_merchants_deadline_tells_the_merchant(
     case = driver.case
     assert case is not None and needs_recount(case)
     # the official 2027 schedule: 01-04 and 01-05 are also days off
-    official = Engine(RuleBook.load(folder), WorkCalendar(_holidays(
-        tmp_path, "[2027]\nholidays = [2027-01-01, 2027-01-04, 2027-01-05]\n")))
+    official = _official(
+        tmp_path, folder, "[2027]\nholidays = [2027-01-01, 2027-01-04, 2027-01-05]\n")
     now = cst(2026, 12, 30, 12)
     result = recount(official, case, now)
     assert result is not None
@@ -123,8 +128,8 @@ def test_the_recount_note_states_both_deadlines_the_shift_and_the_rule(
 ) -> None:
     folder, driver = _estimated_exchange(tmp_path)
     assert driver.case is not None
-    official = Engine(RuleBook.load(folder), WorkCalendar(_holidays(
-        tmp_path, "[2027]\nholidays = [2027-01-01, 2027-01-04, 2027-01-05]\n")))
+    official = _official(
+        tmp_path, folder, "[2027]\nholidays = [2027-01-01, 2027-01-04, 2027-01-05]\n")
     result = recount(official, driver.case, cst(2026, 12, 30, 12))
     assert result is not None
     note = result.note()
@@ -146,8 +151,8 @@ def test_a_deadline_brought_forward_says_so_with_a_negative_shift(tmp_path: Path
     folder, driver = _estimated_exchange(tmp_path)
     assert driver.case is not None
     # the official schedule keeps 01-01 off but makes Saturday 01-02 a make-up workday
-    official = Engine(RuleBook.load(folder), WorkCalendar(_holidays(
-        tmp_path, "[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n")))
+    official = _official(
+        tmp_path, folder, "[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n")
     result = recount(official, driver.case, cst(2026, 12, 30, 12))
     assert result is not None and result.new_due_at == cst(2027, 1, 4, 10)
     assert result.note()["shift_s"] == -86400
@@ -163,8 +168,7 @@ def test_official_data_that_keeps_the_day_still_records_the_official_source(
     case = driver.case
     assert case is not None
     # same day off as estimated: the due day stays, but it now stands on official data
-    official = Engine(RuleBook.load(folder), WorkCalendar(_holidays(
-        tmp_path, "[2027]\nholidays = [2027-01-01]\n")))
+    official = _official(tmp_path, folder, "[2027]\nholidays = [2027-01-01]\n")
     result = recount(official, case, cst(2026, 12, 30, 12))
     assert result is not None
     assert result.new_due_at == result.old_due_at == cst(2027, 1, 5, 10)
@@ -204,8 +208,7 @@ def test_only_an_open_case_with_an_estimated_own_deadline_needs_a_recount(
     folder, driver = _estimated_exchange(tmp_path)
     case = driver.case
     assert case is not None and needs_recount(case)
-    official = Engine(RuleBook.load(folder), WorkCalendar(_holidays(
-        tmp_path, "[2027]\nholidays = [2027-01-01, 2027-01-04]\n")))
+    official = _official(tmp_path, folder, "[2027]\nholidays = [2027-01-01, 2027-01-04]\n")
     now = cst(2026, 12, 30, 12)
     record = dict(case.data[CALENDAR_KEY])
     not_needed = {
@@ -229,8 +232,7 @@ def test_a_record_without_what_a_recount_needs_is_left_alone(tmp_path: Path) -> 
     folder, driver = _estimated_exchange(tmp_path)
     case = driver.case
     assert case is not None
-    official = Engine(RuleBook.load(folder), WorkCalendar(_holidays(
-        tmp_path, "[2027]\nholidays = [2027-01-01, 2027-01-04]\n")))
+    official = _official(tmp_path, folder, "[2027]\nholidays = [2027-01-01, 2027-01-04]\n")
     now = cst(2026, 12, 30, 12)
     record = dict(case.data[CALENDAR_KEY])
     assert recount(official, case, now) is not None

@@ -658,15 +658,17 @@ def test_a_running_version_takes_over_a_shop_variant_with_its_own(tmp_path: Path
     assert moment == cst(2026, 6, 1)
 
 
+# the default set's version 2 (36h), effective 2026-06-01, applying to running steps
+RUNNING_DEFAULT_V2 = DEFAULT_ONE.format(version="2", effective="2026-06-01", duration="36h"
+                                        ).replace('version = "2"', 'version = "2"\n' + RUNNING)
+
+
 def test_a_version_without_the_flag_taking_effect_with_a_running_one_is_not_switched(
     tmp_path: Path,
 ) -> None:
     # the default set's running version and acme's v2 (no flag) take effect together: the
     # step's rule is then acme v2's, which does not apply to running steps
-    running_default = DEFAULT_ONE.format(version="2", effective="2026-06-01",
-                                         duration="36h").replace('version = "2"',
-                                                                 'version = "2"\n' + RUNNING)
-    book = running_book(tmp_path, d=running_default,
+    book = running_book(tmp_path, d=RUNNING_DEFAULT_V2,
                         v2=acme_version("v2", "2026-06-01", "24h"))
     assert switch(book, cst(2026, 5, 31), cst(2026, 6, 2)) is None
 
@@ -676,10 +678,7 @@ def test_a_shop_policy_arriving_with_a_running_default_version_is_not_switched_t
 ) -> None:
     # the step began on acme v1 before the shop had a policy; at the default set's running
     # version the step's rule is the shop's variant of acme v1, which is no running version
-    running_default = DEFAULT_ONE.format(version="2", effective="2026-06-01",
-                                         duration="36h").replace('version = "2"',
-                                                                 'version = "2"\n' + RUNNING)
-    book = running_book(tmp_path, d=running_default,
+    book = running_book(tmp_path, d=RUNNING_DEFAULT_V2,
                         s=shop("30h", kind="exchange", effective="2026-06-01"))
     started = cst(2026, 5, 31)
     current = book.rule_for("acme", Kind.exchange, "merchant_response", started, "S1")
