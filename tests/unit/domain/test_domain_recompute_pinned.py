@@ -454,10 +454,11 @@ def test_a_switch_from_the_default_set_names_the_platforms_set_and_rule(
     assert deadline.rule == result.case.rule
 
 
-def test_a_shops_own_policy_still_holds_after_the_switch(tmp_path: Path) -> None:
+def _shop_exchange_before_v2(tmp_path: Path) -> tuple[Engine, Driver]:
+    """An exchange of shop S1 opened 2026-05-31 12:00 under acme v1 (48h); v2 (24h)
+    applies to running steps from 2026-06-01; S1 promises 20 h, tighter than both."""
     folder = _rules(tmp_path, ("v1", "2026-01-01", False, _merchant_rule("48h")),
                     ("v2", "2026-06-01", True, _merchant_rule("24h")))
-    # shop S1 promises 20 h, tighter than both versions
     (folder / "shop-S1.toml").write_text(
         '[shop_policy]\nplatform = "acme"\nshop_id = "S1"\nversion = "s1"\n'
         'effective = 2026-01-01\n\n[[rule]]\nkind = "exchange"\nstep = "merchant_response"\n'
@@ -465,6 +466,11 @@ def test_a_shops_own_policy_still_holds_after_the_switch(tmp_path: Path) -> None
     engine = Engine(RuleBook.load(folder), WorkCalendar())
     driver = Driver(engine, platform="acme")
     driver.open("exchange", cst(2026, 5, 31, 12))
+    return engine, driver
+
+
+def test_a_shops_own_policy_still_holds_after_the_switch(tmp_path: Path) -> None:
+    engine, driver = _shop_exchange_before_v2(tmp_path)
     case = driver.case
     assert case is not None and driver.due_local() == cst(2026, 6, 1, 8)
     assert case.rule_id == "acme/v1/exchange.merchant_response"
@@ -480,15 +486,7 @@ def test_a_shops_own_policy_still_holds_after_the_switch(tmp_path: Path) -> None
 def test_the_note_of_a_shops_switched_step_names_the_platform_versions(
     tmp_path: Path,
 ) -> None:
-    folder = _rules(tmp_path, ("v1", "2026-01-01", False, _merchant_rule("48h")),
-                    ("v2", "2026-06-01", True, _merchant_rule("24h")))
-    (folder / "shop-S1.toml").write_text(
-        '[shop_policy]\nplatform = "acme"\nshop_id = "S1"\nversion = "s1"\n'
-        'effective = 2026-01-01\n\n[[rule]]\nkind = "exchange"\nstep = "merchant_response"\n'
-        'duration = "20h"\n')
-    engine = Engine(RuleBook.load(folder), WorkCalendar())
-    driver = Driver(engine, platform="acme")
-    driver.open("exchange", cst(2026, 5, 31, 12))
+    engine, driver = _shop_exchange_before_v2(tmp_path)
     assert driver.case is not None
     result = switch_running(engine, driver.case, cst(2026, 6, 1, 7))
     assert result is not None
