@@ -12,7 +12,9 @@ import shutil
 import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 from sqlalchemy import create_engine, text
@@ -73,3 +75,13 @@ def own_vhost(name: str, host: str = "127.0.0.1:5672") -> Iterator[str]:
         yield f"amqp://guest:guest@{host}/{quote(name, safe='')}"
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+def write_sms_codes(folder: Path) -> Path:
+    """An `AFTERSALES_SMS_TEMPLATES` file in `folder` giving every shipped SMS template an
+    Aliyun and a Tencent template code (providers need one per template)."""
+    shipped = tomllib.loads(Path("shared/notifications/templates/sms.toml").read_text())
+    codes = folder / "sms-codes.toml"
+    codes.write_text("".join(f'["{name}"]\naliyun = "SMS_{i:06d}"\ntencent = "{100000 + i}"\n'
+                             for i, name in enumerate(shipped)))
+    return codes

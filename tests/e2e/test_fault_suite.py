@@ -27,7 +27,6 @@ import random
 import subprocess
 import threading
 import time
-import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -58,7 +57,7 @@ from tests.e2e.traffic_model import predict
 from tests.harness import DecisionTap, System, publish_events, rejected_messages
 from tests.integration.notifier.notifier_fakes import FakeAliyun, RecordingHandler, start_smtp
 from tests.poison import publish_messages, rejected_flood
-from tests.resources import free_port
+from tests.resources import free_port, write_sms_codes
 
 pytestmark = pytest.mark.e2e
 
@@ -137,10 +136,7 @@ def observed_system(database_url: str, amqp_url: str, tmp_path_factory: pytest.T
                     ) -> Iterator[tuple[System, RecordingHandler, FakeAliyun]]:
     """The four services sending to an SMTP server and an SMS provider of our own."""
     log_dir: Path = tmp_path_factory.mktemp("fault-suite")
-    shipped = tomllib.loads(Path("shared/notifications/templates/sms.toml").read_text())
-    codes = log_dir / "sms-codes.toml"
-    codes.write_text("".join(f'["{name}"]\naliyun = "SMS_{i:06d}"\ntencent = "{100000 + i}"\n'
-                             for i, name in enumerate(shipped)))
+    codes = write_sms_codes(log_dir)
     smtp, smtp_port = RecordingHandler(), free_port()
     controller = start_smtp(smtp, smtp_port)
     with FakeAliyun({KEY_ID: KEY_SECRET}) as sms:

@@ -6,7 +6,6 @@ the supervisor starts a new worker and RabbitMQ hands it the message again."""
 from __future__ import annotations
 
 import threading
-import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from shared.db.session import Database
 from tests.conftest import wait_for
 from tests.harness import System
 from tests.integration.notifier.notifier_fakes import FakeAliyun
+from tests.resources import write_sms_codes
 
 pytestmark = pytest.mark.e2e
 
@@ -59,10 +59,7 @@ class HoldingAliyun(FakeAliyun):
 @pytest.fixture
 def notifier_on_slow_sms(database_url: str, amqp_url: str, tmp_path: Path
                          ) -> Iterator[tuple[System, HoldingAliyun]]:
-    shipped = tomllib.loads(Path("shared/notifications/templates/sms.toml").read_text())
-    codes = tmp_path / "sms-codes.toml"
-    codes.write_text("".join(f'["{name}"]\naliyun = "SMS_{i:06d}"\n'
-                             for i, name in enumerate(shipped)))
+    codes = write_sms_codes(tmp_path)
     with HoldingAliyun(HELD) as sms:
         wide = "100000"
         system = System({

@@ -11,7 +11,6 @@ the provider refuses for good (an illegal number), which fails alone.
 
 from __future__ import annotations
 
-import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from shared.db.session import Database
 from tests.conftest import wait_for
 from tests.harness import System, free_port, publish_events
 from tests.integration.notifier.notifier_fakes import FakeAliyun
+from tests.resources import write_sms_codes
 
 pytestmark = pytest.mark.e2e
 
@@ -78,10 +78,7 @@ def outage(database_url: str, amqp_url: str, tmp_path: Path
            ) -> Iterator[tuple[System, int]]:
     """intake, timer and notifier; the notifier's SMS endpoint is a port nobody listens
     on yet. Retries are seconds apart (the settings' base and cap made small)."""
-    shipped = tomllib.loads(Path("shared/notifications/templates/sms.toml").read_text())
-    codes = tmp_path / "sms-codes.toml"
-    codes.write_text("".join(f'["{name}"]\naliyun = "SMS_{i:06d}"\ntencent = "{100000 + i}"\n'
-                             for i, name in enumerate(shipped)))
+    codes = write_sms_codes(tmp_path)
     port = free_port()
     wide = "100000"
     system = System({
