@@ -8,7 +8,6 @@ import email
 import email.header
 import email.policy
 import json
-import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +36,7 @@ from tests.integration.notifier.notifier_fakes import (
     RecordingHandler,
     start_smtp,
 )
-from tests.resources import free_port
+from tests.resources import free_port, write_sms_codes
 
 pytestmark = pytest.mark.integration
 
@@ -57,14 +56,7 @@ class Clock:
 @pytest.fixture
 def sms_codes(tmp_path: Path) -> Path:
     """Template codes as a provider account would have them registered."""
-    shipped = Path("shared/notifications/templates/sms.toml")
-    names = tomllib.loads(shipped.read_text())
-    path = tmp_path / "codes.toml"
-    path.write_text("".join(
-        f'["{name}"]\naliyun = "SMS_{i:06d}"\ntencent = "{100000 + i}"\n'
-        for i, name in enumerate(names)
-    ))
-    return path
+    return write_sms_codes(tmp_path)
 
 
 @pytest.fixture
