@@ -22,7 +22,7 @@ from shared.domain.calendar import CALENDAR_KEY, calendar_record
 from shared.domain.engine import Engine
 from shared.domain.flows import step_def
 from shared.domain.model import Case, Notice, Outcome, Party, RuleRef
-from shared.domain.rules import SHOP_SET_PREFIX, STEP_START
+from shared.domain.rules import STEP_START, shortened_rule
 from shared.domain.timeutil import as_utc, local_text, parse_moment
 
 NOTE_TYPE = "calendar.recomputed"
@@ -138,11 +138,10 @@ def switch_running(engine: Engine, case: Case, now: datetime,
 def _version_of(ref: RuleRef) -> str:
     """The set and version a rule comes from; for a shop's variant, the platform's (the
     version that applies to running steps), with the shop policy that shortens it."""
-    if not ref.set.startswith(f"{SHOP_SET_PREFIX}:"):
+    named = shortened_rule(ref)
+    if named is None:
         return f"{ref.set} {ref.version}"
-    platform_set, _, rest = ref.id.partition("/")
-    platform_version = rest.partition("/")[0]
-    return f"{platform_set} {platform_version} (shortened by {ref.set} {ref.version})"
+    return f"{named[0].set} {named[0].version} (shortened by {ref.set} {ref.version})"
 
 
 def _told(case: Case, old_due: datetime, new_due: datetime, cause: str

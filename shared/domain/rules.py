@@ -185,8 +185,8 @@ class RuleBook:
                 # Already on the newest running version's rule: an older moment's rule
                 # must not take the step back (the timer runs this at every start).
                 return None
-            base = self.get(RuleRef(*rule.id.partition(SHOP_KIND_MARK)[0].split("/", 2))) \
-                if rule.set_name.startswith(f"{SHOP_SET_PREFIX}:") else rule
+            named = shortened_rule(rule.ref)
+            base = self.get(named[0]) if named is not None else rule
             if base is None:
                 continue
             version = next((v for v in self._sets.get(base.set_name, [])
@@ -281,13 +281,13 @@ class RuleBook:
     def _get_shop_variant(self, ref: RuleRef) -> Rule | None:
         """A shop rule's id names the platform rule it shortens: set/version/id, and
         `#kind` when the shop's rule is for one kind of a general platform rule."""
-        parts = ref.id.split("/", 2)
+        named = shortened_rule(ref)
         policy = next((p for p in self._shops.get(ref.set, []) if p.version == ref.version),
                       None)
-        if len(parts) != 3 or policy is None:
+        if named is None or policy is None:
             return None
-        platform_id, _, kind_name = parts[2].partition(SHOP_KIND_MARK)
-        base = self.get(RuleRef(parts[0], parts[1], platform_id))
+        platform_ref, kind_name = named
+        base = self.get(platform_ref)
         if base is None:
             return None
         if kind_name:
@@ -342,6 +342,17 @@ class RuleBook:
                         defaults[0].source_file, None,
                         f'the "{DEFAULT_SET}" set has no rule for kind {kind.value}, step {step}',
                     )
+
+
+def shortened_rule(ref: RuleRef) -> tuple[RuleRef, str] | None:
+    """For a shop variant's reference, the platform rule it shortens and the kind its
+    shop rule is for ("" for all kinds); None for any other reference. The variant's id is
+    `set/version/id`, and `#kind` after it (`_shop_variant`)."""
+    if not ref.set.startswith(f"{SHOP_SET_PREFIX}:"):
+        return None
+    named, _, kind_name = ref.id.partition(SHOP_KIND_MARK)
+    parts = named.split("/", 2)
+    return (RuleRef(*parts), kind_name) if len(parts) == 3 else None
 
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
