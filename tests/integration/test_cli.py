@@ -79,3 +79,14 @@ def test_a_broken_rule_file_is_refused_at_start_naming_file_and_line(tmp_path: P
     lines = started.stderr.strip().splitlines()
     assert len(lines) == 1
     assert str(rules) in lines[0] and ":6" in lines[0]
+
+
+def test_a_rule_file_saved_as_gbk_is_refused_at_start_naming_the_file(tmp_path: Path) -> None:
+    # Before, the UnicodeDecodeError escaped as a traceback from the real process.
+    rules = tmp_path / "rules.toml"
+    rules.write_bytes('[ruleset]\nname = "kuaishou"\nversion = "快手一版"\n'.encode("gbk"))
+    started = aftersales("run", "intake", env={"AFTERSALES_RULES": str(rules)})
+    assert started.returncode == 2
+    lines = started.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in started.stderr
+    assert str(rules) in lines[0] and "UTF-8" in lines[0]
