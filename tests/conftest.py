@@ -15,7 +15,9 @@ from typing import Any
 
 import pika
 import pytest
-from sqlalchemy import text
+from psycopg.errors import DeadlockDetected
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from shared.db.session import Database, make_engine
 from tests.resources import own_database, own_vhost
@@ -49,11 +51,25 @@ def database_url() -> Iterator[str]:
         yield url
 
 
+def _empty_tables(sql_engine: Engine, attempts: int = 5) -> None:
+    """TRUNCATE the project's tables. A module's services may still be running (the
+    end-to-end tests share one system per module), and a service's transaction that
+    holds one table while it reads the next can deadlock with the TRUNCATE's locks;
+    PostgreSQL then aborts one of the two, and when it is ours we simply take it again."""
+    for attempt in range(attempts):
+        try:
+            with sql_engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
+            return
+        except OperationalError as error:
+            if not isinstance(error.orig, DeadlockDetected) or attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
     sql_engine = make_engine(database_url)
-    with sql_engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
+    _empty_tables(sql_engine)
     yield Database(sql_engine)
     sql_engine.dispose()
 
