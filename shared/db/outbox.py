@@ -25,7 +25,7 @@ _OUTBOX = cast(Table, OutboxRow.__table__)
 
 INSERT_DECISIONS = bulk_insert(
     _DECISIONS, ["decision_id", "case_id", "type", "step", "decided_at", "body"],
-    "ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id")
+    "ON CONFLICT DO NOTHING RETURNING decision_id")  # the key trigger skips a seen id
 INSERT_OUTBOX = bulk_insert(
     _OUTBOX, ["exchange", "routing_key", "message_id", "headers", "body"])
 
