@@ -146,6 +146,12 @@ OPEN_TIMES = """
            now() - make_interval(secs => (g * 7919) %% 864000) AS opened_at
     FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g"""
 
+# The keys the services' insert statements claim with each row (what keeps them unique
+# across monthly partitions), claimed here for the rows each chunk loaded.
+KEY_TABLES = (("case_events", "event_ids", "event_id"),
+              ("decisions", "decision_ids", "decision_id"),
+              ("notifications", "notification_keys", "dedup_key"))
+
 LOAD_FINISHED = [
     f"""INSERT INTO cases ({CASE_COLS})
         SELECT cid, 'kuaishou', 'S' || (g %% 5000), oid, %(kind)s, 'closed', 'closed',
@@ -190,6 +196,8 @@ LOAD_FINISHED = [
         FROM ({FINISHED_TIMES}) t CROSS JOIN jsonb_to_recordset(%(notes)s::jsonb)
              AS n(i int, reason text, party text, channel text, template text, params jsonb,
                   offset_h float8)""",
+    *[f"INSERT INTO {keys} ({key}) SELECT {key} FROM {table} WHERE case_id IN "
+      f"(SELECT cid FROM ({FINISHED_TIMES}) t)" for table, keys, key in KEY_TABLES],
 ]
 
 LOAD_OPEN = [
@@ -226,6 +234,8 @@ LOAD_OPEN = [
         FROM ({OPEN_TIMES}) t CROSS JOIN jsonb_to_recordset(%(notes)s::jsonb)
              AS n(i int, reason text, party text, channel text, template text, params jsonb,
                   offset_h float8)""",
+    *[f"INSERT INTO {keys} ({key}) SELECT {key} FROM {table} WHERE case_id IN "
+      f"(SELECT cid FROM ({OPEN_TIMES}) t)" for table, keys, key in KEY_TABLES],
 ]
 
 

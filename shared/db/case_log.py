@@ -13,7 +13,7 @@ from typing import Any, Protocol, cast
 from sqlalchemy import Table, any_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
-from shared.db.bulk import bulk_insert
+from shared.db.bulk import bulk_insert, bulk_insert_claiming
 from shared.db.models import CaseEventRow, EventConflictRow, EventIdRow
 
 
@@ -43,9 +43,9 @@ PARKED_EVENTS = (
     .where(_EVENTS.c.outcome == EventOutcome.parked)
     .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
 )
-INSERT_EVENTS = bulk_insert(_EVENTS, [
+INSERT_EVENTS = bulk_insert_claiming(_EVENTS, [
     "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
-    "body_sha256"], "ON CONFLICT DO NOTHING")  # partitioned: the key trigger skips a seen id
+    "body_sha256"], "event_ids", ["event_id", "body_sha256"])
 INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
     "event_id", "case_id", "body", "body_sha256", "first_sha256"])
 # The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).

@@ -78,7 +78,7 @@ class CaseRow(Base):
 class CaseEventRow(Base):
     """Every accepted inbound event: the case's event log. Partitioned by month of
     `received_at` (shared/db/partitions.py). `event_id` is the dedup: it is claimed in
-    `event_ids` by a trigger before the row goes in, and a second insert of the same id
+    `event_ids` by the statement that inserts the row, and a second insert of the same id
     changes nothing."""
 
     __tablename__ = "case_events"
@@ -118,8 +118,9 @@ class CaseEventRow(Base):
 
 class EventIdRow(Base):
     """Every `event_id` in `case_events`, whatever its month: what keeps it unique across
-    partitions. Kept by triggers on `case_events` (migration 0020), not by the services:
-    a row here exactly while its event row is in `case_events`."""
+    partitions. Claimed by intake's insert statement (`bulk_insert_claiming`), released
+    by a trigger when the event row is deleted: a row here exactly while its event row is
+    in `case_events`."""
 
     __tablename__ = "event_ids"
 
@@ -232,7 +233,7 @@ class CaseNoteRow(Base):
 class DecisionRow(Base):
     """An automatic decision (or reminder) taken for a case: exactly one per missed
     deadline, because `decision_id` is derived from the deadline's stable key (claimed in
-    `decision_ids` by a trigger). Partitioned by month of `decided_at`."""
+    `decision_ids` by the statement that inserts it). Partitioned by month of `decided_at`."""
 
     __tablename__ = "decisions"
 
@@ -255,7 +256,7 @@ class NotificationRow(Base):
     that caused them; the timer hands them to the notifier (`queued`, `queued_at`).
     Status: new -> queued -> sending -> sent | failed; deferred (quiet hours, rate limit,
     retry later) -> queued again at `send_after` (shared.db.notifications). Partitioned by
-    month of `created_at`; `dedup_key` is claimed in `notification_keys` by a trigger
+    month of `created_at`; `dedup_key` is claimed in `notification_keys` by the statement that inserts it
     (unique across months)."""
 
     __tablename__ = "notifications"

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Table, any_, bindparam, func, select, text, u
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from shared.db.bulk import bulk_insert
+from shared.db.bulk import bulk_insert_claiming
 from shared.db.models import NotificationRow
 from shared.db.session import Database, db_now
 
@@ -246,9 +246,9 @@ def record_values(notification_id: int, token: str, status: str, attempts: int,
 _NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 
 # No RETURNING: the timer finds new notifications by status.
-INSERT_NOTIFICATIONS = bulk_insert(_NOTIFICATIONS, [
+INSERT_NOTIFICATIONS = bulk_insert_claiming(_NOTIFICATIONS, [
     "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
-    "urgent", "status"], "ON CONFLICT DO NOTHING")  # the key trigger skips a seen key
+    "urgent", "status"], "notification_keys", ["dedup_key"])
 # Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
 # queued ones whose message was lost (the notifier gave up on it or died): oldest first.
 CLAIM_NOTIFICATIONS = (

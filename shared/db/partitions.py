@@ -20,11 +20,12 @@ Each partitioned table has:
 
 A unique key that must hold across months (`event_id`, `decision_id`, `dedup_key`) cannot
 be a unique index of the partitioned table (PostgreSQL requires the partition key in it),
-so it lives in a narrow unpartitioned key table kept by triggers: a BEFORE INSERT trigger
-claims the key there (`INSERT ... ON CONFLICT DO NOTHING`) and skips the row when the key
-was already claimed (the same as `ON CONFLICT DO NOTHING`, RETURNING included; a second
-transaction claiming the same key waits for the first, as a unique index would), and an
-AFTER DELETE trigger releases it. Dropping a partition releases its keys first
+so it lives in a narrow unpartitioned key table. The services' insert statements claim
+the key there (`shared.db.bulk.bulk_insert_claiming`: `INSERT ... ON CONFLICT DO NOTHING
+RETURNING` in the same statement) and skip the row when the key was already claimed (the
+same as `ON CONFLICT DO NOTHING`, RETURNING included; a second transaction claiming the
+same key waits for the first, as a unique index would), and an AFTER DELETE trigger
+releases it. Dropping a partition releases its keys first
 (`release_keys`), since a DROP fires no trigger.
 
 pg_partman (a Debian package) would create partitions ahead, but not archive before a drop

@@ -12,16 +12,21 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, Table, create_engine, text
 
+from shared.db.bulk import bulk_insert_claiming
+from shared.db.case_log import INSERT_EVENTS
 from shared.db.migrate import alembic_config, upgrade
+from shared.db.models import CaseEventRow, DecisionRow, NotificationRow
+from shared.db.notifications import INSERT_NOTIFICATIONS
+from shared.db.outbox import INSERT_DECISIONS
 from shared.db.partitions import (
     PARTITIONED,
     ensure_partitions,
@@ -162,11 +167,10 @@ def test_migration_keeps_every_row_while_a_writer_goes_on(
             "WHERE k.body_sha256 = e.body_sha256")).scalar() == 9000
         assert conn.execute(text("SELECT count(*) FROM decision_ids")).scalar() == 3000
         assert conn.execute(text("SELECT count(*) FROM notification_keys")).scalar() == 3000
-        inserted = conn.execute(text(
-            "INSERT INTO case_events (event_id, case_id, type, occurred_at, outcome, body) "
-            "VALUES ('e1', 'C2', 'case.opened', now(), 'applied', '{}'), "
-            "('e-new', 'C2', 'case.opened', now(), 'applied', '{}') "
-            "ON CONFLICT DO NOTHING RETURNING event_id")).scalars().all()
+        inserted = _EVENT.execute(conn, [
+            {"event_id": e, "case_id": "C2", "type": "case.opened", "occurred_at": _in_days(0),
+             "outcome": "applied", "body": {}, "received_at": _in_days(days)}
+            for e, days in (("e1", 45), ("e-new", 0))]).scalars().all()
         assert inserted == ["e-new"]
         conn.rollback()
 
@@ -176,21 +180,56 @@ def test_migration_keeps_every_row_while_a_writer_goes_on(
     assert fingerprint(engine) == before
 
 
+# The services' insert statements, with the partition key given (it defaults to now()),
+# so that a test can put the same key in two months' partitions.
+_EVENT = bulk_insert_claiming(
+    cast(Table, CaseEventRow.__table__),
+    ["event_id", "case_id", "type", "occurred_at", "outcome", "body", "received_at"],
+    "event_ids", ["event_id"], "RETURNING event_id")
+_DECISION = bulk_insert_claiming(
+    cast(Table, DecisionRow.__table__),
+    ["decision_id", "case_id", "type", "step", "decided_at", "body"],
+    "decision_ids", ["decision_id"], "RETURNING decision_id")
+_NOTIFICATION = bulk_insert_claiming(
+    cast(Table, NotificationRow.__table__),
+    ["dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
+     "created_at"], "notification_keys", ["dedup_key"], "RETURNING dedup_key")
+
+
+def _in_days(days: int) -> datetime:
+    return datetime.now(UTC) + timedelta(days=days)
+
+
+def _partition_of(conn: Any, table: str, at: datetime) -> str:
+    return next(p.name for p in list_partitions(conn, table) if not p.is_default
+                and (p.lower is None or p.lower <= at) and (p.upper is None or at < p.upper))
+
+
+def test_the_services_statements_claim_their_keys() -> None:
+    """What makes the rows of the three partitioned tables unique is that their writers'
+    statements claim the key; a plain INSERT would not."""
+    for statement, key_table in ((INSERT_EVENTS, "event_ids"),
+                                 (INSERT_DECISIONS, "decision_ids"),
+                                 (INSERT_NOTIFICATIONS, "notification_keys")):
+        assert f"INSERT INTO {key_table}" in statement.statement.text
+
+
 def test_a_key_is_unique_across_months_also_between_two_transactions(
         db: Database) -> None:
     """The same event id in two months' partitions at once: the second transaction waits
     for the first, then inserts nothing (as a unique index would do)."""
-    insert = text(
-        "INSERT INTO case_events (event_id, case_id, type, occurred_at, outcome, body, "
-        "received_at) VALUES ('same', 'C', 'case.opened', now(), 'applied', '{}', "
-        "now() - make_interval(days => :days)) ON CONFLICT DO NOTHING RETURNING event_id")
+    def event(days: int) -> dict[str, Any]:
+        return {"event_id": "same", "case_id": "C", "type": "case.opened",
+                "occurred_at": _in_days(0), "outcome": "applied", "body": {},
+                "received_at": _in_days(days)}
+
     second: list[list[str]] = []
     with db.sql_engine.connect() as first:
-        assert first.execute(insert, {"days": 0}).scalars().all() == ["same"]
+        assert list(_EVENT.execute(first, [event(0)]).scalars()) == ["same"]
 
         def other() -> None:
             with db.sql_engine.begin() as conn:
-                second.append(list(conn.execute(insert, {"days": 40}).scalars()))
+                second.append(list(_EVENT.execute(conn, [event(45)]).scalars()))
 
         thread = threading.Thread(target=other)
         thread.start()
@@ -200,26 +239,30 @@ def test_a_key_is_unique_across_months_also_between_two_transactions(
         thread.join(30)
     assert second == [[]]
     with db.transaction() as s:
-        assert s.execute(text(
-            "SELECT count(*) FROM case_events WHERE event_id = 'same'")).scalar() == 1
-    # The same for decisions and notifications.
+        assert s.execute(text("SELECT count(*) FROM case_events "
+                              "WHERE event_id = 'same'")).scalar() == 1
+        # The two times are in different partitions: no unique index could have stopped it.
+        assert _partition_of(s.connection(), "case_events", _in_days(0)) != _partition_of(
+            s.connection(), "case_events", _in_days(45))
+    # The same for decisions and notifications, and twice within one statement.
     with db.transaction() as s:
-        for days in (0, 40):
-            s.execute(text(
-                "INSERT INTO decisions (decision_id, case_id, type, step, decided_at, body) "
-                "VALUES ('d1', 'C', 't', 's', now() - make_interval(days => :d), '{}') "
-                "ON CONFLICT DO NOTHING"), {"d": days})
-            s.execute(text(
-                "INSERT INTO notifications (dedup_key, case_id, reason, party, channel, "
-                "recipient, template, params, created_at) VALUES ('n1', 'C', 'r', 'buyer', "
-                "'sms', '1', 't', '{}', now() - make_interval(days => :d)) "
-                "ON CONFLICT DO NOTHING"), {"d": days})
+        for days in (0, 45):
+            _DECISION.execute(s.connection(), [
+                {"decision_id": "d1", "case_id": "C", "type": "t", "step": "s",
+                 "decided_at": _in_days(days), "body": {}}] * 2)
+            _NOTIFICATION.execute(s.connection(), [
+                {"dedup_key": "n1", "case_id": "C", "reason": "r", "party": "buyer",
+                 "channel": "sms", "recipient": "1", "template": "t", "params": {},
+                 "created_at": _in_days(days)}] * 2)
     with db.transaction() as s:
         assert s.execute(text("SELECT count(*) FROM decisions")).scalar() == 1
         assert s.execute(text("SELECT count(*) FROM notifications")).scalar() == 1
         # A row deleted releases its key: the id may come again.
         s.execute(text("DELETE FROM decisions WHERE decision_id = 'd1'"))
         assert s.execute(text("SELECT count(*) FROM decision_ids")).scalar() == 0
+        assert list(_DECISION.execute(s.connection(), [
+            {"decision_id": "d1", "case_id": "C", "type": "t", "step": "s",
+             "decided_at": _in_days(45), "body": {}}]).scalars()) == ["d1"]
 
 
 def test_partitions_are_created_ahead(fresh_database: tuple[str, Engine]) -> None:
@@ -261,6 +304,11 @@ def _add_case(engine: Engine, case_id: str, at: datetime, closed: datetime | Non
                                      outcome, body)
             SELECT :c || '-e' || i, :c, 'case.opened', :at, :at, 'applied',
                    '{"buyer": "13800000000"}' FROM generate_series(1, 2) i"""), p)
+        # The keys, as the services' insert statements claim them.
+        conn.execute(text("INSERT INTO event_ids (event_id) SELECT :c || '-e' || i "
+                          "FROM generate_series(1, 2) i"), p)
+        conn.execute(text("INSERT INTO decision_ids (decision_id) VALUES ('d-' || :c)"), p)
+        conn.execute(text("INSERT INTO notification_keys (dedup_key) VALUES ('n-' || :c)"), p)
         conn.execute(text("""
             INSERT INTO deadlines (case_id, step, purpose, action, party, due_at, deadline_at,
                                    fence, rule_set, rule_version, rule_id, status, created_at)

@@ -7,14 +7,15 @@ Create Date: 2026-11-27 20:00:00
 docs/design.md "Partitioning by time". Per table, without blocking writes for more than
 a moment (each exclusive lock is taken with a lock_timeout and tried again):
 1. the key that must stay unique across months (`event_id`, `decision_id`, `dedup_key`)
-   gets its narrow key table, kept by triggers, installed on the old table first and
-   back-filled in key order, a few thousand keys per transaction;
+   gets its narrow key table, kept in step by a trigger on the old table (installed
+   first) and back-filled in key order, a few thousand keys per transaction;
 2. a switch time T (a month boundary at least two days ahead, and after every row's
    time) and `CHECK (time < T)` added NOT VALID, then VALIDATEd (writes go on);
 3. the unique index (key, time) a partition of the new table needs, built CONCURRENTLY;
 4. one short transaction: the old table (and its indexes) renamed `<table>_history`, the
-   partitioned table created under the old name with the same columns, indexes and
-   triggers, and the old table ATTACHed as its partition [MINVALUE, T): the validated
+   partitioned table created under the old name with the same columns and indexes (its
+   writers claim keys in their insert statements; a trigger only releases the key of a
+   deleted row), and the old table ATTACHed as its partition [MINVALUE, T): the validated
    CHECK lets PostgreSQL skip the scan, and the old indexes are attached, not rebuilt;
 5. a DEFAULT partition, and the month partitions from T for the next three months.
 Every step looks at what is there first, so a run that stopped half-way is run again.
@@ -72,21 +73,23 @@ SPECS = (
 
 
 def _key_functions(s: Spec) -> list[str]:
-    """The key table and its triggers' functions: claim the key before the row goes in
-    (skip the row if it was claimed already: ON CONFLICT DO NOTHING), release it when the
-    row is deleted, forget them all on TRUNCATE."""
+    """The key table and its triggers' functions: claim the key when a row goes into the
+    old table (while it is back-filled), release it when the row is deleted, forget them
+    all on TRUNCATE."""
     extra = f"{s.key_extra} {s.key_extra_type}, " if s.key_extra else ""
     columns = f"{s.key}, {s.key_extra}" if s.key_extra else s.key
     values = f"NEW.{s.key}, NEW.{s.key_extra}" if s.key_extra else f"NEW.{s.key}"
     return [
         f"CREATE TABLE IF NOT EXISTS {s.key_table} ({s.key} {s.key_type} NOT NULL, "
         f"{extra}CONSTRAINT pk_{s.key_table} PRIMARY KEY ({s.key}))",
+        # Only on the old table, which still has its unique index on the key (that is
+        # what skips a duplicate there): the row always goes on, whether its key was
+        # claimed here or by the writer's own statement.
         f"""CREATE OR REPLACE FUNCTION {s.key_table}_claim() RETURNS trigger
             LANGUAGE plpgsql AS $$
             BEGIN
               INSERT INTO {s.key_table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING;
-              IF FOUND THEN RETURN NEW; END IF;
-              RETURN NULL;
+              RETURN NEW;
             END $$""",
         f"""CREATE OR REPLACE FUNCTION {s.key_table}_release() RETURNS trigger
             LANGUAGE plpgsql AS $$
@@ -103,10 +106,15 @@ def _key_functions(s: Spec) -> list[str]:
     ]
 
 
-def _row_triggers(s: Spec, table: str) -> list[str]:
+def _row_triggers(s: Spec, table: str, claim: bool = True) -> list[str]:
+    """The claim trigger keeps the key table in step while the old table still takes
+    writes of the services from before this revision (its backfill runs meanwhile); the
+    partitioned table has none: its writers claim their keys in the insert statement
+    itself (`shared.db.bulk.bulk_insert_claiming`), set-based, which a trigger per row
+    cost several times over. Deleting a row still releases its key."""
     return [
-        f"CREATE TRIGGER {s.key_table}_claim BEFORE INSERT ON {table} "
-        f"FOR EACH ROW EXECUTE FUNCTION {s.key_table}_claim()",
+        *([f"CREATE TRIGGER {s.key_table}_claim BEFORE INSERT ON {table} "
+           f"FOR EACH ROW EXECUTE FUNCTION {s.key_table}_claim()"] if claim else []),
         f"CREATE TRIGGER {s.key_table}_release AFTER DELETE ON {table} "
         f"FOR EACH ROW EXECUTE FUNCTION {s.key_table}_release()",
     ]
@@ -235,7 +243,7 @@ def _partition(engine: Engine, s: Spec) -> None:
         swap.append(f"ALTER SEQUENCE {s.table}_id_seq OWNED BY {s.table}.id")
     if s.key is not None:
         swap += _drop_row_triggers(s, history)
-        swap += _row_triggers(s, s.table)
+        swap += _row_triggers(s, s.table, claim=False)
         swap.append(f"CREATE TRIGGER {s.key_table}_forget_all AFTER TRUNCATE ON {s.table} "
                     f"FOR EACH STATEMENT EXECUTE FUNCTION {s.key_table}_forget_all()")
     swap += [
