@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -35,12 +36,17 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
 
-from shared.db.case_log import INSERT_EVENTS  # noqa: E402
+from shared.db.bulk import BulkStatement, bulk_insert  # noqa: E402
+from shared.db.case_log import _EVENTS, INSERT_EVENTS  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
 from shared.db.partitions import month_start, partition_history_by_month  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 OUT = ROOT / "bench-results" / "partitions.json"
+# Intake's event insert before partitioning (revision 0019: a unique index on event_id).
+PLAIN_INSERT_EVENTS = bulk_insert(_EVENTS, [
+    "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
+    "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
 SEEN_IN_EVENTS = text("SELECT event_id, body_sha256 FROM case_events "
                       "WHERE event_id = ANY(CAST(:ids AS text[]))")
 SEEN_IN_KEYS = text("SELECT event_id, body_sha256 FROM event_ids "
@@ -69,15 +75,19 @@ def load_history(engine: Engine, events: int) -> None:
                    now() - make_interval(secs => 3600 + (g::bigint * 7919) % 33696000),
                    'applied', jsonb_build_object('n', g)
             FROM generate_series(1, :n) g"""), {"n": events})
+        if conn.execute(text("SELECT to_regclass('event_ids')")).scalar() is not None:
+            conn.execute(text("INSERT INTO event_ids (event_id, body_sha256) "  # as intake
+                              "SELECT event_id, body_sha256 FROM case_events"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE case_events"))
 
 
-def measure_insert(engine: Engine, batch: int, batches: int) -> float:
+def measure_insert(engine: Engine, batch: int, batches: int,
+                   statement: BulkStatement = INSERT_EVENTS, first: int = 0) -> float:
     t0 = time.perf_counter()
-    for b in range(batches):
+    for b in range(first, first + batches):
         with engine.begin() as conn:
-            INSERT_EVENTS.execute(conn, rows(b * batch, batch))
+            statement.execute(conn, rows(b * batch, batch))
     return batch * batches / (time.perf_counter() - t0)
 
 
@@ -161,7 +171,17 @@ def main() -> int:
         for label, engine in engines.items():
             f = figures.setdefault(label, {})
             f["seen_per_s"] = measure_seen(engine, args.batch, args.checks, args.events)
-            f["insert_per_s"] = measure_insert(engine, args.batch, args.batches)
+        # Inserts in alternating rounds (this machine's speed drifts), each round on new ids.
+        inserts: dict[str, list[float]] = {"plain": [], "partitioned": []}
+        for r in range(3):
+            for label in (("plain", "partitioned") if r % 2 == 0 else
+                          ("partitioned", "plain")):
+                inserts[label].append(measure_insert(
+                    engines[label], args.batch, args.batches // 3, PLAIN_INSERT_EVENTS
+                    if label == "plain" else INSERT_EVENTS, first=r * args.batches))
+        for label, rates in inserts.items():
+            figures[label]["insert_per_s"] = statistics.median(rates)
+            figures[label]["insert_rounds"] = [round(x) for x in rates]
         figures["plain"]["seen_keys_per_s"] = figures["plain"]["seen_per_s"]
         figures["partitioned"]["seen_keys_per_s"] = measure_seen(
             engines["partitioned"], args.batch, args.checks, args.events, SEEN_IN_KEYS)
