@@ -94,8 +94,18 @@ HAND_OVER = (
 # records its result once the database is back (its claim, committed durably, still
 # holds the row), so a notification goes out twice only if its worker also dies within
 # that outage. A result recorded here and lost leaves its row stamped: "unknown".
-NO_DISK_WAIT = text("SET synchronous_commit = off")
-DISK_WAIT = text("RESET synchronous_commit")
+NO_DISK_WAIT = "SET synchronous_commit = off"
+# Its statements run once per notification and find rows by id alone. Planned at every
+# execution (the services' PLAN_EVERY_EXECUTION) their planning cost as much as running
+# them (docs/benchmarks.md "Session 7"), so this connection keeps one plan per statement;
+# and as that plan may be made while the table is still empty, where a sequential scan
+# looks cheapest and would then stay, it may not scan (tests/integration/
+# test_query_plans.py).
+KEEP_INDEX_PLANS = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off"
+HAND_OVER_SETTINGS = text(f"{NO_DISK_WAIT}; {KEEP_INDEX_PLANS}")  # one round trip
+# Back to the connection's own settings (those it was opened with).
+USUAL_SETTINGS = text(
+    "RESET synchronous_commit; RESET plan_cache_mode; RESET enable_seqscan")
 MARK_UNKNOWN = (
     update(_N).where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
     .values(status=NotificationStatus.FAILED, last_error=UNKNOWN_ERROR)
@@ -185,7 +195,7 @@ class NotificationStore:
 
 class HandOverLine:
     """A chunk's hand-overs: each statement commits on its own, without waiting for the
-    disk (NO_DISK_WAIT says why)."""
+    disk, with plans kept (HAND_OVER_SETTINGS, and the comments above it, say why)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -220,13 +230,13 @@ class NotificationTables:
     def hand_overs(self) -> Iterator[HandOverLine]:
         with self.db.sql_engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.execute(NO_DISK_WAIT)
+            conn.execute(HAND_OVER_SETTINGS)
             try:
                 yield HandOverLine(conn)
             finally:
                 # Never hand the pool a connection that skips the disk wait.
                 try:
-                    conn.execute(DISK_WAIT)
+                    conn.execute(USUAL_SETTINGS)
                 except SQLAlchemyError:  # the connection is gone (or broken): drop it
                     conn.invalidate()
 

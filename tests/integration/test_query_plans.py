@@ -7,12 +7,13 @@ In the end-to-end benchmark that made every intake batch scan all of `case_event
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 
 from shared.db.case_log import SEEN_EVENTS
+from shared.db.notifications import KEEP_INDEX_PLANS, HandOverLine, record_values
 from shared.db.session import Database, make_engine
 
 
@@ -62,5 +63,59 @@ def test_without_per_execution_plans_the_stale_plan_scans(empty_case_events: str
     sql_engine = create_engine(empty_case_events)
     try:
         assert seq_scans_after_growth(sql_engine) > 0
+    finally:
+        sql_engine.dispose()
+
+
+def _seq_scans_of_notifications(conn: Connection) -> int:
+    return int(conn.execute(text(
+        "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables "
+        "WHERE relname LIKE 'notifications%'")).scalar())
+
+
+def hand_over_seq_scans_after_growth(sql_engine: Engine, settings: Sequence[str]) -> int:
+    """The notifier's hand-over statements (a stamp alone, a result and a stamp, two
+    results and a stamp) run often on an empty table with `settings`, then again once the
+    table has rows (no ANALYZE): the sequential scans of the runs after the growth."""
+    def run_all(line: HandOverLine, first: int) -> None:
+        line.record_and_hand_over([], [first], "t")
+        line.record_and_hand_over([record_values(first, "t", "sent", 1, None)], [first], "t")
+        line.record_and_hand_over([record_values(first + i, "t", "sent", 1, None)
+                                   for i in (1, 2)], [first + 1, first + 2], "t")
+
+    with sql_engine.connect() as conn, conn.begin():
+        for setting in settings:
+            conn.execute(text(setting))
+        line = HandOverLine(conn)
+        for i in range(15):  # enough for psycopg to prepare and PostgreSQL to go generic
+            run_all(line, -10 * (i + 1))
+        conn.execute(text(
+            "INSERT INTO notifications (dedup_key, case_id, reason, party, channel, recipient, "
+            "template, params) SELECT 'n-' || g, 'C-' || g, 'r', 'buyer', 'sms', '1', 't', '{}' "
+            "FROM generate_series(1, 20000) g"))
+        before = _seq_scans_of_notifications(conn)
+        for i in range(5):
+            run_all(line, 100 * (i + 1))
+        seq_scans = _seq_scans_of_notifications(conn) - before
+        conn.rollback()
+    return seq_scans
+
+
+def test_the_hand_over_line_keeps_index_plans_made_on_an_empty_table(
+        empty_case_events: str) -> None:
+    sql_engine = make_engine(empty_case_events)
+    try:
+        assert hand_over_seq_scans_after_growth(sql_engine, [KEEP_INDEX_PLANS]) == 0
+    finally:
+        sql_engine.dispose()
+
+
+def test_a_kept_plan_made_on_an_empty_table_may_scan(empty_case_events: str) -> None:
+    """The control: plans kept without `enable_seqscan = off` are made on the empty table
+    and scan it after it grew."""
+    sql_engine = make_engine(empty_case_events)
+    try:
+        assert hand_over_seq_scans_after_growth(
+            sql_engine, [KEEP_INDEX_PLANS.split(";")[0]]) > 0
     finally:
         sql_engine.dispose()
