@@ -73,10 +73,13 @@ def _seq_scans_of_notifications(conn: Connection) -> int:
         "WHERE relname LIKE 'notifications%'")).scalar())
 
 
-def hand_over_seq_scans_after_growth(sql_engine: Engine, settings: Sequence[str]) -> int:
+def hand_over_seq_scans_after_growth(sql_engine: Engine, settings: Sequence[str],
+                                     plain: bool = False) -> int:
     """The notifier's hand-over statements (a stamp alone, a result and a stamp, two
     results and a stamp) run often on an empty table with `settings`, then again once the
-    table has rows (no ANALYZE): the sequential scans of the runs after the growth."""
+    table has rows (no ANALYZE): the sequential scans of the runs after the growth.
+    `plain`: on a table that is not partitioned (a temporary one of the same shape, which
+    the statements find first), where the planner's choices differ."""
     def run_all(line: HandOverLine, first: int) -> None:
         line.record_and_hand_over([], [first], "t")
         line.record_and_hand_over([record_values(first, "t", "sent", 1, None)], [first], "t")
@@ -84,6 +87,9 @@ def hand_over_seq_scans_after_growth(sql_engine: Engine, settings: Sequence[str]
                                    for i in (1, 2)], [first + 1, first + 2], "t")
 
     with sql_engine.connect() as conn, conn.begin():
+        if plain:
+            conn.execute(text("CREATE TEMPORARY TABLE notifications "
+                              "(LIKE public.notifications INCLUDING ALL) ON COMMIT DROP"))
         for setting in settings:
             conn.execute(text(setting))
         line = HandOverLine(conn)
@@ -103,19 +109,15 @@ def hand_over_seq_scans_after_growth(sql_engine: Engine, settings: Sequence[str]
 
 def test_the_hand_over_line_keeps_index_plans_made_on_an_empty_table(
         empty_case_events: str) -> None:
+    """Plans kept for the connection, made while the table was empty, still use the index
+    once it has rows. (Before partitioning, a kept plan of the stamp, `id = ANY(...)`
+    alone, scanned without `enable_seqscan = off`; the statements' creation-time bounds
+    now lead PostgreSQL 15 to the index anyway, and the setting stays for any statement
+    without them.)"""
     sql_engine = make_engine(empty_case_events)
     try:
-        assert hand_over_seq_scans_after_growth(sql_engine, [KEEP_INDEX_PLANS]) == 0
-    finally:
-        sql_engine.dispose()
-
-
-def test_a_kept_plan_made_on_an_empty_table_may_scan(empty_case_events: str) -> None:
-    """The control: plans kept without `enable_seqscan = off` are made on the empty table
-    and scan it after it grew."""
-    sql_engine = make_engine(empty_case_events)
-    try:
-        assert hand_over_seq_scans_after_growth(
-            sql_engine, [KEEP_INDEX_PLANS.split(";")[0]]) > 0
+        for plain in (False, True):
+            assert hand_over_seq_scans_after_growth(
+                sql_engine, [KEEP_INDEX_PLANS], plain) == 0, plain
     finally:
         sql_engine.dispose()
