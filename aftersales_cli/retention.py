@@ -1,5 +1,7 @@
 """`aftersales retention run [--dry-run] [--batch N]`: archive and remove closed cases (and
-parked events) past their retention (`shared/db/retention.py`)."""
+parked events) past their retention, archive and drop the monthly partitions wholly past
+it, and create the coming months' partitions (`shared/db/retention.py`,
+`shared/db/partitions.py`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,13 @@ import argparse
 import sys
 
 from shared.config import Settings
-from shared.db.retention import Archive, RetentionPolicy, plan_retention, run_retention
+from shared.db.retention import (
+    Archive,
+    RetentionPolicy,
+    old_partitions,
+    plan_retention,
+    run_retention,
+)
 from shared.db.session import Database, make_engine
 
 
@@ -25,7 +33,8 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
     if batch < 1:
         print("aftersales: --batch must be at least 1", file=sys.stderr)
         return 2
-    policy = RetentionPolicy(settings.retention_days, settings.dedup_window, batch)
+    policy = RetentionPolicy(settings.retention_days, settings.dedup_window, batch,
+                             settings.partition_months_ahead)
     if not args.dry_run and settings.archive_dir is None:
         print("aftersales: bad setting: AFTERSALES_ARCHIVE_DIR: not set (retention archives "
               "every row before removing it)", file=sys.stderr)
@@ -41,6 +50,9 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
                   f"({plan.cases_held_back} held back by unfinished work)")
             print(f"  parked events past retention: {plan.parked_events_due}")
             print(f"  dedup-only event ids to forget: {plan.ids_to_forget}")
+            old = [p.name for parts in old_partitions(db, policy).values() for p in parts]
+            print(f"  partitions wholly past retention: {len(old)}"
+                  + (f" ({', '.join(old)})" if old else ""))
             return 0
         assert settings.archive_dir is not None
         report = run_retention(db, policy, Archive(settings.archive_dir),
@@ -57,6 +69,21 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
     print(f"  {report.forgotten_ids} dedup-only event ids forgotten; "
           f"{report.held_back} cases held back by unfinished work; "
           f"{report.busy} busy (next run)")
+    if report.partitions_dropped:
+        print(f"  partitions archived and dropped: {', '.join(report.partitions_dropped)}")
+    if report.partitions_kept:
+        print(f"  partitions past retention kept for cases still kept (their other rows "
+              f"removed): {', '.join(report.partitions_kept)}")
+    if report.partitions_deferred:
+        print(f"  partitions archived but not dropped (lock not granted; next run): "
+              f"{', '.join(report.partitions_deferred)}")
+    if report.partitions_created:
+        print(f"  partitions created ahead: {', '.join(report.partitions_created)}")
     if report.files:
         print(f"  archive: {report.files[0].parent} ({len(report.files)} files)")
+    stray = {t: n for t, n in report.default_partition_rows.items() if n}
+    if stray:
+        print("  WARNING: rows in default partitions (no month partition for their time; "
+              "run retention more often or raise AFTERSALES_PARTITION_MONTHS_AHEAD): "
+              + ", ".join(f"{t} {n}" for t, n in sorted(stray.items())), file=sys.stderr)
     return 0

@@ -146,6 +146,12 @@ OPEN_TIMES = """
            now() - make_interval(secs => (g * 7919) %% 864000) AS opened_at
     FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g"""
 
+# The keys the services' insert statements claim with each row (what keeps them unique
+# across monthly partitions), claimed here for the rows each chunk loaded.
+KEY_TABLES = (("case_events", "event_ids", "event_id"),
+              ("decisions", "decision_ids", "decision_id"),
+              ("notifications", "notification_keys", "dedup_key"))
+
 LOAD_FINISHED = [
     f"""INSERT INTO cases ({CASE_COLS})
         SELECT cid, 'kuaishou', 'S' || (g %% 5000), oid, %(kind)s, 'closed', 'closed',
@@ -190,6 +196,8 @@ LOAD_FINISHED = [
         FROM ({FINISHED_TIMES}) t CROSS JOIN jsonb_to_recordset(%(notes)s::jsonb)
              AS n(i int, reason text, party text, channel text, template text, params jsonb,
                   offset_h float8)""",
+    *[f"INSERT INTO {keys} ({key}) SELECT {key} FROM {table} WHERE case_id IN "
+      f"(SELECT cid FROM ({FINISHED_TIMES}) t)" for table, keys, key in KEY_TABLES],
 ]
 
 LOAD_OPEN = [
@@ -226,6 +234,8 @@ LOAD_OPEN = [
         FROM ({OPEN_TIMES}) t CROSS JOIN jsonb_to_recordset(%(notes)s::jsonb)
              AS n(i int, reason text, party text, channel text, template text, params jsonb,
                   offset_h float8)""",
+    *[f"INSERT INTO {keys} ({key}) SELECT {key} FROM {table} WHERE case_id IN "
+      f"(SELECT cid FROM ({OPEN_TIMES}) t)" for table, keys, key in KEY_TABLES],
 ]
 
 
@@ -276,10 +286,28 @@ def broker_up(box: tb.Sandbox, timeout: float = 300) -> None:
             time.sleep(2)
 
 
+def partition_by_month(box: tb.Sandbox) -> None:
+    """The history database as one partitioned for over a year looks: a partition per
+    month of the history (migration 0020 put the empty tables' history in one)."""
+    from sqlalchemy import create_engine
+
+    from shared.db.partitions import month_start, partition_history_by_month
+
+    engine = create_engine(box.sa_url)
+    try:
+        with engine.begin() as conn:
+            if conn.execute(text("SELECT to_regclass('case_events_history')")).scalar():
+                now = conn.execute(text("SELECT now()")).scalar_one()
+                partition_history_by_month(conn, month_start(now - timedelta(days=400)))
+    finally:
+        engine.dispose()
+
+
 def load_history(box: tb.Sandbox, finished: int, open_: int) -> dict[str, Any]:
     """Chunk by chunk, one transaction each; a chunk cut off by a PostgreSQL restart was
     rolled back and is loaded again."""
     t0 = time.perf_counter()
+    partition_by_month(box)
     shapes = templates()
     for name, count, statements, params in (
             ("finished", finished, LOAD_FINISHED, _params(shapes["finished"])),
@@ -535,6 +563,8 @@ def retention_under_traffic(box: tb.Sandbox, args: argparse.Namespace) -> dict[s
         out |= {
             "cases_due": due, "cases_removed": report.cases, "rows": report.rows,
             "held_back": report.held_back, "busy": report.busy, "batches": report.batches,
+            "partitions_dropped": report.partitions_dropped,
+            "partitions_swept": report.partitions_kept,
             "seconds": round(done["seconds"], 1),
             "cases_per_s": round(report.cases / done["seconds"], 1) if done["seconds"] else None,
             "archive_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),

@@ -392,6 +392,10 @@ class Settings(BaseSettings):
     retention_batch: int = Field(default=500, ge=1, le=10_000)
     # Where retention writes its archive (gzip'd JSON lines); required to remove anything.
     archive_dir: Path | None = None
+    # Monthly partitions of the growing tables kept created ahead, beyond this month, by
+    # every `aftersales retention run` (shared/db/partitions.py): run it at least this
+    # often, or rows land in the default partition (kept, but slower to drop later).
+    partition_months_ahead: int = Field(default=3, ge=1, le=24)
 
     @field_validator("amqp_url")
     @classmethod

@@ -78,7 +78,7 @@ class HandOverLine(Protocol):
     """A chunk's hand-overs; each call is committed when it returns."""
 
     def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
-                             token: str) -> set[int]: ...
+                             token: str, created: datetime | None = None) -> set[int]: ...
 
 
 class NotificationStorage(Protocol):
@@ -373,7 +373,8 @@ class _Line:
             if self._line is None:
                 self._stack = ExitStack()
                 self._line = self._stack.enter_context(self.storage.hand_overs())
-            return c.id in self._line.record_and_hand_over(values, [c.id], c.token)
+            return c.id in self._line.record_and_hand_over(values, [c.id], c.token,
+                                                           _created(c))
 
         # a failed statement leaves the line's connection unusable: a new one each try
         return _while_database_away(attempt, self.retry_s, on_error=self.close)
@@ -446,7 +447,14 @@ def _record(store: NotificationRepository, results: list[_Result]) -> None:
 
 def _values(c: _Claimed, status: str, attempts: int, last_error: str | None,
             **columns: Any) -> dict[str, Any]:
-    return record_values(c.id, c.token, status, attempts, last_error, **columns)
+    return record_values(c.id, c.token, status, attempts, last_error,
+                         created_at=_created(c), **columns)
+
+
+def _created(c: _Claimed) -> datetime | None:
+    """The row's creation time (its partition), if the storage read one."""
+    made = getattr(c.row, "created_at", None)
+    return made if isinstance(made, datetime) else None
 
 
 def _while_database_away(attempt: Callable[[], _T], retry_s: float, *,

@@ -37,12 +37,13 @@ class BulkStatement:
     "UPDATE t SET ... FROM rows WHERE ...". Keys of a row dict that are not columns are
     ignored."""
 
-    def __init__(self, table: Table, columns: Sequence[str], sql: str) -> None:
+    def __init__(self, table: Table, columns: Sequence[str], sql: str, with_: str = "") -> None:
+        """`with_`: more common table expressions after `rows` (", name AS (...)")."""
         self.columns = tuple(columns)
         types = ", ".join(f"{c} {table.c[c].type.compile(dialect=_DIALECT)}" for c in columns)
         self.statement: TextClause = text(
             f"WITH rows AS (SELECT * FROM json_to_recordset(CAST(:rows AS json)) "
-            f"AS r({types})) {sql}")
+            f"AS r({types})){with_} {sql}")
 
     def params(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         return {"rows": orjson.dumps(rows, default=_json_default).decode()}
@@ -57,3 +58,26 @@ def bulk_insert(table: Table, columns: Sequence[str], tail: str = "") -> BulkSta
     names = ", ".join(columns)
     return BulkStatement(
         table, columns, f"INSERT INTO {table.name} ({names}) SELECT {names} FROM rows {tail}")
+
+
+def bulk_insert_claiming(table: Table, columns: Sequence[str], key_table: str,
+                         key_columns: Sequence[str], tail: str = "") -> BulkStatement:
+    """INSERT of the rows whose key (`key_columns[0]`) this statement claims in
+    `key_table`: a key claimed before (or twice in the batch) skips its row. A table
+    partitioned by time cannot hold a unique index on the key alone, so its key table is
+    what keeps it unique; claiming in the statement itself, set-based, costs far less
+    than a trigger per row (docs/benchmarks.md, "Session 7"). No `ON CONFLICT` on the
+    table itself: the claimed key is what makes the row new, and an arbiter check of
+    every unique index of the partition cost another sixth of the insert. `tail`: e.g. a
+    RETURNING clause."""
+    names = ", ".join(columns)
+    key = key_columns[0]
+    keys = ", ".join(key_columns)
+    return BulkStatement(
+        table, columns,
+        f"""INSERT INTO {table.name} ({names})
+            SELECT DISTINCT ON (rows.{key}) {", ".join(f"rows.{c}" for c in columns)}
+              FROM rows JOIN claimed ON claimed.{key} = rows.{key} {tail}""",
+        f""", claimed AS (INSERT INTO {key_table} ({keys})
+                SELECT DISTINCT ON ({key}) {keys} FROM rows
+                ON CONFLICT DO NOTHING RETURNING {key})""")

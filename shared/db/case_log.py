@@ -13,8 +13,8 @@ from typing import Any, Protocol, cast
 from sqlalchemy import Table, any_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
-from shared.db.bulk import bulk_insert
-from shared.db.models import CaseEventRow, EventConflictRow
+from shared.db.bulk import bulk_insert, bulk_insert_claiming
+from shared.db.models import CaseEventRow, EventConflictRow, EventIdRow
 
 
 class EventOutcome(StrEnum):
@@ -32,17 +32,20 @@ ACCEPTED_OUTCOMES = (EventOutcome.applied, EventOutcome.out_of_state, EventOutco
 
 _EVENTS = cast(Table, CaseEventRow.__table__)
 _CONFLICTS = cast(Table, EventConflictRow.__table__)
-SEEN_EVENTS = select(_EVENTS.c.event_id, _EVENTS.c.body_sha256).where(
-    _EVENTS.c.event_id == any_(bindparam("ids")))
+_EVENT_IDS = cast(Table, EventIdRow.__table__)
+# From `event_ids` (kept by triggers in step with `case_events`): one index probe, not one
+# per monthly partition of `case_events` (docs/design.md "Partitioning by time").
+SEEN_EVENTS = select(_EVENT_IDS.c.event_id, _EVENT_IDS.c.body_sha256).where(
+    _EVENT_IDS.c.event_id == any_(bindparam("ids")))
 PARKED_EVENTS = (
     select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
     .where(_EVENTS.c.case_id == any_(bindparam("ids")))
     .where(_EVENTS.c.outcome == EventOutcome.parked)
     .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
 )
-INSERT_EVENTS = bulk_insert(_EVENTS, [
+INSERT_EVENTS = bulk_insert_claiming(_EVENTS, [
     "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
-    "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
+    "body_sha256"], "event_ids", ["event_id", "body_sha256"])
 INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
     "event_id", "case_id", "body", "body_sha256", "first_sha256"])
 # The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).

@@ -38,5 +38,16 @@ def ensure_database(database_url: str) -> bool:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
+    """Migrate, then (at head) create the monthly partitions this month and the next ones
+    need where none covers them yet (`shared/db/partitions.py`; retention runs do it too)."""
     ensure_database(database_url)
     command.upgrade(alembic_config(database_url), revision)
+    if revision == "head":
+        from shared.db.partitions import ensure_partitions
+        from shared.db.session import Database
+
+        engine = create_engine(database_url)
+        try:
+            ensure_partitions(Database(engine))
+        finally:
+            engine.dispose()

@@ -76,8 +76,10 @@ class CaseRow(Base):
 
 
 class CaseEventRow(Base):
-    """Every accepted inbound event: the case's event log. `event_id` as the key is
-    the dedup: a second insert of the same id conflicts and changes nothing."""
+    """Every accepted inbound event: the case's event log. Partitioned by month of
+    `received_at` (shared/db/partitions.py). `event_id` is the dedup: it is claimed in
+    `event_ids` by the statement that inserts the row, and a second insert of the same id
+    changes nothing."""
 
     __tablename__ = "case_events"
 
@@ -85,7 +87,10 @@ class CaseEventRow(Base):
     case_id: Mapped[str] = mapped_column(String(128))
     type: Mapped[str] = mapped_column(String(64))
     occurred_at: Mapped[datetime]
-    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Partition key, in the primary key as PostgreSQL requires; the ORM's identity stays
+    # `event_id` alone (unique through `event_ids`).
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now(),
+                                                  primary_key=True)
     # applied | out_of_state | parked (waiting for its case.opened)
     outcome: Mapped[str] = mapped_column(String(16))
     problem: Mapped[str | None] = mapped_column(Text)
@@ -106,7 +111,39 @@ class CaseEventRow(Base):
         ),
         Index("ix_case_events_forget_after", "forget_after",
               postgresql_where=text("forget_after IS NOT NULL")),
+        {"postgresql_partition_by": "RANGE (received_at)"},
     )
+    __mapper_args__ = {"primary_key": [event_id]}  # noqa: RUF012 (SQLAlchemy reads it)
+
+
+class EventIdRow(Base):
+    """Every `event_id` in `case_events`, whatever its month: what keeps it unique across
+    partitions. Claimed by intake's insert statement (`bulk_insert_claiming`), released
+    by a trigger when the event row is deleted: a row here exactly while its event row is
+    in `case_events`."""
+
+    __tablename__ = "event_ids"
+
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    # The row's `body_sha256`, so intake's duplicate check is one index probe here rather
+    # than one per month in `case_events`.
+    body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class DecisionIdRow(Base):
+    """Every `decision_id` in `decisions` (as `event_ids` for events)."""
+
+    __tablename__ = "decision_ids"
+
+    decision_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class NotificationKeyRow(Base):
+    """Every `dedup_key` in `notifications` (as `event_ids` for events)."""
+
+    __tablename__ = "notification_keys"
+
+    dedup_key: Mapped[str] = mapped_column(String(128), primary_key=True)
 
 
 class EventConflictRow(Base):
@@ -127,7 +164,8 @@ class EventConflictRow(Base):
 class DeadlineRow(Base):
     """A deadline or a reminder. Status: pending -> dispatched -> fired | stale;
     pending -> cancelled when the case moves on. `fence` is the case version it was
-    computed for, checked again when it fires."""
+    computed for, checked again when it fires. Not partitioned (shared/db/partitions.py
+    says why): retention removes a finished case's rows with it."""
 
     __tablename__ = "deadlines"
 
@@ -194,7 +232,8 @@ class CaseNoteRow(Base):
 
 class DecisionRow(Base):
     """An automatic decision (or reminder) taken for a case: exactly one per missed
-    deadline, because `decision_id` is derived from the deadline's stable key."""
+    deadline, because `decision_id` is derived from the deadline's stable key (claimed in
+    `decision_ids` by the statement that inserts it). Partitioned by month of `decided_at`."""
 
     __tablename__ = "decisions"
 
@@ -202,10 +241,12 @@ class DecisionRow(Base):
     case_id: Mapped[str] = mapped_column(String(128))
     type: Mapped[str] = mapped_column(String(64))
     step: Mapped[str] = mapped_column(String(64))
-    decided_at: Mapped[datetime]
+    decided_at: Mapped[datetime] = mapped_column(primary_key=True)
     body: Mapped[dict[str, Any]]
 
-    __table_args__ = (Index("ix_decisions_case_id", "case_id", "decided_at"),)
+    __table_args__ = (Index("ix_decisions_case_id", "case_id", "decided_at"),
+                      {"postgresql_partition_by": "RANGE (decided_at)"})
+    __mapper_args__ = {"primary_key": [decision_id]}  # noqa: RUF012 (SQLAlchemy reads it)
 
 
 class NotificationRow(Base):
@@ -214,12 +255,14 @@ class NotificationRow(Base):
     The table is also the notifier's outbox: rows are written `new` with the case change
     that caused them; the timer hands them to the notifier (`queued`, `queued_at`).
     Status: new -> queued -> sending -> sent | failed; deferred (quiet hours, rate limit,
-    retry later) -> queued again at `send_after` (shared.db.notifications)."""
+    retry later) -> queued again at `send_after` (shared.db.notifications). Partitioned by
+    month of `created_at`; `dedup_key` is claimed in `notification_keys` by the statement that inserts it
+    (unique across months)."""
 
     __tablename__ = "notifications"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    dedup_key: Mapped[str] = mapped_column(String(128), unique=True)
+    dedup_key: Mapped[str] = mapped_column(String(128))
     case_id: Mapped[str] = mapped_column(String(128))
     reason: Mapped[str] = mapped_column(String(64))
     party: Mapped[str] = mapped_column(String(16))
@@ -234,7 +277,7 @@ class NotificationRow(Base):
     queued_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_id: Mapped[str | None] = mapped_column(String(256))
-    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), primary_key=True)
     sent_at: Mapped[datetime | None]
     # The notifier's claim on a `sending` row, and when that claim handed it to a provider
     # (a dead worker's row without it was never sent and is claimed again).
@@ -250,7 +293,9 @@ class NotificationRow(Base):
         ),
         Index("ix_notifications_new", "id", postgresql_where=text("status = 'new'")),
         Index("ix_notifications_queued", "queued_at", postgresql_where=text("status = 'queued'")),
+        {"postgresql_partition_by": "RANGE (created_at)"},
     )
+    __mapper_args__ = {"primary_key": [id]}  # noqa: RUF012 (SQLAlchemy reads it)
 
 
 class OutboxRow(Base):

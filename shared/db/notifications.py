@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Table, any_, bindparam, func, select, text, u
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from shared.db.bulk import bulk_insert
+from shared.db.bulk import bulk_insert_claiming
 from shared.db.models import NotificationRow
 from shared.db.session import Database, db_now
 
@@ -51,6 +51,19 @@ IN_FLIGHT = (NotificationStatus.NEW, NotificationStatus.QUEUED, NotificationStat
 UNKNOWN_ERROR = "unknown: worker died during the send; not repeated"
 
 _N = cast(Table, NotificationRow.__table__)
+
+
+def _made_between(since: str, until: str) -> Any:
+    """`created_at` (the partition key) within the bound parameters `since` and `until`,
+    each None for no bound: a statement naming rows by id alone probes every monthly
+    partition; with the rows' creation times it touches only theirs (pruned when it
+    runs, so one statement text serves every month)."""
+    return _N.c.created_at.between(
+        func.coalesce(bindparam(since, type_=_N.c.created_at.type),
+                      text("'-infinity'::timestamptz")),
+        func.coalesce(bindparam(until, type_=_N.c.created_at.type),
+                      text("'infinity'::timestamptz")))
+
 # One SQL text each whatever the batch size (`= ANY(array)`, executemany with bound
 # parameters): psycopg parses every new text again.
 CLAIM = (
@@ -60,7 +73,7 @@ CLAIM = (
     .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
 )
 MARK_SENDING = (
-    update(_N).where(_N.c.id == any_(bindparam("ids")))
+    update(_N).where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
     .values(status=NotificationStatus.SENDING, claim_token=bindparam("token"),
             handed_over_at=None)
 )
@@ -68,7 +81,8 @@ MARK_SENDING = (
 # may have taken over a row its worker was thought dead for) and hands over now.
 HAND_OVER = (
     update(_N).where(_N.c.id == any_(bindparam("ids")), _N.c.claim_token == bindparam("token"),
-                     _N.c.status == NotificationStatus.SENDING, _N.c.handed_over_at.is_(None))
+                     _N.c.status == NotificationStatus.SENDING, _N.c.handed_over_at.is_(None),
+                     _made_between("since", "until"))
     .values(handed_over_at=func.now()).returning(_N.c.id)
 )
 # A chunk's hand-overs go through one connection whose statements each commit on their
@@ -80,17 +94,28 @@ HAND_OVER = (
 # records its result once the database is back (its claim, committed durably, still
 # holds the row), so a notification goes out twice only if its worker also dies within
 # that outage. A result recorded here and lost leaves its row stamped: "unknown".
-NO_DISK_WAIT = text("SET synchronous_commit = off")
-DISK_WAIT = text("RESET synchronous_commit")
+NO_DISK_WAIT = "SET synchronous_commit = off"
+# Its statements run once per notification and find rows by id alone. Planned at every
+# execution (the services' PLAN_EVERY_EXECUTION) their planning cost as much as running
+# them (docs/benchmarks.md "Session 7"), so this connection keeps one plan per statement;
+# and as that plan may be made while the table is still empty, where a sequential scan
+# looks cheapest and would then stay, it may not scan (tests/integration/
+# test_query_plans.py).
+KEEP_INDEX_PLANS = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off"
+HAND_OVER_SETTINGS = text(f"{NO_DISK_WAIT}; {KEEP_INDEX_PLANS}")  # one round trip
+# Back to the connection's own settings (those it was opened with).
+USUAL_SETTINGS = text(
+    "RESET synchronous_commit; RESET plan_cache_mode; RESET enable_seqscan")
 MARK_UNKNOWN = (
-    update(_N).where(_N.c.id == any_(bindparam("ids")))
+    update(_N).where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
     .values(status=NotificationStatus.FAILED, last_error=UNKNOWN_ERROR)
 )
 # COALESCE keeps what an outcome does not set (a failure keeps its send_after, a deferral
 # its provider_id), as the per-outcome updates did.
 # Only while the claim holds the row: a claim taken over records nothing.
 RECORD = (
-    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.claim_token == bindparam("b_token"))
+    update(_N).where(_N.c.id == bindparam("b_id"), _N.c.claim_token == bindparam("b_token"),
+                     _made_between("b_created", "b_created"))
     .values(
         status=bindparam("b_status"),
         attempts=bindparam("b_attempts"),
@@ -108,7 +133,8 @@ RECORD_AND_HAND_OVER = HAND_OVER.add_cte(RECORD.cte("recorded"))
 # Claimed rows that were provably never handed to a channel go back to what they were.
 RELEASE = (
     update(_N).where(_N.c.id == bindparam("b_id"), _N.c.status == NotificationStatus.SENDING,
-                     _N.c.claim_token == bindparam("b_token"), _N.c.handed_over_at.is_(None))
+                     _N.c.claim_token == bindparam("b_token"), _N.c.handed_over_at.is_(None),
+                     _made_between("b_created", "b_created"))
     .values(status=bindparam("b_status"))
 )
 
@@ -118,6 +144,7 @@ class NotificationStore:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._created: dict[int, datetime] = {}  # of the rows `lock` read
 
     @classmethod
     def transactions(cls, db: Database) -> NotificationTables:
@@ -131,17 +158,27 @@ class NotificationStore:
 
     def lock(self, ids: Sequence[int]) -> list[Any]:
         """The rows with these ids, locked, in id order (ids not found are absent)."""
-        return list(self.session.connection().execute(CLAIM, {"ids": list(ids)}))
+        rows = list(self.session.connection().execute(CLAIM, {"ids": list(ids)}))
+        self._created.update((row.id, row.created_at) for row in rows)
+        return rows
+
+    def _bounds(self, ids: Sequence[int]) -> dict[str, Any]:
+        """`ids` and the span of their rows' creation times (no bound if one is unknown)."""
+        made = [self._created.get(i) for i in ids]
+        known = [m for m in made if m is not None]
+        if len(known) < len(made) or not known:
+            return {"ids": list(ids), "since": None, "until": None}
+        return {"ids": list(ids), "since": min(known), "until": max(known)}
 
     def claim(self, ids: Sequence[int], token: str) -> None:
         """Mark the rows `sending` for the claim `token`, not handed over yet."""
         if ids:
-            self.session.connection().execute(MARK_SENDING, {"ids": list(ids), "token": token})
+            self.session.connection().execute(MARK_SENDING, {**self._bounds(ids), "token": token})
 
 
     def mark_unknown(self, ids: Sequence[int]) -> None:
         if ids:
-            self.session.connection().execute(MARK_UNKNOWN, {"ids": list(ids)})
+            self.session.connection().execute(MARK_UNKNOWN, self._bounds(ids))
 
     def record(self, results: Sequence[dict[str, Any]]) -> None:
         """RECORD's parameters, one dict per row (see `record_values`)."""
@@ -152,22 +189,23 @@ class NotificationStore:
         """(id, status to return to) for rows of the claim never handed to a channel."""
         if rows:
             self.session.connection().execute(
-                RELEASE, [{"b_id": i, "b_status": status, "b_token": token}
-                          for i, status in rows])
+                RELEASE, [{"b_id": i, "b_status": status, "b_token": token,
+                           "b_created": self._created.get(i)} for i, status in rows])
 
 
 class HandOverLine:
     """A chunk's hand-overs: each statement commits on its own, without waiting for the
-    disk (NO_DISK_WAIT says why)."""
+    disk, with plans kept (HAND_OVER_SETTINGS, and the comments above it, say why)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
-                             token: str) -> set[int]:
+                             token: str, created: datetime | None = None) -> set[int]:
         """Record `results` (RECORD's parameters), then stamp the rows the claim still
-        holds as handed to a provider; those ids."""
-        stamp = {"ids": list(ids), "token": token}
+        holds as handed to a provider; those ids. `created`: the rows' creation time when
+        they share one (the hand-over of a single row), for the partition."""
+        stamp = {"ids": list(ids), "token": token, "since": created, "until": created}
         if len(results) == 1:
             return set(self.conn.execute(RECORD_AND_HAND_OVER, {**results[0], **stamp})
                        .scalars())
@@ -192,24 +230,25 @@ class NotificationTables:
     def hand_overs(self) -> Iterator[HandOverLine]:
         with self.db.sql_engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.execute(NO_DISK_WAIT)
+            conn.execute(HAND_OVER_SETTINGS)
             try:
                 yield HandOverLine(conn)
             finally:
                 # Never hand the pool a connection that skips the disk wait.
                 try:
-                    conn.execute(DISK_WAIT)
+                    conn.execute(USUAL_SETTINGS)
                 except SQLAlchemyError:  # the connection is gone (or broken): drop it
                     conn.invalidate()
 
 
 def record_values(notification_id: int, token: str, status: str, attempts: int,
                   last_error: str | None, *, sent_at: datetime | None = None,
-                  provider_id: str | None = None, send_after: datetime | None = None
-                  ) -> dict[str, Any]:
+                  provider_id: str | None = None, send_after: datetime | None = None,
+                  created_at: datetime | None = None) -> dict[str, Any]:
+    """RECORD's parameters; `created_at`, the row's, finds its partition (None: any)."""
     return {"b_id": notification_id, "b_token": token, "b_status": status, "b_attempts": attempts,
             "b_last_error": last_error, "b_sent_at": sent_at, "b_provider_id": provider_id,
-            "b_send_after": send_after}
+            "b_send_after": send_after, "b_created": created_at}
 
 
 # ---- the write path's side: rows written new, handed to the notifier by the timer ----
@@ -217,9 +256,9 @@ def record_values(notification_id: int, token: str, status: str, attempts: int,
 _NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 
 # No RETURNING: the timer finds new notifications by status.
-INSERT_NOTIFICATIONS = bulk_insert(_NOTIFICATIONS, [
+INSERT_NOTIFICATIONS = bulk_insert_claiming(_NOTIFICATIONS, [
     "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
-    "urgent", "status"], "ON CONFLICT (dedup_key) DO NOTHING")
+    "urgent", "status"], "notification_keys", ["dedup_key"])
 # Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
 # queued ones whose message was lost (the notifier gave up on it or died): oldest first.
 CLAIM_NOTIFICATIONS = (

@@ -25,6 +25,17 @@ window outlasts the retention, the case's event rows are not removed with the ca
 emptied (outcome `retired`, body `{}`, problem cleared, so no personal data stays) and
 removed at `forget_after`.
 
+Partitions (shared/db/partitions.py): `case_events`, `decisions` and `notifications` are
+partitioned by month. A run first creates the partitions of the coming
+months. A partition whose whole range is before the cutoff ("old") is not deleted from row
+by row: the per-case removal leaves its rows, and once none of them belongs to a case
+still kept (nor is unfinished work, nor an event id still within its dedup window), the
+partition is archived as a whole (one file, same format), its keys released, and dropped:
+no dead tuples, no index bloat. An old partition a kept case still has rows in (a case
+open for longer than the retention) cannot go yet: the rows of removed cases in it are
+then archived and deleted row by row, like those in the partition that straddles the
+cutoff.
+
 Archive format: under `archive_dir`, one folder per run (`<UTC time>-<random>`), and in it
 one file per batch and table, `<batch>-<table>.jsonl.gz`: gzip'd UTF-8 JSON lines, one row
 per line as PostgreSQL's `row_to_json` writes it (timestamps in ISO 8601 with offset).
@@ -35,15 +46,25 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from shared.db.partitions import (
+    BY_TABLE,
+    DEFAULT_MONTHS_AHEAD,
+    Partition,
+    PartitionedTable,
+    ensure_partitions,
+    is_partitioned,
+    list_partitions,
+)
 from shared.db.persist import try_lock_cases
 from shared.db.session import Database
 
@@ -76,14 +97,23 @@ UNFINISHED = text("""
     SELECT d.case_id FROM decisions d JOIN outbox o ON o.message_id = d.decision_id
      WHERE d.case_id = ANY(:ids)""")
 
+def _not_in_old_partitions(table: str) -> str:
+    """Rows in partitions wholly before the cutoff go with their partition, not here
+    (`:since_<table>` is the start of the first partition that is not old)."""
+    spec = BY_TABLE.get(table)
+    if spec is None:
+        return ""
+    return f" AND r.{spec.column} >= CAST(:since_{table} AS timestamptz)"
+
+
 REMOVE_BY_CASE = {
-    table: text(f"DELETE FROM {table} AS r WHERE case_id = ANY(:ids) "
-                "RETURNING row_to_json(r)::text")
+    table: text(f"DELETE FROM {table} AS r WHERE case_id = ANY(:ids)"
+                f"{_not_in_old_partitions(table)} RETURNING row_to_json(r)::text")
     for table in CASE_TABLES if table != "case_events"
 }
 REMOVE_CASE_EVENTS = text(
-    "DELETE FROM case_events AS r WHERE case_id = ANY(:ids) AND outcome <> 'retired' "
-    "RETURNING row_to_json(r)::text")
+    "DELETE FROM case_events AS r WHERE case_id = ANY(:ids) AND outcome <> 'retired'"
+    f"{_not_in_old_partitions('case_events')} RETURNING row_to_json(r)::text")
 # The full rows as they were (for the archive), then emptied to an id with a forget time.
 RETIRE_CASE_EVENTS = text("""
     WITH old AS (
@@ -140,11 +170,31 @@ PLAN = text(f"""
          WHERE forget_after IS NOT NULL AND forget_after < now())""")
 
 
+# What keeps a row of an old partition from going, besides its case still being kept.
+UNFINISHED_ROW = {
+    "case_events": "coalesce(r.forget_after >= now(), false)",  # id still within its window
+    "deadlines": "r.status IN ('pending', 'dispatched')",
+    "notifications": "r.status NOT IN ('sent', 'failed')",
+    "decisions": "EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = r.decision_id)",
+}
+
+
+def _held_in_partition(spec: PartitionedTable, partition: str, keeps_ids_longer: bool
+                       ) -> str:
+    """A row of the partition that must stay: its case is kept, or it is unfinished."""
+    held = (f"EXISTS (SELECT 1 FROM cases c WHERE c.case_id = r.case_id) "
+            f"OR {UNFINISHED_ROW[spec.table]}")
+    if spec.table == "case_events" and keeps_ids_longer:
+        held += " OR r.outcome <> 'retired'"  # its id is retired (kept) first, not dropped
+    return f"SELECT 1 FROM {partition} AS r WHERE {held}"
+
+
 @dataclass(frozen=True)
 class RetentionPolicy:
     retention_days: int
     dedup_window_days: int  # >= retention_days (checked by the settings)
     batch: int = 500
+    partition_months_ahead: int = DEFAULT_MONTHS_AHEAD
 
     @property
     def keeps_ids_longer(self) -> bool:
@@ -161,7 +211,7 @@ class Archive:
         self.folder = root / self.run_id
         self.files: list[Path] = []
 
-    def write(self, name: str, rows: Sequence[str]) -> Path:
+    def write(self, name: str, rows: Iterable[str]) -> Path:
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             _fsync_dir(self.folder.parent)
@@ -200,6 +250,12 @@ class RetentionReport:
     held_back: int = 0  # closed long enough, but with unfinished work
     busy: int = 0  # a service held the case's lock: next run
     files: list[Path] = field(default_factory=list)
+    partitions_created: list[str] = field(default_factory=list)
+    partitions_dropped: list[str] = field(default_factory=list)  # archived first
+    partitions_kept: list[str] = field(default_factory=list)  # old, but a kept case in it
+    # archived, but the drop waited too long for its lock (or rows changed): next run
+    partitions_deferred: list[str] = field(default_factory=list)
+    default_partition_rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -229,6 +285,12 @@ def run_retention(db: Database, policy: RetentionPolicy, archive: Archive, *,
     (or `max_batches`)."""
     report = RetentionReport(archive.run_id)
     after: tuple[Any, str] = ("-infinity", "")
+    created = ensure_partitions(db, policy.partition_months_ahead)
+    report.partitions_created = created.created
+    report.default_partition_rows = created.default_rows
+    old = old_partitions(db, policy)
+    since: dict[str, Any] = {f"since_{table}": "-infinity" for table in BY_TABLE}
+    since.update({f"since_{table}": parts[-1].upper for table, parts in old.items() if parts})
 
     def budget_left() -> bool:
         return max_batches is None or report.batches < max_batches
@@ -249,9 +311,15 @@ def run_retention(db: Database, policy: RetentionPolicy, archive: Archive, *,
             report.held_back += len(unfinished)
             report.busy += len(ready) - len(locked)
             if locked:
-                _remove_cases(s, sorted(locked), policy, archive, report, on_archived)
+                _remove_cases(s, sorted(locked), policy, archive, report, on_archived,
+                              since)
     while budget_left() and _remove_parked(db, policy, archive, report, on_archived):
         pass
+    for table, partitions in old.items():
+        for partition in partitions:
+            if budget_left():
+                _drop_or_sweep(db, BY_TABLE[table], partition.name, policy, archive, report,
+                               on_archived, budget_left)
     while budget_left():
         with db.transaction() as s:
             s.execute(SHORT_LOCKS)
@@ -278,9 +346,10 @@ def _archive_and_count(archive: Archive, report: RetentionReport,
 
 
 def _remove_cases(s: Session, ids: list[str], policy: RetentionPolicy, archive: Archive,
-                  report: RetentionReport, on_archived: ArchivedHook | None) -> None:
+                  report: RetentionReport, on_archived: ArchivedHook | None,
+                  since: dict[str, Any]) -> None:
     removed: dict[str, list[str]] = {}
-    params = {"ids": ids, "window": policy.dedup_window_days}
+    params = {"ids": ids, "window": policy.dedup_window_days, **since}
     events = RETIRE_CASE_EVENTS if policy.keeps_ids_longer else REMOVE_CASE_EVENTS
     removed["case_events"] = list(s.execute(events, params).scalars())
     for table, statement in REMOVE_BY_CASE.items():
@@ -314,3 +383,94 @@ def _remove_parked(db: Database, policy: RetentionPolicy, archive: Archive,
         if policy.keeps_ids_longer:
             report.retired_events += len(rows)
     return True
+
+
+def old_partitions(db: Database, policy: RetentionPolicy) -> dict[str, list[Partition]]:
+    """Per partitioned table, its partitions wholly before the cutoff, oldest first."""
+    found: dict[str, list[Partition]] = {}
+    with db.sql_engine.connect() as conn:
+        cutoff = conn.execute(text(f"SELECT {_CUTOFF}"),
+                              {"days": policy.retention_days}).scalar_one()
+        for table in BY_TABLE:
+            if not is_partitioned(conn, table):
+                continue
+            found[table] = [p for p in list_partitions(conn, table)
+                            if not p.is_default and p.upper is not None
+                            and p.upper <= cutoff]
+        conn.rollback()
+    return found
+
+
+class _Changed(Exception):
+    """A partition's rows changed between its archive and its drop."""
+
+
+def _counted(rows: Iterable[str], counter: list[int]) -> Iterator[str]:
+    for row in rows:
+        counter[0] += 1
+        yield row
+
+
+def _drop_or_sweep(db: Database, spec: PartitionedTable, partition: str,
+                   policy: RetentionPolicy, archive: Archive, report: RetentionReport,
+                   on_archived: ArchivedHook | None, budget_left: Callable[[], bool]
+                   ) -> None:
+    """An old partition: archived whole and dropped if nothing in it must stay; else the
+    rows of removed cases in it are archived and deleted batch by batch."""
+    held = _held_in_partition(spec, partition, policy.keeps_ids_longer)
+    # Checked and archived without a lock: a lock on the partition would stop the
+    # services' statements that name rows by case or id alone (they touch every
+    # partition) for as long as the archive takes. Nothing changes rows here any more:
+    # their times are long past (new rows get now()), none is unfinished work, no case
+    # they belong to is kept. The drop then checks the count is still what was archived.
+    with db.sql_engine.connect() as conn:
+        if conn.execute(text(f"SELECT EXISTS ({held})")).scalar_one():
+            conn.rollback()
+            held_back = True
+        else:
+            held_back = False
+            count = [0]
+            report.batches += 1
+            stream = conn.execute(text(
+                f"SELECT row_to_json(r)::text FROM {partition} AS r"
+            ).execution_options(yield_per=5000)).scalars()
+            archive.write(f"{report.batches:06d}-{spec.table}", _counted(stream, count))
+            conn.rollback()
+            if on_archived is not None:
+                on_archived()
+    if not held_back:
+        try:
+            with db.sql_engine.begin() as conn:
+                conn.execute(SHORT_LOCKS)
+                if conn.execute(text(f"SELECT count(*) FROM {partition}")
+                                ).scalar_one() != count[0]:
+                    raise _Changed
+                if spec.key is not None:
+                    conn.execute(text(
+                        f"DELETE FROM {spec.key_table} AS k USING {partition} AS r "
+                        f"WHERE k.{spec.key} = r.{spec.key}"))
+                # A moment's exclusive lock on the table, under lock_timeout.
+                conn.execute(text(f"DROP TABLE {partition}"))
+        except (_Changed, OperationalError) as exc:
+            if isinstance(exc, OperationalError) and getattr(
+                    exc.orig, "sqlstate", None) not in ("55P03", "40P01"):
+                raise
+            report.partitions_deferred.append(partition)  # archived again next run
+            return
+        report.rows[spec.table] = report.rows.get(spec.table, 0) + count[0]
+        report.partitions_dropped.append(partition)
+        return
+    report.partitions_kept.append(partition)
+    if spec.table == "case_events" and policy.keeps_ids_longer:
+        return  # retired ids are forgotten at their time (FORGET_EVENT_IDS)
+    unheld = held.replace("SELECT 1 FROM", "SELECT r.ctid FROM", 1).replace(
+        " WHERE ", " WHERE NOT (", 1) + ") LIMIT :batch"
+    while budget_left():
+        with db.sql_engine.begin() as conn:
+            conn.execute(SHORT_LOCKS)
+            rows = list(conn.execute(text(
+                f"DELETE FROM {partition} AS d WHERE d.ctid = ANY(ARRAY({unheld})) "
+                f"RETURNING row_to_json(d)::text"), {"batch": policy.batch}).scalars())
+            if not rows:
+                return
+            _archive_and_count(archive, report, {spec.table: rows}, on_archived)

@@ -113,6 +113,7 @@ def test_an_event_id_logged_meanwhile_by_another_worker_is_not_lost(
     """Two workers, the same event_id on two different cases (their case locks do not
     serialise them): the second must not be silently dropped by ON CONFLICT DO NOTHING
     while its effects are applied; it becomes a conflict."""
+    from shared.db.case_log import INSERT_EVENTS
     from shared.db.cases import SqlCases
     from shared.schemas.events import content_hash
 
@@ -128,11 +129,11 @@ def test_an_event_id_logged_meanwhile_by_another_worker_is_not_lost(
     def load_cases_while_the_other_worker_commits(cases: Any, case_ids: Any) -> Any:
         if not raced:  # the other worker commits its event between our look and insert
             raced.append(True)
-            with db.transaction() as other:
-                other.add(CaseEventRow(
-                    event_id="same-id", case_id="AS-OTHER", type="case.opened",
-                    occurred_at=datetime.now(UTC), outcome="applied", body=theirs,
-                    body_sha256=content_hash(theirs)))
+            with db.transaction() as other:  # with intake's own statement
+                INSERT_EVENTS.execute(other.connection(), [{
+                    "event_id": "same-id", "case_id": "AS-OTHER", "type": "case.opened",
+                    "occurred_at": datetime.now(UTC), "outcome": "applied", "problem": None,
+                    "case_version": 1, "body": theirs, "body_sha256": content_hash(theirs)}])
         return real_load_cases(cases, case_ids)
 
     monkeypatch.setattr(SqlCases, "load", load_cases_while_the_other_worker_commits)

@@ -82,7 +82,7 @@ class _FakeLine:
         self.table = table
 
     def record_and_hand_over(self, results: Sequence[dict[str, Any]], ids: Sequence[int],
-                             token: str) -> set[int]:
+                             token: str, created: datetime | None = None) -> set[int]:
         store = _FakeStore(self.table.rows, self.table.now)
         store.record(results)
         taken = store.hand_over(ids, token)
