@@ -256,8 +256,8 @@ class NotificationRow(Base):
     that caused them; the timer hands them to the notifier (`queued`, `queued_at`).
     Status: new -> queued -> sending -> sent | failed; deferred (quiet hours, rate limit,
     retry later) -> queued again at `send_after` (shared.db.notifications). Partitioned by
-    month of `created_at`; `dedup_key` is claimed in `notification_keys` by the statement that inserts it
-    (unique across months)."""
+    month of `created_at`; `dedup_key` is claimed in `notification_keys` by the statement
+    that inserts it (unique across months)."""
 
     __tablename__ = "notifications"
 
