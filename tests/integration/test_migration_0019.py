@@ -13,6 +13,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from shared.db.migrate import alembic_config, upgrade
 from tests.conftest import PG_ADMIN_URL, RUN_ID
+from tests.resources import own_database
 
 pytestmark = pytest.mark.integration
 
@@ -23,16 +24,10 @@ NEW_INDEXES = ("ix_cases_closed_at", "ix_deadlines_case_id", "ix_case_events_for
 @pytest.fixture
 def database() -> Iterator[tuple[str, Engine]]:
     name = f"aftersales_test_{RUN_ID}_m19_{uuid.uuid4().hex[:4]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    sql_engine = create_engine(url)
-    yield url, sql_engine
-    sql_engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with own_database(PG_ADMIN_URL, name, migrate=False) as url:
+        sql_engine = create_engine(url)
+        yield url, sql_engine
+        sql_engine.dispose()
 
 
 def counts(sql_engine: Engine) -> dict[str, int]:

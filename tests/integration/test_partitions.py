@@ -39,6 +39,7 @@ from shared.db.partitions import (
 from shared.db.retention import Archive, RetentionPolicy, run_retention
 from shared.db.session import Database, make_engine
 from tests.conftest import PG_ADMIN_URL, RUN_ID
+from tests.resources import own_database
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +51,10 @@ KEYS = {"cases": "case_id", "case_events": "event_id", "deadlines": "id",
 def fresh_database() -> Iterator[tuple[str, Engine]]:
     """A database of its own (its partitions are rearranged by the tests)."""
     name = f"aftersales_test_{RUN_ID}_part_{uuid.uuid4().hex[:4]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    engine = create_engine(url)
-    yield url, engine
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with own_database(PG_ADMIN_URL, name, migrate=False) as url:
+        engine = create_engine(url)
+        yield url, engine
+        engine.dispose()
 
 
 def fingerprint(engine: Engine) -> dict[str, tuple[int, str]]:
