@@ -33,7 +33,7 @@ ACCEPTED_OUTCOMES = (EventOutcome.applied, EventOutcome.out_of_state, EventOutco
 _EVENTS = cast(Table, CaseEventRow.__table__)
 _CONFLICTS = cast(Table, EventConflictRow.__table__)
 _EVENT_IDS = cast(Table, EventIdRow.__table__)
-# From `event_ids` (kept by triggers in step with `case_events`): one index probe, not one
+# From `event_ids` (claimed by INSERT_EVENTS with each row): one index probe, not one
 # per monthly partition of `case_events` (docs/design.md "Partitioning by time").
 SEEN_EVENTS = select(_EVENT_IDS.c.event_id, _EVENT_IDS.c.body_sha256).where(
     _EVENT_IDS.c.event_id == any_(bindparam("ids")))
