@@ -29,22 +29,23 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import Engine, create_engine, text  # noqa: E402
+from sqlalchemy import Engine, Table, create_engine, text  # noqa: E402
 
 from shared.db.bulk import BulkStatement, bulk_insert  # noqa: E402
-from shared.db.case_log import _EVENTS, INSERT_EVENTS  # noqa: E402
+from shared.db.case_log import INSERT_EVENTS  # noqa: E402
 from shared.db.migrate import upgrade  # noqa: E402
+from shared.db.models import CaseEventRow  # noqa: E402
 from shared.db.partitions import month_start, partition_history_by_month  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 OUT = ROOT / "bench-results" / "partitions.json"
 # Intake's event insert before partitioning (revision 0019: a unique index on event_id).
-PLAIN_INSERT_EVENTS = bulk_insert(_EVENTS, [
+PLAIN_INSERT_EVENTS = bulk_insert(cast(Table, CaseEventRow.__table__), [
     "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
     "body_sha256"], "ON CONFLICT (event_id) DO NOTHING")
 SEEN_IN_EVENTS = text("SELECT event_id, body_sha256 FROM case_events "
@@ -167,7 +168,7 @@ def main() -> int:
         for label, engine in engines.items():
             print(f"[{label}] loading {args.events:,} events over 13 months", file=sys.stderr)
             load_history(engine, args.events)
-        figures: dict[str, dict[str, float]] = {}
+        figures: dict[str, dict[str, Any]] = {}
         for label, engine in engines.items():
             f = figures.setdefault(label, {})
             f["seen_per_s"] = measure_seen(engine, args.batch, args.checks, args.events)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from shared.db.migrate import upgrade
@@ -36,6 +36,18 @@ def rabbitmqctl(*args: str) -> None:
         raise RuntimeError("rabbitmqctl not found: tests and benchmarks create their own vhost "
                            "with it")
     subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def unmigrated_database(admin_url: str, name: str) -> Iterator[tuple[str, Engine]]:
+    """An empty database of the test's own (no schema: the test migrates it), with an
+    engine on it; both gone afterwards."""
+    with own_database(admin_url, name, migrate=False) as url:
+        engine = create_engine(url)
+        try:
+            yield url, engine
+        finally:
+            engine.dispose()
 
 
 @contextlib.contextmanager

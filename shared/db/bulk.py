@@ -60,7 +60,7 @@ def bulk_insert(table: Table, columns: Sequence[str], tail: str = "") -> BulkSta
         table, columns, f"INSERT INTO {table.name} ({names}) SELECT {names} FROM rows {tail}")
 
 
-def bulk_insert_claiming(table: Table, columns: Sequence[str], key_table: str,
+def bulk_insert_claiming(table: Table, columns: Sequence[str], key_table: Table,
                          key_columns: Sequence[str], tail: str = "") -> BulkStatement:
     """INSERT of the rows whose key (`key_columns[0]`) this statement claims in
     `key_table`: a key claimed before (or twice in the batch) skips its row. A table
@@ -78,6 +78,6 @@ def bulk_insert_claiming(table: Table, columns: Sequence[str], key_table: str,
         f"""INSERT INTO {table.name} ({names})
             SELECT DISTINCT ON (rows.{key}) {", ".join(f"rows.{c}" for c in columns)}
               FROM rows JOIN claimed ON claimed.{key} = rows.{key} {tail}""",
-        f""", claimed AS (INSERT INTO {key_table} ({keys})
+        f""", claimed AS (INSERT INTO {key_table.name} ({keys})
                 SELECT DISTINCT ON ({key}) {keys} FROM rows
                 ON CONFLICT DO NOTHING RETURNING {key})""")

@@ -45,7 +45,7 @@ PARKED_EVENTS = (
 )
 INSERT_EVENTS = bulk_insert_claiming(_EVENTS, [
     "event_id", "case_id", "type", "occurred_at", "outcome", "problem", "case_version", "body",
-    "body_sha256"], "event_ids", ["event_id", "body_sha256"])
+    "body_sha256"], _EVENT_IDS, ["event_id", "body_sha256"])
 INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
     "event_id", "case_id", "body", "body_sha256", "first_sha256"])
 # The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert_claiming
-from shared.db.models import NotificationRow
+from shared.db.models import NotificationKeyRow, NotificationRow
 from shared.db.session import Database, db_now
 
 
@@ -258,7 +258,7 @@ _NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 # No RETURNING: the timer finds new notifications by status.
 INSERT_NOTIFICATIONS = bulk_insert_claiming(_NOTIFICATIONS, [
     "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
-    "urgent", "status"], "notification_keys", ["dedup_key"])
+    "urgent", "status"], cast(Table, NotificationKeyRow.__table__), ["dedup_key"])
 # Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
 # queued ones whose message was lost (the notifier gave up on it or died): oldest first.
 CLAIM_NOTIFICATIONS = (

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Table, text
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert, bulk_insert_claiming
-from shared.db.models import DecisionRow, OutboxRow
+from shared.db.models import DecisionIdRow, DecisionRow, OutboxRow
 from shared.db.session import Database
 
 _DECISIONS = cast(Table, DecisionRow.__table__)
@@ -25,7 +25,7 @@ _OUTBOX = cast(Table, OutboxRow.__table__)
 
 INSERT_DECISIONS = bulk_insert_claiming(
     _DECISIONS, ["decision_id", "case_id", "type", "step", "decided_at", "body"],
-    "decision_ids", ["decision_id"], "RETURNING decision_id")
+    cast(Table, DecisionIdRow.__table__), ["decision_id"], "RETURNING decision_id")
 INSERT_OUTBOX = bulk_insert(
     _OUTBOX, ["exchange", "routing_key", "message_id", "headers", "body"])
 

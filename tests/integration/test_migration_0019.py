@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 
 from shared.db.migrate import alembic_config, upgrade
 from tests.conftest import PG_ADMIN_URL, RUN_ID
-from tests.resources import own_database
+from tests.resources import unmigrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +24,8 @@ NEW_INDEXES = ("ix_cases_closed_at", "ix_deadlines_case_id", "ix_case_events_for
 @pytest.fixture
 def database() -> Iterator[tuple[str, Engine]]:
     name = f"aftersales_test_{RUN_ID}_m19_{uuid.uuid4().hex[:4]}"
-    with own_database(PG_ADMIN_URL, name, migrate=False) as url:
-        sql_engine = create_engine(url)
-        yield url, sql_engine
-        sql_engine.dispose()
+    with unmigrated_database(PG_ADMIN_URL, name) as database:
+        yield database
 
 
 def counts(sql_engine: Engine) -> dict[str, int]:

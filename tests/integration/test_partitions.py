@@ -19,12 +19,19 @@ from typing import Any, cast
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, Table, create_engine, text
+from sqlalchemy import Engine, Table, text
 
 from shared.db.bulk import bulk_insert_claiming
 from shared.db.case_log import INSERT_EVENTS
 from shared.db.migrate import alembic_config, upgrade
-from shared.db.models import CaseEventRow, DecisionRow, NotificationRow
+from shared.db.models import (
+    CaseEventRow,
+    DecisionIdRow,
+    DecisionRow,
+    EventIdRow,
+    NotificationKeyRow,
+    NotificationRow,
+)
 from shared.db.notifications import INSERT_NOTIFICATIONS
 from shared.db.outbox import INSERT_DECISIONS
 from shared.db.partitions import (
@@ -39,7 +46,7 @@ from shared.db.partitions import (
 from shared.db.retention import Archive, RetentionPolicy, run_retention
 from shared.db.session import Database, make_engine
 from tests.conftest import PG_ADMIN_URL, RUN_ID
-from tests.resources import own_database
+from tests.resources import unmigrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +58,8 @@ KEYS = {"cases": "case_id", "case_events": "event_id", "deadlines": "id",
 def fresh_database() -> Iterator[tuple[str, Engine]]:
     """A database of its own (its partitions are rearranged by the tests)."""
     name = f"aftersales_test_{RUN_ID}_part_{uuid.uuid4().hex[:4]}"
-    with own_database(PG_ADMIN_URL, name, migrate=False) as url:
-        engine = create_engine(url)
-        yield url, engine
-        engine.dispose()
+    with unmigrated_database(PG_ADMIN_URL, name) as database:
+        yield database
 
 
 def fingerprint(engine: Engine) -> dict[str, tuple[int, str]]:
@@ -180,15 +185,16 @@ def test_migration_keeps_every_row_while_a_writer_goes_on(
 _EVENT = bulk_insert_claiming(
     cast(Table, CaseEventRow.__table__),
     ["event_id", "case_id", "type", "occurred_at", "outcome", "body", "received_at"],
-    "event_ids", ["event_id"], "RETURNING event_id")
+    cast(Table, EventIdRow.__table__), ["event_id"], "RETURNING event_id")
 _DECISION = bulk_insert_claiming(
     cast(Table, DecisionRow.__table__),
     ["decision_id", "case_id", "type", "step", "decided_at", "body"],
-    "decision_ids", ["decision_id"], "RETURNING decision_id")
+    cast(Table, DecisionIdRow.__table__), ["decision_id"], "RETURNING decision_id")
 _NOTIFICATION = bulk_insert_claiming(
     cast(Table, NotificationRow.__table__),
     ["dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
-     "created_at"], "notification_keys", ["dedup_key"], "RETURNING dedup_key")
+     "created_at"], cast(Table, NotificationKeyRow.__table__), ["dedup_key"],
+    "RETURNING dedup_key")
 
 
 def _in_days(days: int) -> datetime:
