@@ -351,7 +351,8 @@ def intake_throughput(db: e2e.Db, amqp_url: str, n: int, timeout: float, tag: st
                       ) -> dict[str, Any]:
     """Committed events/s under a backlog of n events. Each event's commit time comes from
     its transaction id against snapshots polled every 20 ms (e2e_bench.commit_times); the
-    only reads of case_events while it runs are primary-key look-ups once a second."""
+    only reads while it runs are look-ups by event id in `event_ids` once a second (the
+    same transaction writes it with the event: e2e_bench.phase_latency says why there)."""
     cfg = SimConfig(rate=1000.0, duplicate_share=0.0, malformed_share=0.0, run_id=f"tp{tag}")
     msgs = list(generate(cfg, n, seed=1, rate=1000.0))
     ids = [m.event["event_id"] for m in msgs if m.event is not None]
@@ -371,7 +372,7 @@ def intake_throughput(db: e2e.Db, amqp_url: str, n: int, timeout: float, tag: st
     t0 = time.monotonic()
     poller.start()
     pub = e2e.publish(amqp_url, msgs)
-    count_sql = "SELECT count(*) FROM case_events WHERE event_id = ANY(:ids)"
+    count_sql = "SELECT count(*) FROM event_ids WHERE event_id = ANY(:ids)"
     deadline = t0 + timeout
     while time.monotonic() < deadline and int(db.scalar(count_sql, ids=ids)) < len(ids):
         time.sleep(1.0)
@@ -381,7 +382,7 @@ def intake_throughput(db: e2e.Db, amqp_url: str, n: int, timeout: float, tag: st
     purged = e2e.purge_intake_queue(amqp_url)
     epoch = int(db.scalar("SELECT pg_current_xact_id()::text::bigint >> 32")) << 32
     xids = {r[0]: epoch + int(r[1]) for r in db.rows(
-        "SELECT event_id, xmin::text FROM case_events WHERE event_id = ANY(:ids)", ids=ids)}
+        "SELECT event_id, xmin::text FROM event_ids WHERE event_id = ANY(:ids)", ids=ids)}
     committed = sorted(e2e.commit_times(snapshots, xids).values())
     samples = [(t, i + 1) for i, t in enumerate(committed)]
     last = committed[-1] if committed else time.monotonic()

@@ -293,6 +293,8 @@ class NotificationRow(Base):
         ),
         Index("ix_notifications_new", "id", postgresql_where=text("status = 'new'")),
         Index("ix_notifications_queued", "queued_at", postgresql_where=text("status = 'queued'")),
+        # What `queued` was called before migration 0002: only rows from then (0022).
+        Index("ix_notifications_pending", "id", postgresql_where=text("status = 'pending'")),
         {"postgresql_partition_by": "RANGE (created_at)"},
     )
     __mapper_args__ = {"primary_key": [id]}  # noqa: RUF012 (SQLAlchemy reads it)

@@ -240,3 +240,37 @@ def partition_history_by_month(conn: Connection, first_month: datetime) -> None:
             create_partition(conn, spec.table, partition_name(spec.table, start), start,
                              next_month(start))
             start = next_month(start)
+
+
+# The partitions of `:table` that have no index attached to the parent index `:index`.
+_UNINDEXED_PARTITIONS = text("""
+    SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE i.inhparent = to_regclass(:table)
+       AND NOT EXISTS (SELECT 1 FROM pg_inherits ii JOIN pg_index x ON x.indexrelid = ii.inhrelid
+                        WHERE ii.inhparent = to_regclass(:index) AND x.indrelid = c.oid)
+     ORDER BY 1""")
+
+
+def add_index_concurrently(conn: Connection, name: str, table: str, spec: str) -> None:
+    """A new index `name` ON `table` `spec` ("(columns) WHERE ...") of a partitioned table,
+    without blocking writes: PostgreSQL cannot build it CONCURRENTLY on the parent, so the
+    parent's index is made ON ONLY (empty, invalid), each partition's is built
+    CONCURRENTLY and attached, and the parent's turns valid with the last. A partition
+    created meanwhile gets its own from the parent; a build that failed half-way (an
+    invalid index) is dropped and made again; run again, it finishes what is missing.
+    `conn` must be in autocommit (a concurrent build cannot run in a transaction)."""
+    conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON ONLY {table} {spec}"))
+    while missing := list(conn.execute(_UNINDEXED_PARTITIONS,
+                                       {"table": table, "index": name}).scalars()):
+        for partition in missing:
+            own = f"{name}_{partition}"
+            if len(own) > 63:
+                raise ValueError(f"index name {own!r} is longer than PostgreSQL keeps")
+            valid = conn.execute(text(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:n)"),
+                {"n": own}).scalar()
+            if valid is False:
+                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {own}"))
+            conn.execute(text(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {own} ON {partition} {spec}"))
+            conn.execute(text(f"ALTER INDEX {name} ATTACH PARTITION {own}"))

@@ -20,6 +20,7 @@ from typing import Any, cast
 import pytest
 from alembic import command
 from sqlalchemy import Engine, Table, text
+from sqlalchemy.exc import IntegrityError
 
 from shared.db.bulk import bulk_insert_claiming
 from shared.db.case_log import INSERT_EVENTS
@@ -36,6 +37,8 @@ from shared.db.notifications import INSERT_NOTIFICATIONS
 from shared.db.outbox import INSERT_DECISIONS
 from shared.db.partitions import (
     PARTITIONED,
+    add_index_concurrently,
+    create_partition,
     ensure_partitions,
     list_partitions,
     month_start,
@@ -288,6 +291,50 @@ def test_partitions_are_created_ahead(fresh_database: tuple[str, Engine]) -> Non
         assert months[-1].upper == horizon, table  # up to the end of the 8th month ahead
         for earlier, later in pairwise(months):
             assert earlier.upper == later.lower  # no gap
+
+
+def _partition_indexes(conn: Any, index: str) -> dict[str, bool]:
+    """Partition -> whether its index attached to the parent `index` is valid."""
+    return {str(table): bool(valid) for table, valid in conn.execute(text("""
+        SELECT x.indrelid::regclass::text, x.indisvalid FROM pg_inherits i
+          JOIN pg_index x ON x.indexrelid = i.inhrelid
+         WHERE i.inhparent = to_regclass(:n)"""), {"n": index})}
+
+
+def test_an_index_is_added_to_every_partition_without_a_blocking_build(
+        fresh_database: tuple[str, Engine]) -> None:
+    """`add_index_concurrently` (what a migration uses for a new index of a partitioned
+    table): it replaces a half-built partition index left by a failed run, attaches one
+    per partition, the parent's is then valid, a partition made later has one too, and a
+    second run changes nothing."""
+    url, engine = fresh_database
+    upgrade(url)
+    name, spec = "ix_test_case_events_type", "(type)"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(
+            "INSERT INTO case_events (event_id, case_id, type, occurred_at, outcome, body) "
+            "SELECT 'e' || g, 'C', 'same', now(), 'applied', '{}' "
+            "FROM generate_series(1, 50) g"))
+        current = conn.execute(text("SELECT tableoid::regclass::text FROM case_events "
+                                    "LIMIT 1")).scalar_one()  # the rows' partition
+        # A failed concurrent build leaves its index behind, invalid.
+        with pytest.raises(IntegrityError):
+            conn.execute(text(f"CREATE UNIQUE INDEX CONCURRENTLY {name}_{current} "
+                              f"ON {current} (type)"))
+        assert conn.execute(text("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                                 "to_regclass(:n)"), {"n": f"{name}_{current}"}).scalar() is False
+
+        add_index_concurrently(conn, name, "case_events", spec)
+        partitions = {p.name for p in list_partitions(conn, "case_events")}
+        assert _partition_indexes(conn, name) == dict.fromkeys(partitions, True)
+        assert conn.execute(text("SELECT indisvalid, indisunique FROM pg_index "
+                                 "WHERE indexrelid = to_regclass(:n)"), {"n": name}
+                            ).one() == (True, False)
+        add_index_concurrently(conn, name, "case_events", spec)  # again: nothing to do
+        later = datetime(2100, 1, 1, tzinfo=UTC)
+        create_partition(conn, "case_events", "case_events_p210001", later, next_month(later))
+        assert _partition_indexes(conn, name) == dict.fromkeys(
+            {*partitions, "case_events_p210001"}, True)
 
 
 def _add_case(engine: Engine, case_id: str, at: datetime, closed: datetime | None) -> None:
