@@ -33,7 +33,9 @@ OUTBOX_LEDGER_QUEUE = "aftersales.outbox.ledger"
 RESOLVER_QUEUE = "aftersales.resolver"
 NOTIFIER_QUEUE = "aftersales.notifier"
 FIRE_DEADLINE_ACTOR = "fire_deadlines"  # args: a list of deadline ids
-SEND_NOTIFICATION_ACTOR = "send_notifications"  # args: a list of notification ids
+# args: a list of notification ids, and [earliest, latest] of their creation times (ISO
+# 8601; absent in messages from before it was sent: the rows are then found by id alone).
+SEND_NOTIFICATION_ACTOR = "send_notifications"
 
 
 # Quorum queues count the deliveries of each message. A message delivered this many times

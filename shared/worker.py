@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import dramatiq
 
@@ -24,17 +25,18 @@ def build_worker_broker(settings: Settings, service: str) -> AftersalesBroker:
 
 
 def batch_actor(broker: dramatiq.Broker, queue_name: str, actor_name: str,
-                fn: Callable[[list[int]], None]) -> dramatiq.Actor[[list[int]], None]:
-    """Register a service's actor (it takes a list of row ids). A transient failure
+                fn: Callable[..., None]) -> dramatiq.Actor[..., None]:
+    """Register a service's actor (it takes a list of row ids, and what else the message
+    carries about them). A transient failure
     (shared.errors.is_transient: the database briefly away) is retried with backoff as
     `dramatiq.Retry`; the categories that retrying cannot fix (`NOT_RETRIED`) fail the
     message at once. Anything else (a bug) is retried like a transient failure, but logged
     with its traceback. After the last retry the timer hands the rows over again (stuck
     dispatches, queued notifications), so nothing is lost."""
 
-    def run(ids: list[int]) -> None:
+    def run(ids: list[int], *about: Any) -> None:
         try:
-            fn(ids)
+            fn(ids, *about)
         except Exception as exc:
             if not is_transient(exc):
                 raise

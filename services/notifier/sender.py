@@ -46,7 +46,7 @@ from services.notifier.delivery import (
     send_now,
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
-from shared.db.notifications import DONE, NotificationStatus, record_values
+from shared.db.notifications import DONE, MadeBetween, NotificationStatus, record_values
 from shared.errors import is_transient
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
@@ -67,7 +67,8 @@ class NotificationRepository(Protocol):
     on PostgreSQL; an in-memory fake in the unit tests)."""
 
     def now(self) -> datetime: ...
-    def lock(self, ids: Sequence[int]) -> list[Any]: ...
+    def lock(self, ids: Sequence[int], made_between: MadeBetween | None = None
+             ) -> list[Any]: ...
     def claim(self, ids: Sequence[int], token: str) -> None: ...
     def mark_unknown(self, ids: Sequence[int]) -> None: ...
     def record(self, results: Sequence[dict[str, Any]]) -> None: ...
@@ -156,9 +157,11 @@ class NotificationSender:
         self,
         notification_ids: Sequence[int],
         on_outcome: Callable[[SendOutcome], None] | None = None,
+        made_between: MadeBetween | None = None,
     ) -> list[SendOutcome]:
         """Claim, send and record the rows; one outcome per id, in the order given (an id
         given twice is a `duplicate` the second time, as a second `send` would make it).
+        `made_between`: the span of the rows' creation times, when the message gave it.
 
         `on_outcome` is called for each outcome once it is committed, so a caller counting
         them (metrics) counts what the table says even if a later chunk raises."""
@@ -184,7 +187,8 @@ class NotificationSender:
                                             Callable[[], datetime]]:
                 _record(store, done)
                 settled: dict[int, SendOutcome] = {}
-                return _claim(store, chunk, settled), settled, self._chunk_clock(store)
+                return (_claim(store, chunk, settled, made_between), settled,
+                        self._chunk_clock(store))
 
             claimed, settled, clock = self._retrying(record_and_claim)
             outcomes.update(settled)
@@ -400,15 +404,15 @@ class _DatabaseClock:
         return self.at + timedelta(seconds=time.monotonic() - self.started)
 
 
-def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, SendOutcome]
-           ) -> list[_Claimed]:
+def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, SendOutcome],
+           made_between: MadeBetween | None = None) -> list[_Claimed]:
     """Lock the rows; settle those that must not be sent (into `outcomes`), claim the
     others under a new token and return them."""
     # Names the worker, for whoever looks at a row left `sending`.
     token = f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
     claimed: list[_Claimed] = []
     unknown: list[int] = []
-    for row in store.lock(ids):
+    for row in store.lock(ids, made_between):
         if row.status in DONE:
             outcomes[row.id] = SendOutcome("duplicate", row.channel)
         elif row.status == NotificationStatus.SENDING and (

@@ -97,10 +97,14 @@ class Timer:
 
     def _hand_over_notifications(self, limit: int) -> int:
         with self.uow() as uow:
-            ids = uow.notifications.claim_for_notifier(limit, self.redispatch_after)
-            for start in range(0, len(ids), self.message_size):
-                chunk = ids[start:start + self.message_size]
-                self.publisher.send_actor(NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, chunk)
-            uow.notifications.mark_queued(ids)
+            rows = uow.notifications.claim_for_notifier(limit, self.redispatch_after)
+            for start in range(0, len(rows), self.message_size):
+                chunk = rows[start:start + self.message_size]
+                # When the rows were written, so the notifier finds their partitions.
+                made = [created for _id, created in chunk]
+                self.publisher.send_actor(NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR,
+                                          [i for i, _created in chunk],
+                                          [min(made).isoformat(), max(made).isoformat()])
+            uow.notifications.mark_queued(rows)
             uow.commit()
-        return len(ids)
+        return len(rows)

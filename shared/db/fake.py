@@ -58,6 +58,7 @@ class DeadlineRecord:
 class NotificationRecord:
     id: int
     request: NewNotification
+    created_at: datetime
     status: str = NEW
     queued_at: datetime | None = None
     send_after: datetime | None = None
@@ -293,11 +294,12 @@ class FakeNotifications:
         for n in notifications:
             if n.dedup_key not in stored:
                 row_id = self.t.new_id()
-                self.t.notifications[row_id] = NotificationRecord(row_id, n)
+                self.t.notifications[row_id] = NotificationRecord(row_id, n, self.db.clock)
                 stored.add(n.dedup_key)
         return len(notifications)
 
-    def claim_for_notifier(self, limit: int, requeue_after_seconds: float) -> list[int]:
+    def claim_for_notifier(self, limit: int, requeue_after_seconds: float
+                           ) -> list[tuple[int, datetime]]:
         rows = self.t.notifications.values()
         since = self.db.clock - timedelta(seconds=requeue_after_seconds)
         new = sorted(n.id for n in rows if n.status == NEW)[:limit]
@@ -307,10 +309,10 @@ class FakeNotifications:
         lost = [n.id for n in sorted(
             (n for n in rows if n.status == "queued" and n.queued_at is not None
              and n.queued_at < since), key=lambda n: n.queued_at or since)][:limit]
-        return new + deferred + lost
+        return [(i, self.t.notifications[i].created_at) for i in new + deferred + lost]
 
-    def mark_queued(self, ids: Sequence[int]) -> None:
-        for row_id in ids:
+    def mark_queued(self, rows: Sequence[tuple[int, datetime]]) -> None:
+        for row_id, _created in rows:
             n = self.t.notifications[row_id]
             n.status, n.queued_at = "queued", self.db.clock
 

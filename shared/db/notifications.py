@@ -24,6 +24,9 @@ from shared.db.bulk import bulk_insert_claiming
 from shared.db.models import NotificationKeyRow, NotificationRow
 from shared.db.session import Database, db_now
 
+# The earliest and the latest creation time of some notification rows (their partition key).
+MadeBetween = tuple[datetime, datetime]
+
 
 class NotificationStatus(StrEnum):
     """A notification row's status: new -> queued -> sending -> sent | failed; deferred
@@ -70,7 +73,8 @@ CLAIM = (
     select(_N.c.id, _N.c.status, _N.c.attempts, _N.c.dedup_key, _N.c.case_id, _N.c.reason,
            _N.c.party, _N.c.channel, _N.c.recipient, _N.c.template, _N.c.params, _N.c.urgent,
            _N.c.created_at, _N.c.claim_token, _N.c.handed_over_at)
-    .where(_N.c.id == any_(bindparam("ids"))).order_by(_N.c.id).with_for_update()
+    .where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
+    .order_by(_N.c.id).with_for_update()
 )
 MARK_SENDING = (
     update(_N).where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
@@ -156,9 +160,14 @@ class NotificationStore:
         """The database's clock (the timer releases deferred rows by `now()`)."""
         return db_now(self.session)
 
-    def lock(self, ids: Sequence[int]) -> list[Any]:
-        """The rows with these ids, locked, in id order (ids not found are absent)."""
-        rows = list(self.session.connection().execute(CLAIM, {"ids": list(ids)}))
+    def lock(self, ids: Sequence[int], made_between: MadeBetween | None = None
+             ) -> list[Any]:
+        """The rows with these ids, locked, in id order (ids not found are absent);
+        `made_between`, when the message said when they were written, finds their
+        partitions."""
+        since, until = made_between or (None, None)
+        rows = list(self.session.connection().execute(
+            CLAIM, {"ids": list(ids), "since": since, "until": until}))
         self._created.update((row.id, row.created_at) for row in rows)
         return rows
 
@@ -261,17 +270,21 @@ INSERT_NOTIFICATIONS = bulk_insert_claiming(_NOTIFICATIONS, [
     "urgent", "status"], cast(Table, NotificationKeyRow.__table__), ["dedup_key"])
 # Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
 # queued ones whose message was lost (the notifier gave up on it or died): oldest first.
+# With their creation times: the update after, and the notifier (in its message), find
+# the rows' partitions by them.
 CLAIM_NOTIFICATIONS = (
-    text("""SELECT id FROM notifications WHERE status = 'new'
+    text("""SELECT id, created_at FROM notifications WHERE status = 'new'
             ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"""),
-    text("""SELECT id FROM notifications WHERE status = 'deferred' AND send_after <= now()
+    text("""SELECT id, created_at FROM notifications
+            WHERE status = 'deferred' AND send_after <= now()
             ORDER BY send_after LIMIT :limit FOR UPDATE SKIP LOCKED"""),
-    text("""SELECT id FROM notifications
+    text("""SELECT id, created_at FROM notifications
             WHERE status = 'queued' AND queued_at < now() - make_interval(secs => :after)
             ORDER BY queued_at LIMIT :limit FOR UPDATE SKIP LOCKED"""),
 )
-MARK_NOTIFICATIONS_QUEUED = text(
-    "UPDATE notifications SET status = 'queued', queued_at = now() WHERE id = ANY(:ids)"
+MARK_NOTIFICATIONS_QUEUED = (
+    update(_N).where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
+    .values(status=NotificationStatus.QUEUED, queued_at=func.now())
 )
 
 NEW = NotificationStatus.NEW  # the status a notification is written with
@@ -305,10 +318,13 @@ class NotificationHandover(Protocol):
         """Write these `new` (a dedup key already stored is skipped); returns how many
         were offered."""
 
-    def claim_for_notifier(self, limit: int, requeue_after_seconds: float) -> list[int]:
-        """Lock the ids to hand over now (new, deferred until now, queued and lost)."""
+    def claim_for_notifier(self, limit: int, requeue_after_seconds: float
+                           ) -> list[tuple[int, datetime]]:
+        """Lock the rows to hand over now (new, deferred until now, queued and lost):
+        (id, created_at) each."""
 
-    def mark_queued(self, ids: Sequence[int]) -> None: ...
+    def mark_queued(self, rows: Sequence[tuple[int, datetime]]) -> None:
+        """The rows `claim_for_notifier` returned, handed over."""
 
 
 class SqlNotificationHandover:
@@ -327,10 +343,14 @@ class SqlNotificationHandover:
         ])
         return len(notifications)
 
-    def claim_for_notifier(self, limit: int, requeue_after_seconds: float) -> list[int]:
+    def claim_for_notifier(self, limit: int, requeue_after_seconds: float
+                           ) -> list[tuple[int, datetime]]:
         params = {"limit": limit, "after": requeue_after_seconds}
-        return [r.id for claim in CLAIM_NOTIFICATIONS for r in self.session.execute(claim, params)]
+        return [(r.id, r.created_at) for claim in CLAIM_NOTIFICATIONS
+                for r in self.session.execute(claim, params)]
 
-    def mark_queued(self, ids: Sequence[int]) -> None:
-        if ids:
-            self.session.execute(MARK_NOTIFICATIONS_QUEUED, {"ids": list(ids)})
+    def mark_queued(self, rows: Sequence[tuple[int, datetime]]) -> None:
+        if rows:
+            made = [created for _id, created in rows]
+            self.session.execute(MARK_NOTIFICATIONS_QUEUED, {
+                "ids": [i for i, _created in rows], "since": min(made), "until": max(made)})

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select, update
 
 from services.intake.processor import IntakeProcessor
+from services.notifier.actors import made_between
 from services.notifier.channels.aliyun import AliyunSmsChannel
 from services.notifier.channels.smtp import SmtpEmailChannel
 from services.notifier.delivery import QuietHours, RetryPolicy
@@ -196,10 +197,16 @@ def test_throttled_then_ok_is_retried_and_sent_once(
                   .values(send_after=datetime.now(UTC) - timedelta(seconds=1)))
     publisher = RecordingPublisher()
     Timer(db, publisher, batch=10, redispatch_after=60, max_rate=100).tick()
-    handed = [i for _q, _a, (ids,) in publisher.actor_calls for i in ids]
-    assert row.id in handed  # with the case's new notifications, in one message
+    # With the case's new notifications, in one message that also says when its rows
+    # were written: the notifier looks for them in those months' partitions only.
+    _ids, written = next(args for _q, _a, args in publisher.actor_calls if row.id in args[0])
+    span = made_between((written,))
+    assert span is not None and span[0] <= deferred.created_at <= span[1]
     clock.at = deferred.send_after + timedelta(seconds=1)
-    assert sender.send(row.id).outcome == "sent"
+    elsewhere = (span[0] - timedelta(days=40), span[0] - timedelta(days=39))
+    assert [o.outcome for o in sender.send_many([row.id], made_between=elsewhere)
+            ] == ["missing"]  # (a span that is wrong finds nothing, changes nothing)
+    assert [o.outcome for o in sender.send_many([row.id], made_between=span)] == ["sent"]
     assert aliyun.rejections == ["isv.BUSINESS_LIMIT_CONTROL"]
     assert len(aliyun.requests) == 1  # accepted once
     assert notification(db, "decision.auto_approved", "sms").attempts == 2

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.db.notifications import UNKNOWN_ERROR, NotificationStatus
+from shared.db.notifications import UNKNOWN_ERROR, MadeBetween, NotificationStatus
 
 T0 = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
 
@@ -98,8 +98,12 @@ class _FakeStore:
     def now(self) -> datetime:
         return self._now
 
-    def lock(self, ids: Sequence[int]) -> list[Any]:
-        return [copy.copy(self.rows[i]) for i in sorted(set(ids)) if i in self.rows]
+    def lock(self, ids: Sequence[int], made_between: MadeBetween | None = None
+             ) -> list[Any]:
+        since, until = made_between or (datetime.min.replace(tzinfo=UTC),
+                                        datetime.max.replace(tzinfo=UTC))
+        return [copy.copy(self.rows[i]) for i in sorted(set(ids))
+                if i in self.rows and since <= self.rows[i].created_at <= until]
 
     def claim(self, ids: Sequence[int], token: str) -> None:
         for i in ids:
