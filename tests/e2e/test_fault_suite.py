@@ -82,22 +82,25 @@ def _restart_redis() -> None:
 
 def _poison(amqp_url: str) -> int:
     """Messages no worker can handle: Dramatiq messages with arguments of the wrong
-    shape for the resolver and the notifier, and garbage on the events exchange."""
+    shape for the resolver and the notifier (also ids with creation times that are not
+    times), and garbage on the events exchange."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         for i in range(POISON):
-            for queue, actor, arg in ((RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, f"poison-{i}"),
-                                      (NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, -i - 1)):
+            for queue, actor, args in (
+                    (RESOLVER_QUEUE, FIRE_DEADLINE_ACTOR, (f"poison-{i}",)),
+                    (NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, (-i - 1,)),
+                    (NOTIFIER_QUEUE, SEND_NOTIFICATION_ACTOR, ([-i - 1], {"span": i}))):
                 message: dramatiq.Message[Any] = dramatiq.Message(
-                    queue_name=queue, actor_name=actor, args=(arg,), kwargs={},
+                    queue_name=queue, actor_name=actor, args=args, kwargs={},
                     options={"max_retries": 0})
                 channel.basic_publish("", queue, message.encode(),
                                       pika.BasicProperties(delivery_mode=2))
     finally:
         connection.close()
-    return 2 * POISON
+    return 3 * POISON
 
 
 def _intake_poison(amqp_url: str, seed: int) -> list[bytes]:
