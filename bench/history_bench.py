@@ -351,8 +351,8 @@ def intake_throughput(db: e2e.Db, amqp_url: str, n: int, timeout: float, tag: st
                       ) -> dict[str, Any]:
     """Committed events/s under a backlog of n events. Each event's commit time comes from
     its transaction id against snapshots polled every 20 ms (e2e_bench.commit_times); the
-    only reads while it runs are look-ups by event id in `event_ids` once a second (the
-    same transaction writes it with the event: e2e_bench.phase_latency says why there)."""
+    only other reads while it runs are look-ups by event id once a second
+    (e2e_bench.wait_committed)."""
     cfg = SimConfig(rate=1000.0, duplicate_share=0.0, malformed_share=0.0, run_id=f"tp{tag}")
     msgs = list(generate(cfg, n, seed=1, rate=1000.0))
     ids = [m.event["event_id"] for m in msgs if m.event is not None]
@@ -372,10 +372,7 @@ def intake_throughput(db: e2e.Db, amqp_url: str, n: int, timeout: float, tag: st
     t0 = time.monotonic()
     poller.start()
     pub = e2e.publish(amqp_url, msgs)
-    count_sql = "SELECT count(*) FROM event_ids WHERE event_id = ANY(:ids)"
-    deadline = t0 + timeout
-    while time.monotonic() < deadline and int(db.scalar(count_sql, ids=ids)) < len(ids):
-        time.sleep(1.0)
+    e2e.wait_committed(db, ids, t0 + timeout, interval=1.0)
     time.sleep(0.05)
     stop.set()
     poller.join(5)
