@@ -97,9 +97,9 @@ WAIT_PER_READ = 20
 
 
 class PeriodicBacklog(Generic[Snapshot]):
-    """Calls `read()` every `interval_s` seconds (or less often: WAIT_PER_READ) in a daemon
-    thread; calling the object
-    returns the last snapshot (what the metrics collector asks for on a scrape). Raises
+    """Calls `read()` every `interval_s` seconds (or less often: WAIT_PER_READ) in a
+    daemon thread; calling the object returns the last snapshot (what the metrics
+    collector asks for on a scrape). Raises
     while no read has succeeded or the last one failed, so the collector exposes
     `aftersales_backlog_query_ok 0` rather than stale figures."""
 
