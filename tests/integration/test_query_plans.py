@@ -17,13 +17,21 @@ from shared.db.case_log import SEEN_EVENTS
 from shared.db.notifications import KEEP_INDEX_PLANS, HandOverLine, record_values
 from shared.db.session import Database, make_engine
 
+# What sequential scans did in this transaction, on tables whose name is LIKE `tables`:
+# how many (`seq_scan`) or how many rows they read (`seq_tup_read`). This transaction's own
+# counters: visible at once, unlike the cumulative statistics.
+SCANS, ROWS_SCANNED = "seq_scan", "seq_tup_read"
+
+
+def _scanned(conn: Connection, counter: str, tables: str) -> int:
+    return int(conn.execute(text(
+        f"SELECT coalesce(sum({counter}), 0) FROM pg_stat_xact_user_tables "
+        "WHERE relname LIKE :tables"), {"tables": tables}).scalar())
+
 
 def _seq_scans_of_event_ids(conn: Connection) -> int:
-    # This transaction's own counters: visible at once, unlike the cumulative statistics.
     # The duplicate check reads `event_ids`, whose rows intake's insert claims.
-    return int(conn.execute(text(
-        "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables "
-        "WHERE relname = 'event_ids'")).scalar())
+    return _scanned(conn, SCANS, "event_ids")
 
 
 def seq_scans_after_growth(sql_engine: Engine) -> int:
@@ -71,9 +79,7 @@ def test_without_per_execution_plans_the_stale_plan_scans(empty_case_events: str
 
 
 def _seq_scans_of_notifications(conn: Connection) -> int:
-    return int(conn.execute(text(
-        "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables "
-        "WHERE relname LIKE 'notifications%'")).scalar())
+    return _scanned(conn, SCANS, "notifications%")
 
 
 def hand_over_seq_scans_after_growth(sql_engine: Engine, settings: Sequence[str],
@@ -127,9 +133,7 @@ def test_the_hand_over_line_keeps_index_plans_made_on_an_empty_table(
 
 
 def _rows_scanned_of_notifications(conn: Connection) -> int:
-    return int(conn.execute(text(
-        "SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_xact_user_tables "
-        "WHERE relname LIKE 'notifications%'")).scalar())
+    return _scanned(conn, ROWS_SCANNED, "notifications%")
 
 
 def backlog_rows_scanned(sql_engine: Engine, statement: TextClause
