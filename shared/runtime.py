@@ -133,6 +133,32 @@ def set_process_name(name: str) -> None:
         pass  # not Linux: names are cosmetic
 
 
+def yield_cpu(niceness: int, autogroup: str = "/proc/self/autogroup") -> None:
+    """Lower this process's CPU priority by `niceness`; the children it forks inherit it.
+
+    Linux's autogroups (on by default) divide the CPU between sessions first and by
+    niceness only within each. Every service started in a session of its own (honcho's
+    `run all`, the benchmarks, the tests, a terminal each) would then get its full share
+    whatever its niceness, so a session leader also gives its session's autogroup the same
+    niceness. A process inside another's session (a shell's job) leaves that session's
+    autogroup alone: it would lower the shell and whatever else runs there."""
+    if niceness <= 0:
+        return
+    now = os.nice(niceness)
+    if os.getsid(0) != os.getpid():
+        log.info("niceness %d; not a session leader, so it counts only against processes "
+                 "of the same session", now)
+        return
+    try:
+        with open(autogroup, "w") as f:
+            f.write(f"{now}\n")
+    except FileNotFoundError:
+        pass  # a kernel without autogroups: niceness alone decides
+    except OSError as exc:  # e.g. a container that may not change it
+        log.warning("niceness %d, but the session's autogroup kept its own (%s): against "
+                    "other sessions this process is not lowered", now, exc)
+
+
 def _stop_once(_signum: int, _frame: object) -> None:
     """The first SIGTERM interrupts the child's loop; later ones (the supervisor passing on
     a SIGTERM that the whole group also got) must not interrupt its clean-up."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from functools import partial
 
@@ -20,7 +19,7 @@ from shared.config import DeliverySettings, QuietHoursSettings, Settings
 from shared.db.notifications import NotificationStore
 from shared.errors import ConfigError
 from shared.logs import setup_logging
-from shared.runtime import WorkerSpec, child_stop_budget, supervise
+from shared.runtime import WorkerSpec, child_stop_budget, supervise, yield_cpu
 from shared.worker import build_worker_broker, run_worker
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,7 @@ def worker(settings: Settings) -> None:
 
 def run(settings: Settings) -> int:
     setup_logging("notifier", settings.log_level)
-    if settings.notifier_nice:
-        os.nice(settings.notifier_nice)  # the worker processes inherit it
+    yield_cpu(settings.notifier_nice)  # the worker processes inherit it
     build_sender(settings)  # fail fast on bad channel settings, before workers start
     server = metrics.start_metrics_server(
         settings.metrics_port_for("notifier"), "notifier", addr=settings.metrics_bind)

@@ -184,6 +184,11 @@ def test_compose_file(yaml_mod: ModuleType) -> None:
         assert svc["command"] == ["run", service]
         assert svc["environment"]["AFTERSALES_METRICS_PORT"] == str(port)
         assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # Niceness does not count between containers: the notifier yields by its CPU weight.
+    default_weight = 1024
+    assert services["notifier"]["cpu_shares"] < default_weight
+    for service in ("intake", "timer", "resolver"):
+        assert services[service].get("cpu_shares", default_weight) == default_weight
     # every build context, Dockerfile and bind-mounted host path exists
     for name, svc in services.items():
         build = svc.get("build")
