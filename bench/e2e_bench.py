@@ -545,7 +545,8 @@ def _ms(v: float | None) -> float | None:
 
 
 def phase_decisions(db: Db, amqp_url: str, m: int, intake_rate: float,
-                    notifier: bool, timeout: float) -> dict[str, Any]:
+                    notifier: bool, timeout: float, cpu: CpuSplit | None = None
+                    ) -> dict[str, Any]:
     base_events = int(db.scalar("SELECT count(*) FROM case_events"))
     base_dec = int(db.scalar("SELECT count(*) FROM decisions"))
     like = f"AS-dec{PID}-%"
@@ -567,8 +568,12 @@ def phase_decisions(db: Db, amqp_url: str, m: int, intake_rate: float,
     publish(amqp_url, events)
     committed = wait_count(db, "SELECT count(*) FROM case_events", base_events + m,
                            lead + 30)[-1][1] - base_events
+    # The CPU split from the due time to the last decision: the catch-up alone.
+    time.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
+    before = cpu.snapshot() if cpu else None
     decisions = wait_count(db, "SELECT count(*) FROM decisions", base_dec + m,
                            timeout)[-1][1] - base_dec
+    split = cpu.cores(before, cpu.snapshot()) if cpu and before else None
     span = db.rows("SELECT min(decided_at), max(decided_at) FROM decisions "
                    "WHERE case_id LIKE :p", p=like)[0]
     dec_rate = None
@@ -580,6 +585,7 @@ def phase_decisions(db: Db, amqp_url: str, m: int, intake_rate: float,
         "decisions_per_s_from_due": decisions / max(1e-9, (span[1] - due).total_seconds())
         if span[1] else None,
         "timer_lateness_first_s": (span[0] - due).total_seconds() if span[0] else None,
+        "cpu_cores": split,
     }
     result["outbox_left"] = db.scalar("SELECT count(*) FROM outbox")
     total_notes = int(db.scalar("SELECT count(*) FROM notifications WHERE case_id LIKE :p",
@@ -744,7 +750,8 @@ def main() -> int:
                 result["decisions"] = phase_decisions(
                     db, amqp_url, sizes["decisions_used"],
                     intake_rate,
-                    notifier="notifier" in services.procs, timeout=90 if quick else 180)
+                    notifier="notifier" in services.procs, timeout=90 if quick else 180,
+                    cpu=cpu)
             services.sample_rss()
             # With quiet hours off nothing waits for the morning (by reason: quiet_hours,
             # rate_limited, or a retry after a failed send).
@@ -834,7 +841,7 @@ def report(r: dict[str, Any]) -> None:
                                              and value < 10 else f"{value:,.0f}")
         print(f"{name:<42} | {shown:>10} | {target:>8} | "
               f"{'' if met is None else ('yes' if met else 'NO')}")
-    for phase in ("latency", "throughput"):
+    for phase in ("latency", "throughput", "decisions"):
         split = r.get(phase, {}).get("cpu_cores")
         if split:
             print(f"\nCPU in the {phase} phase, cores (of {os.cpu_count()}): "

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -75,6 +76,12 @@ def to_domain_event(accepted: Accepted) -> Event:
     )
 
 
+# How long a reading of the database's clock serves for the plausible-time window of the
+# batches after it, advanced by the host's monotonic clock (never its wall clock). Each
+# batch's own transaction reads the clock again, so a busy intake never reads it alone.
+CLOCK_READING_MAX_AGE_S = 30.0
+
+
 class _EventBug(Exception):
     """Applying one event raised something that is not an infrastructure failure."""
 
@@ -101,6 +108,8 @@ class IntakeProcessor:
         self.max_event_bytes = max_event_bytes
         # None: the database's clock, the one that decides due-ness (tests may fix one).
         self.clock = clock
+        # (database time, host monotonic time) of the last reading of the database's clock
+        self._clock_reading: tuple[datetime, float] | None = None
         limits = limits or Limits()
         self.limits = Limits(max_event_bytes, limits.max_depth, limits.max_future,
                              limits.max_past, limits.max_due_ahead)
@@ -113,7 +122,7 @@ class IntakeProcessor:
         result = BatchResult()
         accepted: list[tuple[int, Accepted]] = []
         # The plausible-time window is judged by the same clock as due-ness.
-        received_at = self.clock() if self.clock is not None else self._db_clock()
+        received_at = self.clock() if self.clock is not None else self._received_at()
         for index, body in enumerate(bodies):
             parsed = _parse(body, self.limits, received_at)
             if isinstance(parsed, Rejection):
@@ -165,9 +174,15 @@ class IntakeProcessor:
             return Rejection(RejectReason.internal_error, problem)
         return Handled(accepted.event.type, accepted.event.platform, "error", problem)
 
-    def _db_clock(self) -> datetime:
-        with self.uow() as uow:
-            return uow.now()
+    def _received_at(self) -> datetime:
+        """The database's time now, for the plausible-time window: the last batch's reading
+        of it advanced by the monotonic clock, or a reading of its own when there is none
+        this recent (a transaction of its own cost every batch one more round trip)."""
+        reading = self._clock_reading
+        if reading is None or time.monotonic() - reading[1] > CLOCK_READING_MAX_AGE_S:
+            with self.uow() as uow:
+                reading = self._clock_reading = (uow.now(), time.monotonic())
+        return reading[0] + timedelta(seconds=time.monotonic() - reading[1])
 
     def _apply_batch(self, ordered: list[Accepted], *, wait: bool
                      ) -> tuple[list[Handled], Stored, set[str]]:
@@ -177,7 +192,11 @@ class IntakeProcessor:
         transaction (with two intake workers that wait was 41 % of intake's time). If
         every case is held, it waits: a batch always makes progress."""
         with self.uow() as uow:
-            now = self.clock() if self.clock is not None else uow.now()
+            if self.clock is not None:
+                now = self.clock()
+            else:
+                now = uow.now()
+                self._clock_reading = (now, time.monotonic())
             batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
             wanted = {a.event.case_id for a in ordered}
             case_ids, batch.cases = lock_and_load(uow, wanted, wait=wait)

@@ -7,13 +7,15 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from writepath_support import T0, ev, opened
+from writepath_support import OPS, T0, ev, opened
 
 from services.intake.processor import IntakeProcessor
 from shared.db.case_log import EventOutcome
 from shared.db.deadlines import DeadlineStatus
 from shared.db.fake import FakeDatabase
 from shared.domain import Engine
+from shared.notifications.policy import NotificationPolicy
+from shared.schemas.events import RejectReason
 
 
 def open_deadlines(store: FakeDatabase, case_id: str = "AS1") -> list[Any]:
@@ -143,3 +145,43 @@ def test_a_changed_deadline_is_replaced(store: FakeDatabase, intake: IntakeProce
                  if d.status == DeadlineStatus.cancelled}
     old_deadline = [i for i, spec in old.items() if spec.purpose == "deadline"]
     assert set(old_deadline) <= cancelled
+
+
+class _CountingDatabase(FakeDatabase):
+    """Counts the transactions opened."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.opened = 0
+
+    def unit_of_work(self) -> Any:
+        self.opened += 1
+        return super().unit_of_work()
+
+
+def test_each_batch_is_one_transaction_after_the_first_clock_reading(
+        store: FakeDatabase, engine: Engine) -> None:
+    db = _CountingDatabase(store.clock)
+    intake = IntakeProcessor(db, engine, NotificationPolicy.load(None), OPS, 64 * 1024)
+    for n in range(3):
+        assert [h.outcome for h in intake.process([opened(f"e{n}", f"AS{n}")]).handled] \
+            == ["accepted"]
+    # The first batch reads the database's clock on its own; the others reuse the last
+    # batch's reading for the plausible-time window.
+    assert db.opened == 1 + 3
+
+
+def test_the_plausible_window_is_judged_by_the_databases_clock_not_the_hosts(
+        engine: Engine) -> None:
+    # The database's clock is a year behind the host's. By the host's, all three events
+    # are a year old, which is plausible; by the database's, the third is six minutes
+    # ahead, more than the five allowed, even when the window reuses an earlier reading.
+    db_time = T0 - timedelta(days=365)
+    db = FakeDatabase(clock=db_time)
+    intake = IntakeProcessor(db, engine, NotificationPolicy.load(None), OPS, 64 * 1024)
+    first = intake.process([opened("e1", "AS1", at=db_time)])
+    second = intake.process([opened("e2", "AS2", at=db_time + timedelta(minutes=4)),
+                             opened("e3", "AS3", at=db_time + timedelta(minutes=6))])
+    assert [h.outcome for h in first.handled] == ["accepted"]
+    assert [h.outcome for h in second.handled] == ["accepted"]
+    assert [r.reason for _i, r in second.rejected] == [RejectReason.implausible_time]
