@@ -339,6 +339,11 @@ class Settings(BaseSettings):
     timer_max_rate: float = Field(default=2000, gt=0)
     # Deadlines per message from the timer to the resolver (one resolver transaction each).
     resolver_batch: int = Field(default=200, ge=1, le=1000)
+    # The timer hands notifications over only while the notifier's queue holds fewer
+    # messages than this (of up to resolver_batch ids each): a backlog waits in PostgreSQL,
+    # as rows not yet handed over, instead of in RabbitMQ, where rows waiting longer than
+    # timer_redispatch_seconds would be handed over again and again.
+    notifier_queue_max_messages: int = Field(default=20, ge=1, le=100_000)
 
     outbox_batch: int = Field(default=1000, ge=1, le=10_000)
     outbox_poll_seconds: float = Field(default=0.2, gt=0, le=60)

@@ -8,6 +8,8 @@ turns "no queue was bound" into an error instead of a silent drop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import dramatiq
@@ -24,6 +26,10 @@ class Publisher(Protocol):
                 headers: dict[str, Any] | None = None) -> None: ...
 
     def send_actor(self, queue_name: str, actor_name: str, *args: Any) -> None: ...
+
+    def waiting(self, queue_name: str) -> int:
+        """Messages ready in a queue, not counting those its consumers hold."""
+        ...
 
 
 class ConfirmedPublisher:
@@ -46,7 +52,7 @@ class ConfirmedPublisher:
                 headers: dict[str, Any] | None = None) -> None:
         if exchange == "":
             self.broker.declare_queue(routing_key, ensure=True)
-        try:
+        with self._dropped_on_failure():
             self._channel().basic_publish(
                 exchange=exchange,
                 routing_key=routing_key,
@@ -59,6 +65,17 @@ class ConfirmedPublisher:
                 ),
                 mandatory=True,
             )
+
+    def waiting(self, queue_name: str) -> int:
+        self.broker.declare_queue(queue_name, ensure=True)
+        with self._dropped_on_failure():
+            declared = self._channel().queue_declare(queue_name, passive=True)
+        return int(declared.method.message_count)
+
+    @contextmanager
+    def _dropped_on_failure(self) -> Iterator[None]:
+        try:
+            yield
         except (pika.exceptions.AMQPError, OSError):
             # Drop the broken connection so the next call opens a fresh one.
             del self.broker.connection
@@ -79,6 +96,7 @@ class RecordingPublisher:
         self.published: list[tuple[str, str, bytes, str]] = []
         self.actor_calls: list[tuple[str, str, tuple[Any, ...]]] = []
         self.fail_next = 0
+        self.ready: dict[str, int] = {}  # what `waiting` reports, per queue
 
     def publish(self, exchange: str, routing_key: str, body: bytes, message_id: str,
                 headers: dict[str, Any] | None = None) -> None:
@@ -92,3 +110,6 @@ class RecordingPublisher:
             self.fail_next -= 1
             raise ConnectionError("fake broker down")
         self.actor_calls.append((queue_name, actor_name, args))
+
+    def waiting(self, queue_name: str) -> int:
+        return self.ready.get(queue_name, 0)

@@ -7,7 +7,8 @@ confirms), marks them dispatched and commits. The database clock decides what is
 A crash between publish and commit leaves the rows pending: they are sent again, and the
 resolver's fence makes the second one a no-op. Memory stays flat: nothing about pending
 deadlines is held between ticks. The same loop hands notifications to the notifier (new,
-deferred until now, or queued long ago and never finished), in batches.
+deferred until now, or queued long ago and never finished), in batches, while the
+notifier's queue has room for them.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Timer:
         redispatch_after: float,
         max_rate: float,
         message_size: int = 50,
+        notifier_queue_max: int | None = None,
     ) -> None:
         self.uow = as_unit_of_work_factory(db)
         self.publisher = publisher
@@ -70,6 +72,9 @@ class Timer:
         self.message_size = message_size
         self.redispatch_after = redispatch_after
         self.dispatch_bucket = DispatchTokenBucket(max_rate)
+        # Messages the notifier's queue may hold before notifications wait in the table
+        # (None: no bound).
+        self.notifier_queue_max = notifier_queue_max
 
     def tick(self) -> TickResult:
         limit = min(self.batch, self.dispatch_bucket.available())
@@ -96,6 +101,15 @@ class Timer:
         )
 
     def _hand_over_notifications(self, limit: int) -> int:
+        """Hand notifications to the notifier, as many as its queue has room for: a
+        backlog waits in the table, where the notifier takes it as fast as it can send,
+        not in the queue, where rows queued longer than `redispatch_after` would be
+        handed over again (and again) while the first message still waits."""
+        if self.notifier_queue_max is not None:
+            room = self.notifier_queue_max - self.publisher.waiting(NOTIFIER_QUEUE)
+            if room <= 0:
+                return 0
+            limit = min(limit, room * self.message_size)
         with self.uow() as uow:
             rows = uow.notifications.claim_for_notifier(limit, self.redispatch_after)
             for start in range(0, len(rows), self.message_size):

@@ -36,6 +36,7 @@ def worker(settings: Settings) -> None:
         redispatch_after=settings.timer_redispatch_seconds,
         max_rate=settings.timer_max_rate,
         message_size=settings.resolver_batch,
+        notifier_queue_max=settings.notifier_queue_max_messages,
     )
 
     def step() -> int:

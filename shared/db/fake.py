@@ -302,14 +302,15 @@ class FakeNotifications:
                            ) -> list[tuple[int, datetime]]:
         rows = self.t.notifications.values()
         since = self.db.clock - timedelta(seconds=requeue_after_seconds)
-        new = sorted(n.id for n in rows if n.status == NEW)[:limit]
+        new = sorted(n.id for n in rows if n.status == NEW)
         deferred = [n.id for n in sorted(
             (n for n in rows if n.status == "deferred" and n.send_after is not None
-             and n.send_after <= self.db.clock), key=lambda n: n.send_after or since)][:limit]
+             and n.send_after <= self.db.clock), key=lambda n: n.send_after or since)]
         lost = [n.id for n in sorted(
             (n for n in rows if n.status == "queued" and n.queued_at is not None
-             and n.queued_at < since), key=lambda n: n.queued_at or since)][:limit]
-        return [(i, self.t.notifications[i].created_at) for i in new + deferred + lost]
+             and n.queued_at < since), key=lambda n: n.queued_at or since)]
+        return [(i, self.t.notifications[i].created_at)
+                for i in (deferred + new + lost)[:limit]]
 
     def mark_queued(self, rows: Sequence[tuple[int, datetime]]) -> None:
         for row_id, _created in rows:

@@ -272,12 +272,14 @@ INSERT_NOTIFICATIONS = bulk_insert_claiming(_NOTIFICATIONS, [
 # queued ones whose message was lost (the notifier gave up on it or died): oldest first.
 # With their creation times: the update after, and the notifier (in its message), find
 # the rows' partitions by them.
+# In this order, each taking what the ones before left of the limit: deferred rows whose
+# time has come are the oldest obligations; queued rows whose message was lost are rare.
 CLAIM_NOTIFICATIONS = (
-    text("""SELECT id, created_at FROM notifications WHERE status = 'new'
-            ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"""),
     text("""SELECT id, created_at FROM notifications
             WHERE status = 'deferred' AND send_after <= now()
             ORDER BY send_after LIMIT :limit FOR UPDATE SKIP LOCKED"""),
+    text("""SELECT id, created_at FROM notifications WHERE status = 'new'
+            ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"""),
     text("""SELECT id, created_at FROM notifications
             WHERE status = 'queued' AND queued_at < now() - make_interval(secs => :after)
             ORDER BY queued_at LIMIT :limit FOR UPDATE SKIP LOCKED"""),
@@ -320,8 +322,8 @@ class NotificationHandover(Protocol):
 
     def claim_for_notifier(self, limit: int, requeue_after_seconds: float
                            ) -> list[tuple[int, datetime]]:
-        """Lock the rows to hand over now (new, deferred until now, queued and lost):
-        (id, created_at) each."""
+        """Lock the rows to hand over now, at most `limit` in all (deferred until now,
+        new, queued and lost): (id, created_at) each."""
 
     def mark_queued(self, rows: Sequence[tuple[int, datetime]]) -> None:
         """The rows `claim_for_notifier` returned, handed over."""
@@ -345,9 +347,14 @@ class SqlNotificationHandover:
 
     def claim_for_notifier(self, limit: int, requeue_after_seconds: float
                            ) -> list[tuple[int, datetime]]:
-        params = {"limit": limit, "after": requeue_after_seconds}
-        return [(r.id, r.created_at) for claim in CLAIM_NOTIFICATIONS
-                for r in self.session.execute(claim, params)]
+        rows: list[tuple[int, datetime]] = []
+        for claim in CLAIM_NOTIFICATIONS:
+            left = limit - len(rows)
+            if left <= 0:
+                break
+            rows += [(r.id, r.created_at) for r in self.session.execute(
+                claim, {"limit": left, "after": requeue_after_seconds})]
+        return rows
 
     def mark_queued(self, rows: Sequence[tuple[int, datetime]]) -> None:
         if rows:

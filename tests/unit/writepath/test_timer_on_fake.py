@@ -96,3 +96,41 @@ def test_the_rate_limit_bounds_a_tick(two_cases: FakeDatabase) -> None:
     publisher = Recording()
     result = Timer(two_cases, publisher, batch=100, redispatch_after=60, max_rate=2).tick()
     assert result.fired == 2 and len(deadline_ids(publisher)) == 2
+
+
+class WithQueue(Recording):
+    """A broker whose notifier queue holds `ready` messages; each one sent adds one."""
+
+    def __init__(self, ready: int) -> None:
+        super().__init__()
+        self.ready = ready
+
+    def send_actor(self, queue_name: str, actor_name: str, *args: Any) -> None:
+        super().send_actor(queue_name, actor_name, *args)
+        self.ready += queue_name == NOTIFIER_QUEUE
+
+    def waiting(self, queue_name: str) -> int:
+        assert queue_name == NOTIFIER_QUEUE
+        return self.ready
+
+
+def test_notifications_wait_in_the_table_while_the_notifiers_queue_is_full(
+        two_cases: FakeDatabase) -> None:
+    def notes() -> dict[int, Any]:  # each commit puts new tables in place
+        return two_cases.tables.notifications
+
+    assert len(notes()) >= 2
+    full = WithQueue(ready=5)
+    timer = Timer(two_cases, full, batch=100, redispatch_after=60, max_rate=1000,
+                  message_size=1, notifier_queue_max=5)
+    assert timer.tick().notifications == 0
+    assert {n.status for n in notes().values()} == {"new"}
+    # Room for one message of one notification: the one whose deferral has ended goes
+    # first, before the new ones.
+    last = max(notes())
+    notes()[last].status, notes()[last].send_after = "deferred", two_cases.clock
+    full.ready = 4
+    assert timer.tick().notifications == 1
+    assert [args[0] for q, _a, args in full.sent if q == NOTIFIER_QUEUE] == [[last]]
+    assert full.ready == 5
+    assert {i for i, n in notes().items() if n.status == "queued"} == {last}
