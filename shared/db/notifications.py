@@ -268,12 +268,11 @@ _NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 INSERT_NOTIFICATIONS = bulk_insert_claiming(_NOTIFICATIONS, [
     "dedup_key", "case_id", "reason", "party", "channel", "recipient", "template", "params",
     "urgent", "status"], cast(Table, NotificationKeyRow.__table__), ["dedup_key"])
-# Notifications to hand to the notifier: new ones, deferred ones whose time has come, and
-# queued ones whose message was lost (the notifier gave up on it or died): oldest first.
-# With their creation times: the update after, and the notifier (in its message), find
-# the rows' partitions by them.
-# In this order, each taking what the ones before left of the limit: deferred rows whose
-# time has come are the oldest obligations; queued rows whose message was lost are rare.
+# Notifications to hand to the notifier, oldest first within each kind and each kind
+# taking what the ones before left of the limit: deferred ones whose time has come (the
+# oldest obligations), new ones, and queued ones whose message was lost (the notifier
+# gave up on it or died; rare). With their creation times: the update after, and the
+# notifier (in its message), find the rows' partitions by them.
 CLAIM_NOTIFICATIONS = (
     text("""SELECT id, created_at FROM notifications
             WHERE status = 'deferred' AND send_after <= now()
