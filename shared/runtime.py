@@ -154,9 +154,8 @@ def yield_cpu(niceness: int, autogroup: str = "/proc/self/autogroup") -> None:
             f.write(f"{now}\n")
     except FileNotFoundError:
         pass  # a kernel without autogroups: niceness alone decides
-    except OSError as exc:  # e.g. a container that may not change it
-        log.warning("niceness %d, but the session's autogroup kept its own (%s): against "
-                    "other sessions this process is not lowered", now, exc)
+    except OSError as exc:  # e.g. a container, where the CPU weight does this instead
+        log.info("niceness %d; the session's autogroup kept its own (%s)", now, exc)
 
 
 def _stop_once(_signum: int, _frame: object) -> None:
