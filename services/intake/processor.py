@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
 from shared.apply import NotificationExpander, OutcomeWriter, Stored, lock_and_load, whole_or_each
 from shared.db.case_log import Conflict, EventOutcome, LoggedEvent, OutcomeChange
-from shared.db.session import Database
+from shared.db.session import Database, DatabaseClock
 from shared.db.uow import UnitOfWork, UnitOfWorkFactory, as_unit_of_work_factory
 from shared.domain import Case, Engine, Event, Outcome, StepResult, seconds_to_resolution
 from shared.errors import is_transient
@@ -108,8 +107,8 @@ class IntakeProcessor:
         self.max_event_bytes = max_event_bytes
         # None: the database's clock, the one that decides due-ness (tests may fix one).
         self.clock = clock
-        # (database time, host monotonic time) of the last reading of the database's clock
-        self._clock_reading: tuple[datetime, float] | None = None
+        # The last reading of the database's clock.
+        self._clock_reading: DatabaseClock | None = None
         limits = limits or Limits()
         self.limits = Limits(max_event_bytes, limits.max_depth, limits.max_future,
                              limits.max_past, limits.max_due_ahead)
@@ -179,10 +178,10 @@ class IntakeProcessor:
         of it advanced by the monotonic clock, or a reading of its own when there is none
         this recent (a transaction of its own cost every batch one more round trip)."""
         reading = self._clock_reading
-        if reading is None or time.monotonic() - reading[1] > CLOCK_READING_MAX_AGE_S:
+        if reading is None or reading.age() > CLOCK_READING_MAX_AGE_S:
             with self.uow() as uow:
-                reading = self._clock_reading = (uow.now(), time.monotonic())
-        return reading[0] + timedelta(seconds=time.monotonic() - reading[1])
+                reading = self._clock_reading = DatabaseClock(uow.now())
+        return reading()
 
     def _apply_batch(self, ordered: list[Accepted], *, wait: bool
                      ) -> tuple[list[Handled], Stored, set[str]]:
@@ -196,7 +195,7 @@ class IntakeProcessor:
                 now = self.clock()
             else:
                 now = uow.now()
-                self._clock_reading = (now, time.monotonic())
+                self._clock_reading = DatabaseClock(now)
             batch = _Batch(self.engine, OutcomeWriter(self.policy, self.ops_contacts, now), now)
             wanted = {a.event.case_id for a in ordered}
             case_ids, batch.cases = lock_and_load(uow, wanted, wait=wait)

@@ -47,6 +47,7 @@ from services.notifier.delivery import (
 )
 from services.notifier.ratelimit import RateLimit, RateLimiter
 from shared.db.notifications import DONE, MadeBetween, NotificationStatus, record_values
+from shared.db.session import DatabaseClock
 from shared.errors import is_transient
 from shared.notifications.masking import mask_text
 from shared.notifications.policy import (
@@ -229,7 +230,7 @@ class NotificationSender:
     def _chunk_clock(self, store: NotificationRepository) -> Callable[[], datetime]:
         if self.clock is not None:
             return self.clock
-        return _DatabaseClock(store.now())
+        return DatabaseClock(store.now())
 
     def _send_claimed(self, claimed: list[_Claimed], report: Callable[[SendOutcome], None],
                       clock: Callable[[], datetime]) -> tuple[list[_Result], list[_Result]]:
@@ -390,18 +391,6 @@ class _Line:
                 stack.close()
             except Exception:  # the connection is dropped either way
                 log.warning("closing a hand-over line failed", exc_info=True)
-
-
-class _DatabaseClock:
-    """The database's time when the chunk was claimed, advanced by the host's monotonic
-    clock (never its wall clock) while the chunk is sent."""
-
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-        self.started = time.monotonic()
-
-    def __call__(self) -> datetime:
-        return self.at + timedelta(seconds=time.monotonic() - self.started)
 
 
 def _claim(store: NotificationRepository, ids: list[int], outcomes: dict[int, SendOutcome],

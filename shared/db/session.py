@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -88,3 +89,19 @@ def db_now(session: Session) -> datetime:
     value = session.execute(DB_NOW).scalar_one()
     assert isinstance(value, datetime)
     return value
+
+
+class DatabaseClock:
+    """A reading of the database's clock, advanced by the host's monotonic clock (never
+    its wall clock): the database's time without a round trip for each look."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        self.started = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self.at + timedelta(seconds=self.age())
+
+    def age(self) -> float:
+        """Seconds since the reading."""
+        return time.monotonic() - self.started
