@@ -2,7 +2,8 @@
 """End-to-end benchmark: the four services on this machine's RabbitMQ, PostgreSQL, Redis.
 
     .venv/bin/python bench/e2e_bench.py [--quick] [--intake-processes N] [--intake-batch N]
-                                        [--notifier-processes N] [--profile]
+                                        [--notifier-processes N] [--resolver-processes N]
+                                        [--resolver-threads N] [--profile]
 
 Uses its own database (aftersales_bench_e2e_<pid>) and RabbitMQ vhost, dropped at the end,
 and its own Redis key prefix. Phases, each bounded in time:
@@ -671,6 +672,12 @@ def main() -> int:
                     help="AFTERSALES_WORKER_PROCESSES for the notifier (default 1, the "
                          "service's default; 2 drains notifications faster but takes "
                          "CPU and database time from intake on 2 cores)")
+    ap.add_argument("--resolver-processes", type=int, default=2,
+                    help="AFTERSALES_WORKER_PROCESSES for the resolver (default 2, as for "
+                         "intake: the two copies deploy/k8s runs; one process decides a "
+                         "catch-up slower, its Python bound to one core: docs/benchmarks.md)")
+    ap.add_argument("--resolver-threads", type=int, default=4,
+                    help="AFTERSALES_WORKER_THREADS for the resolver (default 4)")
     ap.add_argument("--latency-rate", type=float, default=500.0)
     ap.add_argument("--profile", action="store_true", help="py-spy the intake worker")
     ap.add_argument("--phases", default="baseline,latency,throughput,decisions",
@@ -703,9 +710,13 @@ def main() -> int:
                       "AFTERSALES_INTAKE_BATCH": str(args.intake_batch),
                       "AFTERSALES_INTAKE_PREFETCH": str(max(200, 2 * args.intake_batch))}
         notifier_env = {"AFTERSALES_WORKER_PROCESSES": str(args.notifier_processes)}
+        resolver_env = {"AFTERSALES_WORKER_PROCESSES": str(args.resolver_processes),
+                        "AFTERSALES_WORKER_THREADS": str(args.resolver_threads)}
         result["settings"] = {"intake": intake_env, "notifier": notifier_env,
+                              "resolver": resolver_env,
                               "other services": "defaults (1 process, 4 threads)"}
-        per_service = {"intake": intake_env, "notifier": notifier_env}
+        per_service = {"intake": intake_env, "notifier": notifier_env,
+                       "resolver": resolver_env}
         db = Db(db_url)
         if "baseline" in phases:
             result["baseline"] = phase_baseline(amqp_url, sizes["baseline"], threads=8)

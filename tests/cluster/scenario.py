@@ -267,6 +267,10 @@ class Judgement:
     notifications_sent: int
     duplicated_notifications: int
     lost_notifications: int  # recorded `sent`, but no provider (the log channel) got it
+    # Sent, but recorded otherwise: "unknown" (failed, its claim lost track of it) is the
+    # honest record of a send whose worker could not record it; anything else is wrong.
+    sent_but_recorded_unknown: int = 0
+    sent_but_recorded_wrong: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -333,8 +337,9 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
     fired, decision_ids = settled.fired, settled.decision_ids
     with db.transaction() as s:
         all_decisions = set(s.execute(select(DecisionRow.decision_id)).scalars())
-        sent_keys = set(s.execute(text(
-            "SELECT dedup_key FROM notifications WHERE status = 'sent'")).scalars())
+        records = list(s.execute(text(
+            "SELECT dedup_key, status, last_error FROM notifications")))
+    sent_keys = {r.dedup_key for r in records if r.status == "sent"}
     # Each fired deadline's decision, computed from the deadline row as the resolver does.
     expected = {
         str(uuid.uuid5(DECISION_NAMESPACE, decision_key(
@@ -349,6 +354,11 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
     # ("…b167****4415b5"): compare the keys as the log writes them.
     sends = Counter(re.findall(r"sent via \w+ id=\S* key=([\w*]+)", log_text))
     sent_keys = {mask_pii(key) for key in sent_keys}
+    recorded_otherwise = [(mask_pii(r.dedup_key), r.status, (r.last_error or "")[:120])
+                          for r in records
+                          if r.status != "sent" and mask_pii(r.dedup_key) in sends]
+    unknown = [r for r in recorded_otherwise
+               if r[1] == "failed" and r[2].startswith("unknown")]
     return Judgement(
         events=len(good_ids),
         lost_events=len(good_ids - logged),
@@ -360,7 +370,10 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
         notifications_sent=sum(sends.values()),
         duplicated_notifications=sum(n - 1 for n in sends.values() if n > 1),
         lost_notifications=len(sent_keys - set(sends)),
+        sent_but_recorded_unknown=len(unknown),
+        sent_but_recorded_wrong=len(recorded_otherwise) - len(unknown),
         details={"sent_rows": len(sent_keys), "send_lines": log_text.count("sent via "),
+                 "sent_but_recorded_otherwise": recorded_otherwise[:5],
                  "sent_without_a_send_line": sorted(sent_keys - set(sends))[:5],
                  "not_decided": sorted(not_decided)[:5],
                  "not_published": sorted(not_published)[:5],

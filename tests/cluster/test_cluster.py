@@ -280,6 +280,8 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
           f"wrong_decisions={result.wrong_decisions} "
           f"duplicated_notifications={result.duplicated_notifications} "
           f"lost_notifications={result.lost_notifications} "
+          f"sent_but_recorded_unknown={result.sent_but_recorded_unknown} "
+          f"sent_but_recorded_wrong={result.sent_but_recorded_wrong} "
           f"queues(type, replicas)={sorted(set(queues.values()))} details={result.details}")
     print("[cluster timeline] " + "; ".join(timeline))
     assert result.lost_events == 0
@@ -288,6 +290,9 @@ def test_cluster_with_two_copies_survives_node_losses_partition_and_kills(
     assert result.wrong_decisions == 0
     assert result.duplicated_notifications == 0
     assert result.lost_notifications == 0
+    # A send whose worker could not record it may stay "unknown" (never sent twice, and
+    # visible to ops); recorded as anything else, the record would be wrong.
+    assert result.sent_but_recorded_wrong == 0, result.details
     # Each message pushed through the gateways applied exactly once, nothing else logged.
     assert gateway_applied == pushed_ids and set(gateway_rows) == {
         (event_id, "applied") for event_id in pushed_ids}, gateway_rows - Counter(
