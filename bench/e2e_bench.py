@@ -252,6 +252,7 @@ class Db:
         with self.sql_engine.connect() as conn:
             return list(conn.execute(text(sql), params).all())
 
+
 def publish(amqp_url: str, msgs: list[Message] | TrafficGenerator, *, rate: float = 0.0,
             duration: float | None = None, on_sent: Any = None, window: int = 2000,
             exchange: str = "aftersales.events", declare: bool = True) -> dict[str, Any]:
