@@ -702,6 +702,9 @@ def main() -> int:
     ap.add_argument("--resolver-threads", type=int, default=4,
                     help="AFTERSALES_WORKER_THREADS for the resolver (default 4)")
     ap.add_argument("--latency-rate", type=float, default=500.0)
+    ap.add_argument("--decision-cases", type=int, default=None,
+                    help="cases in the decisions phase (default: what intake commits in "
+                         "20 s in the throughput phase, at most 5,000; 1,000 with --quick)")
     ap.add_argument("--profile", action="store_true", help="py-spy the intake worker")
     ap.add_argument("--phases", default="baseline,latency,throughput,decisions",
                     help="comma-separated subset of baseline,latency,throughput,decisions "
@@ -780,7 +783,8 @@ def main() -> int:
                     result["drain_after_throughput"] = phase_drain(db, 180 if quick else 400)
             if "decisions" in phases:
                 intake_rate = result.get("throughput", {}).get("rate_sustained") or 100.0
-                sizes["decisions_used"] = min(sizes["decisions"], max(200, int(intake_rate * 20)))
+                sizes["decisions_used"] = args.decision_cases or min(
+                    sizes["decisions"], max(200, int(intake_rate * 20)))
                 send_rate = max((result.get(f"drain_after_{p}", {}).get("notifications_per_s")
                                  or 0.0 for p in ("latency", "throughput")), default=0.0)
                 result["decisions"] = phase_decisions(
