@@ -552,6 +552,9 @@ def _ms(v: float | None) -> float | None:
 # only: the phase reports whether everything was sent by the due time.
 NOTIFICATIONS_BEFORE_DUE_PER_CASE = 3
 UNSENT = "SELECT count(*) FROM notifications WHERE status IN ('new', 'queued', 'sending')"
+# Fewer deadlines than this are decided before the work behind the decisions (their
+# notifications, the outbox relay) is under way, which overstates the catch-up rate.
+STEADY_DECISION_CASES = 5000
 
 
 def phase_decisions(db: Db, amqp_url: str, m: int, intake_rate: float,
@@ -878,7 +881,11 @@ def report(r: dict[str, Any]) -> None:
          lt.get("p99_ms") is not None and lt["p99_ms"] < p99_target),
         ("  publish -> tx start p99 ms", lt.get("to_tx_start_p99_ms"), "", None),
         ("decisions/s", dec.get("decisions_per_s"), "", None),
-        ("decisions / baseline", dec_ratio, ">= 0.8", dec_ratio is not None and dec_ratio >= 0.8),
+        # A short phase is decided before the work behind its decisions gets going and
+        # overstates the rate (docs/benchmarks.md, session 10): judged at full size only.
+        ("decisions / baseline", dec_ratio, ">= 0.8", None
+         if dec.get("cases", 0) < STEADY_DECISION_CASES
+         else dec_ratio is not None and dec_ratio >= 0.8),
         ("  notifications unsent at the due time", dec.get("notifications_unsent_at_due"),
          "0", dec.get("settled_at_due") if dec else None),
         ("notifications sent/s (decisions phase)", dec.get("notifications_per_s"), "", None),
