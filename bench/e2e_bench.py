@@ -523,19 +523,21 @@ def phase_latency(db: Db, amqp_url: str, rate: float, duration: float) -> dict[s
     }
 
 
+# Notifications not settled yet (sent, failed or deferred are settled).
+UNSENT = "SELECT count(*) FROM notifications WHERE status IN ('new', 'queued', 'sending')"
+
+
 def phase_drain(db: Db, timeout: float) -> dict[str, Any]:
     """Wait until the notifier has handled every notification written so far; the send
     rate while it drains is the notifier's throughput under a backlog. Phases start from
     a drained system, so one phase's backlog does not weigh on the next one's figures."""
-    pending = ("SELECT count(*) FROM notifications "
-               "WHERE status IN ('new', 'queued', 'sending')")
     sent = "SELECT count(*) FROM notifications WHERE status = 'sent'"
-    t0, sent0, backlog = time.monotonic(), int(db.scalar(sent)), int(db.scalar(pending))
+    t0, sent0, backlog = time.monotonic(), int(db.scalar(sent)), int(db.scalar(UNSENT))
     log(f"drain: {backlog} notifications to send")
     left = backlog
     while left and time.monotonic() - t0 < timeout:
         time.sleep(0.5)
-        left = int(db.scalar(pending))
+        left = int(db.scalar(UNSENT))
     elapsed = time.monotonic() - t0
     sent_n = int(db.scalar(sent)) - sent0
     return {"backlog": backlog, "left": left, "sent": sent_n, "seconds": round(elapsed, 1),
@@ -551,7 +553,6 @@ def _ms(v: float | None) -> float | None:
 # merchant by SMS and email) and reminders already due. An estimate for the lead time
 # only: the phase reports whether everything was sent by the due time.
 NOTIFICATIONS_BEFORE_DUE_PER_CASE = 3
-UNSENT = "SELECT count(*) FROM notifications WHERE status IN ('new', 'queued', 'sending')"
 # Fewer deadlines than this are decided before the work behind the decisions (their
 # notifications, the outbox relay) is under way, which overstates the catch-up rate.
 STEADY_DECISION_CASES = 5000

@@ -354,9 +354,9 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
     # ("…b167****4415b5"): compare the keys as the log writes them.
     sends = Counter(re.findall(r"sent via \w+ id=\S* key=([\w*]+)", log_text))
     sent_keys = {mask_pii(key) for key in sent_keys}
-    recorded_otherwise = [(mask_pii(r.dedup_key), r.status, (r.last_error or "")[:120])
-                          for r in records
-                          if r.status != "sent" and mask_pii(r.dedup_key) in sends]
+    not_sent = ((mask_pii(r.dedup_key), r.status, (r.last_error or "")[:120])
+                for r in records if r.status != "sent")
+    recorded_otherwise = [row for row in not_sent if row[0] in sends]
     unknown = [r for r in recorded_otherwise
                if r[1] == "failed" and r[2].startswith("unknown")]
     return Judgement(
