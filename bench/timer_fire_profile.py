@@ -3,12 +3,12 @@
 
     .venv/bin/python bench/timer_fire_profile.py [--root DIR] [--profile]
 
-Creates its own database (`aftersales_bench_<pid>_fire`), loads 1,200 open cases with an
-overdue deadline the way timer_bench's catch-up does, fires 1,000 of them one after the
-other in one thread, prints fires/s, CPU ms per fire and the resulting row counts, and
-drops the database. `--root DIR` imports `shared`/`services` from another checkout (e.g.
-one with bench/proposed-persist-core-statements.diff applied) to compare; `--profile`
-prints the cProfile top 40 by cumulative time.
+Creates its own database (`aftersales_bench_<pid>_fire`), loads `--fires` + 200 open cases
+with an overdue deadline the way timer_bench's catch-up does, fires `--fires` (default
+1,000) of them one after the other in one thread, prints fires/s, CPU ms per fire and the
+resulting row counts, and drops the database. `--root DIR` imports `shared`/`services`
+from another checkout (e.g. one with bench/proposed-persist-core-statements.diff applied)
+to compare; `--profile` prints the cProfile top 40 by cumulative time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
 ap.add_argument("--profile", action="store_true")
 ap.add_argument("--batch", type=int, default=50, help="deadlines per fire_many (default 50)")
+ap.add_argument("--fires", type=int, default=1000, help="deadlines fired and timed (default 1000)")
 args = ap.parse_args()
 sys.path.insert(0, args.root)
 sys.path.insert(1, str(Path(__file__).resolve().parent))
@@ -46,7 +47,7 @@ box.created_db = True
 try:
     tb.upgrade(box.sa_url)
     with box.connect() as conn:
-        tb.load_overdue_cases(conn, 1200)
+        tb.load_overdue_cases(conn, args.fires + 200)
     settings = Settings(database_url=box.sa_url)
     resolver = Resolver(build_database(settings, 2), build_domain(settings),
                         build_policy(settings), {"emails": [], "phones": []})
@@ -58,8 +59,9 @@ try:
     if prof:
         prof.enable()
     # As the timer hands them over: `--batch` deadlines per resolver transaction.
-    for start in range(101, 1101, args.batch):
-        batch = resolver.fire_many(list(range(start, min(start + args.batch, 1101))))
+    last = 100 + args.fires
+    for start in range(101, last + 1, args.batch):
+        batch = resolver.fire_many(list(range(start, min(start + args.batch, last + 1))))
         assert {r.outcome for r in batch.resolutions} == {"fired"}
     if prof:
         prof.disable()
@@ -67,8 +69,9 @@ try:
     with box.connect() as conn:
         counts = {q: conn.execute(f"SELECT count(*) FROM {q}").fetchone()[0]
                   for q in ("decisions", "notifications", "outbox", "deadlines")}
-    print(json.dumps({"root": args.root, "fires_per_s": round(1000 / wall, 1),
-                      "cpu_ms_per_fire": round(cpu_s, 3), "machine": cpu, "rows": counts}))
+    print(json.dumps({"root": args.root, "fires_per_s": round(args.fires / wall, 1),
+                      "cpu_ms_per_fire": round(1000 * cpu_s / args.fires, 3), "machine": cpu,
+                      "rows": counts}))
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
 finally:

@@ -26,6 +26,8 @@ def _json_default(value: Any) -> Any:
     # orjson writes datetimes itself, in RFC 3339 with their UTC offset (timestamptz).
     if isinstance(value, bytes):
         return "\\x" + value.hex()  # bytea's hex input format
+    if isinstance(value, Mapping):  # e.g. a read-only view inside a case's data
+        return dict(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 

@@ -98,7 +98,7 @@ def case_row(case: Case, now: datetime) -> dict[str, Any]:
         "opened_at": case.opened_at,
         "closed_at": case.closed_at,
         "updated_at": now,
-        "snapshot": case.to_dict(),
+        "snapshot": case.to_dict(copy=False),  # read once, by the JSON encoder
     }
 
 
@@ -121,7 +121,8 @@ class SqlCases:
         if not ids:
             return {}
         rows = self.session.execute(LOAD_CASES, {"ids": ids}).scalars()
-        return {snapshot["case_id"]: Case.from_dict(snapshot) for snapshot in rows}
+        return {snapshot["case_id"]: Case.from_dict(snapshot, copy=False)
+                for snapshot in rows}
 
     def save(self, cases: Iterable[Case], now: datetime) -> None:
         rows = [case_row(c, now) for c in cases]

@@ -7,12 +7,12 @@ this module only stores and hands them out.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, cast
 
+import orjson
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.orm import Session
 
@@ -98,7 +98,7 @@ class SqlOutbox:
             INSERT_OUTBOX.execute(conn, [
                 {"exchange": d.exchange, "routing_key": d.routing_key,
                  "message_id": d.decision_id, "headers": {},
-                 "body": json.dumps(d.message, ensure_ascii=False).encode()}
+                 "body": orjson.dumps(d.message)}  # UTF-8, nothing escaped
                 for d in fresh
             ])
         return inserted

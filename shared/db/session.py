@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import orjson
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +47,9 @@ def make_engine(database_url: str, pool_size: int = 5,
         max_overflow=pool_size,
         pool_pre_ping=True,  # survive a PostgreSQL restart: stale connections are replaced
         pool_recycle=1800,
+        # JSON columns read back (a case's snapshot on every event and decision) parsed in
+        # C; what it gives is what the standard library's json.loads gives.
+        json_deserializer=orjson.loads,
         connect_args={
             "options": options,
             # libpq TCP keepalives: a peer that vanished is noticed, not waited on.

@@ -66,6 +66,7 @@ from shared.domain.model import (
     RuleRef,
     StepResult,
     decision_id,
+    evolve,
 )
 from shared.domain.money import voucher_refund_fen
 from shared.domain.ratings import RATED, rate
@@ -166,7 +167,7 @@ def _noted(case: Case, key: str, at: datetime) -> Case:
     known = _moment(case, key)
     if known is not None and known >= at:
         return case
-    return replace(case, data={**case.data, key: as_utc(at).isoformat()})
+    return evolve(case, data={**case.data, key: as_utc(at).isoformat()})
 
 
 def _notice_key(notice: Notice) -> str | None:
@@ -186,14 +187,14 @@ class _Work:
     """The change being built for one outcome (the case advances one version per outcome)."""
 
     def __init__(self, case: Case, now: datetime) -> None:
-        self.case = replace(case, version=case.version + 1)
+        self.case = evolve(case, version=case.version + 1)
         self.now = now
         self.decisions: list[Decision] = []
         self.notices: list[Notice] = []
         self.steps: list[StepResult] = []
 
     def set_data(self, **changes: Any) -> None:
-        self.case = replace(self.case, data={**self.case.data, **changes})
+        self.case = evolve(self.case, data={**self.case.data, **changes})
 
     def end_step(self, met: bool, at: datetime) -> None:
         step = step_def(self.case.kind, self.case.step)
@@ -202,7 +203,7 @@ class _Work:
             self.steps.append(StepResult(self.case.step, step.party.value, met, seconds))
 
     def close(self, resolution: str, at: datetime) -> None:
-        self.case = replace(
+        self.case = evolve(
             self.case, status=CLOSED, step=CLOSED_STEP, resolution=resolution, closed_at=at,
             step_started_at=at, step_due_at=None, paused_remaining_s=None,
             rule_set="", rule_version="", rule_id=None,
@@ -414,7 +415,7 @@ class Engine:
                     now: datetime, verdicts: dict[str, str | None], facts: list[Event],
                     fresh: set[str]) -> Outcome:
         if before is not None:
-            case = replace(case, version=before.version + 1)
+            case = evolve(case, version=before.version + 1)
         published: Mapping[str, Mapping[str, Any]] = \
             (before.data.get(DECIDED) or {}) if before is not None else {}
         withdrawn: dict[str, int] = dict((before.data.get(WITHDRAWN) or {})
@@ -460,7 +461,7 @@ class Engine:
                                 "amount_fen": case.amount_fen, "refund_fen": case.refund_fen,
                                 "supersedes": superseded.data["supersedes"],
                                 "due_at_local": local_text(superseded.due_at)}))
-        case = replace(case, data={**case.data, DECIDED: in_force, WITHDRAWN: withdrawn})
+        case = evolve(case, data={**case.data, DECIDED: in_force, WITHDRAWN: withdrawn})
         return Outcome(
             case=case, applied=True, problem=verdicts.get(next(iter(fresh), ""), None),
             deadlines=self.deadlines_for(case, now), decisions=tuple(decisions),
@@ -542,7 +543,7 @@ class Engine:
         )
         outside = self.rules.window_flag(event.platform, data, at)
         if outside is not None:  # flagged, not refused: the platform accepted the request
-            skeleton = replace(skeleton, data={**skeleton.data, "outside_window": outside})
+            skeleton = evolve(skeleton, data={**skeleton.data, "outside_window": outside})
         work = _Work(skeleton, now)
         if refund_fen == 0:  # a fully used voucher: nothing can be refunded
             work.close("nothing_to_refund", at)
@@ -629,10 +630,10 @@ class Engine:
                                                                   at.isoformat()))
         work.set_data(**facts)
         if event.type == "buyer.modified" and "amount_fen" in data:
-            work.case = replace(work.case, amount_fen=data["amount_fen"])
+            work.case = evolve(work.case, amount_fen=data["amount_fen"])
         if event.type == "refund.completed":
             paid = data.get("amount_fen", work.case.refund_fen)
-            work.case = replace(work.case, refund_fen=paid if paid is not None
+            work.case = evolve(work.case, refund_fen=paid if paid is not None
                                 else work.case.amount_fen)
 
     # ---- events every flow shares -----------------------------------------------------------
@@ -683,7 +684,7 @@ class Engine:
         self._record_facts(work, event, at)
         work.end_step(True, at)
         interrupted = dict(case.data.get("interrupted") or {})
-        work.case = replace(work.case, data={k: v for k, v in work.case.data.items()
+        work.case = evolve(work.case, data={k: v for k, v in work.case.data.items()
                                              if k != "interrupted"})
         paused_step = interrupted.get("step", REFUND_PENDING)
         if outcome == "resume":
@@ -719,7 +720,7 @@ class Engine:
         if self._rule_of(case) is None:
             return f"out_of_state: deadline.changed: step {case.step} has no deadline"
         work = _Work(case, now)
-        work.case = replace(work.case, step_due_at=as_utc(event.due_at),
+        work.case = evolve(work.case, step_due_at=as_utc(event.due_at),
                             data={**work.case.data, "deadline_source": "platform"})
         self._notify_event(work, event)
         return work
@@ -747,7 +748,7 @@ class Engine:
                 data["deadline_source"] = "platform"
             else:
                 due = self._rule_due(rule, at, data)
-        work.case = replace(
+        work.case = evolve(
             case, step=step, step_started_at=at, step_due_at=due, paused_remaining_s=None,
             rule_set=rule.set_name if rule else "", rule_version=rule.version if rule else "",
             rule_id=rule.id if rule else None, refund_fen=refund_fen, data=data,
@@ -839,7 +840,7 @@ class Engine:
             remaining = max(0, int((case.step_due_at - at).total_seconds()))
         interrupted = {"step": case.step, "started_at": case.step_started_at.isoformat(),
                        "restart_clock": restart_clock}
-        work.case = replace(
+        work.case = evolve(
             case, step=INTERVENTION, step_started_at=at, step_due_at=None,
             paused_remaining_s=remaining, rule_set="", rule_version="", rule_id=None,
             data={**case.data, "interrupted": interrupted},
@@ -860,7 +861,7 @@ class Engine:
             due = as_utc(due_override)
         elif rule is not None and remaining is not None:
             due = at + timedelta(seconds=remaining)
-        work.case = replace(
+        work.case = evolve(
             case, step=step, step_started_at=started, step_due_at=due, paused_remaining_s=None,
             rule_set=rule.set_name if rule else "", rule_version=rule.version if rule else "",
             rule_id=rule.id if rule else None,

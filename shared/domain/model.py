@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 OPEN = "open"
@@ -93,35 +94,61 @@ class Case:
     def is_open(self) -> bool:
         return self.status == OPEN
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: datetimes as RFC 3339 strings."""
+    def to_dict(self, *, copy: bool = True) -> dict[str, Any]:
+        """JSON-safe: datetimes as RFC 3339 strings. `copy=False` hands over the case's
+        own contacts and data instead of deep copies: for a serialiser that only reads
+        them (saving the case)."""
         out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in _CASE_FIELDS:
+            value = getattr(self, name)
             if isinstance(value, datetime):
                 value = value.isoformat()
             elif isinstance(value, Kind):
                 value = value.value
-            elif f.name in ("contacts", "data"):
+            elif copy and name in ("contacts", "data"):
                 value = _plain(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Case:
+    def from_dict(cls, d: Mapping[str, Any], *, copy: bool = True) -> Case:
+        """`copy=False` when `d` was just parsed from JSON: its dicts and lists become the
+        case's own (no one else holds them) instead of being copied again."""
         values = dict(d)
         for name in _CASE_TIMES:
             if values.get(name) is not None:
                 values[name] = datetime.fromisoformat(values[name])
         values["kind"] = Kind(values["kind"])
-        values["contacts"] = _plain(values.get("contacts", {}))
-        values["data"] = _plain(values.get("data", {}))
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        contacts, data = values.get("contacts", {}), values.get("data", {})
+        values["contacts"] = _plain(contacts) if copy else contacts
+        values["data"] = _plain(data) if copy else data
+        return cls(**{k: v for k, v in values.items() if k in _CASE_FIELDS})
+
+
+_CASE_FIELDS = tuple(f.name for f in fields(Case))
+_UNCHANGED_BY_PLAIN = (str, int, float, bool, type(None))
+
+
+def evolve(case: Case, **changes: Any) -> Case:
+    """`dataclasses.replace` for a Case, without its cost: the engine copies a case several
+    times per change, and `replace` (a frozen dataclass's `__init__` sets every field
+    through `object.__setattr__`) was a fifth of its time (docs/benchmarks.md). Case has
+    no `__post_init__` to run (tests/unit/test_model.py checks both)."""
+    unknown = changes.keys() - _CASE_FIELD_SET
+    if unknown:
+        raise TypeError(f"Case has no field {sorted(unknown)}")
+    new = object.__new__(Case)
+    new.__dict__.update(case.__dict__, **changes)
+    return new
+
+
+_CASE_FIELD_SET = frozenset(_CASE_FIELDS)
 
 
 def _plain(value: Any) -> Any:
     """A deep copy made of dicts and lists only."""
+    if isinstance(value, _UNCHANGED_BY_PLAIN):  # the leaves, checked before the ABCs
+        return value
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -165,6 +192,7 @@ DECISION_NAMESPACE = uuid.UUID("6f0c7a52-3c2e-4b8e-9a51-5f1b0d3c9e21")
 SUPERSEDED = "decision.superseded"
 
 
+@lru_cache(maxsize=4096)  # one decision's id is asked for several times while it is stored
 def decision_id(key: str) -> str:
     return str(uuid.uuid5(DECISION_NAMESPACE, key))
 

@@ -39,6 +39,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
@@ -122,17 +123,30 @@ class RuleSetVersion:
     # true: from its effective date it also governs steps that began earlier and still run
     applies_to_running: bool = False
 
-    @property
+    # Cached: the engine asks for these on every event and every fired deadline.
+    @cached_property
     def effective_at(self) -> datetime:
         return as_utc(datetime(self.effective.year, self.effective.month, self.effective.day,
                                tzinfo=CHINA_TZ))
 
+    @cached_property
+    def _by_kind_step(self) -> dict[tuple[str, str], Rule]:
+        found: dict[tuple[str, str], Rule] = {}
+        for rule in self.rules:  # the first rule of a (kind, step) is the one in force
+            found.setdefault((rule.kind, rule.step), rule)
+        return found
+
+    @cached_property
+    def by_id(self) -> dict[str, Rule]:
+        found: dict[str, Rule] = {}
+        for rule in self.rules:
+            found.setdefault(rule.id, rule)
+        return found
+
     def find(self, kind: Kind, step: str) -> Rule | None:
-        exact = [r for r in self.rules if r.kind == kind.value and r.step == step]
-        if exact:
-            return exact[0]
-        general = [r for r in self.rules if r.kind == ANY_KIND and r.step == step]
-        return general[0] if general else None
+        """The rule for this kind and step, else the set's rule for any kind."""
+        return (self._by_kind_step.get((kind.value, step))
+                or self._by_kind_step.get((ANY_KIND, step)))
 
 
 class RuleBook:
@@ -148,6 +162,12 @@ class RuleBook:
             self._shops.setdefault(policy.set_name, []).append(policy)
         for shop_history in self._shops.values():
             shop_history.sort(key=lambda v: v.effective)
+        # `get` runs for every deadline a case holds: a lookup, not a scan of the sets.
+        # The first version of a name and version number is the one `get` answers with.
+        self._versions: dict[tuple[str, str], RuleSetVersion] = {}
+        for history in self._sets.values():
+            for version in history:
+                self._versions.setdefault((version.name, version.version), version)
 
     @classmethod
     def load(cls, path: Path | None = None, *more: Path) -> RuleBook:
@@ -273,10 +293,8 @@ class RuleBook:
     def get(self, ref: RuleRef) -> Rule | None:
         if ref.set.startswith(f"{SHOP_SET_PREFIX}:"):
             return self._get_shop_variant(ref)
-        for version in self._sets.get(ref.set, []):
-            if version.version == ref.version:
-                return next((r for r in version.rules if r.id == ref.id), None)
-        return None
+        version = self._versions.get((ref.set, ref.version))
+        return None if version is None else version.by_id.get(ref.id)
 
     def _get_shop_variant(self, ref: RuleRef) -> Rule | None:
         """A shop rule's id names the platform rule it shortens: set/version/id, and
