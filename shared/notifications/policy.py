@@ -660,6 +660,8 @@ def _json_safe(v: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _json_value(v: Any) -> Any:
+    if isinstance(v, str | int | float | bool | None):  # the leaves, before the ABC checks
+        return v
     if isinstance(v, Mapping):
         return {str(k): _json_value(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
