@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 from sqlalchemy import Engine, create_engine, text
@@ -47,9 +49,7 @@ def make_engine(database_url: str, pool_size: int = 5,
         max_overflow=pool_size,
         pool_pre_ping=True,  # survive a PostgreSQL restart: stale connections are replaced
         pool_recycle=1800,
-        # JSON columns read back (a case's snapshot on every event and decision) parsed in
-        # C; what it gives is what the standard library's json.loads gives.
-        json_deserializer=orjson.loads,
+        json_deserializer=read_json,
         connect_args={
             "options": options,
             # libpq TCP keepalives: a peer that vanished is noticed, not waited on.
@@ -60,6 +60,17 @@ def make_engine(database_url: str, pool_size: int = 5,
             "connect_timeout": 10,
         },
     )
+
+
+def read_json(data: str | bytes) -> Any:
+    """JSON columns read back (a case's snapshot on every event and decision), parsed in C.
+    The numbers we store fit 64 bits (intake rejects others), and for those orjson gives
+    what json.loads gives; a number beyond a double, which jsonb can hold, is left to
+    json.loads rather than fail the read."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 class Database:
