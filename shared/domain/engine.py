@@ -634,7 +634,7 @@ class Engine:
         if event.type == "refund.completed":
             paid = data.get("amount_fen", work.case.refund_fen)
             work.case = evolve(work.case, refund_fen=paid if paid is not None
-                                else work.case.amount_fen)
+                               else work.case.amount_fen)
 
     # ---- events every flow shares -----------------------------------------------------------
 
@@ -685,7 +685,7 @@ class Engine:
         work.end_step(True, at)
         interrupted = dict(case.data.get("interrupted") or {})
         work.case = evolve(work.case, data={k: v for k, v in work.case.data.items()
-                                             if k != "interrupted"})
+                                            if k != "interrupted"})
         paused_step = interrupted.get("step", REFUND_PENDING)
         if outcome == "resume":
             self._resume(work, interrupted, at, event.due_at)
@@ -721,7 +721,7 @@ class Engine:
             return f"out_of_state: deadline.changed: step {case.step} has no deadline"
         work = _Work(case, now)
         work.case = evolve(work.case, step_due_at=as_utc(event.due_at),
-                            data={**work.case.data, "deadline_source": "platform"})
+                           data={**work.case.data, "deadline_source": "platform"})
         self._notify_event(work, event)
         return work
 

@@ -122,27 +122,26 @@ class Case:
         contacts, data = values.get("contacts", {}), values.get("data", {})
         values["contacts"] = _plain(contacts) if copy else contacts
         values["data"] = _plain(data) if copy else data
-        return cls(**{k: v for k, v in values.items() if k in _CASE_FIELDS})
+        return cls(**{k: v for k, v in values.items() if k in _CASE_FIELD_SET})
 
 
 _CASE_FIELDS = tuple(f.name for f in fields(Case))
+_CASE_FIELD_SET = frozenset(_CASE_FIELDS)
 _UNCHANGED_BY_PLAIN = (str, int, float, bool, type(None))
 
 
 def evolve(case: Case, **changes: Any) -> Case:
     """`dataclasses.replace` for a Case, without its cost: the engine copies a case several
-    times per change, and `replace` (a frozen dataclass's `__init__` sets every field
-    through `object.__setattr__`) was a fifth of its time (docs/benchmarks.md). Case has
-    no `__post_init__` to run (tests/unit/test_model.py checks both)."""
+    times per change, and `replace` checks every field and runs a frozen dataclass's
+    `__init__`, which sets each one through `object.__setattr__` (docs/benchmarks.md,
+    "Session 11"). Case has no `__post_init__` to skip
+    (tests/unit/domain/test_domain_model.py checks both)."""
     unknown = changes.keys() - _CASE_FIELD_SET
     if unknown:
         raise TypeError(f"Case has no field {sorted(unknown)}")
     new = object.__new__(Case)
     new.__dict__.update(case.__dict__, **changes)
     return new
-
-
-_CASE_FIELD_SET = frozenset(_CASE_FIELDS)
 
 
 def _plain(value: Any) -> Any:
