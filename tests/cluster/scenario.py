@@ -327,6 +327,42 @@ def await_quiet(db: Database, good_ids: set[str], tap: ClusterTap, timeout: floa
     return Settled(cutoff, fired, decision_ids)
 
 
+def logged_sends(log_text: str) -> Counter[str]:
+    """Sends per dedup key. The log masks digit runs that look like phone numbers, in
+    dedup keys too ("…b167****4415b5"): the keys are as the log writes them."""
+    return Counter(re.findall(r"sent via \w+ id=\S* key=([\w*]+)", log_text))
+
+
+IN_FLIGHT = ("new", "queued", "sending")
+
+
+def notifications_and_sends(db: Database, notifier_log: Callable[[], str],
+                            timeout: float = 60.0) -> tuple[list[Any], str]:
+    """The notifications table, then the notifier's log. The services still run while
+    the test judges (deadlines keep falling due), so a row read `new` may be sent before
+    the log is read: its send line would then look like a send recorded wrongly. Read
+    again until no row still in flight has a send line; a row that stays so (a send
+    that is never recorded) is left for the judgement to count."""
+    def reading() -> tuple[list[Any], str]:
+        with db.transaction() as s:
+            records = list(s.execute(text(
+                "SELECT dedup_key, status, last_error FROM notifications")))
+        return records, notifier_log()
+
+    def consistent(read: tuple[list[Any], str]) -> bool:
+        records, log_text = read
+        sends = logged_sends(log_text)
+        return not any(r.status in IN_FLIGHT and mask_pii(r.dedup_key) in sends
+                       for r in records)
+
+    last = reading()
+    deadline = time.monotonic() + timeout
+    while not consistent(last) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        last = reading()
+    return last
+
+
 def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str],
           notifier_log: Callable[[], str]) -> Judgement:
     """`wire`: every copy on the tap, taken after `settled` (so it holds all of its
@@ -337,8 +373,7 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
     fired, decision_ids = settled.fired, settled.decision_ids
     with db.transaction() as s:
         all_decisions = set(s.execute(select(DecisionRow.decision_id)).scalars())
-        records = list(s.execute(text(
-            "SELECT dedup_key, status, last_error FROM notifications")))
+    records, log_text = notifications_and_sends(db, notifier_log)
     sent_keys = {r.dedup_key for r in records if r.status == "sent"}
     # Each fired deadline's decision, computed from the deadline row as the resolver does.
     expected = {
@@ -349,10 +384,7 @@ def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str]
     }
     not_decided = expected - decision_ids
     not_published = decision_ids - set(wire)
-    log_text = notifier_log()
-    # The log masks digit runs that look like phone numbers, in dedup keys too
-    # ("…b167****4415b5"): compare the keys as the log writes them.
-    sends = Counter(re.findall(r"sent via \w+ id=\S* key=([\w*]+)", log_text))
+    sends = logged_sends(log_text)
     sent_keys = {mask_pii(key) for key in sent_keys}
     not_sent = ((mask_pii(r.dedup_key), r.status, (r.last_error or "")[:120])
                 for r in records if r.status != "sent")
