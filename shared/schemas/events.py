@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ _FORBIDDEN_IN_IDS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def _visible_id(value: str) -> str:
+    if value.isprintable():  # every forbidden category is one `isprintable` refuses
+        return value
     for char in value:
         if unicodedata.category(char) in _FORBIDDEN_IN_IDS:
             raise ValueError(f"must not contain control or format characters (U+{ord(char):04X})")
@@ -328,6 +331,21 @@ def nesting_depth(raw: bytes, stop_at: int) -> int:
     return deepest
 
 
+def _plainly_storable(value: Any) -> bool:
+    """True for a scalar that certainly has no problem: the usual value, passed without
+    building its path. False sends it (and every container) to `_value_problem`."""
+    if isinstance(value, str):
+        # printable: no U+0000, no lone surrogate (both are categories it refuses)
+        return value.isprintable()
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return False
+
+
 def _value_problem(value: Any, path: str) -> tuple[RejectReason, str] | None:
     """The first value that could not be stored or encoded again. Recursion is bounded:
     the depth was checked on the raw bytes before parsing."""
@@ -345,23 +363,32 @@ def _value_problem(value: Any, path: str) -> tuple[RejectReason, str] | None:
         return None
     if isinstance(value, dict):
         for key, item in value.items():
+            key_plain = key.isprintable()  # no U+0000, surrogate, control or format char
+            if key_plain and _plainly_storable(item):
+                continue
             name = key[:40] if key[:40].isprintable() else repr(key[:40])
             where = f"{path}.{name}" if path else name
-            problem = _text_problem(key, where)
-            if problem is None and any(unicodedata.category(c) in _FORBIDDEN_IN_IDS
-                                       for c in key):
-                problem = (RejectReason.invalid_text,
-                           f"{where}: a key must not contain control or format characters")
+            problem = None if key_plain else _key_problem(key, where)
             problem = problem or _value_problem(item, where)
             if problem:
                 return problem
         return None
     if isinstance(value, list):
         for index, item in enumerate(value):
+            if _plainly_storable(item):
+                continue
             problem = _value_problem(item, f"{path}[{index}]")
             if problem:
                 return problem
     return None
+
+
+def _key_problem(key: str, where: str) -> tuple[RejectReason, str] | None:
+    problem = _text_problem(key, where)
+    if problem is None and any(unicodedata.category(c) in _FORBIDDEN_IN_IDS for c in key):
+        problem = (RejectReason.invalid_text,
+                   f"{where}: a key must not contain control or format characters")
+    return problem
 
 
 def _text_problem(text: str, path: str) -> tuple[RejectReason, str] | None:
@@ -417,8 +444,10 @@ def parse_event(raw: bytes, max_bytes: int | None = None, *, limits: Limits | No
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Rejection(RejectReason.not_utf8, f"not UTF-8 at byte {exc.start}")
-    depth = nesting_depth(raw, limits.max_depth)
-    if depth > limits.max_depth:
+    # Fewer opening brackets than the limit (in strings or not): it cannot be too deep,
+    # and the scan is skipped. Most events have four or five.
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets > limits.max_depth and nesting_depth(raw, limits.max_depth) > limits.max_depth:
         return Rejection(RejectReason.too_deep,
                          f"nested more than {limits.max_depth} levels deep")
     try:

@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.schemas.events import Accepted, Rejection, RejectReason, parse_event
 
@@ -208,3 +210,72 @@ def test_the_depth_scan_ignores_brackets_inside_strings() -> None:
 
     assert nesting_depth(b'{"a": "[[[[{{{{\\"[[[[", "b": [1, {"c": []}]}', 99) == 4
     assert nesting_depth(b"[" * 50, 10) == 11  # stops counting past the limit
+
+
+def test_brackets_inside_strings_count_toward_no_depth() -> None:
+    # More opening brackets than the depth limit, all but four of them inside a string:
+    # the quick count cannot clear it, the scan does, and the event is accepted.
+    doc = event(data={"kind": "exchange", "amount_fen": 1, "reason": "[[{{" * 10})
+    assert isinstance(parse_event(json.dumps(doc).encode(), LIMIT), Accepted)
+    deep = event(trace=[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]])  # 16 levels with the envelope
+    assert isinstance(parse_event(json.dumps(deep).encode(), LIMIT), Accepted)
+
+
+def _value_problem_in_full(value: object, path: str) -> object:
+    """The value checks done the long way, every key and leaf with its path: what the
+    quick pass in `_value_problem` must agree with."""
+    import unicodedata
+
+    from shared.schemas.events import INT64_MAX, INT64_MIN, _text_problem
+
+    if isinstance(value, str):
+        return _text_problem(value, path)
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            return RejectReason.out_of_range, f"{path}: integer outside the signed 64-bit range"
+        return None
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return RejectReason.out_of_range, f"{path}: number too large for a double"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = key[:40] if key[:40].isprintable() else repr(key[:40])
+            where = f"{path}.{name}" if path else name
+            problem = _text_problem(key, where)
+            if problem is None and any(unicodedata.category(c) in {"Cc", "Cf", "Cs", "Zl", "Zp"}
+                                       for c in key):
+                problem = (RejectReason.invalid_text,
+                           f"{where}: a key must not contain control or format characters")
+            problem = problem or _value_problem_in_full(item, where)
+            if problem:
+                return problem
+        return None
+    assert isinstance(value, list)
+    for index, item in enumerate(value):
+        problem = _value_problem_in_full(item, f"{path}[{index}]")
+        if problem:
+            return problem
+    return None
+
+
+# Text with what the checks look for: U+0000, a lone surrogate, a zero-width space, a
+# bidirectional mark, a line separator, a tab, Chinese, an emoji.
+_TRICKY_TEXT = st.text(alphabet=st.sampled_from(
+    ["a", "Z", "1", " ", "\x00", "\ud800", "\u200b", "\u202e", "\u2028", "\t", "退", "🙂"]),
+    max_size=6)
+_SCALARS = (st.none() | st.booleans() | _TRICKY_TEXT
+            | st.integers(min_value=-(2**65), max_value=2**65)
+            | st.floats(allow_nan=True, allow_infinity=True))
+_DOCUMENTS = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(_TRICKY_TEXT, inner, max_size=4), max_leaves=20)
+
+
+@given(_DOCUMENTS)
+@settings(max_examples=400, deadline=None)
+def test_the_quick_value_checks_agree_with_the_full_ones(doc: object) -> None:
+    from shared.schemas.events import _value_problem
+
+    assert _value_problem(doc, "") == _value_problem_in_full(doc, "")
