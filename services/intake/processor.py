@@ -244,9 +244,10 @@ class _Batch:
             return Handled(ev.type, ev.platform, "conflict", problem)
         self.seen[ev.event_id] = accepted.content_hash
         before = self.cases.get(ev.case_id)
-        if before is not None and self.engine.needs_replay(before, to_domain_event(accepted)):
+        event = to_domain_event(accepted)
+        if before is not None and self.engine.needs_replay(before, event):
             return self._rebuild(accepted, before)
-        outcome = self._engine_apply(accepted, before)
+        outcome = self._engine_apply(accepted, event, before)
         if before is None and outcome.case is None:
             # Out of order: the case is not opened yet. Keep the event; it is applied when
             # the event that opens the case arrives.
@@ -324,9 +325,9 @@ class _Batch:
                        problem, str(after.kind), outcome.steps,
                        None if problem else seconds_to_resolution(before, after), rebuilt=True)
 
-    def _engine_apply(self, accepted: Accepted, case: Case | None) -> Outcome:
+    def _engine_apply(self, accepted: Accepted, event: Event, case: Case | None) -> Outcome:
         try:
-            return self.engine.apply(case, to_domain_event(accepted), self.now)
+            return self.engine.apply(case, event, self.now)
         except Exception as exc:  # a bug for this event; infrastructure is not touched here
             raise _EventBug(accepted) from exc
 

@@ -22,6 +22,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -266,7 +267,7 @@ class Accepted:
     data: dict[str, Any]  # the type's data, validated and normalised (JSON-safe)
     body: dict[str, Any]  # the whole event, JSON-safe, as stored in the case log
 
-    @property
+    @cached_property  # read for the dedup check and again for the case log row
     def content_hash(self) -> str:
         """SHA-256 of the normalised event: the same event sent again (other key order,
         other spacing, other time zone notation of the same instant) has the same hash."""
