@@ -2,10 +2,12 @@
 """CPU cost of intake per event (the end-to-end bottleneck of bench/e2e_bench.py).
 
     .venv/bin/python bench/intake_profile.py [--events N] [--batch N] [--profile]
+                                             [--sort cumulative|tottime]
 
 Creates its own database (dropped at the end), generates simulator traffic (well-formed
 events only), runs `IntakeProcessor.process` over it in batches in one thread, and prints
-events/s and CPU ms per event; `--profile` prints the cProfile top 35 by cumulative time.
+events/s and CPU ms per event; `--profile` prints the cProfile top 35 by cumulative time
+(`--sort tottime`: by the time spent in each function itself).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--events", type=int, default=6000)
 ap.add_argument("--batch", type=int, default=200)
 ap.add_argument("--profile", action="store_true")
+ap.add_argument("--sort", choices=("cumulative", "tottime"), default="cumulative")
 args = ap.parse_args()
 
 admin_url = os.environ.get("AFTERSALES_BENCH_PG_ADMIN",
@@ -62,4 +65,4 @@ with own_database(admin_url, name) as url:
                       "cpu_ms_per_event": round(1000 * cpu / len(rest), 3),
                       "load1": os.getloadavg()[0]}))
     if prof:
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(35)
