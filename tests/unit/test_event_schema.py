@@ -222,43 +222,26 @@ def test_brackets_inside_strings_count_toward_no_depth() -> None:
 
 
 def _value_problem_in_full(value: object, path: str) -> object:
-    """The value checks done the long way, every key and leaf with its path: what the
-    quick pass in `_value_problem` must agree with."""
-    import unicodedata
+    """The value checks done the long way: every key and every leaf checked in full, with
+    its path. The quick pass lives in `_value_problem`'s walk over a container's items (a
+    scalar on its own always takes the full checks), so this walks containers itself."""
+    from shared.schemas.events import _key_problem, _value_problem
 
-    from shared.schemas.events import INT64_MAX, INT64_MIN, _text_problem
-
-    if isinstance(value, str):
-        return _text_problem(value, path)
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        if not INT64_MIN <= value <= INT64_MAX:
-            return RejectReason.out_of_range, f"{path}: integer outside the signed 64-bit range"
-        return None
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return RejectReason.out_of_range, f"{path}: number too large for a double"
-        return None
     if isinstance(value, dict):
         for key, item in value.items():
             name = key[:40] if key[:40].isprintable() else repr(key[:40])
             where = f"{path}.{name}" if path else name
-            problem = _text_problem(key, where)
-            if problem is None and any(unicodedata.category(c) in {"Cc", "Cf", "Cs", "Zl", "Zp"}
-                                       for c in key):
-                problem = (RejectReason.invalid_text,
-                           f"{where}: a key must not contain control or format characters")
-            problem = problem or _value_problem_in_full(item, where)
+            problem = _key_problem(key, where) or _value_problem_in_full(item, where)
             if problem:
                 return problem
         return None
-    assert isinstance(value, list)
-    for index, item in enumerate(value):
-        problem = _value_problem_in_full(item, f"{path}[{index}]")
-        if problem:
-            return problem
-    return None
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = _value_problem_in_full(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    return _value_problem(value, path)
 
 
 # Text with what the checks look for: U+0000, a lone surrogate, a zero-width space, a
