@@ -213,7 +213,7 @@ def test_the_depth_scan_ignores_brackets_inside_strings() -> None:
 
 
 def test_brackets_inside_strings_count_toward_no_depth() -> None:
-    # More opening brackets than the depth limit, all but four of them inside a string:
+    # More opening brackets than the depth limit, all but two of them inside a string:
     # the quick count cannot clear it, the scan does, and the event is accepted.
     doc = event(data={"kind": "exchange", "amount_fen": 1, "reason": "[[{{" * 10})
     assert isinstance(parse_event(json.dumps(doc).encode(), LIMIT), Accepted)
