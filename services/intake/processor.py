@@ -162,7 +162,12 @@ class IntakeProcessor:
         log.error("event %s could not be applied: %s", accepted.event.event_id, problem)
         try:
             with self.uow() as uow:
+                # Under the case's lock, and lowering its `records_since` if it exists:
+                # a worker creating the case meanwhile either sees this row or is seen.
+                case_id = accepted.event.case_id
+                uow.cases.lock([case_id])
                 uow.case_log.add([_logged(accepted, EventOutcome.error, problem, None)])
+                uow.cases.lower_records_since_to_now(case_id)
                 uow.commit()
         except Exception as exc2:
             if is_transient(exc2):
@@ -204,11 +209,18 @@ class IntakeProcessor:
             batch.seen = uow.case_log.seen(a.event.event_id for a in ordered)
             batch.load_log = uow.case_log.accepted_of
             missing = case_ids - batch.cases.keys()
-            for event_id, case_id, body in uow.case_log.parked_of(missing):
-                batch.parked.setdefault(case_id, []).append((event_id, body))
+            for row in uow.case_log.early_rows_of(missing):
+                if row.outcome == EventOutcome.parked and row.body is not None:
+                    batch.parked.setdefault(row.case_id, []).append((row.event_id, row.body))
+                first = batch.early.get(row.case_id)
+                if first is None or row.received_at < first:
+                    batch.early[row.case_id] = row.received_at
             handled = [batch.apply(a) for a in ordered]
             _write_events(uow, batch)
             stored = batch.writer.flush(uow)
+            # The cases created now start their `records_since` at this transaction's
+            # time; rows written about them before they existed are older.
+            uow.cases.lower_records_since(batch.early)
             uow.commit()
         return handled, stored, busy
 
@@ -224,6 +236,8 @@ class _Batch:
     seen: dict[str, str | None] = field(default_factory=dict)  # event_id -> content hash
     # Parked events per case not opened yet: (event_id, stored body).
     parked: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    # Per case not opened yet: when its first row was written (parked, expired, error).
+    early: dict[str, datetime] = field(default_factory=dict)
     new_rows: list[LoggedEvent] = field(default_factory=list)
     updated_rows: list[OutcomeChange] = field(default_factory=list)
     conflict_rows: list[Conflict] = field(default_factory=list)

@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, any_, bindparam, select, text, update
+from sqlalchemy import Table, any_, bindparam, case, literal_column, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert, bulk_insert_claiming
@@ -37,10 +37,19 @@ _EVENT_IDS = cast(Table, EventIdRow.__table__)
 # per monthly partition of `case_events` (docs/design.md "Partitioning by time").
 SEEN_EVENTS = select(_EVENT_IDS.c.event_id, _EVENT_IDS.c.body_sha256).where(
     _EVENT_IDS.c.event_id == any_(bindparam("ids")))
-PARKED_EVENTS = (
-    select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.body)
+# What a row about a case written before the case existed can be; the predicate of
+# `ix_case_events_unapplied` (migration 0023) names the same three.
+EARLY_OUTCOMES = (EventOutcome.parked, EventOutcome.expired, EventOutcome.error)
+# The rows about cases not created yet: parked ones (applied when the case is created,
+# in the order they occurred) and expired or error ones, whose times lower the case's
+# `records_since`. The outcomes are written out, not bound, so the predicate matches the
+# partial index `ix_case_events_unapplied` in every plan: one small probe per month.
+EARLY_ROWS = (
+    select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.outcome, _EVENTS.c.received_at,
+           case((_EVENTS.c.outcome == literal_column("'parked'"), _EVENTS.c.body),
+                else_=None))
     .where(_EVENTS.c.case_id == any_(bindparam("ids")))
-    .where(_EVENTS.c.outcome == EventOutcome.parked)
+    .where(text(f"outcome IN ({', '.join(repr(str(o)) for o in EARLY_OUTCOMES)})"))
     .order_by(_EVENTS.c.occurred_at, _EVENTS.c.received_at)
 )
 INSERT_EVENTS = bulk_insert_claiming(_EVENTS, [
@@ -114,6 +123,17 @@ class Conflict:
 
 
 @dataclass(frozen=True)
+class EarlyRow:
+    """A row about a case written before the case existed (`EARLY_ROWS`)."""
+
+    event_id: str
+    case_id: str
+    outcome: str  # parked | expired | error
+    received_at: datetime
+    body: dict[str, Any] | None  # parked rows only: they are applied
+
+
+@dataclass(frozen=True)
 class ParkedEvent:
     event_id: str
     case_id: str
@@ -131,8 +151,9 @@ class CaseLogRepository(Protocol):
     def seen(self, event_ids: Iterable[str]) -> dict[str, str | None]:
         """event_id -> content hash of the ids already logged."""
 
-    def parked_of(self, case_ids: Iterable[str]) -> list[tuple[str, str, dict[str, Any]]]:
-        """(event_id, case_id, body) of the events parked for these cases, in event time."""
+    def early_rows_of(self, case_ids: Iterable[str]) -> list[EarlyRow]:
+        """The rows about these cases written while they did not exist (parked, expired,
+        error), in event time."""
 
     def accepted_of(self, case_id: str) -> list[tuple[str, dict[str, Any]]]:
         """(event_id, body) of every accepted event of the case (for a rebuild)."""
@@ -171,11 +192,11 @@ class SqlCaseLog:
         return {event_id: sha for event_id, sha in self.session.execute(
             SEEN_EVENTS, {"ids": sorted(set(event_ids))})}
 
-    def parked_of(self, case_ids: Iterable[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    def early_rows_of(self, case_ids: Iterable[str]) -> list[EarlyRow]:
         ids = sorted(set(case_ids))
         if not ids:
             return []
-        return [(e, c, b) for e, c, b in self.session.execute(PARKED_EVENTS, {"ids": ids})]
+        return [EarlyRow(*row) for row in self.session.execute(EARLY_ROWS, {"ids": ids})]
 
     def accepted_of(self, case_id: str) -> list[tuple[str, dict[str, Any]]]:
         return [(e, b) for e, b in self.session.execute(CASE_LOG, {"case_id": case_id})]

@@ -6,7 +6,7 @@ that writes it; nothing else writes `cases`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, cast
@@ -21,7 +21,9 @@ from shared.domain import Case
 _CASES = cast(Table, CaseRow.__table__)
 _NOTES = cast(Table, CaseNoteRow.__table__)
 
-_CASE_COLUMNS = [c.name for c in _CASES.c]
+# `records_since` is not written by the upsert: its default sets it when the row is
+# created, and an update must not move it (`CaseRow.records_since`).
+_CASE_COLUMNS = [c.name for c in _CASES.c if c.name != "records_since"]
 UPSERT_CASES = bulk_insert(
     _CASES, _CASE_COLUMNS,
     "ON CONFLICT (case_id) DO UPDATE SET "
@@ -51,6 +53,20 @@ RUNNING_CANDIDATES = text(
        ORDER BY case_id"""
 )
 
+# Only for a case whose `records_since` is known: NULL means "from before migration 0023,
+# every month", and lowering it would make it a bound it is not.
+LOWER_RECORDS_SINCE = text(
+    """UPDATE cases SET records_since = least(records_since, early.at)
+       FROM unnest(CAST(:ids AS text[]), CAST(:times AS timestamptz[])) AS early(case_id, at)
+       WHERE cases.case_id = early.case_id AND cases.records_since IS NOT NULL"""
+)
+# `now()`, the transaction's start: the default of the `received_at` of the rows it writes
+# (a later reading of the clock would not be a bound of them).
+LOWER_RECORDS_SINCE_TO_NOW = text(
+    """UPDATE cases SET records_since = least(records_since, now())
+       WHERE case_id = :case_id AND records_since IS NOT NULL"""
+)
+
 # A case's timeline notes (e.g. a deadline recounted on official calendar data).
 INSERT_NOTES = bulk_insert(_NOTES, ["case_id", "at", "type", "body"])
 
@@ -76,6 +92,14 @@ class CaseRepository(Protocol):
 
     def save(self, cases: Iterable[Case], now: datetime) -> None:
         """Insert or update these cases' rows (their final states)."""
+
+    def lower_records_since(self, earliest: Mapping[str, datetime]) -> None:
+        """Lower these cases' `records_since` to the time of a row about them written
+        before they existed (a case not created yet is left alone)."""
+
+    def lower_records_since_to_now(self, case_id: str) -> None:
+        """Lower this case's `records_since` to this transaction's time (the
+        `received_at` of the event rows it writes), if the case exists."""
 
     def running_candidates(self, first: datetime, last: datetime) -> list[str]: ...
 
@@ -128,6 +152,15 @@ class SqlCases:
         rows = [case_row(c, now) for c in cases]
         if rows:
             UPSERT_CASES.execute(self.session.connection(), rows)
+
+    def lower_records_since(self, earliest: Mapping[str, datetime]) -> None:
+        if earliest:
+            ids = sorted(earliest)
+            self.session.execute(LOWER_RECORDS_SINCE,
+                                 {"ids": ids, "times": [earliest[c] for c in ids]})
+
+    def lower_records_since_to_now(self, case_id: str) -> None:
+        self.session.execute(LOWER_RECORDS_SINCE_TO_NOW, {"case_id": case_id})
 
     def running_candidates(self, first: datetime, last: datetime) -> list[str]:
         return list(self.session.execute(RUNNING_CANDIDATES,

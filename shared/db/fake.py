@@ -17,7 +17,9 @@ from typing import Any, Self
 
 from shared.db.case_log import (
     ACCEPTED_OUTCOMES,
+    EARLY_OUTCOMES,
     Conflict,
+    EarlyRow,
     EventOutcome,
     LoggedEvent,
     OutcomeChange,
@@ -70,6 +72,7 @@ class Tables:
     notes: list[CaseNote] = field(default_factory=list)
     events: dict[str, LoggedEvent] = field(default_factory=dict)
     received_at: dict[str, datetime] = field(default_factory=dict)
+    records_since: dict[str, datetime] = field(default_factory=dict)  # per case
     conflicts: list[Conflict] = field(default_factory=list)
     deadlines: dict[int, DeadlineRecord] = field(default_factory=dict)
     decisions: dict[str, DecisionRecord] = field(default_factory=dict)
@@ -83,7 +86,8 @@ class Tables:
         return Tables(
             cases=dict(self.cases), notes=list(self.notes),
             events={k: replace(v) for k, v in self.events.items()},
-            received_at=dict(self.received_at), conflicts=list(self.conflicts),
+            received_at=dict(self.received_at), records_since=dict(self.records_since),
+            conflicts=list(self.conflicts),
             deadlines={k: replace(v) for k, v in self.deadlines.items()},
             decisions=dict(self.decisions), outbox=dict(self.outbox),
             notifications={k: replace(v) for k, v in self.notifications.items()},
@@ -127,7 +131,17 @@ class FakeCases:
 
     def save(self, cases: Iterable[Case], now: datetime) -> None:
         for case in cases:
+            if case.case_id not in self.t.cases:
+                self.t.records_since[case.case_id] = self.db.clock
             self.t.cases[case.case_id] = case
+
+    def lower_records_since_to_now(self, case_id: str) -> None:
+        self.lower_records_since({case_id: self.db.clock})
+
+    def lower_records_since(self, earliest: Mapping[str, datetime]) -> None:
+        for case_id, at in earliest.items():
+            if case_id in self.t.records_since:
+                self.t.records_since[case_id] = min(self.t.records_since[case_id], at)
 
     def running_candidates(self, first: datetime, last: datetime) -> list[str]:
         return sorted(c.case_id for c in self.t.cases.values()
@@ -145,12 +159,14 @@ class FakeCaseLog:
     def seen(self, event_ids: Iterable[str]) -> dict[str, str | None]:
         return {e: self.t.events[e].body_sha256 for e in set(event_ids) if e in self.t.events}
 
-    def parked_of(self, case_ids: Iterable[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    def early_rows_of(self, case_ids: Iterable[str]) -> list[EarlyRow]:
         ids = set(case_ids)
-        parked = [e for e in self.t.events.values()
-                  if e.case_id in ids and e.outcome == EventOutcome.parked]
-        parked.sort(key=lambda e: (e.occurred_at, self.t.received_at[e.event_id]))
-        return [(e.event_id, e.case_id, e.body) for e in parked]
+        early = [e for e in self.t.events.values()
+                 if e.case_id in ids and e.outcome in EARLY_OUTCOMES]
+        early.sort(key=lambda e: (e.occurred_at, self.t.received_at[e.event_id]))
+        return [EarlyRow(e.event_id, e.case_id, e.outcome, self.t.received_at[e.event_id],
+                         e.body if e.outcome == EventOutcome.parked else None)
+                for e in early]
 
     def accepted_of(self, case_id: str) -> list[tuple[str, dict[str, Any]]]:
         return [(e.event_id, e.body) for e in self.t.events.values()

@@ -64,6 +64,13 @@ class CaseRow(Base):
     closed_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     snapshot: Mapped[dict[str, Any]]
+    # No row about this case in the partitioned tables (its events, decisions,
+    # notifications) has a partition key earlier than this, so its reads prune the months
+    # before (migration 0023). Set once, when the case row is created: the default is that
+    # transaction's `now()`, lowered by intake to the earliest row written before the case
+    # existed (parked, expired, error). Never written by an update. NULL for cases from
+    # before 0023: their reads probe every month.
+    records_since: Mapped[datetime | None] = mapped_column(server_default=func.now())
 
     __table_args__ = (
         Index("ix_cases_order_id", "order_id"),
@@ -109,6 +116,10 @@ class CaseEventRow(Base):
         Index(
             "ix_case_events_parked", "case_id", postgresql_where=text("outcome = 'parked'")
         ),
+        # The rows about a case written before it existed: intake reads them when it
+        # creates the case (`cases.records_since`).
+        Index("ix_case_events_unapplied", "case_id",
+              postgresql_where=text("outcome IN ('parked', 'expired', 'error')")),
         Index("ix_case_events_forget_after", "forget_after",
               postgresql_where=text("forget_after IS NOT NULL")),
         {"postgresql_partition_by": "RANGE (received_at)"},

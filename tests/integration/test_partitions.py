@@ -65,13 +65,19 @@ def fresh_database() -> Iterator[tuple[str, Engine]]:
         yield database
 
 
+# Columns added by later migrations (each NULL on the rows from before; their own tests
+# say so): left out, so a fingerprint taken before them can be compared with one after.
+LATER_COLUMNS = "'records_since'"
+
+
 def fingerprint(engine: Engine) -> dict[str, tuple[int, str]]:
     """Per table: the row count and an md5 of every row (as JSON, in key order)."""
     out = {}
     with engine.connect() as conn:
         for table, key in KEYS.items():
             count, digest = conn.execute(text(
-                f"SELECT count(*), md5(coalesce(string_agg(row_to_json(t)::text, '\n' "
+                f"SELECT count(*), md5(coalesce(string_agg("
+                f"(to_jsonb(t) - {LATER_COLUMNS})::text, '\n' "
                 f"ORDER BY t.{key}), '')) FROM {table} t")).one()
             out[table] = (int(count), str(digest))
     return out
