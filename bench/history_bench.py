@@ -14,6 +14,8 @@ generate_series, copies of cases the domain really produced, with their own ids)
     deadlines, 5 sent notifications and, for every second case, a decision;
   - open cases, opened over the last 10 days, each with its event, its pending deadlines
     (due within the next 3 weeks) and a sent notification.
+  Each case row carries the `records_since` intake gives it (when its first row was
+  written), as a year under this code would leave it.
 Then the same measurements on each database, the empty one first:
   latency     simulator traffic at --latency-rate events/s for a while (all four
               services, quiet hours off): publish -> commit p50/p99 (e2e_bench)
@@ -134,7 +136,8 @@ def templates() -> dict[str, Any]:
 
 
 CASE_COLS = ("case_id, platform, shop_id, order_id, kind, status, step, version, rule_set, "
-             "rule_version, step_due_at, opened_at, closed_at, updated_at, snapshot")
+             "rule_version, step_due_at, opened_at, closed_at, updated_at, snapshot, "
+             "records_since")
 
 # %(prefix)s: 'H' (finished) or 'HO' (open). `t` gives each case its times.
 FINISHED_TIMES = """
@@ -157,7 +160,8 @@ LOAD_FINISHED = [
         SELECT cid, 'kuaishou', 'S' || (g %% 5000), oid, %(kind)s, 'closed', 'closed',
                %(version)s, %(rule_set)s, %(rule_version)s, NULL,
                closed_at - interval '40 hours', closed_at, closed_at,
-               %(snapshot)s::jsonb || jsonb_build_object('case_id', cid, 'order_id', oid)
+               %(snapshot)s::jsonb || jsonb_build_object('case_id', cid, 'order_id', oid),
+               closed_at - interval '40 hours'  -- records_since: when its first row was written
         FROM ({FINISHED_TIMES}) t""",
     f"""INSERT INTO case_events (event_id, case_id, type, occurred_at, received_at, outcome,
                                  case_version, body)
@@ -205,7 +209,8 @@ LOAD_OPEN = [
         SELECT cid, 'kuaishou', 'S' || (g %% 5000), oid, %(kind)s, 'open', %(step)s,
                %(version)s, %(rule_set)s, %(rule_version)s,
                now() + make_interval(days => (1 + g %% 20)::int), opened_at, NULL, opened_at,
-               %(snapshot)s::jsonb || jsonb_build_object('case_id', cid, 'order_id', oid)
+               %(snapshot)s::jsonb || jsonb_build_object('case_id', cid, 'order_id', oid),
+               opened_at
         FROM ({OPEN_TIMES}) t""",
     f"""INSERT INTO case_events (event_id, case_id, type, occurred_at, received_at, outcome,
                                  case_version, body)
