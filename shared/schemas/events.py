@@ -334,7 +334,8 @@ def nesting_depth(raw: bytes, stop_at: int) -> int:
 
 def _plainly_storable(value: Any) -> bool:
     """True for a scalar that certainly has no problem: the usual value, passed without
-    building its path. False sends it (and every container) to `_value_problem`."""
+    building its path. False sends it (and every container) to `_value_problem`'s long
+    way, which says what the problem is, if any (a string need not be printable)."""
     if isinstance(value, str):
         # printable: no U+0000, no lone surrogate (both are categories it refuses)
         return value.isprintable()
@@ -350,18 +351,16 @@ def _plainly_storable(value: Any) -> bool:
 def _value_problem(value: Any, path: str) -> tuple[RejectReason, str] | None:
     """The first value that could not be stored or encoded again. Recursion is bounded:
     the depth was checked on the raw bytes before parsing."""
+    if _plainly_storable(value):
+        return None
+    # A scalar past here failed the quick check: a number is out of range; a string that
+    # is not printable may still be fine (a tab, a newline).
     if isinstance(value, str):
         return _text_problem(value, path)
-    if isinstance(value, bool) or value is None:
-        return None
     if isinstance(value, int):
-        if not INT64_MIN <= value <= INT64_MAX:
-            return RejectReason.out_of_range, f"{path}: integer outside the signed 64-bit range"
-        return None
+        return RejectReason.out_of_range, f"{path}: integer outside the signed 64-bit range"
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return RejectReason.out_of_range, f"{path}: number too large for a double"
-        return None
+        return RejectReason.out_of_range, f"{path}: number too large for a double"
     if isinstance(value, dict):
         for key, item in value.items():
             key_plain = key.isprintable()  # no U+0000, surrogate, control or format char

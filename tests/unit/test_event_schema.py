@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 
 import pytest
@@ -223,9 +224,9 @@ def test_brackets_inside_strings_count_toward_no_depth() -> None:
 
 def _value_problem_in_full(value: object, path: str) -> object:
     """The value checks done the long way: every key and every leaf checked in full, with
-    its path. The quick pass lives in `_value_problem`'s walk over a container's items (a
-    scalar on its own always takes the full checks), so this walks containers itself."""
-    from shared.schemas.events import _key_problem, _value_problem
+    its path, and none of `_value_problem`'s quick checks (`_plainly_storable`): this
+    walks containers and checks scalars itself."""
+    from shared.schemas.events import INT64_MAX, INT64_MIN, _key_problem, _text_problem
 
     if isinstance(value, dict):
         for key, item in value.items():
@@ -241,7 +242,14 @@ def _value_problem_in_full(value: object, path: str) -> object:
             if problem:
                 return problem
         return None
-    return _value_problem(value, path)
+    if isinstance(value, str):
+        return _text_problem(value, path)
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and not INT64_MIN <= value <= INT64_MAX:
+        return RejectReason.out_of_range, f"{path}: integer outside the signed 64-bit range"
+    if isinstance(value, float) and not math.isfinite(value):
+        return RejectReason.out_of_range, f"{path}: number too large for a double"
+    return None
 
 
 # Text with what the checks look for: U+0000, a lone surrogate, a zero-width space, a
