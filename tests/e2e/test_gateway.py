@@ -177,8 +177,13 @@ def test_douyin_platform_auto_close_while_our_timer_is_about_to_fire(
         ours = wait_for(lambda: [d for d in tap.snapshot() if d["case_id"] == "douyin-82002"],
                         timeout=60, what="our auto-close of the second case")
         assert [d["type"] for d in ours] == ["decision.auto_closed"]
-        # The platform's own close of that case arrives after ours.
-        late = douyin_data(82002, status=28, type_=0, close_time=unix(now()),
+        # The platform's own close of that case arrives after ours, and says so: its close
+        # time, in whole seconds, plainly after our deadline (at the deadline's own second
+        # it would count as in time, and rebuild the case over our decision).
+        after_ours = unix(due) + 3
+        wait_for(lambda: unix(now()) >= after_ours, timeout=30,
+                 what="the platform's close time to have come")
+        late = douyin_data(82002, status=28, type_=0, close_time=after_ours,
                            latest_record="买家超时未退货，系统自动关闭售后")
         assert send_douyin(gateway, douyin_message("207", "dy-ours_first-207", late)
                            ).json() == DOUYIN_OK
