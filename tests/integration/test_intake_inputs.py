@@ -179,6 +179,9 @@ def test_routing_headers_are_not_copied_and_route_nothing(
     assert "CC" in headers["x-dropped-headers"]
     # Exactly one copy, and intake handled the message once (no copy routed back to it).
     assert rejected_messages(amqp_url) == []
+    # The counter is incremented after the copy is published and the message acked.
+    wait_for(lambda: metric_sum(intake.system, "aftersales_events_rejected_total",
+                                reason="invalid_json") >= 1, what="the rejection counted")
     assert metric_sum(intake.system, "aftersales_events_rejected_total",
                       reason="invalid_json") == 1
 
@@ -254,11 +257,15 @@ def test_a_parked_event_whose_case_never_opens_expires_to_the_rejected_queue(
     assert headers["x-reject-reason"] == "case_never_opened"
     assert json.loads(body)["event_id"] == orphan["event_id"]
     assert never["case_id"] in headers["x-reject-detail"]
-    with db.transaction() as s:
-        expired = s.get(CaseEventRow, orphan["event_id"])
-        applied = s.get(CaseEventRow, waiting["event_id"])
-    assert expired is not None and expired.outcome == "expired"
-    assert applied is not None and applied.outcome == "applied"
+
+    def outcome(event_id: str) -> str | None:
+        with db.transaction() as s:
+            row = s.get(CaseEventRow, event_id)
+            return None if row is None else row.outcome
+
+    # The sweep publishes the copy before it commits the row's new outcome.
+    wait_for(lambda: outcome(orphan["event_id"]) == "expired", what="the row marked expired")
+    assert outcome(waiting["event_id"]) == "applied"
     wait_for(lambda: metric_sum(intake.system, "aftersales_events_rejected_total",
                                 reason="case_never_opened") == before + 1,
              what="the expiry counted")
