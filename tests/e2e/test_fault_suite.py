@@ -63,6 +63,7 @@ pytestmark = pytest.mark.e2e
 
 MESSAGES = 2500
 RATE = 150.0  # offered events per second: the burst lasts about 17 s
+DEADLINE_S = 8  # the traffic's deadlines come due this many seconds after their events
 POISON = 300
 OPS_EMAIL, OPS_PHONE = "ops@example.com", "13900000000"
 KEY_ID, KEY_SECRET = "LTAIfaultsuite", "fault-suite-secret-not-real"
@@ -215,7 +216,7 @@ def test_simulated_traffic_survives_kills_restarts_and_poison(
     system, smtp, sms = observed_system
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)
-    config = SimConfig(rate=RATE, duration=None, count=MESSAGES, deadline_seconds=8,
+    config = SimConfig(rate=RATE, duration=None, count=MESSAGES, deadline_seconds=DEADLINE_S,
                        late_merchant_share=0.4, late_buyer_share=0.3, duplicate_share=0.05,
                        malformed_share=0.03, run_id=f"fs{uuid.uuid4().hex[:6]}")
     messages = list(generate(config, MESSAGES, seed=seed, start=datetime.now(UTC)))
@@ -261,6 +262,14 @@ def test_simulated_traffic_survives_kills_restarts_and_poison(
                 return set()
 
         wait_for(lambda: logged() >= good_ids, timeout=300, what="every event in a case log")
+        # The traffic's deadlines come due seconds after their events, each firing may set
+        # the next step's, and the prediction stops at `cutoff`: a deadline due soon after
+        # it would fire meanwhile, a decision the prediction does not hold. So the cutoff
+        # waits until no deadline is in flight or due within a while.
+        wait_for(lambda: _count(db, (
+            "SELECT count(*) FROM deadlines WHERE status IN ('pending', 'dispatched') "
+            f"AND due_at <= now() + interval '{3 * DEADLINE_S} seconds'")) == 0,
+            timeout=300, what="the traffic's short deadlines all decided")
         # Everything due by now must have been decided: the prediction stops here too.
         cutoff = datetime.now(UTC)
 
