@@ -109,7 +109,9 @@ def test_sigterm_during_a_burst_loses_nothing_and_exits_within_the_grace(
     cases = [f"TERM-{i:04d}" for i in range(CASES)]
     with DecisionTap(amqp_url) as tap:
         burst = threading.Thread(target=publish_events, args=(
-            amqp_url, [opened(c, due_in=2 + 4 * i / CASES) for i, c in enumerate(cases)]))
+            # Due over 16 s: on a slow host the events may take seconds to be logged, and
+            # deadlines must still be coming due when the signal comes.
+            amqp_url, [opened(c, due_in=2 + 16 * i / CASES) for i, c in enumerate(cases)]))
         burst.start()
         # Live work in every stage when the signal comes.
         wait_for(lambda: count(db, "SELECT count(*) FROM decisions") >= 20, timeout=120,
