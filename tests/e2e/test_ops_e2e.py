@@ -54,7 +54,8 @@ def pending_deadline(db: Database, case_id: str) -> datetime | None:
 def test_an_ops_pause_holds_the_deadline_until_resumed_and_extend_moves_it(
     system: System, db: Database, amqp_url: str
 ) -> None:
-    publish_events(amqp_url, [opened("AS-E2E-PAUSE", due_in=15), opened("AS-E2E-EXT", 3600)])
+    # Due late enough that the pause (a CLI process, then intake) comes first on a slow host.
+    publish_events(amqp_url, [opened("AS-E2E-PAUSE", due_in=30), opened("AS-E2E-EXT", 3600)])
     wait_for(lambda: pending_deadline(db, "AS-E2E-PAUSE") and
              pending_deadline(db, "AS-E2E-EXT"), what="both cases open")
     first_due = pending_deadline(db, "AS-E2E-PAUSE")
