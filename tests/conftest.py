@@ -31,15 +31,19 @@ TABLES = ("outbox", "notifications", "decisions", "deadlines", "case_events", "c
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-             what: str = "condition", explain: Callable[[], str] | None = None) -> Any:
+             what: str = "condition", explain: Callable[[], str] | None = None,
+             *, or_last: bool = False) -> Any:
     """Poll until `predicate()` is truthy; fail with `what` after `timeout` seconds, and
-    with what `explain()` says about the state then (for a failure seen only in CI)."""
+    with what `explain()` says about the state then (for a failure seen only in CI).
+    `or_last`: after `timeout`, return the last value instead (the caller judges it)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
+            if or_last:
+                return value
             detail = f"\n{explain()}" if explain is not None else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
         time.sleep(interval)
