@@ -11,23 +11,68 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import holidays
 import pytest
 from sqlalchemy import text
 
 from shared.db.session import Database
+from shared.domain.calendar import WorkCalendar
 from shared.domain.timeutil import CHINA_TZ
 from tests.conftest import wait_for
 from tests.harness import ROOT, System, publish_events
 
 pytestmark = pytest.mark.e2e
-# The State Council's schedule as a user would add it: 2027-01-02 (a Saturday) is a make-up
-# workday, so 7 working days from 2026-12-23 end on that Saturday, not Monday 01-04.
-HOLIDAYS_2027 = "[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n"
+
+
+def _first_unknown_year() -> int:
+    """The first year, from the one after next week's, that the holiday library does not
+    know: its working days are estimated. Drawn from the library's coverage and today's
+    date, so the test never runs into a year the library has since learned, or into
+    deadlines that have already passed."""
+    year = (date.today() + timedelta(days=7)).year + 1
+    while not WorkCalendar().is_estimated(year):
+        year += 1
+    return year
+
+
+YEAR = _first_unknown_year()
+# Approved on 31 December 10:00: the seven working days counted are all in YEAR.
+APPROVED_AT = datetime(YEAR - 1, 12, 31, 10, tzinfo=CHINA_TZ)
+# The State Council's schedule as a user would add it: New Year's Day off, and the first
+# Saturday after it a make-up workday (调休), which brings the deadline one working day
+# earlier than the estimate.
+MAKEUP_SATURDAY = next(date(YEAR, 1, d) for d in range(2, 9) if date(YEAR, 1, d).weekday() == 5)
+HOLIDAY_FILE = (f"[{YEAR}]\nholidays = [{YEAR}-01-01]\n"
+                f"workdays = [{MAKEUP_SATURDAY.isoformat()}]\n")
+
+
+def seventh_working_day(is_workday: Callable[[date], bool]) -> datetime:
+    """10:00 on the 7th working day after the approval's date, by the given days."""
+    day, counted = APPROVED_AT.date(), 0
+    while counted < 7:
+        day += timedelta(days=1)
+        counted += is_workday(day)
+    return datetime(day.year, day.month, day.day, 10, tzinfo=CHINA_TZ)
+
+
+# The estimate: the `holidays` package's statutory days for the year (and its observed
+# days), weekends off. On the file: weekdays but New Year's Day, plus the make-up Saturday.
+ESTIMATED_DUE = seventh_working_day(
+    holidays.country_holidays("CN", years=YEAR).is_working_day)
+
+
+def workday_on_file(day: date) -> bool:
+    return day == MAKEUP_SATURDAY or (day.weekday() < 5 and day != date(YEAR, 1, 1))
+
+
+FILE_DUE = seventh_working_day(workday_on_file)
+# the cases happen up to a year ahead: widen intake's plausible-time window to take them
+MAX_FUTURE_S = int((APPROVED_AT - datetime.now(CHINA_TZ)).total_seconds()) + 30 * 86400
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +86,7 @@ def services(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPath
         "AFTERSALES_EMAIL_TRANSPORT": "log",
         "AFTERSALES_TIMER_POLL_SECONDS": "0.2",
         "AFTERSALES_LOG_LEVEL": "INFO",
-        # the cases happen in late December: widen the plausible-time window to take them
-        "AFTERSALES_INTAKE_MAX_FUTURE_SECONDS": str(60 * 86400),
+        "AFTERSALES_INTAKE_MAX_FUTURE_SECONDS": str(max(MAX_FUTURE_S, 60 * 86400)),
     }, log_dir)
     system.start("intake", "timer")
     try:
@@ -55,17 +99,18 @@ def services(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPath
 
 
 def refund_case(case_id: str) -> list[dict[str, Any]]:
-    """Opened 2026-12-22, approved 2026-12-23 10:00: money back within 7 working days."""
+    """Opened the day before the approval; approved 31 December 10:00: money back within 7
+    working days, all of them in YEAR."""
     base = {"platform": "kuaishou", "shop_id": "S1", "order_id": f"O-{case_id}",
             "case_id": case_id}
     return [
         {**base, "event_id": f"{case_id}-open", "type": "case.opened",
-         "occurred_at": datetime(2026, 12, 22, 9, tzinfo=CHINA_TZ).isoformat(),
+         "occurred_at": (APPROVED_AT - timedelta(days=1)).isoformat(),
          "data": {"kind": "refund_only", "amount_fen": 5000, "reason": "不想要了",
                   "buyer": {"phone": "13800000000"},
                   "merchant": {"email": "shop@example.com"}}},
         {**base, "event_id": f"{case_id}-ok", "type": "merchant.approved",
-         "occurred_at": datetime(2026, 12, 23, 10, tzinfo=CHINA_TZ).isoformat(), "data": {}},
+         "occurred_at": APPROVED_AT.isoformat(), "data": {}},
     ]
 
 
@@ -103,29 +148,29 @@ def test_estimated_deadline_then_official_data_moves_it(
     publish_events(amqp_url, refund_case("CAL-1"))
     row = wait_for(lambda: refund_deadline(db, "CAL-1"), timeout=60,
                    what="CAL-1's refund deadline")
-    # opened and moved, not an error: Monday 2027-01-04 10:00 on the estimate
-    assert row.deadline_at == datetime(2027, 1, 4, 10, tzinfo=CHINA_TZ)
+    # opened and moved, not an error: its deadline stands on the estimate
+    assert row.deadline_at == ESTIMATED_DUE
     assert row.calendar_source == "estimated"
     shown = json.loads(aftersales(services, "case", "show", "CAL-1", "--json").stdout)
     assert shown["case"]["calendar"] == {"source": "estimated", "estimated": True,
-                                         "estimated_years": [2027]}
+                                         "estimated_years": [YEAR]}
     assert "ESTIMATED" in aftersales(services, "case", "show", "CAL-1").stdout
     status = aftersales(services, "calendar", "status").stdout
-    assert re.search(r"^2027\s+estimated", status, re.M)
-    assert "2027: 1 deadline(s) in 1 case(s)" in status
+    assert re.search(rf"^{YEAR}\s+estimated", status, re.M)
+    assert f"{YEAR}: 1 deadline(s) in 1 case(s)" in status
     wait_for(lambda: estimated_gauge(services) == 1.0, timeout=30,
              what="the estimated-deadlines gauge to show CAL-1")
 
     # The schedule is published: the user adds it to the holiday file, restarts the timer.
     holiday_file = tmp_path / "holidays.toml"
-    holiday_file.write_text(HOLIDAYS_2027, encoding="utf-8")
+    holiday_file.write_text(HOLIDAY_FILE, encoding="utf-8")
     services.env["AFTERSALES_HOLIDAYS"] = str(holiday_file)
     services.kill("timer", signal.SIGTERM)
     services.start("timer")
     moved = wait_for(lambda: (r := pending_deadline(db, "CAL-1")) is not None
                      and r.calendar_source == "file" and r, timeout=60,
                      what="the timer to recount CAL-1 on the holiday file")
-    assert moved.deadline_at == datetime(2027, 1, 2, 10, tzinfo=CHINA_TZ)
+    assert moved.deadline_at == FILE_DUE
     assert moved.fence == row.fence + 1
     shown = json.loads(aftersales(services, "case", "show", "CAL-1", "--json").stdout)
     notes = [t for t in shown["timeline"] if t["what"] == "note"]
@@ -147,9 +192,9 @@ def test_estimated_deadline_then_official_data_moves_it(
     assert second.calendar_source == "estimated"
     out = aftersales(services, "calendar", "recompute").stdout
     assert "recounted on official data: 1 (earlier 1, later 0, same day 0)" in out
-    assert "moved -2 day(s): 1" in out
+    assert f"moved {(FILE_DUE - ESTIMATED_DUE).days} day(s): 1" in out
     again = pending_deadline(db, "CAL-2")
     assert (again.deadline_at, again.calendar_source) == (
-        datetime(2027, 1, 2, 10, tzinfo=CHINA_TZ), "file")
+        FILE_DUE, "file")
     # nothing left to recount: a second run changes nothing
     assert "recounted on official data: 0" in aftersales(services, "calendar", "recompute").stdout
