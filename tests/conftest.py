@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import date, timedelta
 from typing import Any
 
 import pika
@@ -20,7 +21,13 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from shared.db.session import Database, make_engine
+from shared.schemas.events import Limits
 from tests.resources import own_database, own_vhost
+
+# For tests written on fixed dates (a weekday, a holiday, a quiet hour they are about):
+# intake's plausible window reaches back to those dates however many years later they run.
+FIXED_DATE_LIMITS = Limits(
+    max_past=timedelta(days=(date.today() - date(2026, 1, 1)).days + 400))
 
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 PG_ADMIN_URL = os.environ.get("AFTERSALES_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1/postgres")

@@ -40,7 +40,7 @@ from shared.db.models import CaseEventRow, CaseRow
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
-from tests.conftest import wait_for
+from tests.conftest import FIXED_DATE_LIMITS, wait_for
 from tests.harness import publish_events
 from tests.resources import free_port
 
@@ -66,7 +66,7 @@ def processor(db: Database) -> IntakeProcessor:
     # The smallest limit the settings allow: big events are refused until it is raised.
     return IntakeProcessor(db, Engine(RuleBook.load(None), WorkCalendar(None)),
                            NotificationPolicy.load(None), {"emails": [], "phones": []},
-                           max_event_bytes=1024)
+                           max_event_bytes=1024, limits=FIXED_DATE_LIMITS)
 
 
 def depth(amqp: Any, queue: str) -> int:
@@ -284,7 +284,7 @@ def test_a_broker_restart_mid_replay_loses_nothing_and_intake_applies_each_once(
     connection.close()
     processor = IntakeProcessor(db, Engine(RuleBook.load(None), WorkCalendar(None)),
                                 NotificationPolicy.load(None), {"emails": [], "phones": []},
-                                max_event_bytes=64 * 1024)
+                                max_event_bytes=64 * 1024, limits=FIXED_DATE_LIMITS)
     intake = IntakeConsumer(url, processor, prefetch=200, batch_size=100)
     thread = threading.Thread(target=intake.run_forever, daemon=True)
     thread.start()

@@ -18,7 +18,7 @@ from shared.db.models import CaseEventRow, CaseRow, DeadlineRow
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
-from tests.conftest import wait_for
+from tests.conftest import FIXED_DATE_LIMITS, wait_for
 from tests.harness import publish_events, rejected_messages
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def processor(db: Database) -> IntakeProcessor:
         engine=Engine(RuleBook.load(None), WorkCalendar(None)),
         policy=NotificationPolicy.load(None),
         ops_contacts={"emails": ["ops@example.com"], "phones": []},
-        max_event_bytes=64 * 1024,
+        max_event_bytes=64 * 1024, limits=FIXED_DATE_LIMITS,
     )
 
 
@@ -182,7 +182,7 @@ def test_two_workers_on_one_case_never_corrupt_it(db: Database, database_url: st
     other = IntakeProcessor(
         db=Database(make_engine(database_url)), engine=processor.engine,
         policy=processor.policy, ops_contacts=processor.ops_contacts,
-        max_event_bytes=processor.max_event_bytes,
+        max_event_bytes=processor.max_event_bytes, limits=processor.limits,
     )
     # buyer.modified on an open case in merchant_response is out of state or applied;
     # deadline.changed always applies to an open case: it bumps the version each time.

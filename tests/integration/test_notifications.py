@@ -32,6 +32,7 @@ from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.domain.timeutil import CHINA_TZ, CHINA_TZ_NAME
 from shared.notifications.policy import NotificationPolicy
 from shared.publisher import RecordingPublisher
+from tests.conftest import FIXED_DATE_LIMITS
 from tests.integration.notifier.notifier_fakes import (
     FakeAliyun,
     RecordingHandler,
@@ -85,7 +86,8 @@ def decided_case(db: Database, policy: NotificationPolicy) -> str:
     engine = Engine(RuleBook.load(None), WorkCalendar(None))
     ops = {"emails": [], "phones": []}
     opened_at = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
-    IntakeProcessor(db, engine, policy, ops, 64 * 1024).process([json.dumps({
+    intake = IntakeProcessor(db, engine, policy, ops, 64 * 1024, limits=FIXED_DATE_LIMITS)
+    intake.process([json.dumps({
         "event_id": "n-e1", "type": "case.opened", "occurred_at": opened_at.isoformat(),
         "platform": "kuaishou", "shop_id": "S1", "order_id": "O1", "case_id": "AS-N1",
         "data": {"kind": "exchange", "amount_fen": 12900, "reason": "尺码不合适",

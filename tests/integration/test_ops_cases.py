@@ -21,6 +21,7 @@ from shared.db.models import CaseRow
 from shared.db.session import Database
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
+from tests.conftest import FIXED_DATE_LIMITS
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def engine() -> Engine:
 @pytest.fixture
 def processor(db: Database, engine: Engine) -> IntakeProcessor:
     return IntakeProcessor(db, engine, NotificationPolicy.load(None),
-                           {"emails": [], "phones": []}, 64 * 1024)
+                           {"emails": [], "phones": []}, 64 * 1024, limits=FIXED_DATE_LIMITS)
 
 
 def ev(n: str, type_: str, case: str, at: str | datetime, **extra: Any) -> bytes:

@@ -20,9 +20,9 @@ from services.intake.processor import IntakeProcessor
 from shared.db.models import CaseRow, DeadlineRow
 from shared.db.session import Database
 from shared.domain import Case, DeadlineSpec, Engine, RuleBook, RuleRef, WorkCalendar
-from shared.domain.timeutil import CHINA_TZ
 from shared.notifications.policy import NotificationPolicy
 from shared.schemas.events import Limits
+from tests.estimated_year import APPROVED_AT, ESTIMATED_DUE, FILE_DUE, HOLIDAY_FILE, MAX_FUTURE_S
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,11 +55,12 @@ on_timeout = "auto_close"
 
 def _fill(db: Database) -> None:
     """Simulated cases, opened over 8 hours from 40 hours ago (rule deadlines, no
-    platform due_at), plus one case whose 7 working days reach into 2027."""
-    # EST-1 happens in late December: a plausible-time window wide enough to take it
+    platform due_at), plus one case whose 7 working days reach into a year with no
+    official holiday data."""
+    # EST-1 happens on 31 December: a plausible-time window wide enough to take it
     intake = IntakeProcessor(db, Engine(RuleBook.load(None), WorkCalendar(None)),
                              NotificationPolicy.load(None), {"emails": [], "phones": []},
-                             64 * 1024, limits=Limits(max_future=timedelta(days=60)))
+                             64 * 1024, limits=Limits(max_future=timedelta(seconds=MAX_FUTURE_S)))
     start = datetime.now(UTC) - timedelta(hours=40)
     config = SimConfig(run_id="whatif", malformed_share=0.0, think_seconds=30.0)
     bodies = [m.body for m in generate(config, 1500, seed=11, start=start, rate=0.05)]
@@ -68,10 +69,10 @@ def _fill(db: Database) -> None:
     base = {"platform": "kuaishou", "shop_id": "S1", "order_id": "O-EST", "case_id": "EST-1"}
     intake.process([json.dumps(e).encode() for e in (
         {**base, "event_id": "est-open", "type": "case.opened",
-         "occurred_at": datetime(2026, 12, 22, 9, tzinfo=CHINA_TZ).isoformat(),
+         "occurred_at": (APPROVED_AT - timedelta(days=1)).isoformat(),
          "data": {"kind": "refund_only", "amount_fen": 100}},
         {**base, "event_id": "est-ok", "type": "merchant.approved",
-         "occurred_at": datetime(2026, 12, 23, 10, tzinfo=CHINA_TZ).isoformat(), "data": {}},
+         "occurred_at": APPROVED_AT.isoformat(), "data": {}},
     )])
 
 
@@ -152,7 +153,7 @@ def test_what_if_matches_a_direct_recomputation_and_changes_nothing(
     rules = tmp_path / "default-2.toml"
     rules.write_text(PROPOSAL, encoding="utf-8")
     holidays = tmp_path / "holidays.toml"
-    holidays.write_text("[2027]\nholidays = [2027-01-01]\nworkdays = [2027-01-02]\n")
+    holidays.write_text(HOLIDAY_FILE)
     current = Engine(RuleBook.load(None), WorkCalendar(None))
 
     report = _what_if(database_url, rules)
@@ -175,8 +176,8 @@ def test_what_if_matches_a_direct_recomputation_and_changes_nothing(
     counts, moved = _direct(db, current, Engine(RuleBook.load(None), WorkCalendar(holidays)),
                             now)
     assert _as_counter(report["breakdown"]) == counts
-    assert report["deadlines_moved"]["earlier"] == moved["earlier"] == 1  # EST-1, two days
-    assert report["deadlines_moved"]["by_days"] == {"-2": 1}
+    assert report["deadlines_moved"]["earlier"] == moved["earlier"] == 1  # EST-1
+    assert report["deadlines_moved"]["by_days"] == {str((FILE_DUE - ESTIMATED_DUE).days): 1}
     assert [e["case_id"] for e in report["examples"]] == ["EST-1"]
 
     assert _fingerprint(db) == before  # nothing was changed
