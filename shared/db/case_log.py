@@ -10,11 +10,21 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, any_, bindparam, case, literal_column, select, text, update
+from sqlalchemy import (
+    Table,
+    any_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert, bulk_insert_claiming
-from shared.db.models import CaseEventRow, EventConflictRow, EventIdRow
+from shared.db.models import CaseEventRow, CaseRow, EventConflictRow, EventIdRow
 
 
 class EventOutcome(StrEnum):
@@ -33,6 +43,7 @@ ACCEPTED_OUTCOMES = (EventOutcome.applied, EventOutcome.out_of_state, EventOutco
 _EVENTS = cast(Table, CaseEventRow.__table__)
 _CONFLICTS = cast(Table, EventConflictRow.__table__)
 _EVENT_IDS = cast(Table, EventIdRow.__table__)
+_CASES = cast(Table, CaseRow.__table__)
 # From `event_ids` (claimed by INSERT_EVENTS with each row): one index probe, not one
 # per monthly partition of `case_events` (docs/design.md "Partitioning by time").
 SEEN_EVENTS = select(_EVENT_IDS.c.event_id, _EVENT_IDS.c.body_sha256).where(
@@ -58,10 +69,19 @@ INSERT_EVENTS = bulk_insert_claiming(_EVENTS, [
 INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
     "event_id", "case_id", "body", "body_sha256", "first_sha256"])
 # The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).
+# From the case's `records_since` on (all months when it has none, or no row yet): the
+# subquery is evaluated once, before the scan, and PostgreSQL skips the months before it.
+_CASE_RECORDS_SINCE = (
+    select(_CASES.c.records_since)
+    .where(_CASES.c.case_id == bindparam("case_id"))
+    .scalar_subquery()
+)
 CASE_LOG = (
     select(_EVENTS.c.event_id, _EVENTS.c.body)
     .where(_EVENTS.c.case_id == bindparam("case_id"))
     .where(_EVENTS.c.outcome.in_(ACCEPTED_OUTCOMES))
+    .where(_EVENTS.c.received_at >= func.coalesce(
+        _CASE_RECORDS_SINCE, literal_column("'-infinity'::timestamptz")))
 )
 UPDATE_EVENT = (
     update(_EVENTS)

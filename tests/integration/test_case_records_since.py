@@ -6,6 +6,7 @@ error) included. Cases from before the migration keep NULL and are read whole.""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, event, text
 from services.intake.parked import expire_parked
 from services.intake.processor import IntakeProcessor
 from services.ops.caseview import case_document
+from shared.db.case_log import CASE_LOG
 from shared.db.migrate import alembic_config, upgrade
 from shared.db.models import CaseRow
 from shared.db.partitions import list_partitions
@@ -176,6 +178,53 @@ def test_case_show_reads_only_the_months_since_the_case_began(
     for table in PARTITIONED:
         assert f"{table}_history" in plans
         assert first_month.name.replace("case_events", table) in plans
+
+
+def test_a_rebuild_reads_the_events_logged_before_the_case_opened(
+        db: Database, processor: IntakeProcessor) -> None:
+    """A rebuild reads the case's log from its `records_since` on: the shipment parked
+    before the case opened is older than the case, and must still count."""
+    t0 = database_now(db) - timedelta(hours=3)
+    # happened after the approval, arrives before the case: parked
+    processor.process([body("ship", "buyer.shipped", "C3", t0 + timedelta(hours=2),
+                            {"carrier": "SF", "tracking_no": "SF1"})])
+    processor.process([body("opens", "case.opened", "C3", t0, {  # the shipment does not fit
+        "kind": "exchange", "amount_fen": 12900, "reason": "尺码不合适",
+        "buyer": {"phone": "13800000000"}, "merchant": {"email": "shop@example.com"}})])
+    # the approval happened before the shipment: the case is rebuilt from its log
+    processor.process([body("ok", "merchant.approved", "C3", t0 + timedelta(hours=1))])
+    with db.transaction() as s:
+        outcomes = dict(s.execute(text(
+            "SELECT event_id, outcome FROM case_events WHERE case_id = 'C3'")).all())
+        case = s.get(CaseRow, "C3")
+        assert case is not None
+        assert outcomes == {"ship": "applied", "opens": "applied", "ok": "applied"}
+        assert case.snapshot["data"]["return_tracking_no"] == "SF1"
+
+
+def test_a_rebuild_reads_only_the_months_since_the_case_began(
+        db: Database, processor: IntakeProcessor) -> None:
+    processor.process([opened("new-opens", "NEW", database_now(db) - timedelta(hours=1))])
+    with db.sql_engine.connect() as conn:
+        first_month = next(p for p in list_partitions(conn, "case_events")
+                           if not p.is_default and p.lower is not None)
+
+    def scanned(records_since: datetime | None) -> set[str]:
+        """The partitions of `case_events` the rebuild's log read opens."""
+        with db.transaction() as s:
+            s.execute(text("UPDATE cases SET records_since = :at WHERE case_id = 'NEW'"),
+                      {"at": records_since})
+            statement = CASE_LOG.params(case_id="NEW").compile(
+                dialect=s.get_bind().dialect, compile_kwargs={"literal_binds": True})
+            plan = s.connection().exec_driver_sql(
+                f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {statement}").scalars()
+            return {name for line in plan if "never executed" not in line
+                    for name in re.findall(r"on (case_events_\w+)", line)}
+
+    assert "case_events_history" not in scanned(first_month.lower)
+    assert first_month.name in scanned(first_month.lower)
+    # a case from before migration 0023 (no bound) is read whole, as before
+    assert {"case_events_history", first_month.name} <= scanned(None)
 
 
 @pytest.fixture
