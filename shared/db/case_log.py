@@ -24,7 +24,13 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert, bulk_insert_claiming
-from shared.db.models import CaseEventRow, CaseRow, EventConflictRow, EventIdRow
+from shared.db.models import (
+    UNAPPLIED_OUTCOMES,
+    CaseEventRow,
+    CaseRow,
+    EventConflictRow,
+    EventIdRow,
+)
 
 
 class EventOutcome(StrEnum):
@@ -48,9 +54,9 @@ _CASES = cast(Table, CaseRow.__table__)
 # per monthly partition of `case_events` (docs/design.md "Partitioning by time").
 SEEN_EVENTS = select(_EVENT_IDS.c.event_id, _EVENT_IDS.c.body_sha256).where(
     _EVENT_IDS.c.event_id == any_(bindparam("ids")))
-# What a row about a case written before the case existed can be; the predicate of
-# `ix_case_events_unapplied` (migration 0023) names the same three.
-EARLY_OUTCOMES = (EventOutcome.parked, EventOutcome.expired, EventOutcome.error)
+# What a row about a case written before the case existed can be: the outcomes the
+# partial index `ix_case_events_unapplied` holds.
+EARLY_OUTCOMES = tuple(EventOutcome(o) for o in UNAPPLIED_OUTCOMES)
 # The rows about cases not created yet: parked ones (applied when the case is created,
 # in the order they occurred) and expired or error ones, whose times lower the case's
 # `records_since`. The outcomes are written out, not bound, so the predicate matches the

@@ -82,6 +82,11 @@ class CaseRow(Base):
     )
 
 
+# The outcomes of the rows about a case written before it existed (parked, then perhaps
+# expired; an event that hit a bug), which `ix_case_events_unapplied` holds.
+UNAPPLIED_OUTCOMES = ("parked", "expired", "error")
+
+
 class CaseEventRow(Base):
     """Every accepted inbound event: the case's event log. Partitioned by month of
     `received_at` (shared/db/partitions.py). `event_id` is the dedup: it is claimed in
@@ -118,8 +123,8 @@ class CaseEventRow(Base):
         ),
         # The rows about a case written before it existed: intake reads them when it
         # creates the case (`cases.records_since`).
-        Index("ix_case_events_unapplied", "case_id",
-              postgresql_where=text("outcome IN ('parked', 'expired', 'error')")),
+        Index("ix_case_events_unapplied", "case_id", postgresql_where=text(
+            f"outcome IN ({', '.join(repr(o) for o in UNAPPLIED_OUTCOMES)})")),
         Index("ix_case_events_forget_after", "forget_after",
               postgresql_where=text("forget_after IS NOT NULL")),
         {"postgresql_partition_by": "RANGE (received_at)"},
