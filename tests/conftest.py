@@ -39,14 +39,15 @@ TABLES = ("outbox", "notifications", "decisions", "deadlines", "case_events", "c
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
              what: str = "condition", explain: Callable[[], str] | None = None,
-             *, or_last: bool = False) -> Any:
-    """Poll until `predicate()` is truthy; fail with `what` after `timeout` seconds, and
-    with what `explain()` says about the state then (for a failure seen only in CI).
-    `or_last`: after `timeout`, return the last value instead (the caller judges it)."""
+             *, until: Callable[[Any], bool] = bool, or_last: bool = False) -> Any:
+    """Poll until `predicate()` is truthy (or its value passes `until`), and return that
+    value; fail with `what` after `timeout` seconds, and with what `explain()` says about
+    the state then (for a failure seen only in CI). `or_last`: after `timeout`, return the
+    last value instead (the caller judges it)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
-        if value:
+        if until(value):
             return value
         if time.monotonic() > deadline:
             if or_last:

@@ -349,18 +349,16 @@ def notifications_and_sends(db: Database, notifier_log: Callable[[], str],
                 "SELECT dedup_key, status, last_error FROM notifications")))
         return records, notifier_log()
 
-    last: list[tuple[list[Any], str]] = []
-
-    def consistent() -> bool:
-        last[:] = [reading()]
-        records, log_text = last[0]
+    def consistent(read: tuple[list[Any], str]) -> bool:
+        records, log_text = read
         sends = logged_sends(log_text)
         return not any(r.status in IN_FLIGHT and mask_pii(r.dedup_key) in sends
                        for r in records)
 
-    wait_for(consistent, timeout=timeout, interval=0.5, or_last=True,
-             what="no row in flight with a send line")
-    return last[0]
+    read: tuple[list[Any], str] = wait_for(reading, until=consistent, timeout=timeout,
+                                           interval=0.5, or_last=True,
+                                           what="no row in flight with a send line")
+    return read
 
 
 def judge(db: Database, good_ids: set[str], settled: Settled, wire: Counter[str],
