@@ -477,6 +477,40 @@ def checkpoint(box: tb.Sandbox) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+# Blocks each table (a partitioned table with its partitions) read into shared buffers
+# ("read": not in them, from the OS or the disk) and found there ("hit"), heap and
+# indexes apart, from PostgreSQL's own counters for this database.
+BLOCK_COUNTERS = """
+    SELECT coalesce(parent.relname, t.relname) AS tbl,
+           sum(t.heap_blks_read), sum(t.heap_blks_hit),
+           sum(coalesce(t.idx_blks_read, 0)), sum(coalesce(t.idx_blks_hit, 0))
+    FROM pg_statio_user_tables t
+    LEFT JOIN pg_inherits i ON i.inhrelid = t.relid
+    LEFT JOIN pg_class parent ON parent.oid = i.inhparent
+    GROUP BY 1"""
+
+
+def block_counters(box: tb.Sandbox) -> dict[str, tuple[int, ...]]:
+    with box.connect() as conn:
+        return {row[0]: tuple(int(v) for v in row[1:])
+                for row in conn.execute(BLOCK_COUNTERS)}
+
+
+def blocks_during(before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]],
+                  top: int = 8) -> list[dict[str, Any]]:
+    """The tables that read the most blocks between two readings of `block_counters`:
+    where a phase's working set did not fit in shared buffers."""
+    rows: list[dict[str, Any]] = []
+    for table, counts in after.items():
+        old = before.get(table, (0, 0, 0, 0))
+        heap_read, heap_hit, idx_read, idx_hit = (a - b for a, b in zip(counts, old,
+                                                                        strict=True))
+        rows.append({"table": table, "heap_read": heap_read, "heap_hit": heap_hit,
+                     "idx_read": idx_read, "idx_hit": idx_hit})
+    rows.sort(key=lambda r: -(r["heap_read"] + r["idx_read"]))
+    return rows[:top]
+
+
 def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan,
             history: bool) -> dict[str, Any]:
     """Every measurement on one database."""
@@ -503,8 +537,11 @@ def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan
                                                       args.latency_seconds)
                 result["latency"].pop("timeline_second_count_p50ms_maxms", None)
                 result["drain_after_latency"] = wait_notifications_drained(db, 300)
+                counted = block_counters(box)
                 result["throughput"] = intake_throughput(
                     db, box.amqp_url, args.events, 300, tag=str(os.getpid()))
+                time.sleep(1)  # backends publish their counters within a second
+                result["throughput"]["blocks"] = blocks_during(counted, block_counters(box))
                 result["drain_after_throughput"] = wait_notifications_drained(db, 300)
             finally:
                 services.stop_all()
@@ -524,7 +561,10 @@ def measure(box: tb.Sandbox, label: str, args: argparse.Namespace, plan: tb.Plan
     result["checkpoint_s_before_lateness"] = checkpoint(box)
     result["lateness"] = tb.ours_lateness(box, plan, plan.small, f"{label}-lateness")
     result["checkpoint_s_before_catchup"] = checkpoint(box)
+    counted = block_counters(box)  # the catch-up's blocks include loading its cases
     result["catchup"] = tb.ours_catchup(box, plan, fresh=False)
+    time.sleep(1)
+    result["catchup"]["blocks"] = blocks_during(counted, block_counters(box))
     result["catchup"].pop("timeline", None)
     return result
 
