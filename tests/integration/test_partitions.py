@@ -36,6 +36,7 @@ from shared.db.models import (
 from shared.db.notifications import INSERT_NOTIFICATIONS
 from shared.db.outbox import INSERT_DECISIONS
 from shared.db.partitions import (
+    DEFAULT_MONTHS_AHEAD,
     PARTITIONED,
     add_index_concurrently,
     create_partition,
@@ -160,14 +161,25 @@ def test_migration_keeps_every_row_while_a_writer_goes_on(
     with engine.connect() as conn:
         conn.execute(text("DELETE FROM case_events WHERE event_id LIKE 'w%'"))
         conn.commit()
-        partitions = {table.table: [p.name for p in list_partitions(conn, table.table)]
+        partitions = {table.table: list_partitions(conn, table.table)
                       for table in PARTITIONED}
+        this_month = month_start(conn.execute(text("SELECT now()")).scalar_one())
         conn.rollback()
     after = fingerprint(engine)
     assert after == before
-    for table, names in partitions.items():
+    horizon = this_month
+    for _ in range(DEFAULT_MONTHS_AHEAD):
+        horizon = next_month(horizon)
+    for table, found in partitions.items():
+        names = [p.name for p in found]
         assert names[0] == f"{table}_history" and names[-1] == f"{table}_default"
-        assert len(names) >= 2 + 3  # and this month's or the next three months'
+        # The months follow the history without a gap, up to three months after this one
+        # (the switch is a month boundary two days ahead: near a month's end, the next).
+        months = found[1:-1]
+        assert months, names
+        assert months[0].lower == found[0].upper
+        assert all(a.upper == b.lower for a, b in pairwise(months))
+        assert months[-1].lower is not None and months[-1].lower >= horizon, names
     # The keys of every row are claimed, so the old rows still stop duplicates.
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM event_ids")).scalar() == 9000
