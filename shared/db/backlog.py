@@ -23,9 +23,16 @@ OPEN_CASES = text(
 PENDING_DEADLINES = text(
     "SELECT step, purpose, count(*) FROM deadlines WHERE status = 'pending' GROUP BY 1, 2"
 )
+# Overdue: pending or dispatched, due by now. One branch per status, for the reason given
+# at NOTIFICATIONS_PENDING below: the pending branch reads only the overdue part of
+# ix_deadlines_pending_due, the dispatched one the few rows in flight. As one
+# `status IN (...)` the only index it matched was ix_deadlines_open_case (by case), so it
+# read every open deadline, millions with a million open cases, every interval.
 OVERDUE = text(
-    """SELECT count(*), min(due_at) FROM deadlines
-       WHERE status IN ('pending', 'dispatched') AND due_at <= now()"""
+    """SELECT count(*), min(due_at) FROM (
+           SELECT due_at FROM deadlines WHERE status = 'pending' AND due_at <= now()
+           UNION ALL SELECT due_at FROM deadlines
+                      WHERE status = 'dispatched' AND due_at <= now()) overdue"""
 )
 # the partial index ix_deadlines_pending_estimated makes this cheap
 ESTIMATED_DEADLINES = text(
