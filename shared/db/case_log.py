@@ -31,6 +31,7 @@ from shared.db.models import (
     EventConflictRow,
     EventIdRow,
 )
+from shared.db.session import index_plans_kept
 
 
 class EventOutcome(StrEnum):
@@ -60,7 +61,9 @@ EARLY_OUTCOMES = tuple(EventOutcome(o) for o in UNAPPLIED_OUTCOMES)
 # The rows about cases not created yet: parked ones (applied when the case is created,
 # in the order they occurred) and expired or error ones, whose times lower the case's
 # `records_since`. The outcomes are written out, not bound, so the predicate matches the
-# partial index `ix_case_events_unapplied` in every plan: one small probe per month.
+# partial index `ix_case_events_unapplied` in every plan: one small probe per month. Read
+# for the new cases of nearly every batch, and planned per month, so its plan is kept
+# (`index_plans_kept`).
 EARLY_ROWS = (
     select(_EVENTS.c.event_id, _EVENTS.c.case_id, _EVENTS.c.outcome, _EVENTS.c.received_at,
            case((_EVENTS.c.outcome == literal_column("'parked'"), _EVENTS.c.body),
@@ -222,7 +225,8 @@ class SqlCaseLog:
         ids = sorted(set(case_ids))
         if not ids:
             return []
-        return [EarlyRow(*row) for row in self.session.execute(EARLY_ROWS, {"ids": ids})]
+        with index_plans_kept(self.session):
+            return [EarlyRow(*row) for row in self.session.execute(EARLY_ROWS, {"ids": ids})]
 
     def accepted_of(self, case_id: str) -> list[tuple[str, dict[str, Any]]]:
         return [(e, b) for e, b in self.session.execute(CASE_LOG, {"case_id": case_id})]

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.bulk import bulk_insert_claiming
 from shared.db.models import NotificationKeyRow, NotificationRow
-from shared.db.session import Database, db_now
+from shared.db.session import KEEP_INDEX_PLANS, USUAL_PLANS, Database, db_now
 
 # The earliest and the latest creation time of some notification rows (their partition key).
 MadeBetween = tuple[datetime, datetime]
@@ -99,17 +99,11 @@ HAND_OVER = (
 # holds the row), so a notification goes out twice only if its worker also dies within
 # that outage. A result recorded here and lost leaves its row stamped: "unknown".
 NO_DISK_WAIT = "SET synchronous_commit = off"
-# Its statements run once per notification and find rows by id alone. Planned at every
-# execution (the services' PLAN_EVERY_EXECUTION) their planning cost as much as running
-# them (docs/benchmarks.md "Session 7"), so this connection keeps one plan per statement;
-# and as that plan may be made while the table is still empty, where a sequential scan
-# looks cheapest and would then stay, it may not scan (tests/integration/
-# test_query_plans.py).
-KEEP_INDEX_PLANS = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off"
+# Its statements run once per notification and find rows by id alone: their plans are
+# kept (KEEP_INDEX_PLANS says why).
 HAND_OVER_SETTINGS = text(f"{NO_DISK_WAIT}; {KEEP_INDEX_PLANS}")  # one round trip
 # Back to the connection's own settings (those it was opened with).
-USUAL_SETTINGS = text(
-    "RESET synchronous_commit; RESET plan_cache_mode; RESET enable_seqscan")
+USUAL_SETTINGS = text(f"RESET synchronous_commit; {USUAL_PLANS}")
 MARK_UNKNOWN = (
     update(_N).where(_N.c.id == any_(bindparam("ids")), _made_between("since", "until"))
     .values(status=NotificationStatus.FAILED, last_error=UNKNOWN_ERROR)

@@ -23,6 +23,24 @@ from sqlalchemy.orm import Session, sessionmaker
 # A custom plan per execution sees the real array of ids and picks the index; planning
 # these short statements costs little next to a batch.
 PLAN_EVERY_EXECUTION = "-c plan_cache_mode=force_custom_plan"
+# The exception, for a statement whose planning costs more than running it: one plan kept
+# per connection, which may not scan (made while a table is still empty, a sequential scan
+# looks cheapest and would then stay; tests/integration/test_query_plans.py). The notifier's
+# hand-overs (a row by id, planned per execution, cost twice as much: docs/benchmarks.md
+# "Session 7"), and reads by a key that is not the partition key, which are planned once
+# per monthly partition.
+KEEP_INDEX_PLANS = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off"
+USUAL_PLANS = "RESET plan_cache_mode; RESET enable_seqscan"
+
+
+@contextmanager
+def index_plans_kept(session: Session) -> Iterator[None]:
+    """Within a transaction: the statements run inside keep their plans (KEEP_INDEX_PLANS).
+    The settings are reset after them; if one fails, the transaction's rollback undoes
+    them."""
+    session.execute(text(KEEP_INDEX_PLANS))
+    yield
+    session.execute(text(USUAL_PLANS))
 
 
 @dataclass(frozen=True)

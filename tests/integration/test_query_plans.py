@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import Connection, Engine, TextClause, create_engine, text
 
 from shared.db.backlog import NOTIFICATIONS_PENDING, OVERDUE
-from shared.db.case_log import SEEN_EVENTS
-from shared.db.notifications import KEEP_INDEX_PLANS, HandOverLine, record_values
-from shared.db.session import Database, make_engine
+from shared.db.case_log import SEEN_EVENTS, SqlCaseLog
+from shared.db.notifications import HandOverLine, record_values
+from shared.db.session import KEEP_INDEX_PLANS, Database, make_engine
 
 # What sequential scans did in this transaction, on tables whose name is LIKE `tables`:
 # how many (`seq_scan`) or how many rows they read (`seq_tup_read`). This transaction's own
@@ -221,5 +221,47 @@ def test_the_backlog_counts_overdue_deadlines_without_reading_the_open_ones(
             "WHERE status IN ('pending', 'dispatched') AND due_at <= now()"))
         assert control == figures
         assert control_rows >= 20000  # (a sequential scan of all 40,100)
+    finally:
+        sql_engine.dispose()
+
+
+def early_rows_after_growth(sql_engine: Engine) -> tuple[int, int, int]:
+    """Intake's read of the rows written about cases before they existed (its plan kept
+    for the connection: `index_plans_kept`), run often while `case_events` is empty, then
+    again once it holds 20,000 rows, a hundred of them parked (no ANALYZE, as between
+    autovacuum runs): the parked rows found, and the sequential scans and the rows they
+    read in the runs after the growth. (That the kept plan is cheaper is a matter of
+    speed: bench/intake_sql_profile.py.)"""
+    from sqlalchemy.orm import Session
+
+    with Session(sql_engine) as session, session.begin():
+        log = SqlCaseLog(session)
+        for i in range(15):  # enough for psycopg to prepare and PostgreSQL to go generic
+            log.early_rows_of([f"none-{i}"])
+        session.execute(text(
+            "INSERT INTO case_events (event_id, case_id, type, occurred_at, outcome, body) "
+            "SELECT 'ev-' || g, 'C-' || g, 'shipment.sent', now(), "
+            "CASE WHEN g % 200 = 0 THEN 'parked' ELSE 'applied' END, '{}' "
+            "FROM generate_series(1, 20000) g"))
+        conn = session.connection()
+        scans, rows = _scanned(conn, SCANS, "case_events%"), _scanned(
+            conn, ROWS_SCANNED, "case_events%")
+        found = sum(len(log.early_rows_of([f"C-{g}" for g in range(i, 20001, 50)]))
+                    for i in range(1, 51))
+        scans = _scanned(conn, SCANS, "case_events%") - scans
+        rows = _scanned(conn, ROWS_SCANNED, "case_events%") - rows
+        # The connection's own settings are back after the read.
+        assert conn.execute(text("SHOW plan_cache_mode")).scalar() == "force_custom_plan"
+        session.rollback()
+    return found, scans, rows
+
+
+def test_the_early_rows_read_keeps_an_index_plan_made_on_an_empty_table(
+        empty_case_events: str) -> None:
+    sql_engine = make_engine(empty_case_events)
+    try:
+        found, scans, rows = early_rows_after_growth(sql_engine)
+        assert found == 100
+        assert rows == 0, scans
     finally:
         sql_engine.dispose()
