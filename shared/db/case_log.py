@@ -237,7 +237,10 @@ class SqlCaseLog:
         return int(INSERT_EVENTS.execute(self.session, [_row(e) for e in events]).rowcount)
 
     def change_outcomes(self, changes: Sequence[OutcomeChange]) -> None:
-        if changes:
+        if not changes:
+            return
+        # One statement per row, found by event id in every month: plans kept.
+        with index_plans_kept(self.session):
             self.session.connection().execute(UPDATE_EVENT, [
                 {"b_event_id": c.event_id, "b_outcome": c.outcome, "b_problem": c.problem,
                  "b_version": c.case_version} for c in changes])
