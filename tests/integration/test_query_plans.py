@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 from sqlalchemy import Connection, Engine, TextClause, create_engine, text
+from sqlalchemy.orm import Session
 
 from shared.db.backlog import NOTIFICATIONS_PENDING, OVERDUE
 from shared.db.case_log import SEEN_EVENTS, SqlCaseLog
@@ -21,6 +22,8 @@ from shared.db.session import KEEP_INDEX_PLANS, Database, make_engine
 # how many (`seq_scan`) or how many rows they read (`seq_tup_read`). This transaction's own
 # counters: visible at once, unlike the cumulative statistics.
 SCANS, ROWS_SCANNED = "seq_scan", "seq_tup_read"
+# Rows read by sequential scans and fetched from the heap by index scans.
+ROWS_READ = "seq_tup_read + coalesce(idx_tup_fetch, 0)"
 
 
 def _scanned(conn: Connection, counter: str, tables: str) -> int:
@@ -174,13 +177,6 @@ def test_the_backlog_counts_waiting_notifications_without_reading_the_sent_ones(
         sql_engine.dispose()
 
 
-def _rows_read_of_deadlines(conn: Connection) -> int:
-    # Rows read by sequential scans and fetched from the heap by index scans.
-    return int(conn.execute(text(
-        "SELECT coalesce(sum(seq_tup_read + coalesce(idx_tup_fetch, 0)), 0) "
-        "FROM pg_stat_xact_user_tables WHERE relname = 'deadlines'")).scalar())
-
-
 def overdue_rows_read(sql_engine: Engine, statement: TextClause) -> tuple[tuple[int, str], int]:
     """The backlog's overdue count on a table of a million open cases' shape, scaled down
     (analyzed): 20,000 pending deadlines due in the coming weeks, 20,000 finished ones,
@@ -200,9 +196,9 @@ def overdue_rows_read(sql_engine: Engine, statement: TextClause) -> tuple[tuple[
             "                  ELSE now() + interval '1 hour' END due"
             "        FROM generate_series(1, 40100) g) t"))
         conn.execute(text("ANALYZE deadlines"))
-        before = _rows_read_of_deadlines(conn)
+        before = _scanned(conn, ROWS_READ, "deadlines")
         count, earliest = conn.execute(statement).one()
-        rows_read = _rows_read_of_deadlines(conn) - before
+        rows_read = _scanned(conn, ROWS_READ, "deadlines") - before
         conn.rollback()
     return (int(count), earliest.isoformat()), rows_read
 
@@ -232,8 +228,6 @@ def early_rows_after_growth(sql_engine: Engine) -> tuple[int, int, int]:
     autovacuum runs): the parked rows found, and the sequential scans and the rows they
     read in the runs after the growth. (That the kept plan is cheaper is a matter of
     speed: bench/intake_sql_profile.py.)"""
-    from sqlalchemy.orm import Session
-
     with Session(sql_engine) as session, session.begin():
         log = SqlCaseLog(session)
         for i in range(15):  # enough for psycopg to prepare and PostgreSQL to go generic
