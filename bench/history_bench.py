@@ -308,6 +308,23 @@ def partition_by_month(box: tb.Sandbox) -> None:
         engine.dispose()
 
 
+# Each table's bytes (rows, TOAST and indexes; a partitioned table's partitions summed),
+# largest first: what a full-size history needs on disk is about this times its cases.
+TABLE_BYTES = """
+    SELECT coalesce(parent.relname, rel.relname), sum(pg_total_relation_size(rel.oid))
+      FROM pg_class rel
+      LEFT JOIN pg_inherits inh ON inh.inhrelid = rel.oid
+      LEFT JOIN pg_class parent ON parent.oid = inh.inhparent
+     WHERE rel.relkind = 'r' AND rel.relnamespace = 'public'::regnamespace
+     GROUP BY 1 ORDER BY 2 DESC"""
+
+
+def bytes_per_case(conn: psycopg.Connection[Any], cases: int) -> dict[str, int]:
+    per_table = {name: int(size) // max(cases, 1)
+                 for name, size in conn.execute(TABLE_BYTES).fetchall()}
+    return {"all": sum(per_table.values()), **{k: v for k, v in per_table.items() if v >= 10}}
+
+
 def load_history(box: tb.Sandbox, finished: int, open_: int) -> dict[str, Any]:
     """Chunk by chunk, one transaction each; a chunk cut off by a PostgreSQL restart was
     rolled back and is loaded again."""
@@ -341,11 +358,13 @@ def load_history(box: tb.Sandbox, finished: int, open_: int) -> dict[str, Any]:
             for t in ("cases", "case_events", "deadlines", "decisions", "notifications")}
     size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))"
                         ).fetchone()[0]  # type: ignore[index]
+    per_case = bytes_per_case(conn, rows["cases"])
     conn.close()
     log(f"history loaded in {loaded_s:.0f} s (+{time.perf_counter() - t0 - loaded_s:.0f} s "
-        f"vacuum analyze): {rows}, database {size}")
+        f"vacuum analyze): {rows}, database {size}; bytes per case {per_case}")
     return {"finished_cases": finished, "open_cases": open_, "rows": rows,
-            "database_size": size, "load_seconds": round(loaded_s, 1),
+            "database_size": size, "bytes_per_case": per_case,
+            "load_seconds": round(loaded_s, 1),
             "vacuum_analyze_seconds": round(time.perf_counter() - t0 - loaded_s, 1)}
 
 
@@ -849,6 +868,7 @@ def main() -> int:
     load = result["history_load"]
     print(f"\nhistory: {load['rows']} rows, database {load['database_size']}, loaded in "
           f"{load['load_seconds']} s; load average at end {os.getloadavg()}")
+    print(f"bytes per case (with indexes): {load['bytes_per_case']}")
     result["result_line"] = result_line(result, rows)
     save(args.out, result)
     log(f"wrote {args.out}")
