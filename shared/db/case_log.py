@@ -80,6 +80,8 @@ INSERT_CONFLICTS = bulk_insert(_CONFLICTS, [
 # The case's log for a rebuild: every accepted event (an `error` row is a bug, not a fact).
 # From the case's `records_since` on (all months when it has none, or no row yet): the
 # subquery is evaluated once, before the scan, and PostgreSQL skips the months before it.
+# By case id, not the partition key, so planned per month on every run: its plan is kept
+# (`index_plans_kept`); the months are still skipped at run time.
 _CASE_RECORDS_SINCE = (
     select(_CASES.c.records_since)
     .where(_CASES.c.case_id == bindparam("case_id"))
@@ -229,7 +231,8 @@ class SqlCaseLog:
             return [EarlyRow(*row) for row in self.session.execute(EARLY_ROWS, {"ids": ids})]
 
     def accepted_of(self, case_id: str) -> list[tuple[str, dict[str, Any]]]:
-        return [(e, b) for e, b in self.session.execute(CASE_LOG, {"case_id": case_id})]
+        with index_plans_kept(self.session):
+            return [(e, b) for e, b in self.session.execute(CASE_LOG, {"case_id": case_id})]
 
     def add(self, events: Sequence[LoggedEvent]) -> int:
         if not events:

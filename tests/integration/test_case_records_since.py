@@ -19,12 +19,12 @@ from sqlalchemy import Engine, event, text
 from services.intake.parked import expire_parked
 from services.intake.processor import IntakeProcessor
 from services.ops.caseview import case_document
-from shared.db.case_log import CASE_LOG
+from shared.db.case_log import CASE_LOG, SqlCaseLog
 from shared.db.migrate import alembic_config, upgrade
 from shared.db.models import CaseRow
 from shared.db.partitions import list_partitions
 from shared.db.queries.case_view import load_case_history, load_case_record
-from shared.db.session import Database, make_engine
+from shared.db.session import KEEP_INDEX_PLANS, Database, make_engine
 from shared.domain import Engine as RuleEngine
 from shared.domain import Event, RuleBook, WorkCalendar
 from shared.domain.model import Case, Outcome
@@ -209,22 +209,39 @@ def test_a_rebuild_reads_only_the_months_since_the_case_began(
         first_month = next(p for p in list_partitions(conn, "case_events")
                            if not p.is_default and p.lower is not None)
 
-    def scanned(records_since: datetime | None) -> set[str]:
-        """The partitions of `case_events` the rebuild's log read opens."""
+    def scanned(records_since: datetime | None, kept: bool = False) -> set[str]:
+        """The partitions of `case_events` the rebuild's log read opens; `kept`: with
+        its plan kept, as `SqlCaseLog.accepted_of` runs it (one generic plan, made before
+        the case's bound is known)."""
         with db.transaction() as s:
             s.execute(text("UPDATE cases SET records_since = :at WHERE case_id = 'NEW'"),
                       {"at": records_since})
-            statement = CASE_LOG.params(case_id="NEW").compile(
-                dialect=s.get_bind().dialect, compile_kwargs={"literal_binds": True})
-            plan = s.connection().exec_driver_sql(
+            statement = str(CASE_LOG.params(case_id="NEW").compile(
+                dialect=s.get_bind().dialect, compile_kwargs={"literal_binds": True}))
+            conn = s.connection()
+            if kept:
+                conn.exec_driver_sql(KEEP_INDEX_PLANS)
+                by_parameter = statement.replace("'NEW'", "$1")
+                conn.exec_driver_sql(f"PREPARE case_log(text) AS {by_parameter}")
+                statement = "EXECUTE case_log('NEW')"
+            plan = conn.exec_driver_sql(
                 f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {statement}").scalars()
-            return {name for line in plan if "never executed" not in line
+            lines = list(plan)
+            if kept:
+                if records_since is not None:  # the months before it pruned at run time
+                    assert any("never executed" in line for line in lines)
+                conn.exec_driver_sql("DEALLOCATE case_log")
+            return {name for line in lines if "never executed" not in line
                     for name in re.findall(r"on (case_events_\w+)", line)}
 
-    assert "case_events_history" not in scanned(first_month.lower)
-    assert first_month.name in scanned(first_month.lower)
-    # a case from before migration 0023 (no bound) is read whole, as before
-    assert {"case_events_history", first_month.name} <= scanned(None)
+    for kept in (False, True):
+        assert "case_events_history" not in scanned(first_month.lower, kept)
+        assert first_month.name in scanned(first_month.lower, kept)
+        # a case from before migration 0023 (no bound) is read whole, as before
+        assert {"case_events_history", first_month.name} <= scanned(None, kept)
+    # and the rebuild's own read finds the case's events with its plan kept
+    with db.transaction() as s:
+        assert [e for e, _ in SqlCaseLog(s).accepted_of("NEW")] == ["new-opens"]
 
 
 @pytest.fixture
