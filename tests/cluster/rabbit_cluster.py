@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import wait_for
 from tests.resources import free_port
 
 SBIN = Path(os.environ.get("AFTERSALES_TEST_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin"))
@@ -201,11 +202,18 @@ class RabbitCluster:
 
     def await_healthy(self, timeout: float = 180) -> None:
         """Every node running and in the cluster, and no node quorum-critical (each quorum
-        queue has its members back, so another node may go). Asked of every node in one
-        `eval` (what `rabbitmq-diagnostics check_if_node_is_quorum_critical` asks, by rpc
-        from one node): each CLI call starts an Erlang VM, and six of them per look made
-        the wait for a node that came back several seconds longer than the node took."""
-        deadline = time.monotonic() + timeout
+        queue has its members back, so another node may go)."""
+        problem = wait_for(self.health_problem, timeout, interval=0.5,
+                           until=lambda found: not found, or_last=True)
+        if problem:
+            raise ClusterError(f"cluster not healthy after {timeout:.0f}s: {problem}")
+
+    def health_problem(self) -> str:
+        """What keeps the cluster from being healthy ("" if nothing). Asked of every node in
+        one `eval` (what `rabbitmq-diagnostics check_if_node_is_quorum_critical` asks, by
+        rpc from one node): each CLI call starts an Erlang VM, and six of them per look
+        made the wait for a node that came back several seconds longer than the node
+        took."""
         names = sorted(n.name for n in self.nodes)
         want = "[" + ", ".join(f"'{name}'" for name in names) + "]"
         ask = f"""Want = {want},
@@ -227,21 +235,15 @@ class RabbitCluster:
                 end
             end,
             [Problem || N <- Want, Problem <- [Check(N)], Problem =/= ok]."""
-        while True:
-            problem = ""
-            for via in self.nodes:  # the first node that answers
-                try:
-                    out = self.ctl(via, "eval", ask, timeout=60).strip()
-                except (ClusterError, subprocess.TimeoutExpired) as exc:
-                    problem = str(exc)
-                    continue
-                problem = "" if out == "[]" else out
-                break
-            if not problem:
-                return
-            if time.monotonic() > deadline:
-                raise ClusterError(f"cluster not healthy after {timeout:.0f}s: {problem}")
-            time.sleep(0.5)
+        problem = ""
+        for via in self.nodes:  # the first node that answers
+            try:
+                out = self.ctl(via, "eval", ask, timeout=60).strip()
+            except (ClusterError, subprocess.TimeoutExpired) as exc:
+                problem = str(exc)
+                continue
+            return "" if out == "[]" else out
+        return problem
 
     def replicas_in_step(self, queue: str) -> bool:
         """Every replica of a quorum queue is a leader or follower and has the same log
