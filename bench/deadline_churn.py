@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Deadline rows intake writes for a fixed stream of simulator events (issue 19, 'less
-churn'): rows inserted, rows updated (cancelled or moved to the case's new version) and
-intake's CPU, for 20,000 events (seed 1) applied in batches of 200 by one
-`IntakeProcessor`, on a database of its own. Run it from two checkouts to compare
-(`cd OTHER && python /path/to/bench/deadline_churn.py`): it imports the code of the
-checkout it is started from (the current directory).
+churn'): rows inserted, updated (moved to the case's new version, or marked cancelled
+before session 17) and deleted (cancelled since), the rows and bytes the table holds at
+the end (rewritten by VACUUM FULL), and intake's CPU, for 20,000 events (seed 1) applied
+in batches of 200 by one `IntakeProcessor`, on a database of its own. Run it from two
+checkouts to compare (`cd OTHER && python /path/to/bench/deadline_churn.py`): it imports
+the code of the checkout it is started from (the current directory).
 
     .venv/bin/python bench/deadline_churn.py [--events N]
 """
@@ -18,9 +19,9 @@ import time
 
 sys.path.insert(0, os.getcwd())
 
-from services.simulate import SimConfig, generate
 from sqlalchemy import create_engine, text
 
+from aftersales_cli.simulate.generator import SimConfig, generate
 from services.intake.processor import IntakeProcessor
 from shared.db.migrate import upgrade
 from shared.db.session import Database, make_engine
@@ -57,12 +58,19 @@ def main() -> int:
                 "SELECT count(*) FROM case_events WHERE outcome = 'applied'")).scalar_one()
             c.execute(text("SELECT pg_stat_force_next_flush()"))
         with db.sql_engine.connect() as c:
-            inserted, updated, hot = c.execute(text(
-                "SELECT n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+            inserted, updated, hot, deleted = c.execute(text(
+                "SELECT n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables "
                 "WHERE relname = 'deadlines'")).one()
+        with db.sql_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            # Rewritten compact: the bytes its rows and indexes need (plain VACUUM frees
+            # dead rows' space for reuse, but the files keep their size).
+            c.execute(text("VACUUM FULL deadlines"))
+            rows, size = c.execute(text(
+                "SELECT count(*), pg_total_relation_size('deadlines') FROM deadlines")).one()
         db.sql_engine.dispose()
         print(f"RESULT deadline_churn events={len(bodies)} applied={applied} "
               f"rows_inserted={inserted} rows_updated={updated} hot_updates={hot} "
+              f"rows_deleted={deleted} rows_kept={rows} table_kib={size // 1024} "
               f"intake_wall_s={wall:.1f} intake_cpu_s={cpu:.1f}")
     finally:
         with admin.connect() as c:

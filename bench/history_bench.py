@@ -10,8 +10,9 @@
 Two databases (and vhosts) of its own, created at start and dropped at the end: one left
 empty, one loaded first with a year of history by SQL alone (INSERT ... SELECT over
 generate_series, copies of cases the domain really produced, with their own ids):
-  - finished cases, closed over the last 365 days, each with its 5 events, 9 finished
-    deadlines, 5 sent notifications and, for every second case, a decision;
+  - finished cases, closed over the last 365 days, each with its 5 events, 8 sent
+    notifications and, for every second case, a decision and the fired deadline it came
+    from (the deadlines a case no longer wants are deleted as it moves on);
   - open cases, opened over the last 10 days, each with its event, its pending deadlines
     (due within the next 3 weeks) and a sent notification.
   Each case row carries the `records_since` intake gives it (when its first row was
@@ -173,16 +174,20 @@ LOAD_FINISHED = [
                                             'case_id', cid, 'order_id', oid)
         FROM ({FINISHED_TIMES}) t CROSS JOIN jsonb_to_recordset(%(events)s::jsonb)
              AS e(i int, type text, offset_h float8, version int, body jsonb)""",
+    # The deadline each decision fired (below); the others were deleted as the case moved
+    # on (shared/db/deadlines.py).
     f"""INSERT INTO deadlines (case_id, step, purpose, action, party, due_at, deadline_at,
-                               fence, rule_set, rule_version, rule_id, status, created_at)
+                               fence, rule_set, rule_version, rule_id, status, created_at,
+                               dispatched_at, dispatch_count, fired_at, result)
         SELECT cid, d.step, d.purpose, d.action, d.party,
-               closed_at - interval '40 hours' + d.offset_h * interval '1 hour',
-               closed_at - interval '40 hours' + d.offset_h * interval '1 hour',
-               d.fence, d.rule_set, d.rule_version, d.rule_id, 'cancelled',
-               closed_at - interval '40 hours'
+               closed_at - interval '30 hours', closed_at - interval '30 hours',
+               d.fence, d.rule_set, d.rule_version, d.rule_id, 'fired',
+               closed_at - interval '40 hours', closed_at - interval '30 hours', 1,
+               closed_at - interval '30 hours', NULL
         FROM ({FINISHED_TIMES}) t CROSS JOIN jsonb_to_recordset(%(deadlines)s::jsonb)
              AS d(i int, step text, purpose text, action text, party text, offset_h float8,
-                  fence int, rule_set text, rule_version text, rule_id text)""",
+                  fence int, rule_set text, rule_version text, rule_id text)
+        WHERE g %% 2 = 0 AND d.step = %(decision_step)s AND d.purpose = 'deadline'""",
     f"""INSERT INTO decisions (decision_id, case_id, type, step, decided_at, body)
         SELECT md5(cid)::uuid::text, cid, %(decision_type)s, %(decision_step)s,
                closed_at - interval '30 hours',

@@ -2,6 +2,9 @@
 
 Written by intake and the resolver (a case's wanted set after each applied change), by
 the timer (claiming due rows, handing them over) and by the resolver (finishing them).
+A deadline its case no longer wants is deleted, not kept marked: nothing reads it again
+(the case's events say why it went), and kept it made the table and its indexes grow
+with every case ever opened. Fired, stale and error rows stay until retention.
 A row belongs to the case version in its `fence`: the resolver, under the case's lock,
 acts on a row only if its fence equals the case's version (`Engine.fire`), so a row set
 for a version the case has left is stale and does nothing.
@@ -29,7 +32,9 @@ class DeadlineStatus(StrEnum):
     dispatched = "dispatched"  # handed to the resolver
     fired = "fired"
     stale = "stale"  # its case had moved on when it fired
-    cancelled = "cancelled"  # no longer wanted by its case
+    # no longer wanted by its case: rows written before cancelled ones were deleted
+    # (session 17) keep it until retention removes them with their case
+    cancelled = "cancelled"
     error = "error"  # firing it raised: a bug, kept for ops
 
 
@@ -52,10 +57,12 @@ OPEN_DEADLINES_OF = (
     .where(_DEADLINES.c.status.in_(OPEN_STATUSES))
 )
 # By id, and only while open: the timer may have dispatched a row meanwhile (it claims
-# without the case lock), never finished it (the resolver takes the case lock).
-CANCEL_DEADLINES = text(
-    "UPDATE deadlines SET status = 'cancelled' "
-    "WHERE id = ANY(:ids) AND status IN ('pending', 'dispatched')")
+# without the case lock), never finished it (the resolver takes the case lock). A
+# dispatched row's message then finds nothing to claim, as for a row retention removed.
+# A delete writes no index entry, where marking the row cancelled wrote a new version of
+# it into the heap and two indexes.
+DELETE_CANCELLED = text(
+    "DELETE FROM deadlines WHERE id = ANY(:ids) AND status IN ('pending', 'dispatched')")
 # A row still wanted, unchanged but for the case version it belongs to: moved to the new
 # version in place (same id; `fence` is in no index, so PostgreSQL can update it in the
 # same page without touching the indexes).
@@ -160,8 +167,8 @@ class WantedSetChanges:
 class DeadlineRepository(Protocol):
     def set_wanted(self, wanted: Mapping[str, Sequence[DeadlineSpec]]) -> WantedSetChanges:
         """Make each case's open deadlines the given full set: rows no longer wanted are
-        cancelled, new ones inserted, and a row still wanted stays (same id), moved to
-        the fence of the wanted one."""
+        deleted (`cancelled` counts them), new ones inserted, and a row still wanted
+        stays (same id), moved to the fence of the wanted one."""
 
     def claim_due(self, limit: int) -> list[Due]:
         """Lock pending rows due by the database clock, oldest first (skips rows another
@@ -271,7 +278,7 @@ class SqlDeadlines:
                      for row in conn.execute(OPEN_DEADLINES_OF, {"ids": sorted(wanted)})]
         plan = plan_wanted_set(open_rows, wanted)
         if plan.cancel:
-            conn.execute(CANCEL_DEADLINES, {"ids": plan.cancel})
+            conn.execute(DELETE_CANCELLED, {"ids": plan.cancel})
         if plan.refence:
             REFENCE.execute(conn, [{"id": i, "fence": f} for i, f in plan.refence])
         if plan.insert:

@@ -230,7 +230,7 @@ class FakeDeadlines:
                      if d.spec.case_id in wanted and d.status in OPEN_STATUSES]
         plan = plan_wanted_set(open_rows, wanted)
         for row_id in plan.cancel:
-            self.t.deadlines[row_id].status = DeadlineStatus.cancelled
+            del self.t.deadlines[row_id]
         for row_id, fence in plan.refence:
             record = self.t.deadlines[row_id]
             record.spec = replace(record.spec, fence=fence)

@@ -178,10 +178,11 @@ class EventConflictRow(Base):
 
 
 class DeadlineRow(Base):
-    """A deadline or a reminder. Status: pending -> dispatched -> fired | stale;
-    pending -> cancelled when the case moves on. `fence` is the case version it was
-    computed for, checked again when it fires. Not partitioned (shared/db/partitions.py
-    says why): retention removes a finished case's rows with it."""
+    """A deadline or a reminder. Status: pending -> dispatched -> fired | stale; deleted
+    when the case moves on and no longer wants it (`cancelled`: rows from before then).
+    `fence` is the case version it was computed for, checked again when it fires. Not
+    partitioned (shared/db/partitions.py says why): retention removes a finished case's
+    rows with it."""
 
     __tablename__ = "deadlines"
 

@@ -1,6 +1,6 @@
 """Applying an event changes only the deadlines that change (issue 19, 'less churn'), on
 PostgreSQL: a deadline the event leaves as it was keeps its row, moved to the case's new
-version (so it still fires); a changed one is cancelled and replaced."""
+version (so it still fires); a changed one is deleted and replaced."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from services.intake.processor import IntakeProcessor
 from services.resolver.resolve import Resolver
-from shared.db.models import CaseRow, DeadlineRow
+from shared.db.models import CaseRow, DeadlineRow, DecisionRow
 from shared.db.session import Database, db_now
 from shared.domain import Engine, RuleBook, WorkCalendar
 from shared.notifications.policy import NotificationPolicy
@@ -79,7 +79,7 @@ def test_an_unchanged_deadline_keeps_its_row_and_a_changed_one_is_replaced(
     assert resolution.outcome == "fired"
 
 
-def test_a_changed_deadline_is_cancelled_and_replaced(db: Database,
+def test_a_changed_deadline_is_deleted_and_replaced(db: Database,
                                                       intake: IntakeProcessor) -> None:
     with db.transaction() as s:
         t0 = db_now(s) - timedelta(minutes=10)
@@ -95,4 +95,29 @@ def test_a_changed_deadline_is_cancelled_and_replaced(db: Database,
     assert due == new_due and new_id not in first
     with db.transaction() as s:
         old_deadline = next(i for i, r in first.items() if r[0] == "deadline")
-        assert s.get(DeadlineRow, old_deadline).status == "cancelled"  # type: ignore[union-attr]
+        assert s.get(DeadlineRow, old_deadline) is None  # no longer wanted: not kept
+
+
+def test_a_dispatched_deadline_the_case_no_longer_wants_is_deleted_and_fires_nothing(
+        db: Database, engine: Engine, intake: IntakeProcessor) -> None:
+    """The timer handed the row over (its message is on its way to the resolver) when the
+    merchant's answer arrives: the row goes, and the message finds nothing to fire."""
+    with db.transaction() as s:
+        t0 = db_now(s) - timedelta(minutes=10)
+    intake.process([event("c1", "case.opened", t0, {
+        "kind": "exchange", "amount_fen": 100, "buyer": {"phone": "13800000000"},
+        "merchant": {"email": "s@example.com"}})])
+    [(deadline_id, (_p, due_at, _f))] = [
+        (i, r) for i, r in open_rows(db).items() if r[0] == "deadline"]
+    with db.transaction() as s:
+        s.execute(update(DeadlineRow).where(DeadlineRow.id == deadline_id)
+                  .values(status="dispatched", dispatched_at=func.now()))
+    intake.process([event("c2", "merchant.approved", t0 + timedelta(minutes=1))])
+    with db.transaction() as s:
+        assert s.get(DeadlineRow, deadline_id) is None
+    resolution = Resolver(db, engine, NotificationPolicy.load(None), OPS,
+                          clock=lambda: due_at + timedelta(seconds=1)).fire(deadline_id)
+    assert resolution.outcome == "missing"
+    with db.transaction() as s:
+        assert s.execute(select(func.count()).select_from(DecisionRow)
+                         .where(DecisionRow.case_id == "CHURN-1")).scalar_one() == 0

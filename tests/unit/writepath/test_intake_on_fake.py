@@ -127,8 +127,7 @@ def test_a_deadline_an_event_does_not_change_keeps_its_row(
     rows = open_deadlines(store)
     assert {d.id for d in rows} == set(kept)  # same rows, same ids
     assert all(d.spec.fence == after.version for d in rows)  # for the case as it is now
-    assert not [d for d in store.tables.deadlines.values()
-                if d.status == DeadlineStatus.cancelled]
+    assert set(store.tables.deadlines) == set(kept)  # none deleted, none added
 
 
 def test_a_changed_deadline_is_replaced(store: FakeDatabase, intake: IntakeProcessor) -> None:
@@ -141,10 +140,8 @@ def test_a_changed_deadline_is_replaced(store: FakeDatabase, intake: IntakeProce
     deadline = [d for d in rows if d.spec.purpose == "deadline"]
     assert [d.spec.due_at for d in deadline] == [new_due]
     assert deadline[0].id not in old
-    cancelled = {d.id for d in store.tables.deadlines.values()
-                 if d.status == DeadlineStatus.cancelled}
-    old_deadline = [i for i, spec in old.items() if spec.purpose == "deadline"]
-    assert set(old_deadline) <= cancelled
+    [old_deadline] = [i for i, spec in old.items() if spec.purpose == "deadline"]
+    assert old_deadline not in store.tables.deadlines  # no longer wanted: deleted
 
 
 class _CountingDatabase(FakeDatabase):

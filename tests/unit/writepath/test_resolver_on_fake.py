@@ -53,7 +53,7 @@ def test_a_deadline_for_a_version_the_case_left_is_stale(
     intake.process([ev("e2", "merchant.approved", at=T0 + timedelta(hours=1))])
     store.clock = opened_case.spec.due_at + timedelta(seconds=1)
     [resolution] = resolver.fire_many([opened_case.id]).resolutions
-    assert resolution.outcome in ("stale", "duplicate")  # cancelled, or fenced out
+    assert resolution.outcome == "missing"  # no longer wanted by its case: deleted
     assert not store.tables.outbox
 
 
