@@ -30,6 +30,11 @@ from shared.domain import Case, Engine, StepResult, seconds_to_resolution
 log = logging.getLogger(__name__)
 
 
+# A deadline id with no row: its case no longer wanted it (deleted as the case moved on)
+# or retention removed the case; the message that named it does nothing.
+NO_SUCH_ROW = "no such deadline: no longer wanted by its case, or removed by retention"
+
+
 @dataclass(frozen=True)
 class Resolution:
     """What became of one deadline id."""
@@ -126,7 +131,8 @@ class Resolver:
             stored = writer.flush(uow)
             uow.commit()
         return BatchResolution(
-            [resolutions.get(i) or Resolution(i, "missing") for i in ids], stored)
+            [resolutions.get(i) or Resolution(i, "missing", problem=NO_SUCH_ROW) for i in ids],
+            stored)
 
     def _fire_one(self, row: StoredDeadline, cases: dict[str, Case], writer: OutcomeWriter,
                   now: datetime) -> Resolution:

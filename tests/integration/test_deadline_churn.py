@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from services.intake.processor import IntakeProcessor
-from services.resolver.resolve import Resolver
+from services.resolver.resolve import NO_SUCH_ROW, Resolver
 from shared.db.models import CaseRow, DeadlineRow, DecisionRow
 from shared.db.session import Database, db_now
 from shared.domain import Engine, RuleBook, WorkCalendar
@@ -117,7 +117,7 @@ def test_a_dispatched_deadline_the_case_no_longer_wants_is_deleted_and_fires_not
         assert s.get(DeadlineRow, deadline_id) is None
     resolution = Resolver(db, engine, NotificationPolicy.load(None), OPS,
                           clock=lambda: due_at + timedelta(seconds=1)).fire(deadline_id)
-    assert resolution.outcome == "missing"
+    assert (resolution.outcome, resolution.problem) == ("missing", NO_SUCH_ROW)
     with db.transaction() as s:
         assert s.execute(select(func.count()).select_from(DecisionRow)
                          .where(DecisionRow.case_id == "CHURN-1")).scalar_one() == 0
