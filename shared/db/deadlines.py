@@ -32,8 +32,8 @@ class DeadlineStatus(StrEnum):
     dispatched = "dispatched"  # handed to the resolver
     fired = "fired"
     stale = "stale"  # its case had moved on when it fired
-    # no longer wanted by its case: rows written before cancelled ones were deleted
-    # (session 17) keep it until retention removes them with their case
+    # no longer wanted by its case: only rows written by versions that kept such rows
+    # (they are deleted now); they stay until retention removes their case
     cancelled = "cancelled"
     error = "error"  # firing it raised: a bug, kept for ops
 

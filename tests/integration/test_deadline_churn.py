@@ -80,7 +80,7 @@ def test_an_unchanged_deadline_keeps_its_row_and_a_changed_one_is_replaced(
 
 
 def test_a_changed_deadline_is_deleted_and_replaced(db: Database,
-                                                      intake: IntakeProcessor) -> None:
+                                                    intake: IntakeProcessor) -> None:
     with db.transaction() as s:
         t0 = db_now(s) - timedelta(minutes=10)
     intake.process([event("c1", "case.opened", t0, {

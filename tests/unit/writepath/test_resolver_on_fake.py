@@ -5,6 +5,7 @@ early one and a missing id do what the design says; a bug is recorded, not retri
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -47,13 +48,26 @@ def test_a_due_deadline_fires_once_with_its_decision_in_the_outbox(
     assert len(store.tables.outbox) == 1
 
 
-def test_a_deadline_for_a_version_the_case_left_is_stale(
+def test_a_deadline_the_case_no_longer_wants_fires_nothing(
         store: FakeDatabase, intake: IntakeProcessor, resolver: Resolver,
         opened_case: DeadlineRecord) -> None:
     intake.process([ev("e2", "merchant.approved", at=T0 + timedelta(hours=1))])
     store.clock = opened_case.spec.due_at + timedelta(seconds=1)
     [resolution] = resolver.fire_many([opened_case.id]).resolutions
     assert resolution.outcome == "missing"  # no longer wanted by its case: deleted
+    assert not store.tables.outbox
+
+
+def test_a_row_fenced_for_a_version_the_case_left_is_stale(
+        store: FakeDatabase, resolver: Resolver, opened_case: DeadlineRecord) -> None:
+    """A row set for an earlier version of its case (rows no longer wanted are deleted, so
+    only one written outside the wanted set, or by an older release, can be so) fires
+    nothing and is finished `stale`."""
+    opened_case.spec = replace(opened_case.spec, fence=opened_case.spec.fence - 1)
+    store.clock = opened_case.spec.due_at + timedelta(seconds=1)
+    [resolution] = resolver.fire_many([opened_case.id]).resolutions
+    assert resolution.outcome == "stale"
+    assert store.tables.deadlines[opened_case.id].status == DeadlineStatus.stale
     assert not store.tables.outbox
 
 
