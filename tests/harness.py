@@ -25,6 +25,14 @@ from tests.resources import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def signal_group(pgid: int, sig: int) -> None:
+    """`sig` to a service's process group, if it is still there."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
 class System:
     """The four services, each its own process group, on the test's database and vhost.
 
@@ -61,10 +69,7 @@ class System:
 
     def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(service)
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(proc.pid, sig)
         proc.wait(timeout=30)
         if sig != signal.SIGKILL:
             return
@@ -96,10 +101,7 @@ class System:
         procs = list(self.procs.values())
         self.procs.clear()
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            signal_group(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=30)
 
@@ -154,10 +156,7 @@ class Gateway:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(self.proc.pid, sig)
         self.proc.wait(timeout=30)
         self.proc = None
 
@@ -216,10 +215,7 @@ class Console:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        signal_group(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=30)
         self.proc = None
 

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from services.intake.processor import IntakeProcessor
 from services.resolver.resolve import NO_SUCH_ROW, Resolver
+from shared.db.deadlines import SqlDeadlines
 from shared.db.models import CaseRow, DeadlineRow, DecisionRow
 from shared.db.session import Database, db_now
 from shared.domain import Engine, RuleBook, WorkCalendar
@@ -109,9 +110,8 @@ def test_a_dispatched_deadline_the_case_no_longer_wants_is_deleted_and_fires_not
         "merchant": {"email": "s@example.com"}})])
     [(deadline_id, (_p, due_at, _f))] = [
         (i, r) for i, r in open_rows(db).items() if r[0] == "deadline"]
-    with db.transaction() as s:
-        s.execute(update(DeadlineRow).where(DeadlineRow.id == deadline_id)
-                  .values(status="dispatched", dispatched_at=func.now()))
+    with db.transaction() as s:  # handed over, as the timer does it
+        SqlDeadlines(s).mark_dispatched([deadline_id])
     intake.process([event("c2", "merchant.approved", t0 + timedelta(minutes=1))])
     with db.transaction() as s:
         assert s.get(DeadlineRow, deadline_id) is None
